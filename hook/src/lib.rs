@@ -1,0 +1,1 @@
+//! The connect hook (filled in by the hook work).

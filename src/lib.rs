@@ -1,0 +1,9 @@
+//! discotech: host-local service discovery and connect-time load balancing.
+//!
+//! Data flows one way: sources -> registry (merge, magic addresses) -> one immutable
+//! [`snapshot::Snapshot`] swapped atomically -> read by the DNS server and the hook server.
+#![forbid(unsafe_code)]
+
+pub mod service;
+pub mod snapshot;
+pub mod state;

@@ -1,0 +1,224 @@
+//! Domain types for services and backends: names, addresses, weights, named ports.
+//! Pure data with validation; no I/O. Sources produce these, the registry merges them,
+//! and the DNS answers and the balancer read them from a snapshot.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+/// A service name: one DNS label, lowercase letters, digits and inner hyphens, at most 63 bytes.
+/// Stored lowercase so lookups are case-insensitive.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceName(String);
+
+/// Why a string is not a valid service or port name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("name is empty")]
+    Empty,
+    #[error("name is longer than 63 bytes")]
+    TooLong,
+    #[error("name may hold only letters, digits and '-', found {0:?}")]
+    BadChar(char),
+    #[error("name may not start or end with '-'")]
+    EdgeHyphen,
+}
+
+fn check_label(s: &str) -> Result<(), NameError> {
+    if s.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if s.len() > 63 {
+        return Err(NameError::TooLong);
+    }
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-')) {
+        return Err(NameError::BadChar(c));
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Err(NameError::EdgeHyphen);
+    }
+    Ok(())
+}
+
+impl ServiceName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for ServiceName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for ServiceName {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        check_label(s)?;
+        Ok(Self(s.to_ascii_lowercase()))
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A named port ("http", "grpc"): the same label rules as a service name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortName(String);
+
+impl PortName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for PortName {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        check_label(s)?;
+        Ok(Self(s.to_ascii_lowercase()))
+    }
+}
+
+impl fmt::Display for PortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How a service spreads connects over its backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LbPolicy {
+    /// Each backend in turn, ignoring weights.
+    RoundRobin,
+    /// Smooth weighted round robin (nginx's algorithm): weights hold exactly over every cycle.
+    #[default]
+    WeightedRoundRobin,
+    /// Uniform random, weighted.
+    Random,
+    /// Power of two choices on outstanding connects.
+    P2c,
+}
+
+impl LbPolicy {
+    pub const NAMES: &'static [&'static str] = &["round-robin", "weighted-round-robin", "random", "p2c"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RoundRobin => "round-robin",
+            Self::WeightedRoundRobin => "weighted-round-robin",
+            Self::Random => "random",
+            Self::P2c => "p2c",
+        }
+    }
+}
+
+impl FromStr for LbPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "round-robin" => Ok(Self::RoundRobin),
+            "weighted-round-robin" => Ok(Self::WeightedRoundRobin),
+            "random" => Ok(Self::Random),
+            "p2c" => Ok(Self::P2c),
+            other => Err(format!(
+                "unknown lb {other:?}, expected one of {}",
+                Self::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
+/// One backend of a service. `addr` carries the default port; `ports` gives the numbers of
+/// named ports where this backend differs from (or adds to) the default.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub weight: u16,
+    pub priority: u16,
+    pub ports: BTreeMap<PortName, u16>,
+}
+
+impl Backend {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { addr, weight: 1, priority: 0, ports: BTreeMap::new() }
+    }
+
+    /// The port this backend serves `name` on, falling back to its default port.
+    pub fn port_for(&self, name: Option<&PortName>) -> u16 {
+        name.and_then(|n| self.ports.get(n).copied()).unwrap_or(self.addr.port())
+    }
+}
+
+/// What a source knows about one service: its backends and how to use them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: ServiceName,
+    pub lb: LbPolicy,
+    /// Client port -> named port. A connect to the magic address on a mapped port goes to each
+    /// backend's number for that name; any other port goes to the backend's default port.
+    pub client_ports: BTreeMap<u16, PortName>,
+    pub backends: Vec<Backend>,
+}
+
+impl ServiceSpec {
+    pub fn new(name: ServiceName) -> Self {
+        Self { name, lb: LbPolicy::default(), client_ports: BTreeMap::new(), backends: Vec::new() }
+    }
+
+    /// Every port name this service knows: those mapped from client ports and those any backend declares.
+    pub fn port_names(&self) -> impl Iterator<Item = &PortName> {
+        let mut names: Vec<&PortName> = self
+            .client_ports
+            .values()
+            .chain(self.backends.iter().flat_map(|b| b.ports.keys()))
+            .collect();
+        names.sort();
+        names.dedup();
+        names.into_iter()
+    }
+
+    /// The named port a client port maps to, if any.
+    pub fn port_name_for(&self, client_port: u16) -> Option<&PortName> {
+        self.client_ports.get(&client_port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_are_lowercased_labels() {
+        assert_eq!("Web-1".parse::<ServiceName>().unwrap().as_str(), "web-1");
+        assert_eq!("".parse::<ServiceName>(), Err(NameError::Empty));
+        assert_eq!("-web".parse::<ServiceName>(), Err(NameError::EdgeHyphen));
+        assert_eq!("we_b".parse::<ServiceName>(), Err(NameError::BadChar('_')));
+        assert_eq!("a.b".parse::<ServiceName>(), Err(NameError::BadChar('.')));
+        assert_eq!("x".repeat(64).parse::<ServiceName>(), Err(NameError::TooLong));
+    }
+
+    #[test]
+    fn named_ports_fall_back_to_the_default_port() {
+        let mut b = Backend::new("127.0.0.2:8080".parse().unwrap());
+        let grpc: PortName = "grpc".parse().unwrap();
+        let admin: PortName = "admin".parse().unwrap();
+        b.ports.insert(grpc.clone(), 9090);
+        assert_eq!(b.port_for(Some(&grpc)), 9090);
+        assert_eq!(b.port_for(Some(&admin)), 8080);
+        assert_eq!(b.port_for(None), 8080);
+    }
+
+    #[test]
+    fn lb_policy_names_round_trip() {
+        for name in LbPolicy::NAMES {
+            assert_eq!(name.parse::<LbPolicy>().unwrap().as_str(), *name);
+        }
+        assert!("least-conn".parse::<LbPolicy>().unwrap_err().contains("round-robin"));
+    }
+}
