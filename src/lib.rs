@@ -4,6 +4,9 @@
 //! [`snapshot::Snapshot`] swapped atomically -> read by the DNS server and the hook server.
 #![forbid(unsafe_code)]
 
+pub mod config;
+pub mod diagnostic;
+pub mod duration;
 pub mod service;
 pub mod snapshot;
 pub mod state;

@@ -1,0 +1,68 @@
+//! The config file exactly as written: serde shapes with spans, unknown keys rejected.
+//! Validation into [`super::Config`] happens in `mod.rs`; nothing here has defaults or meaning.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub type S<T> = Spanned<T>;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub dns: RawDns,
+    #[serde(default)]
+    pub state: RawState,
+    #[serde(default)]
+    pub hook: RawHook,
+    #[serde(default, rename = "source")]
+    pub sources: Vec<S<RawSource>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    pub listen: Option<Vec<S<String>>>,
+    pub domains: Option<Vec<S<String>>>,
+    pub magic_v4: Option<S<String>>,
+    pub magic_v6: Option<S<String>>,
+    pub upstreams: Option<Vec<S<String>>>,
+    #[serde(default)]
+    pub forward: Vec<S<RawForward>>,
+    pub allow: Option<Vec<S<String>>>,
+    pub ttl: Option<S<i64>>,
+    pub srv_ttl: Option<S<i64>>,
+    pub negative_ttl: Option<S<i64>>,
+    pub timeout: Option<S<String>>,
+    pub cache_size: Option<S<i64>>,
+    pub stale_max: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawForward {
+    pub zone: S<String>,
+    pub upstreams: Vec<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    pub dir: Option<S<String>>,
+    pub quarantine: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHook {
+    pub socket: Option<S<String>>,
+}
+
+/// One `[[source]]`. Every kind's keys live here; `mod.rs` checks that each kind gets only its own.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub kind: S<String>,
+    pub name: Option<S<String>>,
+    pub path: Option<S<String>>,
+}
