@@ -9,4 +9,5 @@ pub mod diagnostic;
 pub mod duration;
 pub mod service;
 pub mod snapshot;
+pub mod source;
 pub mod state;

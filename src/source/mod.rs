@@ -1,0 +1,17 @@
+//! Sources tell the registry which services exist. Each source sends whole sets (`Reset`) or says
+//! it is failing (`Failed`); a failing source keeps its last good set, because a source failure is
+//! never a deconfiguration.
+
+pub mod file;
+pub mod zone;
+
+use crate::service::ServiceSpec;
+
+/// What a source reports. `source` is the index of the source in the config.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceEvent {
+    /// The complete current set of services from this source.
+    Reset { source: usize, services: Vec<ServiceSpec> },
+    /// The source could not be read; its last good set stays in force.
+    Failed { source: usize, error: String },
+}

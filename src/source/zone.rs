@@ -1,0 +1,202 @@
+//! Zone files: the TOML files of the file source, parsed into service specs. Every problem is
+//! reported with path:line:column and the field, and a file with any problem is rejected whole
+//! (the caller keeps serving its previous good content).
+//!
+//! ```toml
+//! [services.web]
+//! lb = "round-robin"                         # optional, default weighted-round-robin
+//! ports = { 80 = "http", 9090 = "grpc" }     # client port -> named port; others go to the default port
+//! backends = ["127.0.0.2:8080", { addr = "127.0.0.3:8081", weight = 2, ports = { grpc = 9091 } }]
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::{Spanned, Value};
+
+use crate::config::parse_addr;
+use crate::diagnostic::Diagnostic;
+use crate::service::{Backend, LbPolicy, PortName, ServiceName, ServiceSpec};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawZone {
+    #[serde(default)]
+    services: BTreeMap<Spanned<String>, Spanned<RawService>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    lb: Option<Spanned<String>>,
+    #[serde(default)]
+    ports: BTreeMap<Spanned<String>, Spanned<String>>,
+    backends: Vec<Spanned<Value>>,
+}
+
+/// Parses one zone file's text.
+///
+/// # Errors
+/// Every problem found, each naming path, line, column and field.
+pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnostic>> {
+    let raw: RawZone = toml::from_str(source).map_err(|e| vec![Diagnostic::from_toml(path, source, &e)])?;
+    let mut problems = Vec::new();
+    let mut problem = |span: std::ops::Range<usize>, field: String, message: String| {
+        problems.push(Diagnostic::at(path, source, Some(span), field, message));
+    };
+    let mut services = Vec::new();
+    for (name, svc) in &raw.services {
+        let field = format!("services.{}", name.get_ref());
+        let Ok(svc_name) = name.get_ref().parse::<ServiceName>().map_err(|e| {
+            problem(name.span(), field.clone(), format!("invalid service name {:?}: {e}", name.get_ref()));
+        }) else {
+            continue;
+        };
+        if let Some((prev, _)) = raw.services.iter().find(|(k, _)| k.get_ref() != name.get_ref() && k.get_ref().eq_ignore_ascii_case(name.get_ref())) {
+            if prev.span().start < name.span().start {
+                problem(name.span(), field.clone(), format!("service names are case-insensitive and {:?} is already defined", prev.get_ref()));
+                continue;
+            }
+        }
+        let svc = svc.get_ref();
+        let mut spec = ServiceSpec::new(svc_name);
+        if let Some(lb) = &svc.lb {
+            match lb.get_ref().parse::<LbPolicy>() {
+                Ok(lb) => spec.lb = lb,
+                Err(e) => problem(lb.span(), format!("{field}.lb"), e),
+            }
+        }
+        for (port, port_name) in &svc.ports {
+            let at = format!("{field}.ports.{}", port.get_ref());
+            let number = port.get_ref().parse::<u16>().ok().filter(|p| *p != 0);
+            let pname = port_name.get_ref().parse::<PortName>();
+            match (number, pname) {
+                (Some(n), Ok(pn)) => {
+                    spec.client_ports.insert(n, pn);
+                }
+                (None, _) => problem(port.span(), at, format!("{:?} is not a port number (1-65535)", port.get_ref())),
+                (_, Err(e)) => problem(port_name.span(), at, format!("invalid port name {:?}: {e}", port_name.get_ref())),
+            }
+        }
+        for (i, b) in svc.backends.iter().enumerate() {
+            let at = format!("{field}.backends[{i}]");
+            match backend(b.get_ref()) {
+                Ok(backend) => {
+                    if spec.backends.iter().any(|o| o.addr == backend.addr) {
+                        problem(b.span(), at, format!("backend {} is listed twice", backend.addr));
+                    } else {
+                        spec.backends.push(backend);
+                    }
+                }
+                Err((key, e)) => problem(b.span(), if key.is_empty() { at } else { format!("{at}.{key}") }, e),
+            }
+        }
+        services.push(spec);
+    }
+    problems.sort_by_key(|d| (d.line, d.column));
+    if problems.is_empty() { Ok(services) } else { Err(problems) }
+}
+
+/// One backend: `"ip:port"` or `{ addr, weight, priority, ports }`. Errors name the offending key.
+fn backend(v: &Value) -> Result<Backend, (&'static str, String)> {
+    let addr = |s: &str| {
+        let a = parse_addr(s, 0).map_err(|e| ("addr", e))?;
+        if a.port() == 0 {
+            return Err(("addr", format!("{s:?} needs a port, e.g. \"{}:8080\"", a.ip())));
+        }
+        Ok(a)
+    };
+    match v {
+        Value::String(s) => Ok(Backend::new(addr(s)?)),
+        Value::Table(t) => {
+            let mut b = Backend::new(addr(t.get("addr").and_then(Value::as_str).ok_or(("addr", "a backend table needs addr = \"ip:port\"".to_string()))?)?);
+            for (key, value) in t {
+                match key.as_str() {
+                    "addr" => {}
+                    "weight" => b.weight = int(value, 1, 10_000).ok_or(("weight", "must be a whole number from 1 to 10000".into()))?,
+                    "priority" => b.priority = int(value, 0, 65_535).ok_or(("priority", "must be a whole number from 0 to 65535".into()))?,
+                    "ports" => {
+                        let Some(ports) = value.as_table() else {
+                            return Err(("ports", "must be a table of name = port".into()));
+                        };
+                        for (name, port) in ports {
+                            let name = name.parse::<PortName>().map_err(|e| ("ports", format!("invalid port name {name:?}: {e}")))?;
+                            let port = int(port, 1, 65_535).ok_or(("ports", format!("{name} must be a port number (1-65535)")))?;
+                            b.ports.insert(name, port);
+                        }
+                    }
+                    _ => return Err(("", format!("unknown key {key:?}, expected addr, weight, priority or ports"))),
+                }
+            }
+            Ok(b)
+        }
+        _ => Err(("", "a backend is \"ip:port\" or { addr = \"ip:port\", weight = N }".into())),
+    }
+}
+
+fn int(v: &Value, min: i64, max: i64) -> Option<u16> {
+    v.as_integer().filter(|n| (min..=max).contains(n)).and_then(|n| u16::try_from(n).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(src: &str) -> Vec<ServiceSpec> {
+        parse(Path::new("zones/a.toml"), src).unwrap()
+    }
+
+    fn errs(src: &str) -> Vec<String> {
+        parse(Path::new("zones/a.toml"), src).unwrap_err().iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let s = ok(r#"
+[services.Web]
+lb = "round-robin"
+ports = { 80 = "http", 9090 = "grpc" }
+backends = ["127.0.0.2:8080", { addr = "127.0.0.3:8081", weight = 2, ports = { grpc = 9091 } }]
+[services.api]
+backends = ["[::1]:9000"]
+"#);
+        assert_eq!(s.len(), 2);
+        let web = s.iter().find(|s| s.name.as_str() == "web").unwrap();
+        assert_eq!(web.lb, LbPolicy::RoundRobin);
+        assert_eq!(web.backends.len(), 2);
+        assert_eq!(web.backends[1].weight, 2);
+        let grpc: PortName = "grpc".parse().unwrap();
+        assert_eq!(web.backends[1].port_for(web.port_name_for(9090)), 9091);
+        assert_eq!(web.backends[0].port_for(web.port_name_for(9090)), 8080);
+        assert_eq!(web.port_name_for(9090), Some(&grpc));
+        assert_eq!(web.backends[0].port_for(web.port_name_for(22)), 8080);
+    }
+
+    #[test]
+    fn problems_name_line_column_and_field() {
+        let e = errs("[services.web]\nbackends = [\"127.0.0.2:8080\", \"127.0.0.3\", { addr = \"127.0.0.4:1\", wieght = 2 }]\n[services.bad_name]\nbackends = []\n");
+        assert_eq!(e.len(), 3, "{e:#?}");
+        assert!(e.iter().any(|e| e.starts_with("zones/a.toml:2:31: services.web.backends[1].addr: \"127.0.0.3\" needs a port")), "{e:#?}");
+        assert!(e.iter().any(|e| e.starts_with("zones/a.toml:2:44: services.web.backends[2]: unknown key \"wieght\"")), "{e:#?}");
+        assert!(e.iter().any(|e| e.starts_with("zones/a.toml:3:11: services.bad_name: invalid service name")), "{e:#?}");
+    }
+
+    #[test]
+    fn syntax_errors_and_unknown_keys_are_located() {
+        let e = errs("[services.web]\nbackends = [\"127.0.0.2:80\"\n");
+        assert!(e[0].starts_with("zones/a.toml:2:"), "{e:?}");
+        let e = errs("[services.web]\nbackends = []\nbalance = \"x\"\n");
+        assert!(e[0].starts_with("zones/a.toml:3:1: unknown field `balance`"), "{e:?}");
+        let e = errs("[services.web]\nlb = \"fastest\"\nbackends = []\n");
+        assert!(e[0].starts_with("zones/a.toml:2:6: services.web.lb: unknown lb \"fastest\""), "{e:?}");
+    }
+
+    #[test]
+    fn duplicates_are_rejected() {
+        let e = errs("[services.web]\nbackends = [\"127.0.0.2:80\", \"127.0.0.2:80\"]\n[services.WEB]\nbackends = []\n");
+        assert_eq!(e.len(), 2, "{e:#?}");
+        assert!(e.iter().any(|e| e.contains("listed twice")));
+        assert!(e.iter().any(|e| e.contains("case-insensitive")));
+    }
+}
