@@ -7,6 +7,7 @@
 pub mod config;
 pub mod diagnostic;
 pub mod duration;
+pub mod magic;
 pub mod service;
 pub mod snapshot;
 pub mod source;

@@ -9,8 +9,22 @@ use std::str::FromStr;
 
 /// A service name: one DNS label, lowercase letters, digits and inner hyphens, at most 63 bytes.
 /// Stored lowercase so lookups are case-insensitive.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct ServiceName(String);
+
+impl TryFrom<String> for ServiceName {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<Self, NameError> {
+        s.parse()
+    }
+}
+
+impl From<ServiceName> for String {
+    fn from(n: ServiceName) -> String {
+        n.0
+    }
+}
 
 /// Why a string is not a valid service or port name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
