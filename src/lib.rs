@@ -5,9 +5,12 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod daemon;
 pub mod diagnostic;
+pub mod dns;
 pub mod duration;
 pub mod magic;
+pub mod registry;
 pub mod service;
 pub mod snapshot;
 pub mod source;

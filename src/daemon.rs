@@ -1,0 +1,154 @@
+//! `discotech serve`: binds the sockets, restores state, starts the sources, the registry and the
+//! DNS server, and runs until the shutdown token is cancelled. `run` takes already-bound sockets so
+//! tests can bind port 0 and run a whole daemon in-process.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_server::Server;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::{Config, SourceConfig};
+use crate::dns::answer::Zones;
+use crate::dns::forward::{ForwardConfig, Forwarder};
+use crate::dns::server::{DnsHandler, access_lists};
+use crate::magic::MagicMap;
+use crate::registry::{Registry, unix_now};
+use crate::snapshot::{self, Snapshot};
+use crate::source::SourceEvent;
+use crate::source::file::FileSource;
+use crate::state;
+
+/// How long in-flight work gets to finish after shutdown is requested.
+const GRACE: Duration = Duration::from_secs(5);
+/// How long a TCP client may sit idle between queries.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot bind {proto} {addr}: {source}")]
+    Bind { proto: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir { path: PathBuf, source: std::io::Error },
+    #[error("DNS server: {0}")]
+    Server(String),
+}
+
+/// The daemon's sockets, bound before `run` so that tests can use port 0.
+#[derive(Debug)]
+pub struct Listeners {
+    pub dns_udp: Vec<UdpSocket>,
+    pub dns_tcp: Vec<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds UDP and TCP on every configured DNS address.
+    ///
+    /// # Errors
+    /// The first address that cannot be bound, with the protocol and the OS error.
+    pub fn bind(config: &Config) -> Result<Self, DaemonError> {
+        let mut l = Self { dns_udp: Vec::new(), dns_tcp: Vec::new() };
+        for addr in &config.dns.listen {
+            let udp = UdpSocket::bind(addr).map_err(|source| DaemonError::Bind { proto: "udp", addr: *addr, source })?;
+            // Port 0 means "any": TCP must then share the port UDP got.
+            let tcp_addr = udp.local_addr().unwrap_or(*addr);
+            let tcp = TcpListener::bind(tcp_addr).map_err(|source| DaemonError::Bind { proto: "tcp", addr: tcp_addr, source })?;
+            l.dns_udp.push(udp);
+            l.dns_tcp.push(tcp);
+        }
+        Ok(l)
+    }
+
+    pub fn dns_addrs(&self) -> Vec<SocketAddr> {
+        self.dns_udp.iter().filter_map(|s| s.local_addr().ok()).collect()
+    }
+}
+
+/// Runs the daemon until `shutdown` is cancelled.
+///
+/// # Errors
+/// The state directory cannot be created, or the DNS server fails to start.
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let dir = &config.state.dir;
+    std::fs::create_dir_all(dir).map_err(|source| DaemonError::StateDir { path: dir.clone(), source })?;
+
+    let mut magic = MagicMap::new(config.dns.magic_v4, config.dns.magic_v6, config.state.quarantine);
+    let magic_path = dir.join("magic.json");
+    match std::fs::read(&magic_path) {
+        Ok(bytes) => match magic.restore(&bytes) {
+            Ok(warnings) => warnings.iter().for_each(|w| warn!("{w}")),
+            Err(e) => {
+                let aside = state::set_aside(&magic_path);
+                warn!(path = %magic_path.display(), error = %e, aside = ?aside.ok(), "magic address map is corrupt; set aside, addresses will be derived afresh");
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(path = %magic_path.display(), error = %e, "cannot read the magic address map"),
+    }
+
+    let shared = snapshot::shared(Snapshot::default());
+    let mut registry = Registry::new(config.sources.len(), magic, Some(magic_path), shared.clone());
+    let tracker = TaskTracker::new();
+    let (tx, rx) = mpsc::channel::<SourceEvent>(64);
+
+    // Scan file sources once before answering, so the first query already sees every service.
+    for (index, source) in config.sources.iter().enumerate() {
+        match source {
+            SourceConfig::File { path, .. } => {
+                let mut file = FileSource::new(path);
+                let scan = file.scan();
+                for p in &scan.problems {
+                    warn!(source = %source.name(), "{p}");
+                }
+                registry.apply(SourceEvent::Reset { source: index, services: scan.services }, unix_now());
+                tracker.spawn(file.run(index, tx.clone(), shutdown.clone()));
+            }
+        }
+    }
+    drop(tx);
+    tracker.spawn(registry.run(rx, shutdown.clone()));
+
+    let d = &config.dns;
+    let forwarder = Arc::new(Forwarder::new(ForwardConfig {
+        default_upstreams: d.upstreams.clone(),
+        zones: d.forward.iter().map(|f| (f.zone.clone(), f.upstreams.clone())).collect(),
+        timeout: d.timeout,
+        cache_size: d.cache_size,
+        stale_max: d.stale_max,
+        ..ForwardConfig::default()
+    }));
+    if d.upstreams.is_empty() {
+        warn!("no upstream resolvers: names outside the service domains will get SERVFAIL (set dns.upstreams)");
+    }
+    let handler = DnsHandler::new(Zones::from_config(d), shared.clone(), forwarder);
+    let (deny, allow) = access_lists(&d.allow);
+    let mut server = Server::with_access(handler, deny, allow);
+    let addrs = listeners.dns_addrs();
+    for udp in listeners.dns_udp {
+        udp.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
+        server.register_socket(tokio::net::UdpSocket::from_std(udp).map_err(|e| DaemonError::Server(e.to_string()))?);
+    }
+    for tcp in listeners.dns_tcp {
+        tcp.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
+        server.register_listener(tokio::net::TcpListener::from_std(tcp).map_err(|e| DaemonError::Server(e.to_string()))?, TCP_IDLE, 64);
+    }
+    info!(listen = ?addrs, domains = ?d.domains.iter().map(ToString::to_string).collect::<Vec<_>>(), services = shared.load().len(), "serving");
+
+    shutdown.cancelled().await;
+    info!("shutting down");
+    tracker.close();
+    let drained = tokio::time::timeout(GRACE, async {
+        let _ = server.shutdown_gracefully().await;
+        tracker.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        warn!("some tasks did not finish within {}s", GRACE.as_secs());
+    }
+    Ok(())
+}
