@@ -1,0 +1,6 @@
+//! Black-box tests: the real `discotech` binary as the system resolver inside private network and
+//! mount namespaces, with real clients (dig, getent, python) and real upstreams (dnsmasq).
+//! Needs root and the packages the README's test command installs.
+
+mod dns;
+mod harness;
