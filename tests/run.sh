@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh Debian 12 machine: installs what the tests need with apt-get
+# (only when something is missing), then runs every test of the workspace, including the
+# black-box tests that start discotech, dnsmasq and real clients inside private namespaces.
+# Needs root (namespaces, port 53) and a Rust toolchain (rustup).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(dnsutils dnsmasq-base iproute2 util-linux procps python3 gcc libc6-dev curl)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "installing: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+if ! command -v cargo >/dev/null; then
+    echo "cargo not found: install Rust with rustup (https://rustup.rs) and re-run" >&2
+    exit 1
+fi
+if [ "$(id -u)" != 0 ]; then
+    echo "the black-box tests need root (unshare, port 53): run as root or with sudo" >&2
+    exit 1
+fi
+
+cargo build --workspace --all-targets
+cargo test --workspace --no-fail-fast
