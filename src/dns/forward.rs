@@ -1,0 +1,412 @@
+//! Upstream forwarder: answers one question from the cache or by asking the configured
+//! upstreams (split DNS by zone), with serve-stale when they all fail.
+//!
+//! It speaks to upstreams only; building the reply to the client (header, EDNS, SERVFAIL on
+//! error, REFUSED on a detected loop) is the DNS server's job.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use hickory_proto::ProtoError;
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, Record, RecordType};
+use hickory_proto::serialize::binary::DecodeError;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, timeout_at};
+use tracing::debug;
+
+use super::cache::{Answer, Cache, Lookup, normal_name};
+
+/// RFC 9715 / DNS flag day 2020: avoids IP fragmentation on common paths.
+const EDNS_PAYLOAD: u16 = 1232;
+/// Larger than what we advertise, so an upstream ignoring EDNS still decodes.
+const UDP_RECV_BUF: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    pub default_upstreams: Vec<SocketAddr>,
+    /// Split DNS: (zone, upstreams); the longest matching zone wins (case-insensitive,
+    /// label-wise suffix match).
+    pub zones: Vec<(Name, Vec<SocketAddr>)>,
+    /// Overall deadline for one resolve.
+    pub timeout: Duration,
+    /// Per upstream attempt (a TC fallback to TCP gets its own).
+    pub attempt_timeout: Duration,
+    /// Concurrent resolves allowed to query upstream; excess get `Busy`.
+    pub max_in_flight: usize,
+    /// Maximum cache entries.
+    pub cache_size: usize,
+    /// RFC 8767: how long past expiry an entry may still be served when upstreams fail.
+    pub stale_max: Duration,
+    /// TTL given to stale answers.
+    pub stale_ttl: u32,
+    /// Cap on cached TTL.
+    pub max_ttl: u32,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        Self {
+            default_upstreams: Vec::new(),
+            zones: Vec::new(),
+            timeout: Duration::from_secs(2),
+            attempt_timeout: Duration::from_millis(700),
+            max_in_flight: 1024,
+            cache_size: 10_000,
+            stale_max: Duration::from_secs(86_400),
+            stale_ttl: 30,
+            max_ttl: 86_400,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Upstream,
+    Cache,
+    Stale,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    pub response_code: ResponseCode,
+    pub answers: Vec<Record>,
+    pub authorities: Vec<Record>,
+    pub additionals: Vec<Record>,
+    pub from: Origin,
+}
+
+impl Forwarded {
+    fn new(a: Answer, from: Origin) -> Self {
+        Self {
+            response_code: a.response_code,
+            answers: a.answers,
+            authorities: a.authorities,
+            additionals: a.additionals,
+            from,
+        }
+    }
+}
+
+/// Why one upstream exchange did not yield an answer.
+#[derive(thiserror::Error, Debug)]
+pub enum UpstreamError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("no matching reply within the attempt timeout")]
+    Timeout,
+    #[error("upstream answered {0}")]
+    Rcode(ResponseCode),
+    #[error("reply over TCP does not match the query")]
+    Mismatch,
+    #[error("undecodable reply: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("cannot encode query: {0}")]
+    Encode(#[from] ProtoError),
+}
+
+/// The caller answers SERVFAIL for any of these.
+#[derive(thiserror::Error, Debug)]
+pub enum ForwardError {
+    #[error("no upstream configured for this name")]
+    NoUpstreams,
+    #[error("too many upstream queries in flight")]
+    Busy,
+    #[error("overall deadline passed")]
+    Timeout,
+    #[error("every upstream failed, last: {0}")]
+    AllFailed(UpstreamError),
+}
+
+/// One query on the wire to an upstream, for loop detection.
+#[derive(Debug)]
+struct Sent {
+    token: u64,
+    id: u16,
+}
+
+type QuestionKey = (Name, RecordType);
+
+#[derive(Debug)]
+pub struct Forwarder {
+    cfg: ForwardConfig,
+    /// `cfg.zones` sorted most specific first, so the first match is the longest.
+    zones: Vec<(Name, Vec<SocketAddr>)>,
+    cache: Cache,
+    permits: Semaphore,
+    in_flight: DashMap<QuestionKey, Vec<Sent>>,
+    /// Lets `is_loop`, called for every client query, skip hashing when nothing is in flight.
+    in_flight_count: AtomicUsize,
+    next_token: AtomicU64,
+}
+
+impl Forwarder {
+    pub fn new(cfg: ForwardConfig) -> Self {
+        let mut zones = cfg.zones.clone();
+        // Stable sort: of two identical zones, the one listed first wins.
+        zones.sort_by_key(|(z, _)| std::cmp::Reverse(z.num_labels()));
+        let cache = Cache::new(cfg.cache_size, cfg.max_ttl, cfg.stale_max, cfg.stale_ttl);
+        let permits = Semaphore::new(cfg.max_in_flight.min(Semaphore::MAX_PERMITS));
+        Self {
+            cfg,
+            zones,
+            cache,
+            permits,
+            in_flight: DashMap::new(),
+            in_flight_count: AtomicUsize::new(0),
+            next_token: AtomicU64::new(0),
+        }
+    }
+
+    pub fn upstreams_for(&self, name: &Name) -> &[SocketAddr] {
+        self.zones
+            .iter()
+            .find(|(zone, _)| zone.zone_of(name))
+            .map_or(&self.cfg.default_upstreams, |(_, ups)| ups)
+    }
+
+    /// Answer one question from cache or upstream, within `cfg.timeout`.
+    ///
+    /// # Errors
+    /// `NoUpstreams`, `Busy` (in-flight bound reached, nothing stale to serve), `Timeout`
+    /// (overall deadline), `AllFailed` (each upstream failed; carries the last reason).
+    pub async fn resolve(&self, query: &Query) -> Result<Forwarded, ForwardError> {
+        let start = Instant::now();
+        if let Lookup::Fresh(a) = self.cache.lookup(query, start) {
+            return Ok(Forwarded::new(a, Origin::Cache));
+        }
+        let upstreams = self.upstreams_for(&query.name);
+        if upstreams.is_empty() {
+            return Err(ForwardError::NoUpstreams);
+        }
+        let Ok(_permit) = self.permits.try_acquire() else {
+            return self.fallback(query, ForwardError::Busy);
+        };
+        let deadline = after(start, self.cfg.timeout);
+        let mut last = None;
+        for &upstream in upstreams {
+            if Instant::now() >= deadline {
+                break;
+            }
+            match self.exchange(upstream, query, deadline).await {
+                Ok(msg) => {
+                    let answer = into_answer(msg);
+                    self.cache.insert(query, &answer, Instant::now());
+                    return Ok(Forwarded::new(answer, Origin::Upstream));
+                }
+                Err(error) => {
+                    debug!(%upstream, %error, name = %query.name, "upstream attempt failed");
+                    last = Some(error);
+                }
+            }
+        }
+        let error = match last {
+            Some(e) if Instant::now() < deadline => ForwardError::AllFailed(e),
+            _ => ForwardError::Timeout,
+        };
+        self.fallback(query, error)
+    }
+
+    /// RFC 8767: when upstream cannot help, an expired answer beats SERVFAIL.
+    fn fallback(&self, query: &Query, error: ForwardError) -> Result<Forwarded, ForwardError> {
+        match self.cache.lookup(query, Instant::now()) {
+            // Another task may have refreshed the entry meanwhile.
+            Lookup::Fresh(a) => Ok(Forwarded::new(a, Origin::Cache)),
+            Lookup::Stale(a) => Ok(Forwarded::new(a, Origin::Stale)),
+            Lookup::Miss => Err(error),
+        }
+    }
+
+    /// True when `query` is being asked upstream right now and this packet comes from one
+    /// of that name's upstreams, or carries the ID of one of our upstream queries: our own
+    /// question has come back to us.
+    ///
+    /// An upstream on the same IP as legitimate clients (e.g. a local resolver on
+    /// 127.0.0.1) makes a concurrent identical client question look like a loop; the
+    /// ID match alone would miss upstreams that re-forward with their own ID.
+    pub fn is_loop(&self, src: IpAddr, id: u16, query: &Query) -> bool {
+        if self.in_flight_count.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let key = (normal_name(&query.name), query.query_type);
+        let id_match = match self.in_flight.get(&key) {
+            None => return false,
+            Some(sent) => sent.iter().any(|s| s.id == id),
+        };
+        let src = src.to_canonical();
+        id_match
+            || self
+                .upstreams_for(&query.name)
+                .iter()
+                .any(|u| u.ip().to_canonical() == src)
+    }
+
+    /// One upstream: UDP, then TCP on truncation. Each leg gets `attempt_timeout`,
+    /// never beyond `deadline`.
+    async fn exchange(
+        &self,
+        upstream: SocketAddr,
+        query: &Query,
+        deadline: Instant,
+    ) -> Result<Message, UpstreamError> {
+        let leg_deadline = || after(Instant::now(), self.cfg.attempt_timeout).min(deadline);
+        let reply = timeout_at(leg_deadline(), self.exchange_udp(upstream, query))
+            .await
+            .map_err(|_| UpstreamError::Timeout)??;
+        let reply = if reply.metadata.truncation {
+            timeout_at(leg_deadline(), self.exchange_tcp(upstream, query))
+                .await
+                .map_err(|_| UpstreamError::Timeout)??
+        } else {
+            reply
+        };
+        match reply.metadata.response_code {
+            ResponseCode::NoError | ResponseCode::NXDomain => Ok(reply),
+            code => Err(UpstreamError::Rcode(code)),
+        }
+    }
+
+    async fn exchange_udp(
+        &self,
+        upstream: SocketAddr,
+        query: &Query,
+    ) -> Result<Message, UpstreamError> {
+        let (id, wire) = encode_query(query)?;
+        let local: SocketAddr = match upstream {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        // A fresh socket per query: the kernel picks a random source port, and connect()
+        // makes the kernel drop datagrams from any other peer and report ICMP refusals.
+        let socket = UdpSocket::bind(local).await?;
+        socket.connect(upstream).await?;
+        let _registered = self.register(query, id);
+        socket.send(&wire).await?;
+        let mut buf = vec![0u8; UDP_RECV_BUF];
+        // Ends by a match, an I/O error, or the caller's timeout.
+        loop {
+            let (len, from) = socket.recv_from(&mut buf).await?;
+            // Compare address and port only: a v6 peer may come back with flowinfo set.
+            if from.ip() != upstream.ip() || from.port() != upstream.port() {
+                continue;
+            }
+            let Some(data) = buf.get(..len) else { continue };
+            match Message::from_vec(data) {
+                Ok(msg) if is_reply_to(&msg, id, query) => return Ok(msg),
+                Ok(_) => debug!(%upstream, "ignoring reply that does not match the query"),
+                Err(error) => debug!(%upstream, %error, "ignoring undecodable reply"),
+            }
+        }
+    }
+
+    async fn exchange_tcp(
+        &self,
+        upstream: SocketAddr,
+        query: &Query,
+    ) -> Result<Message, UpstreamError> {
+        let (id, wire) = encode_query(query)?;
+        let len = u16::try_from(wire.len())
+            .map_err(|_| std::io::Error::other("query longer than a TCP frame"))?;
+        let mut stream = TcpStream::connect(upstream).await?;
+        let _registered = self.register(query, id);
+        let mut framed = Vec::with_capacity(wire.len() + 2);
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(&wire);
+        stream.write_all(&framed).await?;
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).await?;
+        let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut reply).await?;
+        let msg = Message::from_vec(&reply)?;
+        if is_reply_to(&msg, id, query) {
+            Ok(msg)
+        } else {
+            Err(UpstreamError::Mismatch)
+        }
+    }
+
+    fn register(&self, query: &Query, id: u16) -> Registered<'_> {
+        let key = (normal_name(&query.name), query.query_type);
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        self.in_flight
+            .entry(key.clone())
+            .or_default()
+            .push(Sent { token, id });
+        self.in_flight_count.fetch_add(1, Ordering::AcqRel);
+        Registered {
+            fwd: self,
+            key,
+            token,
+        }
+    }
+}
+
+/// Removes its query from the in-flight table on drop, including when the resolve future
+/// is cancelled mid-flight.
+struct Registered<'a> {
+    fwd: &'a Forwarder,
+    key: QuestionKey,
+    token: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        if let Some(mut sent) = self.fwd.in_flight.get_mut(&self.key) {
+            sent.retain(|s| s.token != self.token);
+        }
+        // The shard guard above is released before this second access to the same shard.
+        self.fwd
+            .in_flight
+            .remove_if(&self.key, |_, sent| sent.is_empty());
+        self.fwd.in_flight_count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365))
+}
+
+/// A fresh random ID, RD, our own EDNS (the client's OPT never reaches here: only the
+/// question does).
+fn encode_query(query: &Query) -> Result<(u16, Vec<u8>), ProtoError> {
+    let id: u16 = rand::random();
+    let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
+    // Rebuilt from its three fields, so no client-side flag rides along.
+    let mut question = Query::query(query.name.clone(), query.query_type);
+    question.set_query_class(query.query_class);
+    msg.add_query(question);
+    let mut edns = Edns::new();
+    edns.set_max_payload(EDNS_PAYLOAD);
+    msg.set_edns(edns);
+    Ok((id, msg.to_vec()?))
+}
+
+fn is_reply_to(msg: &Message, id: u16, query: &Query) -> bool {
+    msg.metadata.id == id
+        && msg.metadata.message_type == MessageType::Response
+        && msg.metadata.op_code == OpCode::Query
+        && matches!(msg.queries.as_slice(), [q] if q.name.eq_ignore_root(&query.name)
+            && q.query_type == query.query_type
+            && q.query_class == query.query_class)
+}
+
+/// The caller adds its own EDNS, so no OPT from upstream may leak into the additionals.
+fn into_answer(msg: Message) -> Answer {
+    let mut additionals = msg.additionals;
+    additionals.retain(|r| r.record_type() != RecordType::OPT);
+    Answer {
+        response_code: msg.metadata.response_code,
+        answers: msg.answers,
+        authorities: msg.authorities,
+        additionals,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,7 @@
+//! DNS for the service domains: authoritative answers, the forwarder and its cache, and the
+//! server that ties them to sockets.
+
+pub mod answer;
+pub mod cache;
+pub mod server;
+pub mod forward;
