@@ -1,0 +1,205 @@
+//! Golden bytes: if one of these changes, the protocol changed and VERSION must too.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+use super::fallback::{FallbackError, HEADER_LEN, Header, Record};
+use super::*;
+
+const PICK_GOLDEN: [u8; MSG_LEN] = [
+    b'D', b'T', 1, 1, 0, 0, 0, 7, // magic, version, kind pick, id 7
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 77, 0, 9, // ::ffff:127.77.0.9
+    0x1f, 0x90, 3, 0, 0, 0, 0x30,
+    0x39, // port 8080, flags inet6|nonblock, attempt 0, pid 12345
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, // backend (none)
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, // backend port, errno, reserved
+];
+
+#[test]
+fn pick_request_golden_bytes() {
+    let magic = IpAddr::V4(Ipv4Addr::new(127, 77, 0, 9));
+    let req = Request::pick(7, magic, 8080, FLAG_INET6 | FLAG_NONBLOCK, 12345);
+    assert_eq!(req.encode(), PICK_GOLDEN);
+    assert_eq!(Request::decode(&PICK_GOLDEN), Ok(req));
+    assert_eq!(req.magic_ip(), magic);
+}
+
+#[test]
+fn failed_request_golden_bytes() {
+    let mut req = Request::pick(0x0102_0304, "fd64:d15c::5".parse().unwrap(), 443, 0, 1);
+    req.kind = Kind::Failed;
+    req.attempt = 2;
+    req.backend = to_mapped("127.0.0.3".parse().unwrap());
+    req.backend_port = 8443;
+    req.errno = 111;
+    let b = req.encode();
+    let want: [u8; MSG_LEN] = [
+        b'D', b'T', 1, 2, 1, 2, 3, 4, //
+        0xfd, 0x64, 0xd1, 0x5c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, //
+        0x01, 0xbb, 0, 2, 0, 0, 0, 1, //
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 3, //
+        0x20, 0xfb, 0, 111, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    assert_eq!(b, want);
+    let back = Request::decode(&b).unwrap();
+    assert_eq!(back, req);
+    assert_eq!(back.backend_addr(), "127.0.0.3:8443".parse().unwrap());
+}
+
+#[test]
+fn reply_golden_bytes() {
+    let reply = Reply::ok(
+        7,
+        "127.0.0.2:8081".parse().unwrap(),
+        FLAG_REPORT_DONE,
+        0x0102,
+    );
+    let want: [u8; MSG_LEN] = [
+        b'D', b'T', 1, 0x81, 0, 0, 0, 7, //
+        0, 1, 0x1f, 0x91, // status ok, flags report-done, port 8081
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2, //
+        0, 0, 0, 0, 0, 0, 1, 2, // generation
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    assert_eq!(reply.encode(), want);
+    let back = Reply::decode(&want).unwrap();
+    assert_eq!(back, reply);
+    assert_eq!(back.backend_addr(), "127.0.0.2:8081".parse().unwrap());
+
+    let refused = Reply::refuse(9, Status::NoBackend, 3).encode();
+    assert_eq!(
+        &refused[..12],
+        &[b'D', b'T', 1, 0x81, 0, 0, 0, 9, 2, 0, 0, 0]
+    );
+    assert_eq!(Reply::decode(&refused).unwrap().status, Status::NoBackend);
+}
+
+#[test]
+fn malformed_messages_are_rejected_not_misread() {
+    let mut b = PICK_GOLDEN;
+    b[0] = b'X';
+    assert_eq!(Request::decode(&b), Err(DecodeError::BadMagic));
+    let mut b = PICK_GOLDEN;
+    b[2] = 2;
+    assert_eq!(Request::decode(&b), Err(DecodeError::Version(2)));
+    assert_eq!(version_of(&b), 2);
+    let mut b = PICK_GOLDEN;
+    b[3] = 9;
+    assert_eq!(Request::decode(&b), Err(DecodeError::Kind(9)));
+    // A request is not a reply and vice versa.
+    assert_eq!(Reply::decode(&PICK_GOLDEN), Err(DecodeError::Kind(1)));
+    let mut r = Reply::refuse(1, Status::Ok, 0).encode();
+    assert_eq!(Request::decode(&r), Err(DecodeError::Kind(0x81)));
+    r[8] = 200;
+    assert_eq!(Reply::decode(&r), Err(DecodeError::Status(200)));
+    // Every byte pattern decodes or errors; none panics.
+    for i in 0..MSG_LEN {
+        for v in [0u8, 1, 0x7f, 0x81, 0xff] {
+            let mut b = PICK_GOLDEN;
+            b[i] = v;
+            let _ = Request::decode(&b);
+            let _ = Reply::decode(&b);
+        }
+    }
+}
+
+#[test]
+fn mapped_addresses_round_trip() {
+    let v4: IpAddr = "10.1.2.3".parse().unwrap();
+    assert_eq!(
+        to_mapped(v4),
+        "::ffff:10.1.2.3".parse::<Ipv6Addr>().unwrap()
+    );
+    assert_eq!(from_mapped(to_mapped(v4)), v4);
+    let v6: IpAddr = "fd64::1".parse().unwrap();
+    assert_eq!(from_mapped(to_mapped(v6)), v6);
+}
+
+#[test]
+fn range_membership() {
+    let net = Ipv4Addr::new(127, 77, 0, 0);
+    assert!(v4_in(Ipv4Addr::new(127, 77, 255, 1), net, 16));
+    assert!(!v4_in(Ipv4Addr::new(127, 78, 0, 1), net, 16));
+    assert!(v4_in(Ipv4Addr::new(1, 2, 3, 4), net, 0));
+    assert!(v4_in(net, net, 32));
+    assert!(!v4_in(Ipv4Addr::new(127, 77, 0, 1), net, 32));
+    let net6: Ipv6Addr = "fd64:d15c::".parse().unwrap();
+    assert!(v6_in("fd64:d15c::1:2".parse().unwrap(), net6, 64));
+    assert!(!v6_in("fd64:d15d::1".parse().unwrap(), net6, 64));
+    assert!(v6_in("::1".parse().unwrap(), net6, 0));
+}
+
+#[test]
+fn fallback_golden_bytes() {
+    let header = Header {
+        magic_v4: (Ipv4Addr::new(127, 77, 0, 0), 16),
+        magic_v6: Some(("fd64:d15c::".parse().unwrap(), 64)),
+        generation: 5,
+        records: 2,
+    };
+    let b = header.encode();
+    let want: [u8; HEADER_LEN] = [
+        b'D', b'T', b'F', b'A', b'L', b'L', b'B', b'K', 1, 16, 64, 0, 127, 77, 0, 0, //
+        0xfd, 0x64, 0xd1, 0x5c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, //
+        0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 2, 0, 0, 0, 40, //
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    assert_eq!(b, want);
+    assert_eq!(Header::decode(&b), Ok(header));
+    assert_eq!(header.file_len(), 64 + 80);
+
+    let no_v6 = Header {
+        magic_v6: None,
+        ..header
+    };
+    let b = no_v6.encode();
+    assert_eq!(b[10], 255);
+    assert_eq!(Header::decode(&b), Ok(no_v6));
+
+    let rec = Record {
+        magic: to_mapped("127.77.0.9".parse().unwrap()),
+        client_port: 0,
+        backend_port: 8080,
+        backend: to_mapped("127.0.0.2".parse().unwrap()),
+        weight: 3,
+    };
+    let rb = rec.encode();
+    let want: [u8; 40] = [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 77, 0, 9, 0, 0, 0x1f, 0x90, //
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2, 0, 3, 0, 0,
+    ];
+    assert_eq!(rb, want);
+    assert_eq!(Record::decode(&rb), rec);
+    assert_eq!(
+        Record::decode(&rb[..10]).weight,
+        0,
+        "short input is zero-filled, not a panic"
+    );
+}
+
+#[test]
+fn corrupt_fallback_headers_are_rejected() {
+    let good = Header {
+        magic_v4: (Ipv4Addr::new(127, 77, 0, 0), 16),
+        magic_v6: None,
+        generation: 1,
+        records: 0,
+    }
+    .encode();
+    let mut b = good;
+    b[0] = 0;
+    assert_eq!(Header::decode(&b), Err(FallbackError::BadMagic));
+    let mut b = good;
+    b[8] = 9;
+    assert_eq!(Header::decode(&b), Err(FallbackError::Version(9)));
+    let mut b = good;
+    b[9] = 33;
+    assert_eq!(Header::decode(&b), Err(FallbackError::BadPrefix));
+    let mut b = good;
+    b[47] = 41;
+    assert_eq!(Header::decode(&b), Err(FallbackError::BadRecordLen(41)));
+    let mut b = good;
+    b[40] = 0xff;
+    assert!(matches!(
+        Header::decode(&b),
+        Err(FallbackError::TooManyRecords(_))
+    ));
+}
