@@ -127,6 +127,8 @@ pub enum ForwardError {
 struct Sent {
     token: u64,
     id: u16,
+    /// The question name exactly as sent, in its randomised letter case (DNS 0x20).
+    cased: String,
 }
 
 type QuestionKey = (Name, RecordType);
@@ -176,7 +178,8 @@ impl Forwarder {
     /// (overall deadline), `AllFailed` (each upstream failed; carries the last reason).
     pub async fn resolve(&self, query: &Query) -> Result<Forwarded, ForwardError> {
         let start = Instant::now();
-        if let Lookup::Fresh(a) = self.cache.lookup(query, start) {
+        if let Lookup::Fresh(mut a) = self.cache.lookup(query, start) {
+            restore_case(&mut a, &query.name);
             return Ok(Forwarded::new(a, Origin::Cache));
         }
         let upstreams = self.upstreams_for(&query.name);
@@ -194,8 +197,9 @@ impl Forwarder {
             }
             match self.exchange(upstream, query, deadline).await {
                 Ok(msg) => {
-                    let answer = into_answer(msg);
+                    let mut answer = into_answer(msg);
                     self.cache.insert(query, &answer, Instant::now());
+                    restore_case(&mut answer, &query.name);
                     return Ok(Forwarded::new(answer, Origin::Upstream));
                 }
                 Err(error) => {
@@ -215,34 +219,32 @@ impl Forwarder {
     fn fallback(&self, query: &Query, error: ForwardError) -> Result<Forwarded, ForwardError> {
         match self.cache.lookup(query, Instant::now()) {
             // Another task may have refreshed the entry meanwhile.
-            Lookup::Fresh(a) => Ok(Forwarded::new(a, Origin::Cache)),
-            Lookup::Stale(a) => Ok(Forwarded::new(a, Origin::Stale)),
+            Lookup::Fresh(mut a) => {
+                restore_case(&mut a, &query.name);
+                Ok(Forwarded::new(a, Origin::Cache))
+            }
+            Lookup::Stale(mut a) => {
+                restore_case(&mut a, &query.name);
+                Ok(Forwarded::new(a, Origin::Stale))
+            }
             Lookup::Miss => Err(error),
         }
     }
 
-    /// True when `query` is being asked upstream right now and this packet comes from one
-    /// of that name's upstreams, or carries the ID of one of our upstream queries: our own
-    /// question has come back to us.
-    ///
-    /// An upstream on the same IP as legitimate clients (e.g. a local resolver on
-    /// 127.0.0.1) makes a concurrent identical client question look like a loop; the
-    /// ID match alone would miss upstreams that re-forward with their own ID.
-    pub fn is_loop(&self, src: IpAddr, id: u16, query: &Query) -> bool {
+    /// True when `query` is one of our own upstream questions come back to us (through a
+    /// resolver that forwards to us): it carries the ID of one of our in-flight upstream
+    /// queries, or its name in exactly the random letter case we sent (DNS 0x20). Upstreams
+    /// preserve the case of the question; a client practically never picks the same random
+    /// pattern, and our pattern always differs from the all-lowercase and the client's own
+    /// spelling, so a concurrent client asking the same question is never mistaken for a loop.
+    pub fn is_loop(&self, id: u16, query: &Query) -> bool {
         if self.in_flight_count.load(Ordering::Acquire) == 0 {
             return false;
         }
         let key = (normal_name(&query.name), query.query_type);
-        let id_match = match self.in_flight.get(&key) {
-            None => return false,
-            Some(sent) => sent.iter().any(|s| s.id == id),
-        };
-        let src = src.to_canonical();
-        id_match
-            || self
-                .upstreams_for(&query.name)
-                .iter()
-                .any(|u| u.ip().to_canonical() == src)
+        let Some(sent) = self.in_flight.get(&key) else { return false };
+        let cased = query.name.to_ascii();
+        sent.iter().any(|s| s.id == id || (s.cased == cased && has_letters(&cased)))
     }
 
     /// One upstream: UDP, then TCP on truncation. Each leg gets `attempt_timeout`,
@@ -275,7 +277,7 @@ impl Forwarder {
         upstream: SocketAddr,
         query: &Query,
     ) -> Result<Message, UpstreamError> {
-        let (id, wire) = encode_query(query)?;
+        let (id, cased, wire) = encode_query(query)?;
         let local: SocketAddr = match upstream {
             SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -284,7 +286,7 @@ impl Forwarder {
         // makes the kernel drop datagrams from any other peer and report ICMP refusals.
         let socket = UdpSocket::bind(local).await?;
         socket.connect(upstream).await?;
-        let _registered = self.register(query, id);
+        let _registered = self.register(query, id, cased);
         socket.send(&wire).await?;
         let mut buf = vec![0u8; UDP_RECV_BUF];
         // Ends by a match, an I/O error, or the caller's timeout.
@@ -308,11 +310,11 @@ impl Forwarder {
         upstream: SocketAddr,
         query: &Query,
     ) -> Result<Message, UpstreamError> {
-        let (id, wire) = encode_query(query)?;
+        let (id, cased, wire) = encode_query(query)?;
         let len = u16::try_from(wire.len())
             .map_err(|_| std::io::Error::other("query longer than a TCP frame"))?;
         let mut stream = TcpStream::connect(upstream).await?;
-        let _registered = self.register(query, id);
+        let _registered = self.register(query, id, cased);
         let mut framed = Vec::with_capacity(wire.len() + 2);
         framed.extend_from_slice(&len.to_be_bytes());
         framed.extend_from_slice(&wire);
@@ -329,13 +331,13 @@ impl Forwarder {
         }
     }
 
-    fn register(&self, query: &Query, id: u16) -> Registered<'_> {
+    fn register(&self, query: &Query, id: u16, cased: String) -> Registered<'_> {
         let key = (normal_name(&query.name), query.query_type);
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         self.in_flight
             .entry(key.clone())
             .or_default()
-            .push(Sent { token, id });
+            .push(Sent { token, id, cased });
         self.in_flight_count.fetch_add(1, Ordering::AcqRel);
         Registered {
             fwd: self,
@@ -372,19 +374,57 @@ fn after(now: Instant, d: Duration) -> Instant {
 }
 
 /// A fresh random ID, RD, our own EDNS (the client's OPT never reaches here: only the
-/// question does).
-fn encode_query(query: &Query) -> Result<(u16, Vec<u8>), ProtoError> {
+/// question does), and the name in a random letter case; returns the ID and that spelling.
+fn encode_query(query: &Query) -> Result<(u16, String, Vec<u8>), ProtoError> {
     let id: u16 = rand::random();
     let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
     msg.metadata.recursion_desired = true;
+    let cased = random_case(&query.name.to_ascii(), rand::random());
+    let name = Name::from_ascii(&cased).unwrap_or_else(|_| query.name.clone());
     // Rebuilt from its three fields, so no client-side flag rides along.
-    let mut question = Query::query(query.name.clone(), query.query_type);
+    let mut question = Query::query(name, query.query_type);
     question.set_query_class(query.query_class);
     msg.add_query(question);
     let mut edns = Edns::new();
     edns.set_max_payload(EDNS_PAYLOAD);
     msg.set_edns(edns);
-    Ok((id, msg.to_vec()?))
+    Ok((id, cased, msg.to_vec()?))
+}
+
+/// DNS 0x20: flips the case of each letter by one bit of `bits`. At least one letter ends up
+/// upper case, so the result never equals the plain lowercase spelling most clients send.
+fn random_case(name: &str, bits: u64) -> String {
+    let mut out: String = name
+        .chars()
+        .scan(bits, |bits, c| {
+            if !c.is_ascii_alphabetic() {
+                return Some(c);
+            }
+            let upper = *bits & 1 == 1;
+            *bits = bits.rotate_right(1);
+            Some(if upper { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() })
+        })
+        .collect();
+    if !out.chars().any(|c| c.is_ascii_uppercase()) {
+        if let Some(i) = out.find(|c: char| c.is_ascii_alphabetic()) {
+            out.replace_range(i..=i, &out[i..=i].to_ascii_uppercase());
+        }
+    }
+    out
+}
+
+fn has_letters(name: &str) -> bool {
+    name.chars().any(|c| c.is_ascii_alphabetic())
+}
+
+/// Answers come back in the random case we sent; the client gets its own spelling back.
+fn restore_case(answer: &mut Answer, name: &Name) {
+    for r in answer.answers.iter_mut().chain(answer.authorities.iter_mut()).chain(answer.additionals.iter_mut()) {
+        // Name equality ignores case.
+        if r.name == *name {
+            r.name = name.clone();
+        }
+    }
 }
 
 fn is_reply_to(msg: &Message, id: u16, query: &Query) -> bool {

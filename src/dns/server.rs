@@ -104,7 +104,7 @@ impl DnsHandler {
             },
             Outcome::Forward => {
                 drop(snapshot);
-                if self.forwarder.is_loop(src, id, query) {
+                if self.forwarder.is_loop(id, query) {
                     warn!(name = %query.name(), %src, "forwarding loop: our own upstream query came back to us; answering REFUSED");
                     return Sections::error(ResponseCode::Refused);
                 }

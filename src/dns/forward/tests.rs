@@ -326,9 +326,9 @@ async fn serves_stale_when_upstream_goes_silent_and_refreshes_after() {
     );
 }
 
-/// Starts a resolve against a server that never answers; returns the task and the ID
-/// of the query the server received.
-async fn stuck_resolve(fwd: &Arc<Forwarder>, sink: &UdpSocket, question: &str) -> u16 {
+/// Starts a resolve against a server that never answers; returns the ID and the question
+/// name (as spelled on the wire) of the query the server received.
+async fn stuck_resolve(fwd: &Arc<Forwarder>, sink: &UdpSocket, question: &str) -> (u16, Name) {
     let fwd = fwd.clone();
     let question = q(question);
     tokio::spawn(async move { fwd.resolve(&question).await });
@@ -340,37 +340,34 @@ async fn stuck_resolve(fwd: &Arc<Forwarder>, sink: &UdpSocket, question: &str) -
     .await
     .unwrap()
     .unwrap();
-    Message::from_vec(&buf[..len]).unwrap().metadata.id
+    let msg = Message::from_vec(&buf[..len]).unwrap();
+    (msg.metadata.id, msg.queries[0].name.clone())
 }
 
 #[tokio::test]
-async fn is_loop_only_while_our_question_is_in_flight() {
+async fn is_loop_only_for_our_own_question_coming_back() {
     let (sink, addr) = silent().await;
     let fwd = Arc::new(Forwarder::new(cfg(vec![addr])));
-    let upstream_ip = addr.ip();
-    let other_ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
     let question = q("loop.example.");
-    assert!(
-        !fwd.is_loop(upstream_ip, 0, &question),
-        "nothing in flight yet"
-    );
+    assert!(!fwd.is_loop(0, &question), "nothing in flight yet");
 
-    let id = stuck_resolve(&fwd, &sink, "loop.example.").await;
-    assert!(fwd.is_loop(upstream_ip, id.wrapping_add(1), &question));
-    assert!(fwd.is_loop(upstream_ip, 0, &q("LOOP.Example.")));
-    assert!(fwd.is_loop(other_ip, id, &question), "our own ID came back");
-    assert!(
-        !fwd.is_loop(other_ip, id.wrapping_add(1), &question),
-        "a client"
-    );
-    assert!(!fwd.is_loop(upstream_ip, id, &q("other.example.")));
-    let aaaa = Query::query(name("loop.example."), RecordType::AAAA);
-    assert!(!fwd.is_loop(upstream_ip, id, &aaaa));
+    let (id, sent) = stuck_resolve(&fwd, &sink, "loop.example.").await;
+    let spelled = sent.to_ascii();
+    assert!(spelled.chars().any(|c| c.is_ascii_uppercase()), "0x20: {spelled}");
+    assert!(spelled.eq_ignore_ascii_case("loop.example."));
+    let echoed = Query::query(sent.clone(), RecordType::A);
+    assert!(fwd.is_loop(id.wrapping_add(1), &echoed), "our exact spelling came back under a new ID");
+    assert!(fwd.is_loop(id, &question), "our own ID came back");
+    assert!(!fwd.is_loop(id.wrapping_add(1), &question), "a client asking the same question concurrently");
+    assert!(!fwd.is_loop(id.wrapping_add(1), &q("LOOP.EXAMPLE.")), "a client shouting");
+    assert!(!fwd.is_loop(id, &q("other.example.")));
+    let aaaa = Query::query(sent, RecordType::AAAA);
+    assert!(!fwd.is_loop(id, &aaaa));
 
     // Once the attempt times out, the question is no longer ours.
     let cleared = async {
         for _ in 0..100 {
-            if !fwd.is_loop(upstream_ip, id, &question) {
+            if !fwd.is_loop(id, &question) {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -379,6 +376,16 @@ async fn is_loop_only_while_our_question_is_in_flight() {
     };
     assert!(cleared.await);
     assert!(fwd.in_flight.is_empty());
+}
+
+#[test]
+fn random_case_always_differs_from_lowercase() {
+    for bits in [0, 1, u64::MAX, 0x5555] {
+        let c = random_case("www.example.com.", bits);
+        assert!(c.eq_ignore_ascii_case("www.example.com."));
+        assert_ne!(c, "www.example.com.", "bits {bits:x}");
+    }
+    assert_eq!(random_case("1.2.3.", 7), "1.2.3.");
 }
 
 #[tokio::test]
