@@ -108,6 +108,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
                 registry.apply(SourceEvent::Reset { source: index, services: scan.services }, unix_now());
                 tracker.spawn(file.run(index, tx.clone(), shutdown.clone()));
             }
+            SourceConfig::Zookeeper(_) | SourceConfig::DnsSrv(_) => {
+                tracing::error!(source = %source.name(), "this source kind is not available in this build");
+            }
         }
     }
     drop(tx);

@@ -17,6 +17,43 @@ pub struct RawConfig {
     pub hook: RawHook,
     #[serde(default, rename = "source")]
     pub sources: Vec<S<RawSource>>,
+    #[serde(default)]
+    pub guard: RawGuard,
+    #[serde(default, rename = "register")]
+    pub registrations: Vec<S<RawRegister>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGuard {
+    pub max_drop: Option<S<f64>>,
+    pub hold_down: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegister {
+    pub service: S<String>,
+    pub addr: S<String>,
+    pub hosts: Vec<S<String>>,
+    pub path: S<String>,
+    pub format: Option<S<String>>,
+    pub session_timeout: Option<S<String>>,
+    pub auth: Option<S<String>>,
+    pub ports: Option<std::collections::BTreeMap<String, S<i64>>>,
+    pub check: Option<S<RawCheck>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCheck {
+    pub kind: S<String>,
+    pub path: Option<S<String>>,
+    pub expect: Option<S<String>>,
+    pub interval: Option<S<String>>,
+    pub timeout: Option<S<String>>,
+    pub rise: Option<S<i64>>,
+    pub fall: Option<S<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -64,5 +101,17 @@ pub struct RawHook {
 pub struct RawSource {
     pub kind: S<String>,
     pub name: Option<S<String>>,
+    /// file
     pub path: Option<S<String>>,
+    /// zookeeper
+    pub hosts: Option<Vec<S<String>>>,
+    pub root: Option<S<String>>,
+    pub session_timeout: Option<S<String>>,
+    pub auth: Option<S<String>>,
+    pub format: Option<S<String>>,
+    /// dns-srv
+    pub resolvers: Option<Vec<S<String>>>,
+    pub services: Option<std::collections::BTreeMap<String, S<String>>>,
+    pub min_ttl: Option<S<String>>,
+    pub max_ttl: Option<S<String>>,
 }

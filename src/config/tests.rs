@@ -102,3 +102,82 @@ fn resolv_conf_nameservers_are_read() {
     let ns = parse_resolv_conf("# c\nsearch x\nnameserver 127.0.0.53\nnameserver fe80::1%eth0\noptions edns0\n");
     assert_eq!(ns, vec!["127.0.0.53".parse::<IpAddr>().unwrap(), "fe80::1".parse::<IpAddr>().unwrap()]);
 }
+
+#[test]
+fn remote_sources_guard_and_registrations_parse() {
+    let c = parse(
+        r#"
+[dns]
+upstreams = ["127.0.0.1:5300"]
+[guard]
+max_drop = 0.3
+hold_down = "2m"
+[[source]]
+kind = "zookeeper"
+hosts = ["127.0.0.1:2181", "zk2:2181"]
+root = "/discovery"
+auth = "disco:secret"
+[[source]]
+kind = "dns-srv"
+services = { web = "_http._tcp.web.prod.example.com" }
+max_ttl = "1m"
+[[register]]
+service = "web"
+addr = "127.0.0.2:8080"
+hosts = ["127.0.0.1:2181"]
+path = "/discovery/web"
+ports = { grpc = 9090 }
+check = { kind = "http", path = "/health", expect = "200-299", interval = "1s", rise = 1 }
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.guard, GuardConfig { max_drop: 0.3, hold_down: Duration::from_secs(120) });
+    let SourceConfig::Zookeeper(zk) = &c.sources[0] else { panic!("{:?}", c.sources[0]) };
+    assert_eq!((zk.root.as_str(), zk.format, zk.session_timeout), ("/discovery", ZkFormat::Auto, Duration::from_secs(10)));
+    assert_eq!(zk.auth.as_deref(), Some("disco:secret"));
+    let SourceConfig::DnsSrv(srv) = &c.sources[1] else { panic!("{:?}", c.sources[1]) };
+    assert_eq!(srv.resolvers, vec!["127.0.0.1:5300".parse::<SocketAddr>().unwrap()], "defaults to dns.upstreams");
+    assert_eq!(srv.services.values().next().unwrap().to_string(), "_http._tcp.web.prod.example.com.");
+    assert_eq!(srv.max_ttl, Duration::from_secs(60));
+    let r = &c.registrations[0];
+    assert_eq!(r.format, ZkFormat::Serverset);
+    assert_eq!(r.check.kind, CheckKind::Http { path: "/health".into(), expect: (200, 299) });
+    assert_eq!((r.check.rise, r.check.fall), (1, 2));
+    assert_eq!(r.ports.values().copied().collect::<Vec<_>>(), [9090]);
+}
+
+#[test]
+fn remote_source_mistakes_are_located() {
+    let errs = errors(
+        r#"[[source]]
+kind = "zookeeper"
+hosts = ["127.0.0.1"]
+root = "discovery/"
+path = "/x"
+[[source]]
+kind = "dns-srv"
+services = { "bad_name" = "_x._tcp.example.com" }
+[[register]]
+service = "web"
+addr = "127.0.0.2"
+hosts = ["127.0.0.1:2181"]
+path = "/d/web"
+format = "auto"
+check = { kind = "icmp" }
+[guard]
+max_drop = 1.5
+"#,
+    );
+    let want = [
+        ":1:1: source.path: `path` does not apply to a zookeeper source",
+        ":3:10: source.hosts: \"127.0.0.1\" is not host:port",
+        ":8:27: source.services.bad_name: invalid service name",
+        ":11:8: register.addr: \"127.0.0.2\" needs a port",
+        ":14:10: register.format: registration needs a concrete format",
+        ":15:18: check.kind: unknown check kind \"icmp\"",
+        ":17:12: guard.max_drop: must be a share between 0.0 and 1.0",
+    ];
+    for w in want {
+        assert!(errs.iter().any(|e| e.contains(w)), "missing {w:?} in {errs:#?}");
+    }
+}
