@@ -4,6 +4,7 @@
 //! [`snapshot::Snapshot`] swapped atomically -> read by the DNS server and the hook server.
 #![forbid(unsafe_code)]
 
+pub mod balancer;
 pub mod config;
 pub mod daemon;
 pub mod diagnostic;

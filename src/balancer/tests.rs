@@ -1,0 +1,305 @@
+//! Property-style tests of the balancing policies: exact shares where the algorithm promises
+//! them, stated tolerances where it is random.
+
+use std::collections::HashMap;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use super::*;
+use crate::service::{Backend, PortName};
+
+fn spec(lb: LbPolicy, backends: &[(&str, u16)]) -> ServiceSpec {
+    let mut s = ServiceSpec::new("web".parse().unwrap());
+    s.lb = lb;
+    for (addr, weight) in backends {
+        let mut b = Backend::new(addr.parse().unwrap());
+        b.weight = *weight;
+        s.backends.push(b);
+    }
+    s
+}
+
+fn counts(b: &mut Balancer, s: &ServiceSpec, n: usize, seed: u64) -> HashMap<SocketAddr, usize> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let now = Instant::now();
+    let mut c = HashMap::new();
+    for _ in 0..n {
+        let p = b.pick(s, 80, true, now, &mut rng).expect("a backend");
+        *c.entry(p.backend).or_insert(0) += 1;
+    }
+    c
+}
+
+fn a(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn round_robin_spreads_exactly_evenly_ignoring_weights() {
+    let s = spec(
+        LbPolicy::RoundRobin,
+        &[
+            ("127.0.0.2:80", 1),
+            ("127.0.0.3:80", 5),
+            ("127.0.0.4:80", 1),
+        ],
+    );
+    let c = counts(&mut Balancer::default(), &s, 300, 1);
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![100; 3],
+        "{c:?}"
+    );
+}
+
+#[test]
+fn smooth_weighted_round_robin_matches_nginx_sequence() {
+    let s = spec(
+        LbPolicy::WeightedRoundRobin,
+        &[
+            ("127.0.0.2:80", 5),
+            ("127.0.0.3:80", 1),
+            ("127.0.0.4:80", 1),
+        ],
+    );
+    let mut b = Balancer::default();
+    let mut rng = StdRng::seed_from_u64(1);
+    let now = Instant::now();
+    let seq: Vec<usize> = (0..14)
+        .map(|_| b.pick(&s, 80, true, now, &mut rng).unwrap().index)
+        .collect();
+    // nginx's documented order for weights {5,1,1}: a a b a c a a, repeating.
+    assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0, 0, 0, 1, 0, 2, 0, 0]);
+}
+
+#[test]
+fn smooth_weighted_holds_weights_exactly_in_every_cycle() {
+    for weights in [[1u16, 2, 3], [7, 1, 1], [10, 10, 1]] {
+        let backends: Vec<(String, u16)> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| (format!("127.0.0.{}:80", i + 2), w))
+            .collect();
+        let refs: Vec<(&str, u16)> = backends.iter().map(|(s, w)| (s.as_str(), *w)).collect();
+        let s = spec(LbPolicy::WeightedRoundRobin, &refs);
+        let mut b = Balancer::default();
+        let total: usize = weights.iter().map(|&w| usize::from(w)).sum();
+        for cycle in 0..5 {
+            let c = counts(&mut b, &s, total, cycle);
+            for (addr, w) in &refs {
+                assert_eq!(
+                    c.get(&a(addr)).copied().unwrap_or(0),
+                    usize::from(*w),
+                    "weights {weights:?} cycle {cycle}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn weighted_random_holds_weights_within_two_percent() {
+    let s = spec(
+        LbPolicy::Random,
+        &[("127.0.0.2:80", 1), ("127.0.0.3:80", 3)],
+    );
+    for seed in 0..5 {
+        let n = 40_000;
+        let c = counts(&mut Balancer::default(), &s, n, seed);
+        let share = c[&a("127.0.0.3:80")] as f64 / n as f64;
+        // sd = sqrt(.75*.25/40000) = 0.0022, so 0.02 is about 9 sd.
+        assert!((share - 0.75).abs() < 0.02, "seed {seed}: share {share}");
+    }
+}
+
+#[test]
+fn p2c_keeps_outstanding_level_and_favours_backends_that_finish() {
+    let s = spec(
+        LbPolicy::P2c,
+        &[
+            ("127.0.0.2:80", 1),
+            ("127.0.0.3:80", 1),
+            ("127.0.0.4:80", 1),
+        ],
+    );
+    let mut b = Balancer::default();
+    let c = counts(&mut b, &s, 300, 3);
+    // Nothing finishes: p2c keeps the outstanding counts level (within 2 with 3 backends).
+    let (min, max) = (c.values().min().unwrap(), c.values().max().unwrap());
+    assert!(max - min <= 2, "{c:?}");
+    for addr in ["127.0.0.2:80", "127.0.0.3:80", "127.0.0.4:80"] {
+        assert_eq!(b.outstanding(&s.name, a(addr)) as usize, c[&a(addr)]);
+    }
+
+    // Now .2 finishes every connect at once while the others stay stuck.
+    let mut rng = StdRng::seed_from_u64(4);
+    let now = Instant::now();
+    let mut fast = 0;
+    for _ in 0..300 {
+        let p = b.pick(&s, 80, true, now, &mut rng).unwrap();
+        if p.backend == a("127.0.0.2:80") {
+            fast += 1;
+            b.done(&s.name, p.backend);
+        }
+    }
+    // It wins every pair it is drawn into: 2/3 of picks with three backends (sd about 8 of 300),
+    // against 1/3 for a policy blind to load.
+    assert!((175..=225).contains(&fast), "fast backend got {fast} of 300");
+}
+
+#[test]
+fn a_reported_backend_is_held_then_returns_and_never_empties_the_set() {
+    let s = spec(
+        LbPolicy::RoundRobin,
+        &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)],
+    );
+    let mut b = Balancer::new(Duration::from_secs(2));
+    let mut rng = StdRng::seed_from_u64(1);
+    let t0 = Instant::now();
+    b.pick(&s, 80, true, t0, &mut rng).unwrap();
+    b.report_failure(&s.name, a("127.0.0.2:80"), t0);
+    for _ in 0..10 {
+        assert_eq!(
+            b.pick(&s, 80, true, t0 + Duration::from_secs(1), &mut rng)
+                .unwrap()
+                .backend,
+            a("127.0.0.3:80")
+        );
+    }
+    let later: Vec<SocketAddr> = (0..4)
+        .map(|_| {
+            b.pick(&s, 80, true, t0 + Duration::from_secs(3), &mut rng)
+                .unwrap()
+                .backend
+        })
+        .collect();
+    assert!(
+        later.contains(&a("127.0.0.2:80")),
+        "hold expired: {later:?}"
+    );
+
+    // Both held: picks still happen (a hold never turns a non-empty set into an empty one).
+    b.report_failure(&s.name, a("127.0.0.2:80"), t0 + Duration::from_secs(3));
+    b.report_failure(&s.name, a("127.0.0.3:80"), t0 + Duration::from_secs(3));
+    assert!(
+        b.pick(&s, 80, true, t0 + Duration::from_secs(4), &mut rng)
+            .is_some()
+    );
+}
+
+#[test]
+fn only_the_best_priority_is_used() {
+    let mut s = spec(
+        LbPolicy::RoundRobin,
+        &[
+            ("127.0.0.2:80", 1),
+            ("127.0.0.3:80", 1),
+            ("127.0.0.4:80", 1),
+        ],
+    );
+    s.backends[0].priority = 1;
+    let c = counts(&mut Balancer::default(), &s, 10, 1);
+    assert_eq!(c.get(&a("127.0.0.2:80")), None);
+    // A held best tier falls back to the next tier.
+    let mut b = Balancer::default();
+    let mut rng = StdRng::seed_from_u64(1);
+    let now = Instant::now();
+    b.pick(&s, 80, true, now, &mut rng);
+    b.report_failure(&s.name, a("127.0.0.3:80"), now);
+    b.report_failure(&s.name, a("127.0.0.4:80"), now);
+    assert_eq!(
+        b.pick(&s, 80, true, now, &mut rng).unwrap().backend,
+        a("127.0.0.2:80")
+    );
+}
+
+#[test]
+fn v4_sockets_only_get_v4_backends() {
+    let s = spec(
+        LbPolicy::RoundRobin,
+        &[("[fd00::2]:80", 1), ("127.0.0.3:80", 1)],
+    );
+    let mut b = Balancer::default();
+    let mut rng = StdRng::seed_from_u64(1);
+    let now = Instant::now();
+    for _ in 0..4 {
+        assert_eq!(
+            b.pick(&s, 80, false, now, &mut rng).unwrap().backend,
+            a("127.0.0.3:80")
+        );
+    }
+    let v6_only = spec(LbPolicy::RoundRobin, &[("[fd00::2]:80", 1)]);
+    assert_eq!(b.pick(&v6_only, 80, false, now, &mut rng), None);
+    assert!(b.pick(&v6_only, 80, true, now, &mut rng).is_some());
+}
+
+#[test]
+fn named_ports_map_client_ports_to_backend_ports() {
+    let mut s = spec(
+        LbPolicy::RoundRobin,
+        &[("127.0.0.2:8080", 1), ("127.0.0.3:8081", 1)],
+    );
+    let grpc: PortName = "grpc".parse().unwrap();
+    s.client_ports.insert(9000, grpc.clone());
+    s.backends[0].ports.insert(grpc.clone(), 9090);
+    let mut b = Balancer::default();
+    let mut rng = StdRng::seed_from_u64(1);
+    let now = Instant::now();
+    assert_eq!(
+        b.pick(&s, 9000, true, now, &mut rng).unwrap().addr,
+        a("127.0.0.2:9090")
+    );
+    // .3 has no grpc port of its own: its default port.
+    assert_eq!(
+        b.pick(&s, 9000, true, now, &mut rng).unwrap().addr,
+        a("127.0.0.3:8081")
+    );
+    // An unmapped client port goes to the default port.
+    assert_eq!(
+        b.pick(&s, 443, true, now, &mut rng).unwrap().addr,
+        a("127.0.0.2:8080")
+    );
+}
+
+#[test]
+fn state_survives_backend_changes_for_backends_that_stay() {
+    let s1 = spec(LbPolicy::P2c, &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)]);
+    let mut b = Balancer::default();
+    counts(&mut b, &s1, 10, 1);
+    let before = b.outstanding(&s1.name, a("127.0.0.3:80"));
+    assert!(before > 0);
+    let s2 = spec(LbPolicy::P2c, &[("127.0.0.3:80", 1), ("127.0.0.4:80", 1)]);
+    let mut rng = StdRng::seed_from_u64(1);
+    let p = b.pick(&s2, 80, true, Instant::now(), &mut rng).unwrap();
+    // The new backend has no outstanding connects, so p2c must pick it.
+    assert_eq!(p.backend, a("127.0.0.4:80"));
+    assert_eq!(b.outstanding(&s2.name, a("127.0.0.3:80")), before);
+    assert_eq!(
+        b.outstanding(&s2.name, a("127.0.0.2:80")),
+        0,
+        "removed backend forgotten"
+    );
+    b.retain(|_| false);
+    assert_eq!(b.outstanding(&s2.name, a("127.0.0.3:80")), 0);
+}
+
+#[test]
+fn empty_service_picks_nothing() {
+    let s = spec(LbPolicy::WeightedRoundRobin, &[]);
+    let mut rng = StdRng::seed_from_u64(1);
+    assert_eq!(
+        Balancer::default().pick(&s, 80, true, Instant::now(), &mut rng),
+        None
+    );
+    let zero = spec(
+        LbPolicy::WeightedRoundRobin,
+        &[("127.0.0.2:80", 0), ("127.0.0.3:80", 0)],
+    );
+    let c = counts(&mut Balancer::default(), &zero, 10, 1);
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![5, 5],
+        "all-zero weights mean equal"
+    );
+}
