@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod diagnostic;
 pub mod dns;
 pub mod duration;
+pub mod hook_server;
 pub mod magic;
 pub mod registry;
 pub mod service;

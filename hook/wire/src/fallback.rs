@@ -22,7 +22,7 @@
 //! 18  2  backend port for that client port
 //! 20 16  backend address (v4 as mapped)
 //! 36  2  weight
-//! 38  2  reserved
+//! 38  2  priority (lower is preferred)
 //! ```
 //! A service with client-port mappings gets one record per backend with client port 0 (its
 //! default port) plus one per backend and mapped client port.
@@ -115,6 +115,7 @@ pub struct Record {
     pub backend_port: u16,
     pub backend: Ipv6Addr,
     pub weight: u16,
+    pub priority: u16,
 }
 
 impl Record {
@@ -125,6 +126,7 @@ impl Record {
         put(&mut b, 18, &self.backend_port.to_be_bytes());
         put(&mut b, 20, &self.backend.octets());
         put(&mut b, 36, &self.weight.to_be_bytes());
+        put(&mut b, 38, &self.priority.to_be_bytes());
         b
     }
 
@@ -136,6 +138,7 @@ impl Record {
             backend_port: u16::from_be_bytes(take(b, 18)),
             backend: Ipv6Addr::from(take::<16>(b, 20)),
             weight: u16::from_be_bytes(take(b, 36)),
+            priority: u16::from_be_bytes(take(b, 38)),
         }
     }
 }

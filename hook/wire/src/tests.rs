@@ -160,11 +160,12 @@ fn fallback_golden_bytes() {
         backend_port: 8080,
         backend: to_mapped("127.0.0.2".parse().unwrap()),
         weight: 3,
+        priority: 1,
     };
     let rb = rec.encode();
     let want: [u8; 40] = [
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 77, 0, 9, 0, 0, 0x1f, 0x90, //
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2, 0, 3, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2, 0, 3, 0, 1,
     ];
     assert_eq!(rb, want);
     assert_eq!(Record::decode(&rb), rec);

@@ -1,0 +1,395 @@
+//! The daemon side of the connect hook: answers pick / failed / done messages on the hook's unix
+//! socket from the current snapshot and the [`Balancer`], and writes the fallback file the hook
+//! routes with when the daemon is down. Binding the socket and publishing snapshots are left to
+//! the daemon; the byte format lives in `discotech-wire`.
+//!
+//! Each peer is one hooked process (or one lookup of one). The caller is learned from
+//! SO_PEERCRED, messages are fixed-size so nothing unbounded is read, idle peers are dropped and
+//! the number of peers is capped. Picks a p2c peer has not reported done are released when the
+//! peer goes away, so a killed client cannot pin a backend's outstanding count.
+
+use std::ffi::{OsStr, OsString};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use discotech_wire::fallback::{self, Header, Record};
+use discotech_wire::{
+    DecodeError, FLAG_INET6, FLAG_REPORT_DONE, Kind, MSG_LEN, Reply, Request, Status, to_mapped,
+};
+use ipnet::{Ipv4Net, Ipv6Net};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::balancer::{Balancer, DEFAULT_FAIL_HOLD};
+use crate::service::{LbPolicy, ServiceName, ServiceSpec};
+use crate::snapshot::{SharedSnapshot, Snapshot};
+
+/// The hook library's file name, as cargo builds it and as packages install it.
+pub const HOOK_LIBRARY_NAME: &str = "libdiscotech_hook.so";
+/// Where packages install the hook library.
+pub const INSTALLED_HOOK_LIBRARY: &str = "/usr/lib/discotech/libdiscotech_hook.so";
+/// Environment variable naming the hook library explicitly (checked first).
+pub const HOOK_LIBRARY_ENV: &str = "DISCOTECH_HOOK_LIBRARY";
+
+/// How the hook server behaves.
+#[derive(Clone, Debug)]
+pub struct HookServerConfig {
+    /// The socket path the listener is bound to (for logs; the daemon binds it).
+    pub socket: PathBuf,
+    /// The fallback file the daemon keeps with [`write_fallback`]; for logs.
+    pub fallback_file: Option<PathBuf>,
+    /// A peer that sends nothing for this long is disconnected.
+    pub idle_timeout: Duration,
+    /// At most this many peers at once; further connections are closed at once (the hook then
+    /// falls back as if the daemon were down).
+    pub max_peers: usize,
+    /// How long a backend reported as refusing is skipped.
+    pub fail_hold: Duration,
+}
+
+impl Default for HookServerConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/discotech/hook.sock"),
+            fallback_file: Some(PathBuf::from("/run/discotech/hook.snapshot")),
+            idle_timeout: Duration::from_secs(60),
+            max_peers: 4096,
+            fail_hold: DEFAULT_FAIL_HOLD,
+        }
+    }
+}
+
+/// Picks not yet reported done by one peer, bounded so a misbehaving peer cannot grow it.
+const MAX_OUTSTANDING_PER_PEER: usize = 1024;
+
+struct Shared {
+    snapshot: SharedSnapshot,
+    balance: Mutex<(Balancer, SmallRng)>,
+}
+
+/// Serve hook requests on an already-bound listener until `shutdown` is cancelled.
+///
+/// # Errors
+/// None today: accept errors are logged and retried after a pause. The `Result` leaves room for
+/// fatal listener errors.
+pub async fn serve(
+    listener: UnixListener,
+    snapshot: SharedSnapshot,
+    cfg: HookServerConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let shared = Arc::new(Shared {
+        snapshot,
+        balance: Mutex::new((Balancer::new(cfg.fail_hold), SmallRng::from_os_rng())),
+    });
+    let peers = Arc::new(Semaphore::new(cfg.max_peers.max(1)));
+    let tracker = TaskTracker::new();
+    debug!(socket = %cfg.socket.display(), "hook server listening");
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // EMFILE and friends: pause rather than spin.
+                warn!(%error, "hook socket accept failed");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+        };
+        let Ok(permit) = peers.clone().try_acquire_owned() else {
+            warn!(
+                max = cfg.max_peers,
+                "too many hook peers; closing a new one"
+            );
+            continue;
+        };
+        let (shared, shutdown, idle) = (shared.clone(), shutdown.clone(), cfg.idle_timeout);
+        tracker.spawn(async move {
+            let _permit = permit;
+            serve_peer(stream, &shared, idle, &shutdown).await;
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+async fn serve_peer(
+    mut stream: UnixStream,
+    shared: &Shared,
+    idle: Duration,
+    shutdown: &CancellationToken,
+) {
+    let cred = stream.peer_cred().ok();
+    let (uid, pid) = (cred.map(|c| c.uid()), cred.and_then(|c| c.pid()));
+    debug!(?uid, ?pid, "hook peer connected");
+    let mut outstanding: Vec<(ServiceName, SocketAddr)> = Vec::new();
+    let mut buf = [0u8; MSG_LEN];
+    loop {
+        let read = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = tokio::time::timeout(idle, stream.read_exact(&mut buf)) => r,
+        };
+        match read {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break, // EOF or error: the peer went away.
+            Err(_) => {
+                debug!(?uid, ?pid, "idle hook peer dropped");
+                break;
+            }
+        }
+        let Some(reply) = handle(shared, &buf, &mut outstanding, Instant::now()) else {
+            continue;
+        };
+        let Ok(reply) = reply else {
+            debug!(?uid, ?pid, "hook peer does not speak the protocol; dropped");
+            break;
+        };
+        if stream.write_all(&reply).await.is_err() {
+            break;
+        }
+    }
+    if !outstanding.is_empty()
+        && let Ok(mut guard) = shared.balance.lock()
+    {
+        for (service, backend) in outstanding.drain(..) {
+            guard.0.done(&service, backend);
+        }
+    }
+}
+
+/// What one message asks for. `None`: no reply (done). `Some(Err(()))`: not our protocol, drop
+/// the peer. `Some(Ok(bytes))`: the reply.
+fn handle(
+    shared: &Shared,
+    buf: &[u8; MSG_LEN],
+    outstanding: &mut Vec<(ServiceName, SocketAddr)>,
+    now: Instant,
+) -> Option<Result<[u8; MSG_LEN], ()>> {
+    let snap = shared.snapshot.load();
+    let req = match Request::decode(buf) {
+        Ok(req) => req,
+        Err(DecodeError::BadMagic) => return Some(Err(())),
+        Err(DecodeError::Version(v)) => {
+            debug!(version = v, "hook speaks another protocol version");
+            let id = request_id(buf);
+            return Some(Ok(Reply::refuse(
+                id,
+                Status::UnsupportedVersion,
+                snap.generation,
+            )
+            .encode()));
+        }
+        Err(_) => {
+            let id = request_id(buf);
+            return Some(Ok(
+                Reply::refuse(id, Status::BadRequest, snap.generation).encode()
+            ));
+        }
+    };
+    let Ok(mut guard) = shared.balance.lock() else {
+        return Some(Ok(Reply::refuse(
+            req.id,
+            Status::NoBackend,
+            snap.generation,
+        )
+        .encode()));
+    };
+    let (balancer, rng) = &mut *guard;
+    Some(Ok(
+        answer(balancer, rng, &snap, &req, outstanding, now)?.encode()
+    ))
+}
+
+/// The id of a message that did not decode, so the refusal still matches its request.
+fn request_id(buf: &[u8; MSG_LEN]) -> u32 {
+    u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]])
+}
+
+/// The balancing decision for one decoded request, separated from the socket for tests.
+fn answer(
+    balancer: &mut Balancer,
+    rng: &mut SmallRng,
+    snap: &Snapshot,
+    req: &Request,
+    outstanding: &mut Vec<(ServiceName, SocketAddr)>,
+    now: Instant,
+) -> Option<Reply> {
+    let generation = snap.generation;
+    let Some(service) = snap.by_addr(req.magic_ip()) else {
+        return (req.kind != Kind::Done)
+            .then(|| Reply::refuse(req.id, Status::UnknownService, generation));
+    };
+    let spec = &service.spec;
+    if matches!(req.kind, Kind::Failed | Kind::Done) {
+        if let Some(backend) = backend_for(spec, req.port, req.backend_addr()) {
+            if req.kind == Kind::Failed {
+                debug!(service = %spec.name, %backend, errno = req.errno, "hook reports a failed backend");
+                balancer.report_failure(&spec.name, backend, now);
+            }
+            if let Some(i) = outstanding
+                .iter()
+                .position(|(s, b)| *s == spec.name && *b == backend)
+            {
+                outstanding.swap_remove(i);
+                balancer.done(&spec.name, backend);
+            }
+        }
+        if req.kind == Kind::Done {
+            return None;
+        }
+    }
+    let v6_ok = req.flags & FLAG_INET6 != 0;
+    let Some(pick) = balancer.pick(spec, req.port, v6_ok, now, rng) else {
+        return Some(Reply::refuse(req.id, Status::NoBackend, generation));
+    };
+    let mut flags = 0;
+    if spec.lb == LbPolicy::P2c {
+        if outstanding.len() >= MAX_OUTSTANDING_PER_PEER {
+            let (s, b) = outstanding.swap_remove(0);
+            balancer.done(&s, b);
+        }
+        outstanding.push((spec.name.clone(), pick.backend));
+        flags |= FLAG_REPORT_DONE;
+    }
+    Some(Reply::ok(req.id, pick.addr, flags, generation))
+}
+
+/// The backend (by its default address) that a connect on `client_port` reached at `addr`.
+fn backend_for(spec: &ServiceSpec, client_port: u16, addr: SocketAddr) -> Option<SocketAddr> {
+    let name = spec.port_name_for(client_port);
+    spec.backends
+        .iter()
+        .find(|b| b.addr.ip() == addr.ip() && b.port_for(name) == addr.port())
+        .map(|b| b.addr)
+}
+
+/// The fallback file's bytes for `snapshot`: see `discotech_wire::fallback` for the layout.
+pub fn fallback_bytes(
+    snapshot: &Snapshot,
+    magic_v4: Ipv4Net,
+    magic_v6: Option<Ipv6Net>,
+) -> Vec<u8> {
+    let mut records = Vec::new();
+    for service in snapshot.services() {
+        let spec = &service.spec;
+        let magics =
+            std::iter::once(IpAddr::V4(service.magic_v4)).chain(service.magic_v6.map(IpAddr::V6));
+        for magic in magics {
+            for b in &spec.backends {
+                let ports = std::iter::once((0u16, b.addr.port())).chain(
+                    spec.client_ports
+                        .iter()
+                        .map(|(&cp, name)| (cp, b.port_for(Some(name)))),
+                );
+                for (client_port, backend_port) in ports {
+                    records.push(Record {
+                        magic: to_mapped(magic),
+                        client_port,
+                        backend_port,
+                        backend: to_mapped(b.addr.ip()),
+                        weight: b.weight,
+                        priority: b.priority,
+                    });
+                }
+            }
+        }
+    }
+    records.truncate(fallback::MAX_RECORDS as usize);
+    let header = Header {
+        magic_v4: (magic_v4.network(), magic_v4.prefix_len()),
+        magic_v6: magic_v6.map(|n| (n.network(), n.prefix_len())),
+        generation: snapshot.generation,
+        records: u32::try_from(records.len()).unwrap_or(fallback::MAX_RECORDS),
+    };
+    let mut bytes = Vec::with_capacity(fallback::HEADER_LEN + records.len() * fallback::RECORD_LEN);
+    bytes.extend_from_slice(&header.encode());
+    for r in &records {
+        bytes.extend_from_slice(&r.encode());
+    }
+    bytes
+}
+
+/// Keep the fallback file current: call after each snapshot publish (atomic write).
+///
+/// # Errors
+/// Any I/O error from [`crate::state::write_atomic`]; the old file stays in place.
+pub fn write_fallback(
+    path: &Path,
+    snapshot: &Snapshot,
+    magic_v4: Ipv4Net,
+    magic_v6: Option<Ipv6Net>,
+) -> std::io::Result<()> {
+    crate::state::write_atomic(path, &fallback_bytes(snapshot, magic_v4, magic_v6))
+}
+
+/// The fallback file that belongs to a hook socket: `hook.snapshot` beside it. The hook derives
+/// the same path from the socket path, so the two agree without configuration.
+pub fn fallback_path_for(socket: &Path) -> PathBuf {
+    socket.with_file_name("hook.snapshot")
+}
+
+/// `LD_PRELOAD` with the hook added in front of whatever was there (space- or colon-separated),
+/// and not added twice.
+pub fn preload_env(hook_lib: &Path, existing: Option<&OsStr>) -> OsString {
+    let hook = hook_lib.as_os_str();
+    let Some(existing) = existing.filter(|e| !e.is_empty()) else {
+        return hook.to_os_string();
+    };
+    let bytes = existing.as_encoded_bytes();
+    let already = bytes
+        .split(|&c| c == b':' || c == b' ')
+        .any(|entry| entry == hook.as_encoded_bytes());
+    if already {
+        return existing.to_os_string();
+    }
+    let mut out = hook.to_os_string();
+    out.push(":");
+    out.push(existing);
+    out
+}
+
+/// Where the hook library is: `$DISCOTECH_HOOK_LIBRARY`, else next to the running executable
+/// (or its parent, for test binaries in `target/*/deps`), else the installed path.
+pub fn find_hook_library() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok();
+    find_hook_library_from(
+        std::env::var_os(HOOK_LIBRARY_ENV).map(PathBuf::from),
+        exe.as_deref(),
+        Path::new(INSTALLED_HOOK_LIBRARY),
+    )
+}
+
+fn find_hook_library_from(
+    explicit: Option<PathBuf>,
+    exe: Option<&Path>,
+    installed: &Path,
+) -> Option<PathBuf> {
+    if let Some(p) = explicit.filter(|p| p.is_file()) {
+        return Some(p);
+    }
+    let dir = exe.and_then(Path::parent);
+    let beside = dir
+        .into_iter()
+        .chain(dir.and_then(Path::parent))
+        .map(|d| d.join(HOOK_LIBRARY_NAME));
+    beside
+        .chain(std::iter::once(installed.to_path_buf()))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests;
