@@ -18,7 +18,8 @@ use crate::dns::answer::Zones;
 use crate::dns::forward::{ForwardConfig, Forwarder};
 use crate::dns::server::{DnsHandler, access_lists};
 use crate::magic::MagicMap;
-use crate::registry::{Registry, unix_now};
+use crate::guard::Guard;
+use crate::registry::{Registry, StatePaths, unix_now};
 use crate::snapshot::{self, Snapshot};
 use crate::source::SourceEvent;
 use crate::source::file::FileSource;
@@ -92,7 +93,23 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     }
 
     let shared = snapshot::shared(Snapshot::default());
-    let mut registry = Registry::new(config.sources.len(), magic, Some(magic_path), shared.clone());
+    let names = config.sources.iter().map(|s| s.name().to_string()).collect();
+    let backends_path = dir.join("backends.json");
+    let paths = StatePaths { magic: Some(magic_path), backends: Some(backends_path.clone()) };
+    let mut registry = Registry::new(names, Guard::new(config.guard), magic, paths, shared.clone());
+    // Serve the last-known-good state before any source speaks: a registry that is down at
+    // start-up must not mean an empty service domain.
+    match std::fs::read(&backends_path) {
+        Ok(bytes) => match registry.restore(&bytes, unix_now()) {
+            Ok(n) => info!(services = n, path = %backends_path.display(), "restored last-known-good state"),
+            Err(e) => {
+                let aside = state::set_aside(&backends_path);
+                warn!(path = %backends_path.display(), error = %e, aside = ?aside.ok(), "last-known-good state is corrupt; set aside, starting from the sources alone");
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(path = %backends_path.display(), error = %e, "cannot read the last-known-good state"),
+    }
     let tracker = TaskTracker::new();
     let (tx, rx) = mpsc::channel::<SourceEvent>(64);
 
@@ -105,7 +122,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
                 for p in &scan.problems {
                     warn!(source = %source.name(), "{p}");
                 }
-                registry.apply(SourceEvent::Reset { source: index, services: scan.services }, unix_now());
+                if scan.readable {
+                    registry.apply(SourceEvent::Reset { source: index, services: scan.services }, unix_now());
+                }
                 tracker.spawn(file.run(index, tx.clone(), shutdown.clone()));
             }
             SourceConfig::Zookeeper(_) | SourceConfig::DnsSrv(_) => {

@@ -11,6 +11,7 @@ pub mod diagnostic;
 pub mod dns;
 pub mod duration;
 pub mod hook_server;
+pub mod guard;
 pub mod magic;
 pub mod registry;
 pub mod service;

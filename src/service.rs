@@ -82,8 +82,22 @@ impl fmt::Display for ServiceName {
 }
 
 /// A named port ("http", "grpc"): the same label rules as a service name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct PortName(String);
+
+impl TryFrom<String> for PortName {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<Self, NameError> {
+        s.parse()
+    }
+}
+
+impl From<PortName> for String {
+    fn from(n: PortName) -> String {
+        n.0
+    }
+}
 
 impl PortName {
     pub fn as_str(&self) -> &str {
@@ -106,7 +120,8 @@ impl fmt::Display for PortName {
 }
 
 /// How a service spreads connects over its backends.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "&'static str")]
 pub enum LbPolicy {
     /// Each backend in turn, ignoring weights.
     RoundRobin,
@@ -132,6 +147,19 @@ impl LbPolicy {
     }
 }
 
+impl TryFrom<String> for LbPolicy {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<LbPolicy> for &'static str {
+    fn from(p: LbPolicy) -> Self {
+        p.as_str()
+    }
+}
+
 impl FromStr for LbPolicy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -150,7 +178,7 @@ impl FromStr for LbPolicy {
 
 /// One backend of a service. `addr` carries the default port; `ports` gives the numbers of
 /// named ports where this backend differs from (or adds to) the default.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Backend {
     pub addr: SocketAddr,
     pub weight: u16,
@@ -170,7 +198,7 @@ impl Backend {
 }
 
 /// What a source knows about one service: its backends and how to use them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServiceSpec {
     pub name: ServiceName,
     pub lb: LbPolicy,

@@ -4,7 +4,7 @@
 //! It speaks to upstreams only; building the reply to the client (header, EDNS, SERVFAIL on
 //! error, REFUSED on a detected loop) is the DNS server's job.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 

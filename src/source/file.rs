@@ -33,6 +33,9 @@ pub struct FileSource {
 pub struct Scan {
     pub services: Vec<ServiceSpec>,
     pub problems: Vec<Diagnostic>,
+    /// False when the path itself could not be read (missing mount, permissions): a source
+    /// failure, not a statement that there are no services.
+    pub readable: bool,
 }
 
 impl FileSource {
@@ -52,7 +55,7 @@ impl FileSource {
             Err(e) => {
                 // An unreadable directory is a source failure: keep everything as it was.
                 problems.push(Diagnostic::file(&self.path, format!("cannot list zone files: {e}")));
-                return Scan { services: self.merged(&mut problems), problems };
+                return Scan { services: self.merged(&mut problems), problems, readable: false };
             }
         };
         self.good.retain(|p, _| files.contains(p));
@@ -81,7 +84,7 @@ impl FileSource {
                 }
             }
         }
-        Scan { services: self.merged(&mut problems), problems }
+        Scan { services: self.merged(&mut problems), problems, readable: true }
     }
 
     /// Union of every file's services; a service defined in two files keeps the first file's definition.
@@ -115,13 +118,20 @@ impl FileSource {
         let mut last_problems = Vec::new();
         loop {
             let scan = self.scan();
-            if scan.problems != last_problems {
+            let news = scan.problems != last_problems;
+            if news {
                 for p in &scan.problems {
                     warn!(source = index, "{p}");
                 }
-                last_problems = scan.problems;
+                last_problems = scan.problems.clone();
             }
-            if last.as_ref() != Some(&scan.services) {
+            if !scan.readable {
+                // Reported once per change of problem, not on every rescan.
+                let error = scan.problems.first().map_or_else(String::new, ToString::to_string);
+                if news && tx.send(SourceEvent::Failed { source: index, error }).await.is_err() {
+                    return;
+                }
+            } else if last.as_ref() != Some(&scan.services) {
                 info!(path = %self.path.display(), services = scan.services.len(), "zone files loaded");
                 last = Some(scan.services.clone());
                 if tx.send(SourceEvent::Reset { source: index, services: scan.services }).await.is_err() {
@@ -189,6 +199,9 @@ mod tests {
 
         fs::remove_file(&web).unwrap();
         assert_eq!(names(&src.scan()), ["api"], "removing a file removes its services");
+
+        let gone = FileSource::new(dir.path().join("not-mounted")).scan();
+        assert!(!gone.readable, "a missing path is a failure, not an empty set");
     }
 
     #[test]

@@ -171,12 +171,12 @@ fn magic_addresses_survive_restarts_and_reordering() {
 #[test]
 fn a_removed_service_keeps_its_address_quarantined() {
     let ns = Netns::new();
-    let mut d = daemon(&ns, "upstreams = []");
+    let mut d = daemon(&ns, "upstreams = []\n[guard]\nhold_down = \"500ms\"");
     d.start();
     let api = d.short("api.disco", "A");
     std::fs::remove_file(d.zones.join("api.toml")).expect("rm");
-    let gone = eventually(Duration::from_secs(3), || d.dig(&["api.disco", "A"]).contains("NXDOMAIN").then_some(()));
-    assert!(gone.is_some());
+    let gone = eventually(Duration::from_secs(5), || d.dig(&["api.disco", "A"]).contains("NXDOMAIN").then_some(()));
+    assert!(gone.is_some(), "removed after the guard's hold-down");
     let persisted = std::fs::read_to_string(d.state.join("magic.json")).expect("magic.json");
     assert!(persisted.contains("\"quarantine\"") && persisted.contains(&api[0]), "{persisted}");
     d.zone("api.toml", API);
@@ -187,7 +187,7 @@ fn a_removed_service_keeps_its_address_quarantined() {
 #[test]
 fn zone_files_reload_live_and_a_broken_edit_keeps_the_old_content() {
     let ns = Netns::new();
-    let mut d = daemon(&ns, "upstreams = []");
+    let mut d = daemon(&ns, "upstreams = []\n[guard]\nhold_down = \"2s\"");
     d.start();
 
     let started = std::time::Instant::now();
@@ -196,9 +196,14 @@ fn zone_files_reload_live_and_a_broken_edit_keeps_the_old_content() {
     assert!(seen.is_some(), "new zone file served");
     assert!(started.elapsed() < Duration::from_secs(1), "within a second, took {:?}", started.elapsed());
 
+    // Replacing every backend is a sharp drop: the new backend serves at once, the old one is
+    // kept for the guard's hold-down, then goes.
     d.zone("db.toml", "[services.db]\nbackends = [\"127.0.0.8:5432\"]\n");
-    let edited = eventually(Duration::from_secs(3), || (d.short("db.disco", "SRV") == ["0 1 5432 127-0-0-8.db.disco."]).then_some(()));
-    assert!(edited.is_some(), "edit served");
+    let both = eventually(Duration::from_secs(3), || (d.short("db.disco", "SRV").len() == 2).then_some(()));
+    assert!(both.is_some(), "addition applied at once, removal held: {:?}", d.short("db.disco", "SRV"));
+    assert!(d.log_text().contains("removal held"), "the hold is logged");
+    let edited = eventually(Duration::from_secs(5), || (d.short("db.disco", "SRV") == ["0 1 5432 127-0-0-8.db.disco."]).then_some(()));
+    assert!(edited.is_some(), "edit served after the hold-down");
 
     d.zone("db.toml", "[services.db]\nbackends = [\"127.0.0.9\"]\n");
     let logged = eventually(Duration::from_secs(3), || d.log_text().contains("db.toml:2:13: services.db.backends[0].addr").then_some(()));
@@ -209,4 +214,33 @@ fn zone_files_reload_live_and_a_broken_edit_keeps_the_old_content() {
     assert_eq!(check.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&check.stderr);
     assert!(stderr.contains("db.toml:2:13: services.db.backends[0].addr: \"127.0.0.9\" needs a port"), "{stderr}");
+}
+
+#[test]
+fn a_restart_with_the_zone_files_unreadable_serves_the_last_known_good_state() {
+    let ns = Netns::new();
+    let mut d = daemon(&ns, "upstreams = []");
+    d.start();
+    let web = d.short("web.disco", "SRV");
+    assert_eq!(web.len(), 2);
+    d.stop();
+    // The zone directory disappears (an unmounted volume); the state file is all we have.
+    std::fs::rename(&d.zones, ns.path("zones-away")).expect("move zones away");
+    d.start();
+    assert_eq!(d.short("web.disco", "SRV"), web, "served from backends.json");
+    assert!(d.log_text().contains("restored last-known-good state"), "{}", d.log_text());
+    assert!(d.log_text().contains("cannot list zone files"), "the failure is reported: {}", d.log_text());
+}
+
+#[test]
+fn a_corrupt_state_file_is_set_aside_not_fatal() {
+    let ns = Netns::new();
+    let mut d = daemon(&ns, "upstreams = []");
+    std::fs::create_dir_all(&d.state).expect("state dir");
+    std::fs::write(d.state.join("backends.json"), b"{\"version\": 1, \"sources\": [").expect("write");
+    std::fs::write(d.state.join("magic.json"), b"garbage").expect("write");
+    d.start();
+    assert_eq!(d.short("web.disco", "SRV").len(), 2, "serving from the sources");
+    assert!(d.state.join("backends.json.corrupt").exists() && d.state.join("magic.json.corrupt").exists());
+    assert!(d.log_text().contains("corrupt"), "{}", d.log_text());
 }

@@ -2,6 +2,7 @@
 //! sends a packet off the machine.
 
 use super::*;
+use std::net::IpAddr;
 use hickory_proto::rr::RData;
 use hickory_proto::rr::rdata::{A, SOA};
 use std::sync::atomic::AtomicBool;

@@ -1,0 +1,251 @@
+//! The guard against false deconfiguration. A registry, a network partition or a bad deploy can
+//! say "no backends"; believing it takes a service down. So, per service:
+//! - additions apply at once;
+//! - an update that would leave a service that has backends with none is never applied;
+//! - an update that removes more than `max_drop` of a service's backends at once is held for
+//!   `hold_down` (the removed backends keep serving beside any new ones), then applied if the
+//!   sources still say so;
+//! - a service that vanishes from every source is a 100% removal: held, then removed.
+//!
+//! Pure: the caller passes the clock in and publishes what comes out.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::config::GuardConfig;
+use crate::service::{ServiceName, ServiceSpec};
+
+/// Why an update is being held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HoldReason {
+    /// The update would leave the service with no backends: never applied.
+    WouldEmpty,
+    /// The update removes `removed` of `of` backends at once: applied after the hold-down.
+    SharpDrop { removed: usize, of: usize },
+    /// The service is gone from every source: removed after the hold-down.
+    Vanished,
+}
+
+/// A held update, for logs and the status command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub service: ServiceName,
+    pub reason: HoldReason,
+    pub since: Instant,
+    /// Backends kept although the sources no longer list them.
+    pub kept: Vec<SocketAddr>,
+}
+
+#[derive(Debug)]
+pub struct Guard {
+    cfg: GuardConfig,
+    held: BTreeMap<ServiceName, Held>,
+}
+
+/// What the guard decided for one round.
+#[derive(Debug, Default)]
+pub struct Decision {
+    /// What to publish.
+    pub services: BTreeMap<ServiceName, ServiceSpec>,
+    /// Holds that started this round (to log once).
+    pub new_holds: Vec<Held>,
+    /// Holds that ended this round because their update was applied after the hold-down.
+    pub matured: Vec<ServiceName>,
+    /// When the earliest running hold matures: call `apply` again then.
+    pub wake_at: Option<Instant>,
+}
+
+impl Guard {
+    pub fn new(cfg: GuardConfig) -> Self {
+        Self { cfg, held: BTreeMap::new() }
+    }
+
+    pub fn held(&self) -> impl Iterator<Item = &Held> {
+        self.held.values()
+    }
+
+    /// Decides what to publish given what is published now and what the sources propose.
+    pub fn apply(&mut self, published: &BTreeMap<ServiceName, ServiceSpec>, mut proposed: BTreeMap<ServiceName, ServiceSpec>, now: Instant) -> Decision {
+        let mut d = Decision::default();
+        let mut still_held = BTreeMap::new();
+        for (name, current) in published {
+            let next = proposed.remove(name);
+            let (reason, kept) = match &next {
+                None if current.backends.is_empty() => (None, Vec::new()),
+                None => (Some(HoldReason::Vanished), current.backends.iter().map(|b| b.addr).collect()),
+                Some(_) if current.backends.is_empty() => (None, Vec::new()),
+                Some(next) if next.backends.is_empty() => (Some(HoldReason::WouldEmpty), current.backends.iter().map(|b| b.addr).collect()),
+                Some(next) => {
+                    let removed: Vec<SocketAddr> = current.backends.iter().map(|b| b.addr).filter(|a| !next.backends.iter().any(|n| n.addr == *a)).collect();
+                    let share = removed.len() as f64 / current.backends.len() as f64;
+                    if share > self.cfg.max_drop { (Some(HoldReason::SharpDrop { removed: removed.len(), of: current.backends.len() }), removed) } else { (None, Vec::new()) }
+                }
+            };
+            let Some(reason) = reason else {
+                if let Some(next) = next {
+                    d.services.insert(name.clone(), next);
+                }
+                continue;
+            };
+            // A hold keeps its start while the sources keep proposing a drop, so a flapping
+            // source cannot postpone it forever, and a recovered source ends it at once.
+            let since = match self.held.remove(name) {
+                Some(h) if same_kind(&h.reason, &reason) => h.since,
+                _ => {
+                    let h = Held { service: name.clone(), reason: reason.clone(), since: now, kept: kept.clone() };
+                    d.new_holds.push(h);
+                    now
+                }
+            };
+            let matures = since.checked_add(self.cfg.hold_down).unwrap_or(since);
+            if reason != HoldReason::WouldEmpty && now >= matures {
+                d.matured.push(name.clone());
+                if let Some(next) = next {
+                    d.services.insert(name.clone(), next);
+                }
+                continue;
+            }
+            if reason != HoldReason::WouldEmpty {
+                d.wake_at = Some(d.wake_at.map_or(matures, |w| w.min(matures)));
+            }
+            d.services.insert(name.clone(), kept_spec(current, next, &kept));
+            still_held.insert(name.clone(), Held { service: name.clone(), reason, since, kept });
+        }
+        // Services that are new to the published set apply at once.
+        d.services.extend(proposed);
+        self.held = still_held;
+        d
+    }
+
+    pub fn hold_down(&self) -> Duration {
+        self.cfg.hold_down
+    }
+}
+
+fn same_kind(a: &HoldReason, b: &HoldReason) -> bool {
+    std::mem::discriminant(a) == std::mem::discriminant(b)
+}
+
+/// The proposed spec (or the current one if the service vanished) plus the kept backends.
+fn kept_spec(current: &ServiceSpec, next: Option<ServiceSpec>, kept: &[SocketAddr]) -> ServiceSpec {
+    let Some(mut spec) = next else { return current.clone() };
+    for b in &current.backends {
+        if kept.contains(&b.addr) && !spec.backends.iter().any(|n| n.addr == b.addr) {
+            spec.backends.push(b.clone());
+        }
+    }
+    spec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::Backend;
+
+    const HOLD: Duration = Duration::from_secs(60);
+
+    fn spec(name: &str, n: u8) -> ServiceSpec {
+        spec_from(name, 1..=n)
+    }
+
+    fn spec_from(name: &str, range: impl Iterator<Item = u8>) -> ServiceSpec {
+        let mut s = ServiceSpec::new(name.parse().unwrap());
+        s.backends = range.map(|i| Backend::new(SocketAddr::from(([127, 0, 1, i], 80)))).collect();
+        s
+    }
+
+    fn map(specs: impl IntoIterator<Item = ServiceSpec>) -> BTreeMap<ServiceName, ServiceSpec> {
+        specs.into_iter().map(|s| (s.name.clone(), s)).collect()
+    }
+
+    fn count(d: &Decision, name: &str) -> Option<usize> {
+        d.services.get(name).map(|s| s.backends.len())
+    }
+
+    fn guard() -> Guard {
+        Guard::new(GuardConfig { max_drop: 0.5, hold_down: HOLD })
+    }
+
+    #[test]
+    fn additions_and_small_removals_apply_at_once() {
+        let mut g = guard();
+        let t = Instant::now();
+        let published = map([spec("web", 4)]);
+        let d = g.apply(&published, map([spec("web", 6), spec("api", 1)]), t);
+        assert_eq!((count(&d, "web"), count(&d, "api")), (Some(6), Some(1)));
+        let d = g.apply(&map([spec("web", 4)]), map([spec("web", 2)]), t);
+        assert_eq!(count(&d, "web"), Some(2), "50% is not more than max_drop");
+        assert!(d.new_holds.is_empty() && d.wake_at.is_none());
+    }
+
+    #[test]
+    fn a_sharp_drop_is_held_for_the_hold_down_then_applied() {
+        let mut g = guard();
+        let t = Instant::now();
+        let published = map([spec("web", 10)]);
+        let d = g.apply(&published, map([spec("web", 1)]), t);
+        assert_eq!(count(&d, "web"), Some(10), "90% drop held");
+        assert_eq!(d.new_holds[0].reason, HoldReason::SharpDrop { removed: 9, of: 10 });
+        assert_eq!(d.wake_at, Some(t + HOLD));
+        let d = g.apply(&d.services, map([spec("web", 1)]), t + HOLD / 2);
+        assert_eq!(count(&d, "web"), Some(10));
+        assert!(d.new_holds.is_empty(), "logged once");
+        let d = g.apply(&d.services, map([spec("web", 1)]), t + HOLD);
+        assert_eq!(count(&d, "web"), Some(1));
+        assert_eq!(d.matured, ["web".parse::<ServiceName>().unwrap()]);
+        assert_eq!(g.held().count(), 0);
+    }
+
+    #[test]
+    fn during_a_hold_new_backends_serve_beside_the_kept_ones() {
+        let mut g = guard();
+        let t = Instant::now();
+        let d = g.apply(&map([spec("web", 4)]), map([spec_from("web", 10..=11)]), t);
+        let addrs: Vec<u8> = d.services["web"].backends.iter().map(|b| match b.addr.ip() {
+            std::net::IpAddr::V4(v4) => v4.octets()[3],
+            std::net::IpAddr::V6(_) => 0,
+        }).collect();
+        assert_eq!(addrs, [10, 11, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_drop_to_zero_is_never_applied() {
+        let mut g = guard();
+        let t = Instant::now();
+        let mut published = map([spec("web", 3)]);
+        for hours in [0, 1, 24, 24 * 30] {
+            let d = g.apply(&published, map([spec("web", 0)]), t + Duration::from_secs(3600 * hours));
+            assert_eq!(count(&d, "web"), Some(3), "after {hours} h");
+            assert_eq!(d.wake_at, None);
+            published = d.services;
+        }
+        assert_eq!(g.held().next().unwrap().reason, HoldReason::WouldEmpty);
+    }
+
+    #[test]
+    fn a_recovered_source_ends_the_hold_and_a_new_drop_starts_a_new_one() {
+        let mut g = guard();
+        let t = Instant::now();
+        let published = map([spec("web", 10)]);
+        g.apply(&published, map([spec("web", 1)]), t);
+        let d = g.apply(&published, map([spec("web", 10)]), t + HOLD / 2);
+        assert_eq!(count(&d, "web"), Some(10));
+        assert_eq!(g.held().count(), 0);
+        let d = g.apply(&published, map([spec("web", 1)]), t + HOLD);
+        assert_eq!(count(&d, "web"), Some(10), "the clock restarted");
+        assert_eq!(d.wake_at, Some(t + HOLD + HOLD));
+    }
+
+    #[test]
+    fn a_vanished_service_is_held_then_removed_and_an_empty_one_goes_at_once() {
+        let mut g = guard();
+        let t = Instant::now();
+        let published = map([spec("web", 2), spec("idle", 0)]);
+        let d = g.apply(&published, BTreeMap::new(), t);
+        assert_eq!((count(&d, "web"), count(&d, "idle")), (Some(2), None));
+        assert_eq!(d.new_holds[0].reason, HoldReason::Vanished);
+        let d = g.apply(&d.services, BTreeMap::new(), t + HOLD);
+        assert_eq!(count(&d, "web"), None);
+    }
+}
