@@ -127,7 +127,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
                 }
                 tracker.spawn(file.run(index, tx.clone(), shutdown.clone()));
             }
-            SourceConfig::Zookeeper(_) | SourceConfig::DnsSrv(_) => {
+            SourceConfig::DnsSrv(srv) => {
+                tracker.spawn(crate::source::dns_srv::run(srv.clone(), index, tx.clone(), shutdown.clone()));
+            }
+            SourceConfig::Zookeeper(_) => {
                 tracing::error!(source = %source.name(), "this source kind is not available in this build");
             }
         }

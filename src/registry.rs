@@ -125,6 +125,20 @@ impl Registry {
                 self.dirty = true;
                 self.publish(now, Instant::now());
             }
+            SourceEvent::Update { source, service } => {
+                let Some(slot) = self.sources.get_mut(source) else {
+                    error!(source, "event from an unknown source");
+                    return;
+                };
+                let set = slot.get_or_insert_with(Vec::new);
+                match set.iter_mut().find(|s| s.name == service.name) {
+                    Some(existing) if *existing == service => return,
+                    Some(existing) => *existing = service,
+                    None => set.push(service),
+                }
+                self.dirty = true;
+                self.publish(now, Instant::now());
+            }
             SourceEvent::Failed { source, error } => {
                 let name = self.names.get(source).map_or("?", String::as_str);
                 warn!(source = name, %error, "source failed; its last good services keep serving");
@@ -293,6 +307,17 @@ mod tests {
         assert_eq!(snap.generation, 2);
         assert_eq!(snap.service("web").unwrap().spec.backends.len(), 2);
         assert!(snap.service("api").is_some());
+    }
+
+    #[test]
+    fn updates_replace_one_service_of_a_source() {
+        let mut r = registry(1, None);
+        r.apply(SourceEvent::Reset { source: 0, services: vec![spec("web", &["127.0.0.2:80"]), spec("api", &["127.0.0.5:80"])] }, 0);
+        r.apply(SourceEvent::Update { source: 0, service: spec("web", &["127.0.0.2:80", "127.0.0.3:80"]) }, 0);
+        r.apply(SourceEvent::Update { source: 0, service: spec("db", &["127.0.0.4:80"]) }, 0);
+        let snap = r.snapshot().load_full();
+        assert_eq!(snap.service("web").unwrap().spec.backends.len(), 2);
+        assert!(snap.service("api").is_some() && snap.service("db").is_some());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! it is failing (`Failed`); a failing source keeps its last good set, because a source failure is
 //! never a deconfiguration.
 
+pub mod dns_srv;
 pub mod file;
 pub mod zone;
 
@@ -12,6 +13,8 @@ use crate::service::ServiceSpec;
 pub enum SourceEvent {
     /// The complete current set of services from this source.
     Reset { source: usize, services: Vec<ServiceSpec> },
+    /// One service of this source, the rest unchanged (sources that learn services one by one).
+    Update { source: usize, service: ServiceSpec },
     /// The source could not be read; its last good set stays in force.
     Failed { source: usize, error: String },
 }

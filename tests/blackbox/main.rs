@@ -3,4 +3,5 @@
 //! Needs root and the packages the README's test command installs.
 
 mod dns;
+mod dns_srv;
 mod harness;
