@@ -3,7 +3,8 @@
 //! tests can bind port 0 and run a whole daemon in-process.
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::path::PathBuf;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use crate::dns::forward::{ForwardConfig, Forwarder};
 use crate::dns::server::{DnsHandler, access_lists};
 use crate::magic::MagicMap;
 use crate::guard::Guard;
+use crate::hook_server::{self, HookServerConfig};
 use crate::registry::{Registry, StatePaths, unix_now};
 use crate::snapshot::{self, Snapshot};
 use crate::source::SourceEvent;
@@ -38,6 +40,26 @@ pub enum DaemonError {
     StateDir { path: PathBuf, source: std::io::Error },
     #[error("DNS server: {0}")]
     Server(String),
+    #[error("cannot bind the hook socket {path}: {source}")]
+    HookSocket { path: PathBuf, source: std::io::Error },
+}
+
+/// Binds the hook socket, replacing a stale socket file but never a live daemon's socket.
+/// Mode 0666: every user's hooked programs may ask; the hook checks who owns the daemon end.
+fn bind_hook_socket(path: &Path) -> Result<UnixListener, DaemonError> {
+    let err = |source| DaemonError::HookSocket { path: path.to_path_buf(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another daemon is listening on it")));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).map_err(err)?;
+    Ok(listener)
 }
 
 /// The daemon's sockets, bound before `run` so that tests can use port 0.
@@ -45,6 +67,8 @@ pub enum DaemonError {
 pub struct Listeners {
     pub dns_udp: Vec<UdpSocket>,
     pub dns_tcp: Vec<TcpListener>,
+    /// The hook socket; `None` runs without one (DNS only).
+    pub hook: Option<UnixListener>,
 }
 
 impl Listeners {
@@ -53,7 +77,7 @@ impl Listeners {
     /// # Errors
     /// The first address that cannot be bound, with the protocol and the OS error.
     pub fn bind(config: &Config) -> Result<Self, DaemonError> {
-        let mut l = Self { dns_udp: Vec::new(), dns_tcp: Vec::new() };
+        let mut l = Self { dns_udp: Vec::new(), dns_tcp: Vec::new(), hook: Some(bind_hook_socket(&config.hook.socket)?) };
         for addr in &config.dns.listen {
             let udp = UdpSocket::bind(addr).map_err(|source| DaemonError::Bind { proto: "udp", addr: *addr, source })?;
             // Port 0 means "any": TCP must then share the port UDP got.
@@ -97,6 +121,16 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let backends_path = dir.join("backends.json");
     let paths = StatePaths { magic: Some(magic_path), backends: Some(backends_path.clone()) };
     let mut registry = Registry::new(names, Guard::new(config.guard), magic, paths, shared.clone());
+    let fallback = hook_server::fallback_path_for(&config.hook.socket);
+    if listeners.hook.is_some() {
+        // Hooked programs read this when the daemon is down: keep it as current as the snapshot.
+        let (path, v4, v6) = (fallback.clone(), config.dns.magic_v4, config.dns.magic_v6);
+        registry.on_publish(Box::new(move |snap| {
+            if let Err(e) = hook_server::write_fallback(&path, snap, v4, v6) {
+                warn!(path = %path.display(), error = %e, "cannot write the hook fallback file");
+            }
+        }));
+    }
     // Serve the last-known-good state before any source speaks: a registry that is down at
     // start-up must not mean an empty service domain.
     match std::fs::read(&backends_path) {
@@ -154,6 +188,17 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let (deny, allow) = access_lists(&d.allow);
     let mut server = Server::with_access(handler, deny, allow);
     let addrs = listeners.dns_addrs();
+    if let Some(hook) = listeners.hook {
+        hook.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
+        let hook = tokio::net::UnixListener::from_std(hook).map_err(|e| DaemonError::Server(e.to_string()))?;
+        let cfg = HookServerConfig { socket: config.hook.socket.clone(), fallback_file: Some(fallback), ..HookServerConfig::default() };
+        let (snapshot, stop) = (shared.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            if let Err(e) = hook_server::serve(hook, snapshot, cfg, stop).await {
+                tracing::error!(error = %e, "hook server stopped");
+            }
+        });
+    }
     for udp in listeners.dns_udp {
         udp.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
         server.register_socket(tokio::net::UdpSocket::from_std(udp).map_err(|e| DaemonError::Server(e.to_string()))?);

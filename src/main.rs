@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use discotech::config::{Config, SourceConfig};
 use discotech::daemon::{self, Listeners};
+use discotech::hook_server;
 use discotech::source::file::FileSource;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -35,6 +36,19 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Run a program with the connect hook preloaded, so its connects to magic addresses reach
+    /// real backends (like proxychains4 or torsocks).
+    Run {
+        /// The daemon's hook socket (default: from --config, else /run/discotech/hook.sock).
+        #[arg(long, short)]
+        socket: Option<PathBuf>,
+        /// Read the hook socket and magic ranges from this config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The program and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -42,7 +56,43 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(config),
         Command::Check { config } => check(config),
+        Command::Run { socket, config, command } => run(socket, config, &command),
     }
+}
+
+fn run(socket: Option<PathBuf>, config: Option<PathBuf>, command: &[std::ffi::OsString]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let Some(lib) = hook_server::find_hook_library() else {
+        eprintln!(
+            "discotech: cannot find {} (set {} to its path)",
+            hook_server::HOOK_LIBRARY_NAME,
+            hook_server::HOOK_LIBRARY_ENV
+        );
+        return ExitCode::from(EX_USAGE);
+    };
+    let Some((program, args)) = command.split_first() else {
+        eprintln!("discotech: run needs a command");
+        return ExitCode::from(EX_USAGE);
+    };
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args).env("LD_PRELOAD", hook_server::preload_env(&lib, std::env::var_os("LD_PRELOAD").as_deref()));
+    if let Some(path) = &config {
+        let config = match load(Some(path.clone())) {
+            Ok(c) => c,
+            Err(code) => return code,
+        };
+        cmd.env("DISCOTECH_SOCKET", &config.hook.socket).env("DISCOTECH_MAGIC_V4", config.dns.magic_v4.to_string());
+        if let Some(v6) = config.dns.magic_v6 {
+            cmd.env("DISCOTECH_MAGIC_V6", v6.to_string());
+        }
+    }
+    if let Some(socket) = socket {
+        cmd.env("DISCOTECH_SOCKET", socket);
+    }
+    // exec only returns on failure.
+    let error = cmd.exec();
+    eprintln!("discotech: cannot run {}: {error}", program.to_string_lossy());
+    ExitCode::from(if error.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 })
 }
 
 fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
