@@ -18,6 +18,7 @@ use crate::config::{Config, SourceConfig};
 use crate::dns::answer::Zones;
 use crate::dns::forward::{ForwardConfig, Forwarder};
 use crate::dns::server::{DnsHandler, access_lists};
+use crate::dns::udp;
 use crate::magic::MagicMap;
 use crate::guard::Guard;
 use crate::hook_server::{self, HookServerConfig};
@@ -42,6 +43,20 @@ pub enum DaemonError {
     Server(String),
     #[error("cannot bind the hook socket {path}: {source}")]
     HookSocket { path: PathBuf, source: std::io::Error },
+}
+
+/// hickory-server wants to own its handler; ours is shared with the UDP workers.
+struct SharedHandler(Arc<DnsHandler>);
+
+#[async_trait::async_trait]
+impl hickory_server::server::RequestHandler for SharedHandler {
+    async fn handle_request<R: hickory_server::server::ResponseHandler, T: hickory_server::net::runtime::Time>(
+        &self,
+        request: &hickory_server::server::Request,
+        response: R,
+    ) -> hickory_server::server::ResponseInfo {
+        self.0.handle_request::<R, T>(request, response).await
+    }
 }
 
 /// Binds the hook socket, replacing a stale socket file but never a live daemon's socket.
@@ -164,13 +179,17 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             SourceConfig::DnsSrv(srv) => {
                 tracker.spawn(crate::source::dns_srv::run(srv.clone(), index, tx.clone(), shutdown.clone()));
             }
-            SourceConfig::Zookeeper(_) => {
-                tracing::error!(source = %source.name(), "this source kind is not available in this build");
+            SourceConfig::Zookeeper(zk) => {
+                tracker.spawn(crate::source::zookeeper::run(zk.clone(), index, tx.clone(), shutdown.clone()));
             }
         }
     }
     drop(tx);
     tracker.spawn(registry.run(rx, shutdown.clone()));
+    // Announce local services into ZooKeeper while their health checks pass (withdrawn at shutdown).
+    for reg in &config.registrations {
+        tracker.spawn(crate::register::run(reg.clone(), shutdown.clone()));
+    }
 
     let d = &config.dns;
     let forwarder = Arc::new(Forwarder::new(ForwardConfig {
@@ -184,9 +203,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     if d.upstreams.is_empty() {
         warn!("no upstream resolvers: names outside the service domains will get SERVFAIL (set dns.upstreams)");
     }
-    let handler = DnsHandler::new(Zones::from_config(d), shared.clone(), forwarder);
+    let handler = Arc::new(DnsHandler::new(Zones::from_config(d), shared.clone(), forwarder, d.allow.clone()));
     let (deny, allow) = access_lists(&d.allow);
-    let mut server = Server::with_access(handler, deny, allow);
+    let mut server = Server::with_access(SharedHandler(handler.clone()), deny, allow);
     let addrs = listeners.dns_addrs();
     if let Some(hook) = listeners.hook {
         hook.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
@@ -199,10 +218,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             }
         });
     }
-    for udp in listeners.dns_udp {
-        udp.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
-        server.register_socket(tokio::net::UdpSocket::from_std(udp).map_err(|e| DaemonError::Server(e.to_string()))?);
-    }
+    let udp_threads = udp::spawn(listeners.dns_udp, handler, tokio::runtime::Handle::current(), shutdown.clone()).map_err(|e| DaemonError::Server(e.to_string()))?;
     for tcp in listeners.dns_tcp {
         tcp.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
         server.register_listener(tokio::net::TcpListener::from_std(tcp).map_err(|e| DaemonError::Server(e.to_string()))?, TCP_IDLE, 64);
@@ -219,6 +235,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     .await;
     if drained.is_err() {
         warn!("some tasks did not finish within {}s", GRACE.as_secs());
+    }
+    for t in udp_threads {
+        let _ = t.join();
     }
     Ok(())
 }

@@ -4,4 +4,5 @@
 pub mod answer;
 pub mod cache;
 pub mod server;
+pub mod udp;
 pub mod forward;

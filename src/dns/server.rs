@@ -1,12 +1,14 @@
 //! The DNS request handler: one question in, one answer out. Service domains are answered from
-//! the current snapshot; everything else goes to the forwarder. Sockets, TCP framing, EDNS
-//! payload limits and truncation are hickory-server's; this file decides what to say.
+//! the current snapshot; everything else goes to the forwarder. TCP framing and connection
+//! handling are hickory-server's; UDP is served by `udp.rs`. Both encode through `encode` here,
+//! so they give byte-identical answers.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::Record;
+use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -25,12 +27,17 @@ pub struct DnsHandler {
     zones: Zones,
     snapshot: SharedSnapshot,
     forwarder: Arc<Forwarder>,
+    allow: Vec<IpNet>,
 }
 
-impl DnsHandler {
-    pub fn new(zones: Zones, snapshot: SharedSnapshot, forwarder: Arc<Forwarder>) -> Self {
-        Self { zones, snapshot, forwarder }
-    }
+/// A response before encoding: header fields, EDNS and records by section.
+#[derive(Debug)]
+pub struct Response {
+    pub metadata: Metadata,
+    pub edns: Option<Edns>,
+    pub answers: Vec<Record>,
+    pub authorities: Vec<Record>,
+    pub additionals: Vec<Record>,
 }
 
 /// The records of a response, by section.
@@ -48,79 +55,157 @@ impl Sections {
     }
 }
 
-#[async_trait::async_trait]
-impl RequestHandler for DnsHandler {
-    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response: R) -> ResponseInfo {
-        let meta = &request.metadata;
-        if meta.message_type != MessageType::Query {
-            // A response sent to a server is noise (or a reflection attempt): drop it.
-            return dropped(meta);
-        }
-        let sections = if meta.op_code != OpCode::Query {
-            Sections::error(ResponseCode::NotImp)
-        } else if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
-            Sections::error(ResponseCode::BADVERS)
-        } else {
-            match request.queries.queries() {
-                [q] => self.resolve(request.src().ip(), meta.id, q.original()).await,
-                _ => Sections::error(ResponseCode::FormErr),
-            }
-        };
-
-        let mut metadata = Metadata::response_from_request(meta);
-        metadata.response_code = sections.response_code;
-        metadata.authoritative = sections.authoritative;
-        metadata.recursion_available = true;
-        let edns = request.edns.as_ref().map(|client| {
-            let mut e = Edns::new();
-            e.set_max_payload(client.max_payload().clamp(512, MAX_UDP_PAYLOAD));
-            e
-        });
-        let mut builder = MessageResponseBuilder::new(&request.queries, None);
-        if let Some(e) = &edns {
-            builder.edns(e);
-        }
-        let message = builder.build(metadata, sections.answers.iter(), sections.authorities.iter(), std::iter::empty(), sections.additionals.iter());
-        match response.send_response(message).await {
-            Ok(info) => info,
-            Err(error) => {
-                debug!(%error, src = %request.src(), "could not send a response");
-                dropped(meta)
-            }
-        }
-    }
+/// What to do with a request before any I/O.
+enum Plan<'r> {
+    Done(Sections),
+    Forward(&'r Query),
 }
 
 impl DnsHandler {
-    async fn resolve(&self, src: IpAddr, id: u16, query: &Query) -> Sections {
+    pub fn new(zones: Zones, snapshot: SharedSnapshot, forwarder: Arc<Forwarder>, allow: Vec<IpNet>) -> Self {
+        Self { zones, snapshot, forwarder, allow }
+    }
+
+    /// Changes whenever local answers may change: cached local answers are valid for one epoch.
+    pub fn epoch(&self) -> u64 {
+        self.snapshot.load().generation
+    }
+
+    pub fn allowed(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.allow.iter().any(|n| n.contains(&ip))
+    }
+
+    /// `None` for requests that get no response at all (responses sent to us).
+    fn plan<'r>(&self, request: &'r Request) -> Option<Plan<'r>> {
+        let meta = &request.metadata;
+        if meta.message_type != MessageType::Query {
+            // A response sent to a server is noise (or a reflection attempt): drop it.
+            return None;
+        }
+        if !self.allowed(request.src().ip()) {
+            return Some(Plan::Done(Sections::error(ResponseCode::Refused)));
+        }
+        if meta.op_code != OpCode::Query {
+            return Some(Plan::Done(Sections::error(ResponseCode::NotImp)));
+        }
+        if request.edns.as_ref().is_some_and(|e| e.version() > 0) {
+            return Some(Plan::Done(Sections::error(ResponseCode::BADVERS)));
+        }
+        let [q] = request.queries.queries() else {
+            return Some(Plan::Done(Sections::error(ResponseCode::FormErr)));
+        };
+        let query = q.original();
         let snapshot = self.snapshot.load();
-        match answer::answer(&self.zones, &snapshot, query) {
-            Outcome::Local(a) => Sections {
+        Some(match answer::answer(&self.zones, &snapshot, query) {
+            Outcome::Local(a) => Plan::Done(Sections {
                 response_code: a.response_code,
                 authoritative: true,
                 answers: a.answers,
                 authorities: a.authorities,
                 additionals: a.additionals,
-            },
-            Outcome::Forward => {
-                drop(snapshot);
-                if self.forwarder.is_loop(id, query) {
-                    warn!(name = %query.name(), %src, "forwarding loop: our own upstream query came back to us; answering REFUSED");
-                    return Sections::error(ResponseCode::Refused);
-                }
-                match self.forwarder.resolve(query).await {
-                    Ok(f) => Sections {
-                        response_code: f.response_code,
-                        authoritative: false,
-                        answers: f.answers,
-                        authorities: f.authorities,
-                        additionals: f.additionals,
-                    },
-                    Err(error) => {
-                        debug!(name = %query.name(), %error, "forwarding failed");
-                        Sections::error(ResponseCode::ServFail)
-                    }
-                }
+            }),
+            Outcome::Forward => Plan::Forward(query),
+        })
+    }
+
+    /// The response for a request that needs no forwarding, without awaiting anything;
+    /// `Err(())` when the request must be forwarded (use `respond`), `Ok(None)` to drop it.
+    #[allow(clippy::result_unit_err)]
+    pub fn respond_local(&self, request: &Request) -> Result<Option<Response>, ()> {
+        match self.plan(request) {
+            None => Ok(None),
+            Some(Plan::Done(s)) => Ok(Some(finish(request, s))),
+            Some(Plan::Forward(_)) => Err(()),
+        }
+    }
+
+    /// The response for any request; `None` to drop it.
+    pub async fn respond(&self, request: &Request) -> Option<Response> {
+        let sections = match self.plan(request)? {
+            Plan::Done(s) => s,
+            Plan::Forward(query) => self.forward(request.src().ip(), request.metadata.id, query).await,
+        };
+        Some(finish(request, sections))
+    }
+
+    async fn forward(&self, src: IpAddr, id: u16, query: &Query) -> Sections {
+        if self.forwarder.is_loop(id, query) {
+            warn!(name = %query.name(), %src, "forwarding loop: our own upstream query came back to us; answering REFUSED");
+            return Sections::error(ResponseCode::Refused);
+        }
+        match self.forwarder.resolve(query).await {
+            Ok(f) => Sections { response_code: f.response_code, authoritative: false, answers: f.answers, authorities: f.authorities, additionals: f.additionals },
+            Err(error) => {
+                debug!(name = %query.name(), %error, "forwarding failed");
+                Sections::error(ResponseCode::ServFail)
+            }
+        }
+    }
+}
+
+fn finish(request: &Request, s: Sections) -> Response {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = s.response_code;
+    metadata.authoritative = s.authoritative;
+    metadata.recursion_available = true;
+    let edns = request.edns.as_ref().map(|client| {
+        let mut e = Edns::new();
+        e.set_max_payload(client.max_payload().clamp(512, MAX_UDP_PAYLOAD));
+        e
+    });
+    Response { metadata, edns, answers: s.answers, authorities: s.authorities, additionals: s.additionals }
+}
+
+/// Encodes `response` to `request` for UDP: at most the client's EDNS payload (512 without
+/// EDNS), truncated with TC when it does not fit.
+pub fn encode_udp(request: &Request, response: &Response) -> Vec<u8> {
+    let max = response.edns.as_ref().map_or(512, Edns::max_payload);
+    let mut bytes = Vec::with_capacity(512);
+    let mut encoder = BinEncoder::new(&mut bytes);
+    encoder.set_max_size(max);
+    if builder(request, response).destructive_emit(&mut encoder).is_ok() {
+        return bytes;
+    }
+    // Could not encode at all: a bare SERVFAIL beats silence.
+    bytes.clear();
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = ResponseCode::ServFail;
+    let mut encoder = BinEncoder::new(&mut bytes);
+    let _ = Header { metadata, counts: HeaderCounts::default() }.emit(&mut encoder);
+    bytes
+}
+
+fn builder<'q, 'a>(
+    request: &'q Request,
+    response: &'a Response,
+) -> hickory_server::zone_handler::MessageResponse<
+    'q,
+    'a,
+    std::slice::Iter<'a, Record>,
+    std::slice::Iter<'a, Record>,
+    std::iter::Empty<&'a Record>,
+    std::slice::Iter<'a, Record>,
+>
+where
+    'a: 'q,
+{
+    let mut b = MessageResponseBuilder::new(&request.queries, None);
+    if let Some(e) = &response.edns {
+        b.edns(e);
+    }
+    b.build(response.metadata, response.answers.iter(), response.authorities.iter(), std::iter::empty(), response.additionals.iter())
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for DnsHandler {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut handle: R) -> ResponseInfo {
+        let Some(response) = self.respond(request).await else { return dropped(&request.metadata) };
+        match handle.send_response(builder(request, &response)).await {
+            Ok(info) => info,
+            Err(error) => {
+                debug!(%error, src = %request.src(), "could not send a response");
+                dropped(&request.metadata)
             }
         }
     }
@@ -132,7 +217,7 @@ fn dropped(meta: &Metadata) -> ResponseInfo {
     ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
 }
 
-/// Access rules for hickory-server: deny everything, then allow the configured networks
+/// Access rules for hickory-server (TCP): deny everything, then allow the configured networks
 /// (a more specific allow beats the catch-all deny). Not an open resolver by default.
 pub fn access_lists(allow: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
     let everything = ["0.0.0.0/0", "::/0"].map(|n| n.parse::<IpNet>().unwrap_or_default());

@@ -244,3 +244,49 @@ fn a_corrupt_state_file_is_set_aside_not_fatal() {
     assert!(d.state.join("backends.json.corrupt").exists() && d.state.join("magic.json.corrupt").exists());
     assert!(d.log_text().contains("corrupt"), "{}", d.log_text());
 }
+
+#[test]
+fn cached_answers_echo_each_clients_spelling_and_follow_changes() {
+    let ns = Netns::new();
+    let mut d = daemon(&ns, "upstreams = []");
+    d.start();
+    for name in ["web.disco", "WeB.DiScO", "web.disco"] {
+        let out = d.dig(&[name, "A", "+noall", "+question", "+answer"]);
+        assert!(out.contains(&format!(";{name}.\t")) && out.contains(&format!("\n{name}.\t")), "{out}");
+    }
+    d.zone("web.toml", "[services.web]\nbackends = [\"127.0.0.2:8080\", \"127.0.0.3:8081\", \"127.0.0.4:8082\"]\n");
+    let grown = eventually(Duration::from_secs(3), || (d.short("web.disco", "SRV").len() == 3).then_some(()));
+    assert!(grown.is_some(), "a cached answer does not outlive its snapshot");
+}
+
+#[test]
+fn garbage_packets_get_formerr_or_silence_and_the_server_keeps_answering() {
+    let ns = Netns::new();
+    let mut d = daemon(&ns, "upstreams = []");
+    d.start();
+    let script = r#"
+import os, random, socket
+random.seed(7)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.01)
+formerr = silent = 0
+for i in range(600):
+    n = random.choice([0, 1, 5, 12, 13, 40, 300, 1500])
+    pkt = bytearray(os.urandom(n))
+    if n >= 12 and i % 2:
+        pkt[2] &= 0x7f   # mostly queries, so that some get an answer
+    s.sendto(bytes(pkt), ("127.0.0.53", 53))
+    try:
+        r = s.recv(4096)
+        formerr += r[3] & 0x0f == 1
+    except socket.timeout:
+        silent += 1
+print(formerr, silent)
+"#;
+    let out = ns.ok("python3", &["-c", script]);
+    let counts: Vec<u32> = out.split_whitespace().map(|n| n.parse().expect("count")).collect();
+    assert!(counts[0] > 20, "malformed queries get FORMERR: {out}");
+    assert!(counts[1] > 100, "packets too short or marked as responses get nothing: {out}");
+    assert_eq!(d.short("web.disco", "SRV").len(), 2, "still answering; log:\n{}", d.log_text());
+    assert!(!d.log_text().contains("panicked"), "{}", d.log_text());
+}
