@@ -13,6 +13,7 @@ pub mod duration;
 pub mod hook_server;
 pub mod guard;
 pub mod magic;
+pub mod register;
 pub mod registry;
 pub mod service;
 pub mod snapshot;

@@ -5,6 +5,7 @@
 pub mod dns_srv;
 pub mod file;
 pub mod zone;
+pub mod zookeeper;
 
 use crate::service::ServiceSpec;
 

@@ -1,0 +1,158 @@
+//! A tiny ZooKeeper command line for tests and benchmarks, so they need not start a JVM per write
+//! (zkCli.sh takes seconds). Each argument after the hosts is one command, run in order:
+//!
+//! ```text
+//! zkctl [--auth user:pass] HOSTS "wait" "create /a/b DATA" "set /a/b DATA" "delete /a" "ls /a" "get /a/b"
+//! ```
+//! `create` makes missing parents and replaces the data of an existing node; `delete` is
+//! recursive and ignores a missing node; `wait` retries until the server answers (30 s at most).
+//! With `--auth`, created nodes are readable by anyone and writable by that digest user.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use zookeeper_async::{Acl, CreateMode, Permission, ZkError, ZooKeeper};
+
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let auth = match args.iter().position(|a| a == "--auth") {
+        Some(i) if i + 1 < args.len() => {
+            let v = args.remove(i + 1);
+            args.remove(i);
+            Some(v)
+        }
+        _ => None,
+    };
+    if args.is_empty() {
+        eprintln!("usage: zkctl [--auth user:pass] HOSTS COMMAND...");
+        return ExitCode::from(64);
+    }
+    let hosts = args.remove(0);
+    match run(&hosts, auth, &args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zkctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(hosts: &str, auth: Option<&str>) -> Result<ZooKeeper, String> {
+    let zk = tokio::time::timeout(OP_TIMEOUT, ZooKeeper::connect_with_retry_time(hosts, Duration::from_secs(10), |_| {}, Duration::from_millis(100)))
+        .await
+        .map_err(|_| format!("cannot connect to {hosts}"))?
+        .map_err(|e| format!("connect {hosts}: {e}"))?;
+    if let Some(a) = auth {
+        op(zk.add_auth("digest", a.as_bytes().to_vec())).await.map_err(|e| format!("auth: {e}"))?;
+    }
+    Ok(zk)
+}
+
+async fn op<T>(f: impl std::future::Future<Output = Result<T, ZkError>>) -> Result<T, String> {
+    match tokio::time::timeout(OP_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+async fn run(hosts: &str, auth: Option<String>, commands: &[String]) -> Result<(), String> {
+    if commands.first().is_some_and(|c| c == "wait") {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let attempt = async {
+                let zk = connect(hosts, None).await?;
+                let r = op(zk.exists("/", false)).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), zk.close()).await;
+                r
+            };
+            match attempt.await {
+                Ok(_) => break,
+                Err(e) if Instant::now() > deadline => return Err(format!("server did not answer: {e}")),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+    let commands: Vec<&String> = commands.iter().filter(|c| *c != "wait").collect();
+    if commands.is_empty() {
+        return Ok(());
+    }
+    let zk = connect(hosts, auth.as_deref()).await?;
+    let acl = if auth.is_some() {
+        vec![Acl::new(Permission::READ, "world", "anyone"), Acl::new(Permission::ALL, "auth", "")]
+    } else {
+        Acl::open_unsafe().clone()
+    };
+    for command in commands {
+        let mut parts = command.splitn(3, ' ');
+        let (verb, path, data) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let what = |e: String| format!("{command}: {e}");
+        match verb {
+            "create" => {
+                let mut prefix = String::new();
+                let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+                for (i, seg) in segments.iter().enumerate() {
+                    prefix.push('/');
+                    prefix.push_str(seg);
+                    let body = if i + 1 == segments.len() { data.as_bytes().to_vec() } else { Vec::new() };
+                    match op(zk.create(&prefix, body.clone(), acl.clone(), CreateMode::Persistent)).await {
+                        Ok(_) => {}
+                        Err(e) if e == ZkError::NodeExists.to_string() => {
+                            if i + 1 == segments.len() {
+                                op(zk.set_data(&prefix, body, None)).await.map_err(what)?;
+                            }
+                        }
+                        Err(e) => return Err(what(e)),
+                    }
+                }
+            }
+            "set" => {
+                op(zk.set_data(path, data.as_bytes().to_vec(), None)).await.map_err(what)?;
+            }
+            "delete" => delete(&zk, path).await.map_err(what)?,
+            "ls" => {
+                let mut children = op(zk.get_children(path, false)).await.map_err(what)?;
+                children.sort();
+                for c in children {
+                    println!("{c}");
+                }
+            }
+            "get" => {
+                let (bytes, _) = op(zk.get_data(path, false)).await.map_err(what)?;
+                println!("{}", String::from_utf8_lossy(&bytes));
+            }
+            other => return Err(format!("unknown command {other:?}")),
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), zk.close()).await;
+    Ok(())
+}
+
+/// Depth first, so a service node goes with its instances.
+async fn delete(zk: &ZooKeeper, path: &str) -> Result<(), String> {
+    let mut stack = vec![(path.to_string(), false)];
+    while let Some((p, expanded)) = stack.pop() {
+        if expanded {
+            match op(zk.delete(&p, None)).await {
+                Ok(()) => {}
+                Err(e) if e == ZkError::NoNode.to_string() => {}
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
+        stack.push((p.clone(), true));
+        match op(zk.get_children(&p, false)).await {
+            Ok(children) => {
+                for c in children {
+                    let child = if p == "/" { format!("/{c}") } else { format!("{p}/{c}") };
+                    stack.push((child, false));
+                }
+            }
+            Err(e) if e == ZkError::NoNode.to_string() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,516 @@
+//! The ZooKeeper source: each child of `root` is a service, each child of a service node an
+//! instance in one of the layouts of [`formats`]. It watches the root's children, every service's
+//! children and every instance's data, re-reads only what a watch said changed, and sends the
+//! whole set as a `Reset` within milliseconds. A lost connection or an expired session keeps the
+//! last good set (a `Failed`, never an empty `Reset`); once connected again it re-reads everything
+//! with new watches, because neither the server nor the client library carries watches over.
+
+pub mod formats;
+pub mod session;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::stream::{self, StreamExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use zookeeper_async::{ZkError, ZkState};
+
+use self::formats::FormatError;
+use self::session::{BACKOFF_MAX, BACKOFF_MIN, Session, SessionError, jitter};
+use super::SourceEvent;
+use crate::config::{ZkFormat, ZookeeperSource};
+use crate::service::{Backend, ServiceName, ServiceSpec};
+
+/// After a pass, further changes wait this long so a burst (a deploy restarting many instances)
+/// becomes one update; a lone change is applied at once.
+const COALESCE: Duration = Duration::from_millis(5);
+/// Requests in flight at once during a (re)read: enough to hide the round trip, few enough not to
+/// flood the client library's queue.
+const PARALLEL: usize = 64;
+
+/// What a watch said changed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Dirty {
+    Root,
+    Service(String),
+    Instance(String, String),
+}
+
+#[derive(Debug, Default)]
+struct Changes {
+    root: bool,
+    services: BTreeSet<String>,
+    instances: BTreeSet<(String, String)>,
+}
+
+impl Changes {
+    fn add(&mut self, d: Dirty) {
+        match d {
+            Dirty::Root => self.root = true,
+            Dirty::Service(s) => {
+                self.services.insert(s);
+            }
+            Dirty::Instance(s, i) => {
+                self.instances.insert((s, i));
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.root && self.services.is_empty() && self.instances.is_empty()
+    }
+}
+
+/// One instance node as last read.
+#[derive(Debug, Clone)]
+struct Instance {
+    data: Vec<u8>,
+    backend: Option<Backend>,
+}
+
+/// The source's view of the tree: service node name -> instance node name -> instance.
+#[derive(Debug, Default)]
+struct Tree {
+    services: BTreeMap<String, BTreeMap<String, Instance>>,
+}
+
+/// The running source: configuration, the view of the tree, and where to report.
+struct Watcher {
+    cfg: ZookeeperSource,
+    index: usize,
+    tx: mpsc::Sender<SourceEvent>,
+    events: mpsc::UnboundedSender<Dirty>,
+    tree: Tree,
+    sent: Option<Vec<ServiceSpec>>,
+    /// Service node names already reported as invalid, so each is logged once.
+    bad_names: HashSet<String>,
+    /// The last failure reported, so a persisting failure is reported once.
+    failing: Option<String>,
+}
+
+/// Watches `cfg.root` and reports its services until `shutdown`.
+#[allow(deprecated)] // ZkState::NotConnected is how the client library reports an expired session.
+pub async fn run(
+    cfg: ZookeeperSource,
+    index: usize,
+    tx: mpsc::Sender<SourceEvent>,
+    shutdown: CancellationToken,
+) {
+    let (events, mut dirty) = mpsc::unbounded_channel();
+    let mut w = Watcher {
+        cfg,
+        index,
+        tx,
+        events,
+        tree: Tree::default(),
+        sent: None,
+        bad_names: HashSet::new(),
+        failing: None,
+    };
+    let what = w.cfg.name.clone();
+    'session: loop {
+        let mut s = match Session::connect(
+            &w.cfg.hosts,
+            w.cfg.session_timeout,
+            w.cfg.auth.clone(),
+            &what,
+            &shutdown,
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let mut need_sync = true;
+        let mut backoff = BACKOFF_MIN;
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut disconnected = false;
+        let mut last_pass = Instant::now() - COALESCE;
+        loop {
+            if need_sync && retry_at.is_none_or(|t| t <= tokio::time::Instant::now()) {
+                // Changes queued before a full read are covered by it.
+                while dirty.try_recv().is_ok() {}
+                match w.full_sync(&s).await {
+                    Ok(()) => {
+                        need_sync = false;
+                        retry_at = None;
+                        backoff = BACKOFF_MIN;
+                        if !w.publish().await {
+                            break 'session;
+                        }
+                    }
+                    Err(e) => {
+                        if !w.fail(&e).await {
+                            break 'session;
+                        }
+                        retry_at = Some(tokio::time::Instant::now() + jitter(backoff));
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                }
+            }
+            let retry = {
+                let wait = if need_sync && !disconnected {
+                    retry_at
+                } else {
+                    None
+                };
+                async move {
+                    match wait {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    s.close().await;
+                    return;
+                }
+                () = retry => {}
+                state = s.states.recv() => match state {
+                    Some(ZkState::Connecting | ZkState::NotConnected) => {
+                        if state == Some(ZkState::NotConnected) {
+                            warn!(source = %what, "ZooKeeper session expired; a new session will re-read everything");
+                        }
+                        if !disconnected {
+                            disconnected = true;
+                            if !w.fail(&SessionError::Disconnected).await {
+                                break 'session;
+                            }
+                        }
+                    }
+                    Some(ZkState::Connected | ZkState::ConnectedReadOnly) => {
+                        if disconnected {
+                            disconnected = false;
+                            info!(source = %what, "ZooKeeper connection is back; re-reading");
+                            if let Err(e) = s.authenticate().await {
+                                warn!(source = %what, error = %e, "re-authenticating failed");
+                            }
+                            need_sync = true;
+                            retry_at = None;
+                            backoff = BACKOFF_MIN;
+                        }
+                    }
+                    Some(ZkState::AuthFailed | ZkState::Closed) | None => {
+                        warn!(source = %what, state = ?state, "ZooKeeper client gave up; starting a new one");
+                        s.close().await;
+                        continue 'session;
+                    }
+                    Some(ZkState::Associating) => {}
+                },
+                Some(first) = dirty.recv() => {
+                    if need_sync {
+                        continue;
+                    }
+                    // A burst right after a pass waits out the rest of COALESCE; a lone change does not.
+                    let since = last_pass.elapsed();
+                    if since < COALESCE {
+                        tokio::select! {
+                            () = shutdown.cancelled() => { s.close().await; return; }
+                            () = tokio::time::sleep(COALESCE - since) => {}
+                        }
+                    }
+                    let mut changes = Changes::default();
+                    changes.add(first);
+                    while let Ok(d) = dirty.try_recv() {
+                        changes.add(d);
+                    }
+                    last_pass = Instant::now();
+                    match w.apply(&s, changes).await {
+                        Ok(()) => {
+                            if !w.publish().await {
+                                break 'session;
+                            }
+                        }
+                        Err(e) => {
+                            debug!(source = %what, error = %e, "incremental read failed; re-reading everything");
+                            need_sync = true;
+                            retry_at = Some(tokio::time::Instant::now() + jitter(backoff));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Watcher {
+    fn path(&self, parts: &[&str]) -> String {
+        let mut p = if self.cfg.root == "/" {
+            String::new()
+        } else {
+            self.cfg.root.clone()
+        };
+        for part in parts {
+            p.push('/');
+            p.push_str(part);
+        }
+        if p.is_empty() { "/".into() } else { p }
+    }
+
+    /// Lists `path`'s children and leaves a watch that reports `dirty`. `None`: no such node.
+    async fn list(
+        &self,
+        s: &Session,
+        path: String,
+        dirty: Dirty,
+    ) -> Result<Option<Vec<String>>, SessionError> {
+        let tx = self.events.clone();
+        let watch = s.zk.get_children_w(&path, move |_| {
+            let _ = tx.send(dirty);
+        });
+        match s.op("get_children", &path, watch).await {
+            Ok(mut children) => {
+                children.sort();
+                Ok(Some(children))
+            }
+            Err(e) if e.code() == Some(ZkError::NoNode) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reads an instance's data and leaves a watch on it. `None`: the node is gone.
+    async fn data(
+        &self,
+        s: &Session,
+        service: String,
+        child: String,
+    ) -> Result<Option<Vec<u8>>, SessionError> {
+        let path = self.path(&[&service, &child]);
+        let tx = self.events.clone();
+        let watch = s.zk.get_data_w(&path, move |_| {
+            let _ = tx.send(Dirty::Instance(service, child));
+        });
+        match s.op("get_data", &path, watch).await {
+            Ok((data, _stat)) => Ok(Some(data)),
+            Err(e) if e.code() == Some(ZkError::NoNode) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The root's children. A missing root is a failure, not "no services": it is more likely a
+    /// wrong path or a wiped ensemble than a deliberate empty registry. A watch reports its creation.
+    async fn root(&self, s: &Session) -> Result<Vec<String>, SessionError> {
+        if let Some(children) = self.list(s, self.cfg.root.clone(), Dirty::Root).await? {
+            return Ok(children);
+        }
+        let tx = self.events.clone();
+        let exists = s.zk.exists_w(&self.cfg.root, move |_| {
+            let _ = tx.send(Dirty::Root);
+        });
+        s.op("exists", &self.cfg.root, exists).await?;
+        Err(SessionError::Op {
+            op: "get_children",
+            path: self.cfg.root.clone(),
+            error: ZkError::NoNode,
+        })
+    }
+
+    /// Lists many services at once. Gone services come back as `None`.
+    async fn list_services(
+        &self,
+        s: &Session,
+        names: Vec<String>,
+    ) -> Result<Vec<(String, Option<Vec<String>>)>, SessionError> {
+        let results: Vec<_> = stream::iter(names)
+            .map(|name| async move {
+                let r = self
+                    .list(s, self.path(&[&name]), Dirty::Service(name.clone()))
+                    .await;
+                r.map(|c| (name, c))
+            })
+            .buffer_unordered(PARALLEL)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    /// Reads many instances at once. Gone instances come back as `None`. With `host-port` the data
+    /// is never needed, so nothing is read (and no data watch is left).
+    async fn read_instances(
+        &self,
+        s: &Session,
+        nodes: Vec<(String, String)>,
+    ) -> Result<Vec<((String, String), Option<Vec<u8>>)>, SessionError> {
+        if self.cfg.format == ZkFormat::HostPort {
+            return Ok(nodes.into_iter().map(|n| (n, Some(Vec::new()))).collect());
+        }
+        let results: Vec<_> = stream::iter(nodes)
+            .map(|(svc, child)| async move {
+                let r = self.data(s, svc.clone(), child.clone()).await;
+                r.map(|d| ((svc, child), d))
+            })
+            .buffer_unordered(PARALLEL)
+            .collect()
+            .await;
+        results.into_iter().collect()
+    }
+
+    /// Reads the whole tree with fresh watches, replacing the view only if every read succeeded.
+    async fn full_sync(&mut self, s: &Session) -> Result<(), SessionError> {
+        let started = Instant::now();
+        let names = self.root(s).await?;
+        let listed = self.list_services(s, names).await?;
+        let mut tree = Tree::default();
+        let mut nodes = Vec::new();
+        for (name, children) in listed {
+            let Some(children) = children else { continue };
+            for c in &children {
+                nodes.push((name.clone(), c.clone()));
+            }
+            tree.services.insert(name, BTreeMap::new());
+        }
+        let count = nodes.len();
+        for ((svc, child), data) in self.read_instances(s, nodes).await? {
+            let Some(data) = data else { continue };
+            let instance = self.parse(&svc, &child, data);
+            if let Some(m) = tree.services.get_mut(&svc) {
+                m.insert(child, instance);
+            }
+        }
+        self.tree = tree;
+        debug!(source = %self.cfg.name, services = self.tree.services.len(), instances = count, ms = started.elapsed().as_millis() as u64, "read the whole tree");
+        Ok(())
+    }
+
+    /// Re-reads what the watches reported: the root's children, then the services' children,
+    /// then instance data, each step in parallel.
+    async fn apply(&mut self, s: &Session, mut changes: Changes) -> Result<(), SessionError> {
+        while !changes.is_empty() {
+            if std::mem::take(&mut changes.root) {
+                let names = self.root(s).await?;
+                let now: BTreeSet<&String> = names.iter().collect();
+                self.tree.services.retain(|n, _| now.contains(n));
+                for n in &names {
+                    if !self.tree.services.contains_key(n) {
+                        changes.services.insert(n.clone());
+                    }
+                }
+            }
+            let services: Vec<String> = std::mem::take(&mut changes.services).into_iter().collect();
+            for (name, children) in self.list_services(s, services).await? {
+                let Some(children) = children else {
+                    self.tree.services.remove(&name);
+                    continue;
+                };
+                let instances = self.tree.services.entry(name.clone()).or_default();
+                instances.retain(|c, _| children.binary_search(c).is_ok());
+                for c in children {
+                    if !instances.contains_key(&c) {
+                        changes.instances.insert((name.clone(), c));
+                    }
+                }
+            }
+            let nodes: Vec<(String, String)> = std::mem::take(&mut changes.instances)
+                .into_iter()
+                .filter(|(svc, _)| self.tree.services.contains_key(svc))
+                .collect();
+            for ((svc, child), data) in self.read_instances(s, nodes).await? {
+                match data {
+                    Some(data) => {
+                        let instance = self.parse(&svc, &child, data);
+                        if let Some(m) = self.tree.services.get_mut(&svc) {
+                            m.insert(child, instance);
+                        }
+                    }
+                    None => {
+                        if let Some(m) = self.tree.services.get_mut(&svc) {
+                            m.remove(&child);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses an instance, reusing the previous result when the data did not change so that a
+    /// malformed node is logged once per change, not once per re-read.
+    fn parse(&self, svc: &str, child: &str, data: Vec<u8>) -> Instance {
+        if let Some(old) = self.tree.services.get(svc).and_then(|m| m.get(child))
+            && old.data == data
+        {
+            return old.clone();
+        }
+        let backend = match formats::parse(self.cfg.format, child, &data) {
+            Ok(b) => b,
+            Err(e) => {
+                self.log_malformed(svc, child, &e);
+                None
+            }
+        };
+        Instance { data, backend }
+    }
+
+    fn log_malformed(&self, svc: &str, child: &str, e: &FormatError) {
+        warn!(source = %self.cfg.name, path = %self.path(&[svc, child]), error = %e, "skipping a malformed instance node");
+    }
+
+    /// The services as the registry wants them. Node names that are not service names are
+    /// skipped (logged once); two nodes naming the same service (`Web`, `web`) are merged.
+    /// Within a service, instances are ordered by node name and deduplicated by address.
+    fn specs(&mut self) -> Vec<ServiceSpec> {
+        let mut out: BTreeMap<ServiceName, ServiceSpec> = BTreeMap::new();
+        let mut seen_bad = HashSet::new();
+        for (node, instances) in &self.tree.services {
+            let name = match node.parse::<ServiceName>() {
+                Ok(n) => n,
+                Err(e) => {
+                    if !self.bad_names.contains(node) {
+                        warn!(source = %self.cfg.name, path = %self.path(&[node]), error = %e, "skipping a service node whose name is not a service name");
+                    }
+                    seen_bad.insert(node.clone());
+                    continue;
+                }
+            };
+            let spec = out
+                .entry(name.clone())
+                .or_insert_with(|| ServiceSpec::new(name));
+            for b in instances.values().filter_map(|i| i.backend.as_ref()) {
+                if !spec.backends.iter().any(|e| e.addr == b.addr) {
+                    spec.backends.push(b.clone());
+                }
+            }
+        }
+        self.bad_names = seen_bad;
+        out.into_values().collect()
+    }
+
+    /// Sends the set if it changed. False when the registry is gone (shutting down).
+    async fn publish(&mut self) -> bool {
+        let specs = self.specs();
+        if self.failing.take().is_some() {
+            info!(source = %self.cfg.name, services = specs.len(), "ZooKeeper source recovered");
+        }
+        if self.sent.as_ref() == Some(&specs) {
+            return true;
+        }
+        debug!(source = %self.cfg.name, services = specs.len(), backends = specs.iter().map(|s| s.backends.len()).sum::<usize>(), "ZooKeeper services changed");
+        self.sent = Some(specs.clone());
+        self.tx
+            .send(SourceEvent::Reset {
+                source: self.index,
+                services: specs,
+            })
+            .await
+            .is_ok()
+    }
+
+    /// Reports a failure once per distinct error; the registry keeps the last good set.
+    async fn fail(&mut self, e: &SessionError) -> bool {
+        let msg = e.to_string();
+        if self.failing.as_ref() == Some(&msg) {
+            return true;
+        }
+        self.failing = Some(msg.clone());
+        self.tx
+            .send(SourceEvent::Failed {
+                source: self.index,
+                error: msg,
+            })
+            .await
+            .is_ok()
+    }
+}
