@@ -1,0 +1,244 @@
+//! The decision for one connect() to a magic address: ask the daemon (or, when it does not
+//! answer, the fallback file or what this process learned), connect the caller's own socket to
+//! the chosen backend, retry refused or unreachable backends a bounded number of times and
+//! report them, and remember pending connects so a repeated connect() goes to the same backend.
+//!
+//! Safe code over the [`Os`] trait, so the tests drive it with a fake "real connect" and a fake
+//! daemon. The real implementation is in `os.rs`.
+
+use core::net::SocketAddr;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use discotech_wire::{
+    FLAG_INET6, FLAG_NONBLOCK, FLAG_REPORT_DONE, Kind, Reply, Request, Status, to_mapped,
+};
+use libc::c_int;
+
+use crate::choose::choose;
+use crate::slots::{FdTable, Learned};
+use crate::sys::SockInfo;
+
+/// Backends tried for one blocking connect before giving up.
+pub const MAX_ATTEMPTS: usize = 4;
+
+/// What the hook needs from the operating system and the daemon.
+pub trait Os {
+    type Session: Session;
+    fn sock_info(&self, fd: c_int) -> Option<SockInfo>;
+    /// The real connect of `fd` to `to`, in the socket's `domain`. Err is the errno.
+    fn connect(&self, fd: c_int, to: SocketAddr, domain: c_int) -> Result<(), c_int>;
+    /// A conversation with the daemon, or None if it cannot be reached (or is not trusted).
+    fn session(&self) -> Option<Self::Session>;
+    /// A choice from the fallback file, if there is one and it knows the service.
+    fn fallback(
+        &self,
+        dest: SocketAddr,
+        v6_ok: bool,
+        exclude: &[Option<SocketAddr>],
+        turn: u32,
+    ) -> Option<SocketAddr>;
+    fn pid(&self) -> u32;
+}
+
+pub trait Session {
+    /// One request and its reply, within the hook's time bound. None: no usable answer (the
+    /// session must not be used again).
+    fn ask(&mut self, req: &Request) -> Option<Reply>;
+    /// A message without a reply.
+    fn tell(&mut self, req: &Request);
+}
+
+/// The process-wide state the decision reads and updates.
+pub struct State {
+    pub fds: FdTable,
+    pub learned: Learned,
+    next_id: AtomicU32,
+    turn: AtomicU32,
+}
+
+impl State {
+    pub const fn new() -> Self {
+        Self {
+            fds: FdTable::new(),
+            learned: Learned::new(),
+            next_id: AtomicU32::new(1),
+            turn: AtomicU32::new(0),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not ours after all (not a TCP socket, or not a socket): call the real connect unchanged.
+    PassThrough,
+    /// The connect's result: Ok, or the errno to set.
+    Return(Result<(), c_int>),
+}
+
+/// errnos meaning "the connect is under way": the socket is committed to this backend.
+fn pending(e: c_int) -> bool {
+    matches!(e, libc::EINPROGRESS | libc::EALREADY | libc::EINTR)
+}
+
+/// errnos meaning "this backend is not there": try another.
+fn retryable(e: c_int) -> bool {
+    matches!(
+        e,
+        libc::ECONNREFUSED | libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ETIMEDOUT
+    )
+}
+
+#[derive(Clone, Copy)]
+struct Target {
+    addr: SocketAddr,
+    report_done: bool,
+}
+
+enum Choice {
+    Use(Target),
+    /// The daemon (or the records) says there is nothing to connect to.
+    Refuse,
+}
+
+struct Ctx<'a, O: Os> {
+    os: &'a O,
+    state: &'a State,
+    session: Option<O::Session>,
+    dest: SocketAddr,
+    v6_ok: bool,
+    flags: u8,
+}
+
+impl<O: Os> Ctx<'_, O> {
+    fn request(&self, kind: Kind) -> Request {
+        let id = self.state.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut req = Request::pick(
+            id,
+            self.dest.ip(),
+            self.dest.port(),
+            self.flags,
+            self.os.pid(),
+        );
+        req.kind = kind;
+        req
+    }
+
+    /// Asks the daemon; a session that fails once is dropped for the rest of this connect.
+    fn ask(&mut self, req: &Request) -> Option<Reply> {
+        let reply = self.session.as_mut()?.ask(req);
+        if reply.is_none() {
+            self.session = None;
+        }
+        reply
+    }
+
+    fn choice_from(&self, reply: Option<Reply>, tried: &[Option<SocketAddr>]) -> Option<Choice> {
+        let reply = reply?;
+        match reply.status {
+            Status::Ok => {
+                let addr = reply.backend_addr();
+                if tried.contains(&Some(addr)) || (!self.v6_ok && addr.is_ipv6()) {
+                    return None;
+                }
+                self.state.learned.put(self.dest, addr);
+                Some(Choice::Use(Target {
+                    addr,
+                    report_done: reply.flags & FLAG_REPORT_DONE != 0,
+                }))
+            }
+            Status::UnknownService | Status::NoBackend => Some(Choice::Refuse),
+            // Version skew or a confused daemon: route as if it were down.
+            Status::BadRequest | Status::UnsupportedVersion => None,
+        }
+    }
+
+    fn offline(&self, tried: &[Option<SocketAddr>]) -> Choice {
+        let turn = self.state.turn.fetch_add(1, Ordering::Relaxed);
+        let from_file = self.os.fallback(self.dest, self.v6_ok, tried, turn);
+        match from_file.or_else(|| choose(&self.state.learned, self.dest, self.v6_ok, tried, turn))
+        {
+            Some(addr) => Choice::Use(Target {
+                addr,
+                report_done: false,
+            }),
+            None => Choice::Refuse,
+        }
+    }
+}
+
+/// Routes one connect() of `fd` to the magic address `dest`.
+pub fn on_connect<O: Os>(os: &O, state: &State, fd: c_int, dest: SocketAddr) -> Verdict {
+    let Some(info) = os.sock_info(fd) else {
+        return Verdict::PassThrough;
+    };
+    if !info.stream || !(info.domain == libc::AF_INET || info.domain == libc::AF_INET6) {
+        return Verdict::PassThrough;
+    }
+    // A repeated connect on a socket whose connect is under way: same backend, no question.
+    if let Some(backend) = state.fds.get(fd, info.ino, dest) {
+        let r = os.connect(fd, backend, info.domain);
+        if !matches!(r, Err(e) if pending(e)) {
+            state.fds.remove(fd, info.ino);
+        }
+        return Verdict::Return(r);
+    }
+    let v6_ok = info.domain == libc::AF_INET6;
+    let flags =
+        if v6_ok { FLAG_INET6 } else { 0 } | if info.nonblocking { FLAG_NONBLOCK } else { 0 };
+    let mut ctx = Ctx {
+        os,
+        state,
+        session: os.session(),
+        dest,
+        v6_ok,
+        flags,
+    };
+    let mut tried: [Option<SocketAddr>; MAX_ATTEMPTS] = [None; MAX_ATTEMPTS];
+
+    let pick = ctx.request(Kind::Pick);
+    let reply = ctx.ask(&pick);
+    let mut choice = ctx
+        .choice_from(reply, &tried)
+        .unwrap_or_else(|| ctx.offline(&tried));
+    let mut last = libc::ECONNREFUSED;
+    for attempt in 0..MAX_ATTEMPTS {
+        let Choice::Use(target) = choice else { break };
+        if let Some(t) = tried.get_mut(attempt) {
+            *t = Some(target.addr);
+        }
+        let r = os.connect(fd, target.addr, info.domain);
+        let e = match r {
+            Err(e) if retryable(e) => e,
+            _ => {
+                if matches!(r, Err(e) if pending(e)) {
+                    state.fds.put(fd, info.ino, dest, target.addr);
+                }
+                if target.report_done {
+                    let mut done = ctx.request(Kind::Done);
+                    done.backend = to_mapped(target.addr.ip());
+                    done.backend_port = target.addr.port();
+                    if let Some(s) = ctx.session.as_mut() {
+                        s.tell(&done);
+                    }
+                }
+                return Verdict::Return(r);
+            }
+        };
+        last = e;
+        // Report the failure; the daemon's answer is the next backend to try.
+        let mut failed = ctx.request(Kind::Failed);
+        failed.attempt = u8::try_from(attempt + 1).unwrap_or(u8::MAX);
+        failed.backend = to_mapped(target.addr.ip());
+        failed.backend_port = target.addr.port();
+        failed.errno = u16::try_from(e).unwrap_or(u16::MAX);
+        let reply = ctx.ask(&failed);
+        choice = match ctx.choice_from(reply, &tried) {
+            Some(c) => c,
+            None => ctx.offline(&tried),
+        };
+    }
+    Verdict::Return(Err(last))
+}
+
+#[cfg(test)]
+mod tests;

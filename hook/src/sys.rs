@@ -1,0 +1,357 @@
+//! Every system call the hook makes, as small safe wrappers over libc. One of the two modules in
+//! this crate with `unsafe` (the other is `lib.rs`, the FFI entry points). Each wrapper only
+//! passes pointers to locals it owns, is async-signal-safe, and allocates nothing.
+//! Errors come back as the raw errno value.
+
+use core::ffi::CStr;
+use core::mem::{MaybeUninit, size_of};
+use core::net::{IpAddr, SocketAddr};
+
+use libc::{c_int, c_void, sockaddr, socklen_t};
+
+/// The libc connect the hook wraps (resolved with dlsym(RTLD_NEXT) by redhook).
+pub type ConnectFn = unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
+
+/// The thread's errno.
+pub fn errno() -> c_int {
+    // SAFETY: __errno_location always returns a valid pointer to this thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+pub fn set_errno(value: c_int) {
+    // SAFETY: as above; writing errno is what libc functions do.
+    unsafe { *libc::__errno_location() = value }
+}
+
+/// A socket address in the kernel's layout, on the stack.
+#[derive(Clone, Copy)]
+pub struct RawAddr {
+    storage: libc::sockaddr_storage,
+    len: socklen_t,
+}
+
+impl RawAddr {
+    /// `addr` in the layout of a socket of `family` (AF_INET or AF_INET6). An IPv4 address on an
+    /// AF_INET6 socket becomes v4-mapped; an IPv6 address cannot go on an AF_INET socket (None).
+    pub fn for_family(addr: SocketAddr, family: c_int) -> Option<Self> {
+        // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+        let mut storage: libc::sockaddr_storage = unsafe { MaybeUninit::zeroed().assume_init() };
+        let len = match (family, addr.ip()) {
+            (libc::AF_INET, IpAddr::V4(v4)) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: addr.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(v4.octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+                unsafe { core::ptr::write((&raw mut storage).cast::<libc::sockaddr_in>(), sin) };
+                size_of::<libc::sockaddr_in>()
+            }
+            (libc::AF_INET6, ip) => {
+                let v6 = match ip {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                };
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: addr.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: v6.octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+                unsafe { core::ptr::write((&raw mut storage).cast::<libc::sockaddr_in6>(), sin6) };
+                size_of::<libc::sockaddr_in6>()
+            }
+            _ => return None,
+        };
+        Some(Self {
+            storage,
+            len: len as socklen_t,
+        })
+    }
+
+    fn as_ptr(&self) -> *const sockaddr {
+        (&raw const self.storage).cast()
+    }
+}
+
+/// Reads the destination of a connect() call: `(address, sockaddr family)`, or None for
+/// anything that is not a complete AF_INET/AF_INET6 address.
+///
+/// # Safety
+/// `addr` must be null or point to at least `len` readable bytes, as connect() requires.
+pub unsafe fn read_dest(addr: *const sockaddr, len: socklen_t) -> Option<(SocketAddr, c_int)> {
+    if addr.is_null() || (len as usize) < size_of::<libc::sa_family_t>() {
+        return None;
+    }
+    // SAFETY: addr is non-null with at least sa_family_t readable bytes (caller's contract);
+    // read_unaligned because callers need not align their sockaddr buffers.
+    let family =
+        c_int::from(unsafe { core::ptr::read_unaligned(addr.cast::<libc::sa_family_t>()) });
+    match family {
+        libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {
+            // SAFETY: len covers a whole sockaddr_in.
+            let sin = unsafe { core::ptr::read_unaligned(addr.cast::<libc::sockaddr_in>()) };
+            let ip = core::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Some((
+                SocketAddr::new(IpAddr::V4(ip), u16::from_be(sin.sin_port)),
+                family,
+            ))
+        }
+        libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: len covers a whole sockaddr_in6.
+            let sin6 = unsafe { core::ptr::read_unaligned(addr.cast::<libc::sockaddr_in6>()) };
+            let ip = core::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some((
+                SocketAddr::new(IpAddr::V6(ip), u16::from_be(sin6.sin6_port)),
+                family,
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Calls the real connect with `to`.
+pub fn connect(real: ConnectFn, fd: c_int, to: &RawAddr) -> Result<(), c_int> {
+    // SAFETY: `real` is libc's connect; `to` points to `to.len` initialized bytes.
+    let rc = unsafe { real(fd, to.as_ptr(), to.len) };
+    if rc == 0 { Ok(()) } else { Err(errno()) }
+}
+
+/// What the hook needs to know about the caller's socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockInfo {
+    pub stream: bool,
+    pub domain: c_int,
+    pub nonblocking: bool,
+    /// The socket's inode: tells a reused fd number apart from the socket it used to be.
+    pub ino: u64,
+}
+
+fn getsockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
+    let mut value: c_int = 0;
+    let mut len = size_of::<c_int>() as socklen_t;
+    // SAFETY: value and len are live locals of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&raw mut value).cast::<c_void>(),
+            &raw mut len,
+        )
+    };
+    (rc == 0).then_some(value)
+}
+
+/// The inode of `fd`, or None if it is not open.
+pub fn inode(fd: c_int) -> Option<u64> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat fills the stat buffer we own.
+    let rc = unsafe { libc::fstat(fd, st.as_mut_ptr()) };
+    // SAFETY: fstat returned 0, so it initialized the buffer.
+    (rc == 0).then(|| unsafe { st.assume_init() }.st_ino)
+}
+
+pub fn sock_info(fd: c_int) -> Option<SockInfo> {
+    let ty = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)?;
+    let domain = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+    // SAFETY: F_GETFL takes no pointer argument.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if fl < 0 {
+        return None;
+    }
+    Some(SockInfo {
+        stream: ty == libc::SOCK_STREAM,
+        domain,
+        nonblocking: fl & libc::O_NONBLOCK != 0,
+        ino: inode(fd)?,
+    })
+}
+
+pub fn getpid() -> u32 {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() as u32 }
+}
+
+/// (real uid, effective uid)
+pub fn uids() -> (u32, u32) {
+    // SAFETY: getuid and geteuid have no preconditions.
+    unsafe { (libc::getuid(), libc::geteuid()) }
+}
+
+/// Milliseconds on the monotonic clock.
+pub fn now_ms() -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a live local; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec
+        .saturating_mul(1000)
+        .saturating_add(ts.tv_nsec / 1_000_000)
+}
+
+/// An owned file descriptor, closed on drop.
+#[derive(Debug)]
+pub struct Fd(c_int);
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: we own this descriptor; errors from close are not actionable here.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// A connected, non-blocking, close-on-exec unix stream socket to `path` (a NUL-free byte
+/// path shorter than sun_path). Connects with the real connect, so it never re-enters the hook.
+pub fn unix_connect(real: ConnectFn, path: &[u8]) -> Result<Fd, c_int> {
+    // SAFETY: all-zero is a valid sockaddr_un.
+    let mut sun: libc::sockaddr_un = unsafe { MaybeUninit::zeroed().assume_init() };
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if path.is_empty() || path.len() >= sun.sun_path.len() {
+        return Err(libc::ENAMETOOLONG);
+    }
+    for (dst, &src) in sun.sun_path.iter_mut().zip(path) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: plain socket(2) call.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(errno());
+    }
+    let fd = Fd(raw);
+    let len = (size_of::<libc::sa_family_t>() + path.len() + 1) as socklen_t;
+    // SAFETY: sun is a live local of at least `len` bytes; `real` is libc's connect.
+    let rc = unsafe { real(fd.0, (&raw const sun).cast::<sockaddr>(), len) };
+    if rc != 0 {
+        return Err(errno());
+    }
+    Ok(fd)
+}
+
+/// The uid of the process on the other end of a unix socket (SO_PEERCRED).
+pub fn peer_uid(fd: &Fd) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = size_of::<libc::ucred>() as socklen_t;
+    // SAFETY: cred and len are live locals of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.0,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast::<c_void>(),
+            &raw mut len,
+        )
+    };
+    (rc == 0 && len as usize == size_of::<libc::ucred>()).then_some(cred.uid)
+}
+
+/// One non-blocking send without SIGPIPE. Returns bytes sent.
+pub fn send(fd: &Fd, buf: &[u8]) -> Result<usize, c_int> {
+    // SAFETY: buf is a live slice of buf.len() bytes.
+    let n = unsafe {
+        libc::send(
+            fd.0,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 { Err(errno()) } else { Ok(n as usize) }
+}
+
+/// One non-blocking receive. Ok(0) is end of stream.
+pub fn recv(fd: &Fd, buf: &mut [u8]) -> Result<usize, c_int> {
+    // SAFETY: buf is a live, writable slice of buf.len() bytes.
+    let n = unsafe { libc::recv(fd.0, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 { Err(errno()) } else { Ok(n as usize) }
+}
+
+/// Waits up to `timeout_ms` for `fd` to become readable. EINTR counts as "not yet".
+pub fn poll_in(fd: &Fd, timeout_ms: i64) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout_ms.clamp(0, i64::from(c_int::MAX)) as c_int;
+    // SAFETY: p is a live local array of one pollfd.
+    let rc = unsafe { libc::poll(&raw mut p, 1, ms) };
+    rc > 0 && p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// Opens a file read-only and close-on-exec.
+pub fn open_read(path: &CStr) -> Option<Fd> {
+    // SAFETY: path is NUL-terminated.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    (fd >= 0).then_some(Fd(fd))
+}
+
+/// The size of an open file.
+pub fn file_size(fd: &Fd) -> Option<u64> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat fills the buffer we own.
+    let rc = unsafe { libc::fstat(fd.0, st.as_mut_ptr()) };
+    // SAFETY: fstat returned 0, so the buffer is initialized.
+    (rc == 0).then(|| unsafe { st.assume_init() }.st_size as u64)
+}
+
+/// Reads as much of `buf` as the file holds at `offset` (retrying short reads and EINTR a few
+/// times). Returns the bytes read.
+pub fn pread_full(fd: &Fd, buf: &mut [u8], offset: u64) -> usize {
+    let mut done = 0usize;
+    for _ in 0..8 {
+        let Some(rest) = buf.get_mut(done..) else {
+            break;
+        };
+        if rest.is_empty() {
+            break;
+        }
+        let at = offset.saturating_add(done as u64) as libc::off_t;
+        // SAFETY: rest is a live, writable slice of rest.len() bytes.
+        let n = unsafe { libc::pread(fd.0, rest.as_mut_ptr().cast(), rest.len(), at) };
+        if n < 0 && errno() == libc::EINTR {
+            continue;
+        }
+        if n <= 0 {
+            break;
+        }
+        done += n as usize;
+    }
+    done
+}
+
+/// Runs `f` on an environment variable's bytes without allocating. Load-time only: getenv is
+/// not safe against a concurrent setenv, which is why it is never called on the connect path,
+/// and the bytes must not outlive `f`.
+pub fn with_env<R>(name: &CStr, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
+    // SAFETY: name is NUL-terminated; a non-null result is a NUL-terminated string in the
+    // environment block, read here before anything in this thread could change it.
+    let value = unsafe {
+        let p = libc::getenv(name.as_ptr());
+        if p.is_null() {
+            None
+        } else {
+            Some(CStr::from_ptr(p).to_bytes())
+        }
+    };
+    f(value)
+}

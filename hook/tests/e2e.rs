@@ -1,0 +1,412 @@
+//! End to end on loopback: the real hook library preloaded into the C clients in
+//! `tests/clients/`, talking to `discotech::hook_server::serve` running in this process with a
+//! hand-built snapshot, and backends that say who they are on 127.0.0.2, .3, ...
+//! Needs a C compiler (`cc`); everything binds loopback only and every wait is bounded.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use discotech::hook_server::{self, HookServerConfig};
+use discotech::service::{Backend, LbPolicy, ServiceSpec};
+use discotech::snapshot::{Service, Snapshot, shared};
+use tokio_util::sync::CancellationToken;
+
+const WEB: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 9);
+
+fn target_dir() -> PathBuf {
+    // target/<profile>/deps/e2e-HASH -> target/<profile>
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+/// The cdylib. `cargo test` builds only the rlib for tests, so build the cdylib here (a no-op
+/// when it is current; cargo releases its build lock before running tests).
+fn hook_lib() -> PathBuf {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let dir = target_dir();
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut c = Command::new(cargo);
+        c.args(["build", "-p", "discotech-hook", "--lib"])
+            .env("CARGO_TARGET_DIR", dir.parent().unwrap());
+        if release {
+            c.arg("--release");
+        }
+        let st = c.current_dir(env!("CARGO_MANIFEST_DIR")).status().unwrap();
+        assert!(st.success(), "building the hook library failed");
+        let lib = dir.join("libdiscotech_hook.so");
+        assert!(lib.is_file(), "{} missing", lib.display());
+        lib
+    })
+    .clone()
+}
+
+/// The C clients, compiled once per test run.
+fn client() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/clients/hookclient.c");
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hookclient");
+        let st = Command::new("cc")
+            .args(["-O2", "-Wall", "-pthread", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(st.success(), "cc failed");
+        out
+    })
+}
+
+/// A backend on `ip` that writes its name to every connection, until the test ends.
+struct Greeter {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Greeter {
+    fn start(ip: &str, name: &str) -> Self {
+        let listener = TcpListener::bind((ip, 0)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, line) = (stop.clone(), format!("{name}\n"));
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !stop2.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.write_all(line.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                }
+            }
+        });
+        Self { addr, stop }
+    }
+}
+
+impl Drop for Greeter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// An address on which nothing listens (a port bound and released).
+fn dead(ip: &str) -> SocketAddr {
+    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
+}
+
+fn service(lb: LbPolicy, backends: &[SocketAddr]) -> Service {
+    let mut spec = ServiceSpec::new("web".parse().unwrap());
+    spec.lb = lb;
+    spec.backends = backends.iter().map(|&a| Backend::new(a)).collect();
+    Service {
+        spec,
+        magic_v4: WEB,
+        magic_v6: None,
+    }
+}
+
+/// `hook_server::serve` on a socket in a temp dir, on its own runtime thread.
+struct Daemon {
+    dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+    done: mpsc::Receiver<()>,
+}
+
+impl Daemon {
+    fn start(services: Vec<Service>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("hook.sock");
+        let snap = Snapshot::new(1, services);
+        hook_server::write_fallback(
+            &dir.path().join("hook.snapshot"),
+            &snap,
+            "127.77.0.0/16".parse().unwrap(),
+            None,
+        )
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let (tx, done) = mpsc::channel();
+        let (ready_tx, ready) = mpsc::channel();
+        let token = shutdown.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+                ready_tx.send(()).unwrap();
+                let cfg = HookServerConfig {
+                    socket: sock,
+                    ..Default::default()
+                };
+                hook_server::serve(listener, shared(snap), cfg, token)
+                    .await
+                    .unwrap();
+            });
+            let _ = tx.send(());
+        });
+        ready.recv_timeout(Duration::from_secs(5)).unwrap();
+        Self {
+            dir,
+            shutdown,
+            done,
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("hook.sock")
+    }
+
+    /// Stops serving and removes the socket; the fallback file stays unless `keep_file` is false.
+    fn kill(&self, keep_file: bool) {
+        self.shutdown.cancel();
+        self.done.recv_timeout(Duration::from_secs(5)).unwrap();
+        std::fs::remove_file(self.socket()).unwrap();
+        if !keep_file {
+            std::fs::remove_file(self.dir.path().join("hook.snapshot")).unwrap();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn run(socket: Option<&Path>, args: &[&str]) -> Output {
+    let mut c = Command::new("timeout");
+    c.arg("30").arg(client()).args(args);
+    if let Some(socket) = socket {
+        c.env("LD_PRELOAD", hook_lib())
+            .env("DISCOTECH_SOCKET", socket);
+    }
+    c.output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn counts(out: &str) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for line in out.lines() {
+        *m.entry(line.to_string()).or_insert(0) += 1;
+    }
+    m
+}
+
+#[test]
+fn round_robin_spreads_blocking_connects_evenly_over_real_backends() {
+    let (a, b, c) = (
+        Greeter::start("127.0.0.2", "a"),
+        Greeter::start("127.0.0.3", "b"),
+        Greeter::start("127.0.0.4", "c"),
+    );
+    let d = Daemon::start(vec![service(
+        LbPolicy::RoundRobin,
+        &[a.addr, b.addr, c.addr],
+    )]);
+    let out = run(Some(&d.socket()), &["many", "127.77.0.9", "80", "30"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let got = counts(&stdout(&out));
+    assert_eq!(
+        got,
+        BTreeMap::from([
+            ("OK a".into(), 10),
+            ("OK b".into(), 10),
+            ("OK c".into(), 10)
+        ])
+    );
+}
+
+#[test]
+fn weights_hold_over_a_cycle() {
+    let (a, b) = (
+        Greeter::start("127.0.0.2", "a"),
+        Greeter::start("127.0.0.3", "b"),
+    );
+    let mut svc = service(LbPolicy::WeightedRoundRobin, &[a.addr, b.addr]);
+    svc.spec.backends[1].weight = 3;
+    let d = Daemon::start(vec![svc]);
+    let out = run(Some(&d.socket()), &["many", "127.77.0.9", "80", "40"]);
+    assert_eq!(
+        counts(&stdout(&out)),
+        BTreeMap::from([("OK a".into(), 10), ("OK b".into(), 30)])
+    );
+}
+
+#[test]
+fn every_client_shape_works_through_the_hook() {
+    let a = Greeter::start("127.0.0.2", "a");
+    let d = Daemon::start(vec![service(LbPolicy::RoundRobin, &[a.addr])]);
+    let s = d.socket();
+
+    let out = stdout(&run(Some(&s), &["nonblock", "127.77.0.9", "80"]));
+    assert!(out.starts_with("OK a first=EINPROGRESS"), "{out}");
+    assert!(
+        out.contains("third=EISCONN") && out.contains("nonblock=1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("second=EALREADY")
+            || out.contains("second=EISCONN")
+            || out.contains("second=0"),
+        "{out}"
+    );
+
+    assert_eq!(
+        stdout(&run(Some(&s), &["v6mapped", "127.77.0.9", "80"])),
+        "OK a\n"
+    );
+    // UDP connects are not touched: the kernel holds the magic address itself as the peer.
+    assert_eq!(
+        stdout(&run(Some(&s), &["udp", "127.77.0.9", "5353"])),
+        "OK peer=127.77.0.9:5353\n"
+    );
+    // Non-magic destinations pass straight through.
+    let direct = a.addr.to_string();
+    let (ip, port) = direct.split_once(':').unwrap();
+    assert_eq!(stdout(&run(Some(&s), &["block", ip, port])), "OK a\n");
+
+    let out = run(Some(&s), &["forkthreads", "127.77.0.9", "80", "25"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let out = run(Some(&s), &["signal", "127.77.0.9", "80", "300"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+}
+
+#[test]
+fn refused_backends_are_skipped_and_errno_matches_an_unhooked_connect() {
+    let a = Greeter::start("127.0.0.2", "a");
+    let down = dead("127.0.0.3");
+    let d = Daemon::start(vec![
+        service(LbPolicy::RoundRobin, &[down, a.addr]),
+        Service {
+            magic_v4: Ipv4Addr::new(127, 77, 0, 10),
+            ..service(LbPolicy::RoundRobin, &[dead("127.0.0.5")])
+        },
+    ]);
+    let out = run(Some(&d.socket()), &["many", "127.77.0.9", "80", "10"]);
+    assert_eq!(counts(&stdout(&out)), BTreeMap::from([("OK a".into(), 10)]));
+
+    // The only backend refuses: the same errno a plain connect to it gives.
+    let hooked = stdout(&run(Some(&d.socket()), &["block", "127.77.0.10", "80"]));
+    let ds = down.to_string();
+    let (ip, port) = ds.split_once(':').unwrap();
+    let plain = stdout(&run(None, &["block", ip, port]));
+    assert_eq!(hooked, "ERR ECONNREFUSED\n");
+    assert_eq!(hooked, plain);
+}
+
+#[test]
+fn daemon_down_clients_route_from_the_fallback_file_and_fail_fast_with_nothing_known() {
+    let (a, b) = (
+        Greeter::start("127.0.0.2", "a"),
+        Greeter::start("127.0.0.3", "b"),
+    );
+    let d = Daemon::start(vec![service(LbPolicy::RoundRobin, &[a.addr, b.addr])]);
+    d.kill(true);
+    let out = run(Some(&d.socket()), &["many", "127.77.0.9", "80", "10"]);
+    assert_eq!(
+        counts(&stdout(&out)),
+        BTreeMap::from([("OK a".into(), 5), ("OK b".into(), 5)])
+    );
+
+    let d = Daemon::start(vec![service(LbPolicy::RoundRobin, &[a.addr])]);
+    d.kill(false);
+    let t = Instant::now();
+    let out = run(Some(&d.socket()), &["block", "127.77.0.9", "80"]);
+    assert_eq!(stdout(&out), "ERR ECONNREFUSED\n");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "must fail fast, took {:?}",
+        t.elapsed()
+    );
+}
+
+/// A squatter on the socket path, running as nobody: it answers a pick with its own backend.
+/// Returns what it printed ("accepted", then "asked" if a request came).
+fn squat(sock: &Path, evil: SocketAddr, client_env: &[(&str, &str)]) -> (String, String) {
+    let script = format!(
+        r#"
+import socket, os, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind({sock:?}); os.chmod({sock:?}, 0o777); s.listen(8); s.settimeout(20)
+print("listening", flush=True)
+c, _ = s.accept(); print("accepted", flush=True)
+req = c.recv(64)
+if len(req) == 64:
+    print("asked", flush=True)
+    ip = bytes(10) + b"\xff\xff" + socket.inet_aton({ip:?})
+    c.sendall(b"DT\x01\x81" + req[4:8] + b"\x00\x00" + struct.pack(">H", {port}) + ip + bytes(36))
+    c.recv(64)
+"#,
+        sock = sock.to_str().unwrap(),
+        ip = evil.ip().to_string(),
+        port = evil.port()
+    );
+    let _ = std::fs::remove_file(sock);
+    let mut squatter = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            &script,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(squatter.stdout.take().unwrap()));
+    assert_eq!(lines.next().unwrap().unwrap(), "listening");
+    let mut c = Command::new("timeout");
+    c.arg("30")
+        .arg(client())
+        .args(["block", "127.77.0.9", "80"]);
+    c.env("LD_PRELOAD", hook_lib())
+        .env("DISCOTECH_SOCKET", sock);
+    for (k, v) in client_env {
+        c.env(k, v);
+    }
+    let out = stdout(&c.output().unwrap());
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    let said: Vec<String> = lines.map_while(Result::ok).collect();
+    (said.join(" "), out)
+}
+
+#[test]
+fn a_daemon_socket_owned_by_another_user_is_not_trusted() {
+    let evil = Greeter::start("127.0.0.6", "evil");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let sock = dir.path().join("hook.sock");
+    let (said, out) = squat(&sock, evil.addr, &[]);
+    assert_eq!(said, "accepted", "the hook must hang up before asking");
+    assert_eq!(
+        out, "ERR ECONNREFUSED\n",
+        "the hook followed a daemon it must not trust"
+    );
+    // Control: naming that uid as the daemon's makes the same squatter trusted.
+    let (said, out) = squat(&sock, evil.addr, &[("DISCOTECH_DAEMON_UID", "65534")]);
+    assert_eq!(said, "accepted asked");
+    assert_eq!(out, "OK evil\n");
+}
