@@ -5,3 +5,5 @@
 mod dns;
 mod dns_srv;
 mod harness;
+mod zk;
+mod zookeeper;
