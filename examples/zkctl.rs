@@ -6,12 +6,12 @@
 //! ```
 //! `create` makes missing parents and replaces the data of an existing node; `delete` is
 //! recursive and ignores a missing node; `wait` retries until the server answers (30 s at most).
-//! With `--auth`, created nodes are readable by anyone and writable by that digest user.
+//! With `--auth`, created nodes are readable and writable only by that digest user.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use zookeeper_async::{Acl, CreateMode, Permission, ZkError, ZooKeeper};
+use zookeeper_async::{Acl, CreateMode, ZkError, ZooKeeper};
 
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -41,12 +41,22 @@ async fn main() -> ExitCode {
 }
 
 async fn connect(hosts: &str, auth: Option<&str>) -> Result<ZooKeeper, String> {
-    let zk = tokio::time::timeout(OP_TIMEOUT, ZooKeeper::connect_with_retry_time(hosts, Duration::from_secs(10), |_| {}, Duration::from_millis(100)))
-        .await
-        .map_err(|_| format!("cannot connect to {hosts}"))?
-        .map_err(|e| format!("connect {hosts}: {e}"))?;
+    let zk = tokio::time::timeout(
+        OP_TIMEOUT,
+        ZooKeeper::connect_with_retry_time(
+            hosts,
+            Duration::from_secs(10),
+            |_| {},
+            Duration::from_millis(100),
+        ),
+    )
+    .await
+    .map_err(|_| format!("cannot connect to {hosts}"))?
+    .map_err(|e| format!("connect {hosts}: {e}"))?;
     if let Some(a) = auth {
-        op(zk.add_auth("digest", a.as_bytes().to_vec())).await.map_err(|e| format!("auth: {e}"))?;
+        op(zk.add_auth("digest", a.as_bytes().to_vec()))
+            .await
+            .map_err(|e| format!("auth: {e}"))?;
     }
     Ok(zk)
 }
@@ -70,7 +80,9 @@ async fn run(hosts: &str, auth: Option<String>, commands: &[String]) -> Result<(
             };
             match attempt.await {
                 Ok(_) => break,
-                Err(e) if Instant::now() > deadline => return Err(format!("server did not answer: {e}")),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("server did not answer: {e}"));
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
@@ -81,13 +93,17 @@ async fn run(hosts: &str, auth: Option<String>, commands: &[String]) -> Result<(
     }
     let zk = connect(hosts, auth.as_deref()).await?;
     let acl = if auth.is_some() {
-        vec![Acl::new(Permission::READ, "world", "anyone"), Acl::new(Permission::ALL, "auth", "")]
+        Acl::creator_all().clone()
     } else {
         Acl::open_unsafe().clone()
     };
     for command in commands {
         let mut parts = command.splitn(3, ' ');
-        let (verb, path, data) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let (verb, path, data) = (
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
         let what = |e: String| format!("{command}: {e}");
         match verb {
             "create" => {
@@ -96,8 +112,14 @@ async fn run(hosts: &str, auth: Option<String>, commands: &[String]) -> Result<(
                 for (i, seg) in segments.iter().enumerate() {
                     prefix.push('/');
                     prefix.push_str(seg);
-                    let body = if i + 1 == segments.len() { data.as_bytes().to_vec() } else { Vec::new() };
-                    match op(zk.create(&prefix, body.clone(), acl.clone(), CreateMode::Persistent)).await {
+                    let body = if i + 1 == segments.len() {
+                        data.as_bytes().to_vec()
+                    } else {
+                        Vec::new()
+                    };
+                    match op(zk.create(&prefix, body.clone(), acl.clone(), CreateMode::Persistent))
+                        .await
+                    {
                         Ok(_) => {}
                         Err(e) if e == ZkError::NodeExists.to_string() => {
                             if i + 1 == segments.len() {
@@ -109,7 +131,9 @@ async fn run(hosts: &str, auth: Option<String>, commands: &[String]) -> Result<(
                 }
             }
             "set" => {
-                op(zk.set_data(path, data.as_bytes().to_vec(), None)).await.map_err(what)?;
+                op(zk.set_data(path, data.as_bytes().to_vec(), None))
+                    .await
+                    .map_err(what)?;
             }
             "delete" => delete(&zk, path).await.map_err(what)?,
             "ls" => {
@@ -146,7 +170,11 @@ async fn delete(zk: &ZooKeeper, path: &str) -> Result<(), String> {
         match op(zk.get_children(&p, false)).await {
             Ok(children) => {
                 for c in children {
-                    let child = if p == "/" { format!("/{c}") } else { format!("{p}/{c}") };
+                    let child = if p == "/" {
+                        format!("/{c}")
+                    } else {
+                        format!("{p}/{c}")
+                    };
                     stack.push((child, false));
                 }
             }

@@ -2,8 +2,9 @@
 //! instance in one of the layouts of [`formats`]. It watches the root's children, every service's
 //! children and every instance's data, re-reads only what a watch said changed, and sends the
 //! whole set as a `Reset` within milliseconds. A lost connection or an expired session keeps the
-//! last good set (a `Failed`, never an empty `Reset`); once connected again it re-reads everything
-//! with new watches, because neither the server nor the client library carries watches over.
+//! last good set (a `Failed`, never an empty `Reset`); once reachable again it re-reads everything
+//! in a fresh session with new watches, because neither the server nor the client library carries
+//! watches over a reconnect.
 
 pub mod formats;
 pub mod session;
@@ -183,14 +184,13 @@ pub async fn run(
                     }
                     Some(ZkState::Connected | ZkState::ConnectedReadOnly) => {
                         if disconnected {
-                            disconnected = false;
-                            info!(source = %what, "ZooKeeper connection is back; re-reading");
-                            if let Err(e) = s.authenticate().await {
-                                warn!(source = %what, error = %e, "re-authenticating failed");
-                            }
-                            need_sync = true;
-                            retry_at = None;
-                            backoff = BACKOFF_MIN;
+                            // The server dropped this connection's watches, and the client library
+                            // still holds a callback for each: a fresh client re-reads with new
+                            // watches and frees the old callbacks, which would otherwise pile up
+                            // with every reconnect.
+                            info!(source = %what, "ZooKeeper is reachable again; re-reading with a fresh session");
+                            s.close().await;
+                            continue 'session;
                         }
                     }
                     Some(ZkState::AuthFailed | ZkState::Closed) | None => {

@@ -428,3 +428,32 @@ fn zookeeper_guard_holds_a_90_percent_drop_made_in_quick_steps() {
         d.log_text()
     );
 }
+
+#[test]
+fn zookeeper_digest_auth_reads_protected_nodes_and_survives_a_server_restart() {
+    let ns = Netns::new();
+    let mut zk = ZkServer::start(&ns, ZK_PORT);
+    let auth = "disco:s3cret";
+    let hosts = zk.hosts.clone();
+    let as_user = |cmds: &[&str]| {
+        let mut args = vec!["--auth", auth, hosts.as_str()];
+        args.extend_from_slice(cmds);
+        ns.ok(&zk::zkctl(), &args)
+    };
+    as_user(&["create /secure/web/127.0.0.2:80"]);
+    let anonymous = ns.run(&zk::zkctl(), &[&zk.hosts, "ls /secure"]);
+    assert!(!anonymous.status.success(), "the nodes are protected");
+
+    let source = format!("{}auth = \"{auth}\"\n", zk::source(&zk, "/secure", "2s"));
+    let mut d = zk::daemon(&ns, &source);
+    d.start();
+    srv_until(&d, "web.disco", Duration::from_secs(5), |a| {
+        a == ["0 1 80 127-0-0-2.web.disco."]
+    });
+
+    // Credentials are per connection: after the server comes back they must be sent again.
+    zk.kill(&ns);
+    zk.restart(&ns);
+    as_user(&["create /secure/web/127.0.0.3:80"]);
+    srv_until(&d, "web.disco", Duration::from_secs(15), |a| a.len() == 2);
+}

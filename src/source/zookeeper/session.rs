@@ -70,7 +70,8 @@ impl Session {
     /// them with a blocking call on a runtime thread.
     ///
     /// # Errors
-    /// `Shutdown` only: every other failure is retried (and logged once per kind of failure).
+    /// `Shutdown` only: every other failure (resolving, connecting, authenticating) is retried
+    /// with backoff and logged once per distinct error.
     pub async fn connect(
         hosts: &[String],
         session_timeout: Duration,
@@ -117,11 +118,19 @@ impl Session {
                         zk: Arc::new(zk),
                         states,
                         op_timeout: session_timeout.max(Duration::from_secs(1)),
-                        auth,
+                        auth: auth.clone(),
                     };
-                    session.authenticate().await?;
-                    debug!(what, hosts = ?hosts, "ZooKeeper client started");
-                    return Ok(session);
+                    // A session that cannot authenticate would read nothing: drop it and retry.
+                    match session.authenticate().await {
+                        Ok(()) => {
+                            debug!(what, hosts = ?hosts, "ZooKeeper client started");
+                            return Ok(session);
+                        }
+                        Err(e) => {
+                            session.close().await;
+                            e.to_string()
+                        }
+                    }
                 }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("no ZooKeeper host of {hosts:?} accepted a connection"),
@@ -139,7 +148,7 @@ impl Session {
     }
 
     /// Sends the digest credentials. The client library does not replay them after a reconnect,
-    /// so this runs again on every `Connected`.
+    /// so a session that reconnects must call this again.
     ///
     /// # Errors
     /// The server refused the credentials or did not answer in time.
