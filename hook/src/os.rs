@@ -3,14 +3,18 @@
 //! Built only from the safe wrappers in `sys.rs`.
 
 use core::net::SocketAddr;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use discotech_wire::fallback::{HEADER_LEN, Header, RECORD_LEN, Record};
-use discotech_wire::{MSG_LEN, Reply, Request};
+use discotech_wire::{
+    FLAG_REPORT_DONE, Kind, MSG_LEN, Reply, Request, Status, from_mapped, to_mapped,
+};
 use libc::c_int;
 
 use crate::choose::{Records, choose};
 use crate::config::Config;
 use crate::route::{Os, Session};
+use crate::slots::Prefetched;
 use crate::sys::{self, ConnectFn, Fd, RawAddr, SockInfo};
 
 pub struct RealOs {
@@ -50,36 +54,175 @@ impl Os for RealOs {
     }
 }
 
-/// One connection to the daemon, opened per connect() (so nothing is shared across fork) and
-/// closed when dropped.
+/// The process's connection to the daemon, reused across connects so a lookup costs one round
+/// trip rather than a connect, a credentials check and a round trip.
+///
+/// Lock-free: a connect takes it with one compare-and-swap on `HOLDER` (the holder's pid and a
+/// token) and otherwise opens a connection of its own for this lookup, so two threads (or a
+/// signal handler and the code it interrupted) never share it and nobody waits. It is only
+/// used by the process that opened it (the pid is checked, so a fork child opens its own) and
+/// only while the descriptor number still holds the same socket (the inode is checked, in case
+/// the application closed it and the number was reused).
+static CACHED: AtomicU64 = AtomicU64::new(NONE);
+static CACHED_INO: AtomicU64 = AtomicU64::new(0);
+static HOLDER: AtomicU64 = AtomicU64::new(0);
+static TOKEN: AtomicU32 = AtomicU32::new(0);
+const NONE: u64 = u64::MAX;
+
+/// Pipelining: after answering a connect, the shared connection asks for the next pick of the
+/// same destination without waiting, so the next connect usually finds its answer already
+/// there and pays no round trip. At most one such request is outstanding; only the holder of
+/// the shared connection touches these.
+static PREFETCHED: Prefetched = Prefetched::new();
+static INFLIGHT_ID: AtomicU32 = AtomicU32::new(0);
+static INFLIGHT_DEST: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+static NEXT_PREFETCH_ID: AtomicU32 = AtomicU32::new(0);
+/// A pick made ahead is used only this soon after it arrived, so a backend change reaches a
+/// busy process within this bound (and a failed connect to a stale pick is retried anyway).
+const PREFETCH_MAX_AGE_MS: i64 = 500;
+/// Prefetch ids have the top bit set, so they never collide with the ids `route` uses.
+const PREFETCH_ID_BIT: u32 = 1 << 31;
+
+fn inflight_dest() -> (SocketAddr, u8) {
+    let [hi, lo, meta] = [0, 1, 2].map(|i| {
+        INFLIGHT_DEST
+            .get(i)
+            .map_or(0, |a| a.load(Ordering::Relaxed))
+    });
+    let ip = from_mapped(core::net::Ipv6Addr::from(
+        u128::from(hi) << 64 | u128::from(lo),
+    ));
+    (SocketAddr::new(ip, meta as u16), (meta >> 16) as u8)
+}
+
+fn set_inflight(id: u32, dest: SocketAddr, flags: u8) {
+    let v = u128::from(to_mapped(dest.ip()));
+    let words = [
+        (v >> 64) as u64,
+        v as u64,
+        u64::from(dest.port()) | u64::from(flags) << 16,
+    ];
+    for (a, w) in INFLIGHT_DEST.iter().zip(words) {
+        a.store(w, Ordering::Relaxed);
+    }
+    INFLIGHT_ID.store(id, Ordering::Relaxed);
+}
+
+fn pack(pid: u32, fd: c_int) -> u64 {
+    u64::from(pid) << 32 | u64::from(fd as u32)
+}
+
+/// Takes the process's connection if nobody holds it. A holder from another pid is a thread of
+/// the parent we were forked from: it does not exist here, so its claim is void.
+fn take_cache(pid: u32) -> Option<u64> {
+    let token = pack(pid, (TOKEN.fetch_add(1, Ordering::Relaxed) | 1) as c_int);
+    let held = HOLDER.load(Ordering::Acquire);
+    let free = held == 0 || (held >> 32) as u32 != pid;
+    (free
+        && HOLDER
+            .compare_exchange(held, token, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok())
+    .then_some(token)
+}
+
+fn release_cache(token: u64) {
+    let _ = HOLDER.compare_exchange(token, 0, Ordering::AcqRel, Ordering::Relaxed);
+}
+
+/// A conversation with the daemon: the process's shared connection or one of its own.
 pub struct DaemonSession {
-    fd: Fd,
+    fd: c_int,
+    /// Some(token) if `fd` is the process's connection, held with that token.
+    cached: Option<u64>,
+    broken: bool,
     timeout_ms: i64,
+    real: ConnectFn,
+    cfg: &'static Config,
+}
+
+/// A new connection to the daemon, if it is there and trusted.
+fn open_daemon(real: ConnectFn, cfg: &Config) -> Option<Fd> {
+    let fd = sys::unix_connect(real, cfg.socket_path()).ok()?;
+    // A process squatting on the socket path must not get to steer our traffic.
+    let uid = sys::peer_uid(fd.raw())?;
+    cfg.trusts(uid, sys::uids()).then_some(fd)
 }
 
 impl DaemonSession {
-    fn open(real: ConnectFn, cfg: &Config) -> Option<Self> {
-        let fd = sys::unix_connect(real, cfg.socket_path()).ok()?;
-        // A process squatting on the socket path must not get to steer our traffic.
-        let uid = sys::peer_uid(&fd)?;
-        if !cfg.trusts(uid, sys::uids()) {
-            return None;
+    fn open(real: ConnectFn, cfg: &'static Config) -> Option<Self> {
+        let pid = sys::getpid();
+        let Some(token) = take_cache(pid) else {
+            let fd = open_daemon(real, cfg)?.into_raw();
+            return Some(Self {
+                fd,
+                cached: None,
+                broken: false,
+                timeout_ms: cfg.timeout_ms,
+                real,
+                cfg,
+            });
+        };
+        let cached = CACHED.load(Ordering::Acquire);
+        if cached != NONE {
+            let fd = cached as u32 as c_int;
+            let ours = sys::inode(fd) == Some(CACHED_INO.load(Ordering::Acquire));
+            if ours && (cached >> 32) as u32 == pid {
+                let timeout_ms = cfg.timeout_ms;
+                return Some(Self {
+                    fd,
+                    cached: Some(token),
+                    broken: false,
+                    timeout_ms,
+                    real,
+                    cfg,
+                });
+            }
+            if ours {
+                // Inherited from the process we were forked from: our copy, not to be shared.
+                sys::close(fd);
+            }
+            CACHED.store(NONE, Ordering::Release);
         }
+        let Some(fd) = open_daemon(real, cfg) else {
+            release_cache(token);
+            return None;
+        };
+        let fd = fd.into_raw();
+        CACHED_INO.store(sys::inode(fd).unwrap_or(0), Ordering::Release);
+        CACHED.store(pack(pid, fd), Ordering::Release);
+        INFLIGHT_ID.store(0, Ordering::Relaxed);
         Some(Self {
             fd,
+            cached: Some(token),
+            broken: false,
             timeout_ms: cfg.timeout_ms,
+            real,
+            cfg,
         })
     }
-}
 
-impl Session for DaemonSession {
-    fn ask(&mut self, req: &Request) -> Option<Reply> {
+    /// Sends `req` and waits (bounded) for its reply. A prefetch reply that arrives first is
+    /// filed for later.
+    fn exchange(&mut self, req: &Request) -> Option<Reply> {
         let deadline = sys::now_ms().saturating_add(self.timeout_ms);
-        let out = req.encode();
-        // 64 bytes into a fresh unix socket's empty buffer go in one send.
-        if sys::send(&self.fd, &out).ok()? != MSG_LEN {
+        // 64 bytes fit a unix socket buffer the daemon keeps draining: one send.
+        if sys::send(self.fd, &req.encode()).ok()? != MSG_LEN {
             return None;
         }
+        for _ in 0..4 {
+            let reply = self.read_reply(deadline)?;
+            if reply.id == req.id {
+                return Some(reply);
+            }
+            if !self.file_prefetch(&reply) {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// One whole reply, waiting until `deadline` (a deadline in the past: no waiting).
+    fn read_reply(&mut self, deadline: i64) -> Option<Reply> {
         let mut buf = [0u8; MSG_LEN];
         let mut got = 0usize;
         // Bounded by the deadline; each turn either reads bytes or waits in poll.
@@ -87,26 +230,155 @@ impl Session for DaemonSession {
             if got == MSG_LEN {
                 break;
             }
+            match sys::recv(self.fd, buf.get_mut(got..)?) {
+                Ok(0) => return None,
+                Ok(n) => {
+                    got += n;
+                    continue;
+                }
+                Err(e) if e == libc::EAGAIN || e == libc::EINTR => {}
+                Err(_) => return None,
+            }
             let left = deadline.saturating_sub(sys::now_ms());
             if left <= 0 {
                 return None;
             }
-            if !sys::poll_in(&self.fd, left) {
-                continue;
-            }
-            match sys::recv(&self.fd, buf.get_mut(got..)?) {
-                Ok(0) => return None,
-                Ok(n) => got += n,
-                Err(e) if e == libc::EAGAIN || e == libc::EINTR => {}
-                Err(_) => return None,
+            sys::poll_in(self.fd, left);
+        }
+        if got != MSG_LEN {
+            return None;
+        }
+        Reply::decode(&buf).ok()
+    }
+
+    /// Files the reply to the outstanding prefetch. False if `reply` is not that one.
+    fn file_prefetch(&mut self, reply: &Reply) -> bool {
+        let id = INFLIGHT_ID.load(Ordering::Relaxed);
+        if id == 0 || reply.id != id {
+            return false;
+        }
+        INFLIGHT_ID.store(0, Ordering::Relaxed);
+        let (dest, flags) = inflight_dest();
+        if reply.status == Status::Ok {
+            if reply.flags & FLAG_REPORT_DONE != 0 {
+                // The service went p2c: this pick counts as outstanding until reported done.
+                let mut done = Request::pick(id, dest.ip(), dest.port(), flags, sys::getpid());
+                done.kind = Kind::Done;
+                done.backend = reply.backend;
+                done.backend_port = reply.backend_port;
+                self.tell(&done);
+            } else {
+                PREFETCHED.put(dest, flags, reply.backend_addr(), sys::now_ms());
             }
         }
-        let reply = Reply::decode(&buf).ok().filter(|_| got == MSG_LEN)?;
-        (reply.id == req.id).then_some(reply)
+        true
+    }
+
+    /// Collects a prefetch reply that has already arrived, without waiting.
+    fn collect(&mut self) {
+        if INFLIGHT_ID.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut buf = [0u8; MSG_LEN];
+        match sys::recv(self.fd, &mut buf) {
+            Err(e) if e == libc::EAGAIN || e == libc::EINTR => {}
+            Ok(MSG_LEN) => {
+                if !Reply::decode(&buf).is_ok_and(|r| self.file_prefetch(&r)) {
+                    self.broken = true;
+                }
+            }
+            _ => self.broken = true,
+        }
+    }
+
+    /// Asks for the next pick for `req`'s destination without waiting for the answer.
+    fn prefetch(&mut self, req: &Request) {
+        if self.broken || INFLIGHT_ID.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        let id = NEXT_PREFETCH_ID.fetch_add(1, Ordering::Relaxed) | PREFETCH_ID_BIT;
+        let mut ahead = *req;
+        ahead.id = id;
+        if sys::send(self.fd, &ahead.encode()).ok() == Some(MSG_LEN) {
+            set_inflight(id, SocketAddr::new(req.magic_ip(), req.port), req.flags);
+        } else {
+            self.broken = true;
+        }
+    }
+
+    /// Replaces a shared connection the daemon closed (idle timeout, restart) with a new one.
+    fn reconnect(&mut self) -> bool {
+        let Some(fd) = open_daemon(self.real, self.cfg) else {
+            return false;
+        };
+        sys::close(self.fd);
+        self.fd = fd.into_raw();
+        CACHED_INO.store(sys::inode(self.fd).unwrap_or(0), Ordering::Release);
+        CACHED.store(pack(sys::getpid(), self.fd), Ordering::Release);
+        INFLIGHT_ID.store(0, Ordering::Relaxed);
+        true
+    }
+}
+
+impl Session for DaemonSession {
+    fn ask(&mut self, req: &Request) -> Option<Reply> {
+        let ahead = self.cached.is_some() && req.kind == Kind::Pick && req.attempt == 0;
+        if ahead {
+            self.collect();
+            let dest = SocketAddr::new(req.magic_ip(), req.port);
+            if let Some(b) = PREFETCHED.take(dest, req.flags, sys::now_ms(), PREFETCH_MAX_AGE_MS) {
+                self.prefetch(req);
+                return Some(Reply::ok(req.id, b, 0, 0));
+            }
+        }
+        let reply = self.ask_now(req)?;
+        if ahead && reply.status == Status::Ok && reply.flags & FLAG_REPORT_DONE == 0 {
+            self.prefetch(req);
+        }
+        Some(reply)
     }
 
     fn tell(&mut self, req: &Request) {
-        let _ = sys::send(&self.fd, &req.encode());
+        if sys::send(self.fd, &req.encode()).ok() != Some(MSG_LEN) {
+            self.broken = true;
+        }
+    }
+}
+
+impl DaemonSession {
+    fn ask_now(&mut self, req: &Request) -> Option<Reply> {
+        let started = sys::now_ms();
+        if let Some(reply) = self.exchange(req) {
+            return Some(reply);
+        }
+        // A shared connection that failed at once was most likely closed by the daemon while
+        // we were not looking: one retry on a new connection. A slow daemon gets no retry.
+        let quick = sys::now_ms().saturating_sub(started) < self.timeout_ms;
+        if self.cached.is_some()
+            && quick
+            && self.reconnect()
+            && let Some(reply) = self.exchange(req)
+        {
+            return Some(reply);
+        }
+        self.broken = true;
+        None
+    }
+}
+
+impl Drop for DaemonSession {
+    fn drop(&mut self) {
+        match self.cached {
+            None => sys::close(self.fd),
+            Some(token) => {
+                if self.broken {
+                    // A reply may still arrive on it; a new connection keeps answers in order.
+                    CACHED.store(NONE, Ordering::Release);
+                    sys::close(self.fd);
+                }
+                release_cache(token);
+            }
+        }
     }
 }
 

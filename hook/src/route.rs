@@ -103,7 +103,10 @@ enum Choice {
 struct Ctx<'a, O: Os> {
     os: &'a O,
     state: &'a State,
+    /// Opened when first needed, released while the connect runs unless a done report is due.
     session: Option<O::Session>,
+    /// The daemon did not answer once: do not wait for it again during this connect.
+    daemon_down: bool,
     dest: SocketAddr,
     v6_ok: bool,
     flags: u8,
@@ -123,11 +126,18 @@ impl<O: Os> Ctx<'_, O> {
         req
     }
 
-    /// Asks the daemon; a session that fails once is dropped for the rest of this connect.
+    /// Asks the daemon; a daemon that fails once is not asked again during this connect.
     fn ask(&mut self, req: &Request) -> Option<Reply> {
-        let reply = self.session.as_mut()?.ask(req);
+        if self.daemon_down {
+            return None;
+        }
+        if self.session.is_none() {
+            self.session = self.os.session();
+        }
+        let reply = self.session.as_mut().and_then(|s| s.ask(req));
         if reply.is_none() {
             self.session = None;
+            self.daemon_down = true;
         }
         reply
     }
@@ -188,7 +198,8 @@ pub fn on_connect<O: Os>(os: &O, state: &State, fd: c_int, dest: SocketAddr) -> 
     let mut ctx = Ctx {
         os,
         state,
-        session: os.session(),
+        session: None,
+        daemon_down: false,
         dest,
         v6_ok,
         flags,
@@ -205,6 +216,10 @@ pub fn on_connect<O: Os>(os: &O, state: &State, fd: c_int, dest: SocketAddr) -> 
         let Choice::Use(target) = choice else { break };
         if let Some(t) = tried.get_mut(attempt) {
             *t = Some(target.addr);
+        }
+        if !target.report_done {
+            // Let other threads use the process's daemon connection while this connect runs.
+            ctx.session = None;
         }
         let r = os.connect(fd, target.addr, info.domain);
         let e = match r {

@@ -179,6 +179,67 @@ impl Records for Learned {
     }
 }
 
+const PREFETCH_SLOTS: usize = 16;
+
+/// Picks the daemon made ahead of time, one per (magic address, port, socket family), each
+/// with the time it arrived. A connect that finds a fresh one uses it instead of waiting for a
+/// round trip; taking it removes it, so every daemon pick is used at most once.
+pub struct Prefetched {
+    slots: [Slot<6>; PREFETCH_SLOTS],
+}
+
+impl Prefetched {
+    pub const fn new() -> Self {
+        Self {
+            slots: [const { Slot::new() }; PREFETCH_SLOTS],
+        }
+    }
+
+    fn key(dest: SocketAddr, flags: u8) -> (u64, u64, u64, usize) {
+        let (mh, ml) = split(to_mapped(dest.ip()));
+        let meta = VALID | u64::from(dest.port()) << 8 | u64::from(flags) << 24;
+        let h = (mh ^ ml.rotate_left(17) ^ meta.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            .wrapping_mul(0x0100_0000_01b3);
+        (meta, mh, ml, (h >> 32) as usize % PREFETCH_SLOTS)
+    }
+
+    pub fn put(&self, dest: SocketAddr, flags: u8, backend: SocketAddr, now_ms: i64) {
+        let (meta, mh, ml, i) = Self::key(dest, flags);
+        let (bh, bl) = split(to_mapped(backend.ip()));
+        if let Some(s) = self.slots.get(i) {
+            s.write([
+                meta | u64::from(backend.port()) << 32,
+                mh,
+                ml,
+                bh,
+                bl,
+                now_ms as u64,
+            ]);
+        }
+    }
+
+    /// The pick for this key if it is at most `max_age_ms` old; removed either way.
+    pub fn take(
+        &self,
+        dest: SocketAddr,
+        flags: u8,
+        now_ms: i64,
+        max_age_ms: i64,
+    ) -> Option<SocketAddr> {
+        let (meta, mh, ml, i) = Self::key(dest, flags);
+        let s = self.slots.get(i)?;
+        let [m, h, l, bh, bl, at] = s.read()?;
+        if m & 0xffff_ffff != meta || h != mh || l != ml {
+            return None;
+        }
+        if !s.write([0; 6]) {
+            return None; // someone else is taking it
+        }
+        let fresh = now_ms.saturating_sub(at as i64) <= max_age_ms;
+        fresh.then(|| SocketAddr::new(from_mapped(join(bh, bl)), (m >> 32) as u16))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -225,6 +286,20 @@ mod tests {
         s.seq.fetch_add(1, Ordering::Relaxed); // a writer interrupted mid-write
         assert_eq!(s.read(), None);
         assert!(!s.write([3, 4]));
+    }
+
+    #[test]
+    fn prefetched_picks_are_used_once_and_only_while_fresh() {
+        let p = Prefetched::new();
+        let dest = a("127.77.0.9:80");
+        p.put(dest, 0, a("127.0.0.2:8080"), 1000);
+        assert_eq!(p.take(dest, 1, 1000, 500), None, "other socket family");
+        assert_eq!(p.take(a("127.77.0.9:81"), 0, 1000, 500), None, "other port");
+        assert_eq!(p.take(dest, 0, 1400, 500), Some(a("127.0.0.2:8080")));
+        assert_eq!(p.take(dest, 0, 1400, 500), None, "used once");
+        p.put(dest, 0, a("127.0.0.3:8080"), 1000);
+        assert_eq!(p.take(dest, 0, 1501, 500), None, "too old");
+        assert_eq!(p.take(dest, 0, 1000, 500), None, "and gone");
     }
 
     #[test]

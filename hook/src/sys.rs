@@ -203,6 +203,24 @@ pub fn now_ms() -> i64 {
 #[derive(Debug)]
 pub struct Fd(c_int);
 
+impl Fd {
+    pub fn raw(&self) -> c_int {
+        self.0
+    }
+
+    /// Gives up ownership without closing.
+    pub fn into_raw(self) -> c_int {
+        let fd = self.0;
+        core::mem::forget(self);
+        fd
+    }
+}
+
+/// Closes a descriptor this crate opened and kept as a raw number.
+pub fn close(fd: c_int) {
+    drop(Fd(fd));
+}
+
 impl Drop for Fd {
     fn drop(&mut self) {
         // SAFETY: we own this descriptor; errors from close are not actionable here.
@@ -244,7 +262,7 @@ pub fn unix_connect(real: ConnectFn, path: &[u8]) -> Result<Fd, c_int> {
 }
 
 /// The uid of the process on the other end of a unix socket (SO_PEERCRED).
-pub fn peer_uid(fd: &Fd) -> Option<u32> {
+pub fn peer_uid(fd: c_int) -> Option<u32> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -254,7 +272,7 @@ pub fn peer_uid(fd: &Fd) -> Option<u32> {
     // SAFETY: cred and len are live locals of the sizes given.
     let rc = unsafe {
         libc::getsockopt(
-            fd.0,
+            fd,
             libc::SOL_SOCKET,
             libc::SO_PEERCRED,
             (&raw mut cred).cast::<c_void>(),
@@ -265,11 +283,11 @@ pub fn peer_uid(fd: &Fd) -> Option<u32> {
 }
 
 /// One non-blocking send without SIGPIPE. Returns bytes sent.
-pub fn send(fd: &Fd, buf: &[u8]) -> Result<usize, c_int> {
+pub fn send(fd: c_int, buf: &[u8]) -> Result<usize, c_int> {
     // SAFETY: buf is a live slice of buf.len() bytes.
     let n = unsafe {
         libc::send(
-            fd.0,
+            fd,
             buf.as_ptr().cast(),
             buf.len(),
             libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
@@ -279,16 +297,16 @@ pub fn send(fd: &Fd, buf: &[u8]) -> Result<usize, c_int> {
 }
 
 /// One non-blocking receive. Ok(0) is end of stream.
-pub fn recv(fd: &Fd, buf: &mut [u8]) -> Result<usize, c_int> {
+pub fn recv(fd: c_int, buf: &mut [u8]) -> Result<usize, c_int> {
     // SAFETY: buf is a live, writable slice of buf.len() bytes.
-    let n = unsafe { libc::recv(fd.0, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
     if n < 0 { Err(errno()) } else { Ok(n as usize) }
 }
 
 /// Waits up to `timeout_ms` for `fd` to become readable. EINTR counts as "not yet".
-pub fn poll_in(fd: &Fd, timeout_ms: i64) -> bool {
+pub fn poll_in(fd: c_int, timeout_ms: i64) -> bool {
     let mut p = libc::pollfd {
-        fd: fd.0,
+        fd,
         events: libc::POLLIN,
         revents: 0,
     };

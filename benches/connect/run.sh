@@ -1,0 +1,75 @@
+#!/bin/sh
+# Connect hook micro-benchmark: socket+connect+close cycles against a loopback backend, three
+# ways, interleaved (plain, hooked to a magic address, hooked to a non-magic address) for
+# ROUNDS rounds, then the median of each figure. Results go to docs/performance.md by hand.
+#
+#   benches/connect/run.sh            # ROUNDS=5 WARMUP=2000 ITERS=50000 PORT=18765 LB=round-robin
+#
+# The backend and the daemon (hook/examples/bench_daemon.rs: the hook server `discotech serve`
+# runs, with one service) are pinned to CPU 0, the client to CPU 1. Loopback only.
+set -eu
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+ROUNDS=${ROUNDS:-5}
+WARMUP=${WARMUP:-2000}
+ITERS=${ITERS:-50000}
+PORT=${PORT:-18765}
+LB=${LB:-round-robin}
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/release
+WORK=$(mktemp -d)
+PIDS=""
+cleanup() {
+    for p in $PIDS; do kill "$p" 2>/dev/null || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+(cd "$ROOT" && cargo build --release -q -p discotech-hook --lib --example bench_daemon)
+cc -O2 -o "$WORK/connect_bench" "$ROOT/benches/connect/connect_bench.c"
+LIB="$TARGET/libdiscotech_hook.so"
+
+taskset -c 0 "$WORK/connect_bench" --serve 127.0.0.2 "$PORT" >"$WORK/backend.log" 2>&1 &
+PIDS="$PIDS $!"
+taskset -c 0 "$TARGET/examples/bench_daemon" "$WORK/hook.sock" 127.77.0.9 "$LB" "127.0.0.2:$PORT" >"$WORK/daemon.log" 2>&1 &
+PIDS="$PIDS $!"
+i=0
+while [ ! -S "$WORK/hook.sock" ] || ! grep -q listening "$WORK/backend.log"; do
+    i=$((i + 1))
+    [ "$i" -gt 100 ] && { echo "daemon or backend did not start" >&2; cat "$WORK"/*.log >&2; exit 1; }
+    sleep 0.1
+done
+
+bench() { # NAME [env...] HOST PORT
+    name=$1; shift
+    line=$(env "$@" taskset -c 1 "$WORK/connect_bench" "$HOST" "$BPORT" "$WARMUP" "$ITERS")
+    echo "$name $line" | tee -a "$WORK/results"
+}
+echo "rounds=$ROUNDS warmup=$WARMUP iters=$ITERS lb=$LB kernel=$(uname -r) cpus=$(nproc)"
+r=0
+while [ "$r" -lt "$ROUNDS" ]; do
+    r=$((r + 1))
+    HOST=127.0.0.2 BPORT=$PORT bench plain X=1
+    HOST=127.77.0.9 BPORT=80 bench magic LD_PRELOAD="$LIB" DISCOTECH_SOCKET="$WORK/hook.sock"
+    HOST=127.0.0.2 BPORT=$PORT bench nonmagic LD_PRELOAD="$LIB" DISCOTECH_SOCKET="$WORK/hook.sock"
+done
+
+# Medians over rounds, and ratios to plain.
+awk '
+function med(name, key,   n, i, j, t, a) {
+    n = 0
+    for (i = 1; i <= cnt[name]; i++) a[++n] = v[name, key, i]
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+    return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+}
+{
+    name = $1; cnt[name]++
+    for (f = 2; f <= NF; f++) { split($f, kv, "="); v[name, kv[1], cnt[name]] = kv[2] }
+}
+END {
+    printf "%-9s %8s %8s %8s %8s %10s %10s\n", "mode", "p50_us", "p90_us", "p99_us", "mean_us", "p50/plain", "p99/plain"
+    split("plain magic nonmagic", order, " ")
+    for (o = 1; o <= 3; o++) {
+        m = order[o]
+        printf "%-9s %8.2f %8.2f %8.2f %8.2f %10.2f %10.2f\n", m, med(m, "p50_us"), med(m, "p90_us"), med(m, "p99_us"), med(m, "mean_us"), med(m, "p50_us") / med("plain", "p50_us"), med(m, "p99_us") / med("plain", "p99_us")
+    }
+    printf "passthrough overhead at p50: %.2f us\n", med("nonmagic", "p50_us") - med("plain", "p50_us")
+}' "$WORK/results"
