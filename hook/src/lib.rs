@@ -50,13 +50,13 @@ fn hooked(
     fd: c_int,
     dest: Option<(core::net::SocketAddr, c_int)>,
 ) -> Option<c_int> {
-    let (dest, _family) = dest?;
+    let (dest, family) = dest?;
     let cfg = CONFIG.get()?;
     if !cfg.is_magic(dest.ip()) {
         return None;
     }
     let saved = sys::errno();
-    match route::on_connect(&os::RealOs { real, cfg }, &STATE, fd, dest) {
+    match route::on_connect(&os::RealOs { real, cfg, family }, &STATE, fd, dest) {
         Verdict::PassThrough => {
             sys::set_errno(saved);
             None

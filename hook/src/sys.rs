@@ -159,9 +159,9 @@ pub fn inode(fd: c_int) -> Option<u64> {
     (rc == 0).then(|| unsafe { st.assume_init() }.st_ino)
 }
 
-pub fn sock_info(fd: c_int) -> Option<SockInfo> {
+/// The caller's socket: its type, blocking mode and inode; `domain` is taken as given.
+pub fn sock_info(fd: c_int, domain: c_int) -> Option<SockInfo> {
     let ty = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)?;
-    let domain = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
     // SAFETY: F_GETFL takes no pointer argument.
     let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     if fl < 0 {

@@ -383,10 +383,82 @@ if len(req) == 64:
         c.env(k, v);
     }
     let out = stdout(&c.output().unwrap());
+    // The squatter ends by itself once the client hangs up; give it a bounded while.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while squatter.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let _ = squatter.kill();
     let _ = squatter.wait();
     let said: Vec<String> = lines.map_while(Result::ok).collect();
     (said.join(" "), out)
+}
+
+#[test]
+fn named_ports_and_p2c_work_through_the_hook() {
+    let (http, grpc) = (
+        Greeter::start("127.0.0.2", "http"),
+        Greeter::start("127.0.0.2", "grpc"),
+    );
+    let other = Greeter::start("127.0.0.3", "other-http");
+    let mut svc = service(LbPolicy::P2c, &[http.addr]);
+    let name: discotech::service::PortName = "grpc".parse().unwrap();
+    svc.spec.client_ports.insert(9000, name.clone());
+    svc.spec.backends[0].ports.insert(name, grpc.addr.port());
+    let d = Daemon::start(vec![
+        svc,
+        Service {
+            magic_v4: Ipv4Addr::new(127, 77, 0, 10),
+            ..service(LbPolicy::P2c, &[other.addr, http.addr])
+        },
+    ]);
+    assert_eq!(
+        stdout(&run(Some(&d.socket()), &["block", "127.77.0.9", "9000"])),
+        "OK grpc\n"
+    );
+    assert_eq!(
+        stdout(&run(Some(&d.socket()), &["block", "127.77.0.9", "443"])),
+        "OK http\n"
+    );
+    // p2c: every connect reports done, so outstanding counts stay level and both backends serve.
+    let out = run(Some(&d.socket()), &["many", "127.77.0.10", "80", "40"]);
+    let got = counts(&stdout(&out));
+    assert_eq!(got.values().sum::<usize>(), 40, "{got:?}");
+    assert!(got.get("OK other-http").is_some_and(|&n| n >= 8), "{got:?}");
+    assert!(got.get("OK http").is_some_and(|&n| n >= 8), "{got:?}");
+}
+
+#[test]
+fn killing_the_daemon_mid_run_keeps_a_client_on_the_backends_it_learned() {
+    let (a, b) = (
+        Greeter::start("127.0.0.2", "a"),
+        Greeter::start("127.0.0.3", "b"),
+    );
+    let d = Daemon::start(vec![service(LbPolicy::RoundRobin, &[a.addr, b.addr])]);
+    let mut child = Command::new("timeout")
+        .arg("30")
+        .arg(client())
+        .args(["slowmany", "127.77.0.9", "80", "20"])
+        .env("LD_PRELOAD", hook_lib())
+        .env("DISCOTECH_SOCKET", d.socket())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let first: Vec<String> = lines.by_ref().take(4).map(Result::unwrap).collect();
+    assert_eq!(first, ["OK a", "OK b", "OK a", "OK b"]);
+    // Daemon gone, socket and fallback file too: only what the process learned is left.
+    d.kill(false);
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    assert!(child.wait().unwrap().success(), "{rest:?}");
+    assert_eq!(rest.len(), 16);
+    let to_a = rest.iter().filter(|l| *l == "OK a").count();
+    let to_b = rest.iter().filter(|l| *l == "OK b").count();
+    assert_eq!(to_a + to_b, 16, "{rest:?}");
+    assert!(
+        to_a >= 6 && to_b >= 6,
+        "keeps spreading over both: {rest:?}"
+    );
 }
 
 #[test]

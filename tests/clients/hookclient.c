@@ -10,6 +10,7 @@
  *   hookclient forkthreads HOST PORT N 4 threads doing N connects each while main forks 8 children
  *   hookclient signal    HOST PORT N   N connects in main while SIGALRM handlers connect too
  *   hookclient many      HOST PORT N   N blocking connects, prints each greeting (one per line)
+ *   hookclient slowmany  HOST PORT N   the same with 50 ms between connects
  *
  * Exit status: 0 on success, 2 on a connect error, 3 on anything else. Bounded: alarm(30).
  */
@@ -132,10 +133,11 @@ static int mode_block(const char *host, int port) {
     return report(e, buf);
 }
 
-static int mode_many(const char *host, int port, int n) {
+static int mode_many(const char *host, int port, int n, int pause_ms) {
     struct sockaddr_in sin = v4addr(host, port);
     int fails = 0;
     for (int i = 0; i < n; i++) {
+        if (i > 0 && pause_ms > 0) usleep((useconds_t)pause_ms * 1000);
         char buf[256];
         int e = one((struct sockaddr *)&sin, sizeof sin, AF_INET, buf, sizeof buf);
         if (report(e, buf)) fails++;
@@ -307,7 +309,8 @@ int main(int argc, char **argv) {
     int n = argc > 4 ? atoi(argv[4]) : 20;
     if (strcmp(mode, "signal") != 0) alarm(30);
     if (!strcmp(mode, "block")) return mode_block(host, port);
-    if (!strcmp(mode, "many")) return mode_many(host, port, n);
+    if (!strcmp(mode, "many")) return mode_many(host, port, n, 0);
+    if (!strcmp(mode, "slowmany")) return mode_many(host, port, n, 50);
     if (!strcmp(mode, "nonblock")) return mode_nonblock(host, port);
     if (!strcmp(mode, "v6mapped")) return mode_v6mapped(host, port);
     if (!strcmp(mode, "udp")) return mode_udp(host, port);
