@@ -9,20 +9,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_server::Server;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, SourceConfig};
+use crate::admin::{self, AdminContext, ReloadRequest};
+use crate::config::{Config, DnsConfig, SourceConfig};
 use crate::dns::answer::Zones;
 use crate::dns::forward::{ForwardConfig, Forwarder};
-use crate::dns::server::{DnsHandler, access_lists};
+use crate::dns::server::{DnsHandler, DnsState};
 use crate::dns::udp;
 use crate::magic::MagicMap;
 use crate::guard::Guard;
 use crate::hook_server::{self, HookServerConfig};
-use crate::registry::{Registry, StatePaths, unix_now};
+use crate::registry::{Command, Registry, StatePaths, unix_now};
 use crate::snapshot::{self, Snapshot};
 use crate::source::SourceEvent;
 use crate::source::file::FileSource;
@@ -41,8 +42,8 @@ pub enum DaemonError {
     StateDir { path: PathBuf, source: std::io::Error },
     #[error("DNS server: {0}")]
     Server(String),
-    #[error("cannot bind the hook socket {path}: {source}")]
-    HookSocket { path: PathBuf, source: std::io::Error },
+    #[error("cannot bind {path}: {source}")]
+    Socket { path: PathBuf, source: std::io::Error },
 }
 
 /// hickory-server wants to own its handler; ours is shared with the UDP workers.
@@ -59,10 +60,11 @@ impl hickory_server::server::RequestHandler for SharedHandler {
     }
 }
 
-/// Binds the hook socket, replacing a stale socket file but never a live daemon's socket.
-/// Mode 0666: every user's hooked programs may ask; the hook checks who owns the daemon end.
-fn bind_hook_socket(path: &Path) -> Result<UnixListener, DaemonError> {
-    let err = |source| DaemonError::HookSocket { path: path.to_path_buf(), source };
+/// Binds a unix socket, replacing a stale socket file but never a live daemon's socket.
+/// The hook socket is 0666 (every user's hooked programs may ask; the hook checks who owns the
+/// daemon end); the admin socket 0660 (root and the socket's group).
+fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
+    let err = |source| DaemonError::Socket { path: path.to_path_buf(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
@@ -73,7 +75,7 @@ fn bind_hook_socket(path: &Path) -> Result<UnixListener, DaemonError> {
         std::fs::remove_file(path).map_err(err)?;
     }
     let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).map_err(err)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(err)?;
     Ok(listener)
 }
 
@@ -84,6 +86,8 @@ pub struct Listeners {
     pub dns_tcp: Vec<TcpListener>,
     /// The hook socket; `None` runs without one (DNS only).
     pub hook: Option<UnixListener>,
+    /// The admin socket; `None` runs without one.
+    pub admin: Option<UnixListener>,
 }
 
 impl Listeners {
@@ -92,7 +96,12 @@ impl Listeners {
     /// # Errors
     /// The first address that cannot be bound, with the protocol and the OS error.
     pub fn bind(config: &Config) -> Result<Self, DaemonError> {
-        let mut l = Self { dns_udp: Vec::new(), dns_tcp: Vec::new(), hook: Some(bind_hook_socket(&config.hook.socket)?) };
+        let mut l = Self {
+            dns_udp: Vec::new(),
+            dns_tcp: Vec::new(),
+            hook: Some(bind_unix(&config.hook.socket, 0o666)?),
+            admin: Some(bind_unix(&config.admin.socket, 0o660)?),
+        };
         for addr in &config.dns.listen {
             let udp = UdpSocket::bind(addr).map_err(|source| DaemonError::Bind { proto: "udp", addr: *addr, source })?;
             // Port 0 means "any": TCP must then share the port UDP got.
@@ -109,11 +118,35 @@ impl Listeners {
     }
 }
 
-/// Runs the daemon until `shutdown` is cancelled.
+/// How the daemon is driven from outside: shutdown, and reload requests (SIGHUP, `discotech reload`).
+#[derive(Debug)]
+pub struct Control {
+    pub shutdown: CancellationToken,
+    reload_tx: mpsc::Sender<ReloadRequest>,
+    reload_rx: mpsc::Receiver<ReloadRequest>,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        let (reload_tx, reload_rx) = mpsc::channel(4);
+        Self { shutdown: CancellationToken::new(), reload_tx, reload_rx }
+    }
+}
+
+impl Control {
+    /// A handle to ask for reloads with.
+    pub fn reloader(&self) -> mpsc::Sender<ReloadRequest> {
+        self.reload_tx.clone()
+    }
+}
+
+/// Runs the daemon until `control.shutdown` is cancelled, reloading its config when asked.
 ///
 /// # Errors
 /// The state directory cannot be created, or the DNS server fails to start.
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), DaemonError> {
+pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> Result<(), DaemonError> {
+    let Control { shutdown, reload_tx, mut reload_rx } = control;
+    let started = std::time::Instant::now();
     let dir = &config.state.dir;
     std::fs::create_dir_all(dir).map_err(|source| DaemonError::StateDir { path: dir.clone(), source })?;
 
@@ -159,53 +192,32 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => warn!(path = %backends_path.display(), error = %e, "cannot read the last-known-good state"),
     }
-    let tracker = TaskTracker::new();
-    let (tx, rx) = mpsc::channel::<SourceEvent>(64);
-
     // Scan file sources once before answering, so the first query already sees every service.
     for (index, source) in config.sources.iter().enumerate() {
-        match source {
-            SourceConfig::File { path, .. } => {
-                let mut file = FileSource::new(path);
-                let scan = file.scan();
-                for p in &scan.problems {
-                    warn!(source = %source.name(), "{p}");
-                }
-                if scan.readable {
-                    registry.apply(SourceEvent::Reset { source: index, services: scan.services }, unix_now());
-                }
-                tracker.spawn(file.run(index, tx.clone(), shutdown.clone()));
+        if let SourceConfig::File { path, .. } = source {
+            let scan = FileSource::new(path).scan();
+            for p in &scan.problems {
+                warn!(source = %source.name(), "{p}");
             }
-            SourceConfig::DnsSrv(srv) => {
-                tracker.spawn(crate::source::dns_srv::run(srv.clone(), index, tx.clone(), shutdown.clone()));
-            }
-            SourceConfig::Zookeeper(zk) => {
-                tracker.spawn(crate::source::zookeeper::run(zk.clone(), index, tx.clone(), shutdown.clone()));
+            if scan.readable {
+                registry.apply(SourceEvent::Reset { source: index, services: scan.services }, unix_now());
             }
         }
     }
-    drop(tx);
-    tracker.spawn(registry.run(rx, shutdown.clone()));
-    // Announce local services into ZooKeeper while their health checks pass (withdrawn at shutdown).
-    for reg in &config.registrations {
-        tracker.spawn(crate::register::run(reg.clone(), shutdown.clone()));
-    }
+
+    let tracker = TaskTracker::new();
+    let (events, events_rx) = mpsc::channel::<SourceEvent>(64);
+    let (commands, commands_rx) = mpsc::channel::<Command>(16);
+    tracker.spawn(registry.run(events_rx, commands_rx, shutdown.clone()));
+    let mut sources_token = shutdown.child_token();
+    start_sources(&config, &events, &sources_token, &tracker);
 
     let d = &config.dns;
-    let forwarder = Arc::new(Forwarder::new(ForwardConfig {
-        default_upstreams: d.upstreams.clone(),
-        zones: d.forward.iter().map(|f| (f.zone.clone(), f.upstreams.clone())).collect(),
-        timeout: d.timeout,
-        cache_size: d.cache_size,
-        stale_max: d.stale_max,
-        ..ForwardConfig::default()
-    }));
     if d.upstreams.is_empty() {
         warn!("no upstream resolvers: names outside the service domains will get SERVFAIL (set dns.upstreams)");
     }
-    let handler = Arc::new(DnsHandler::new(Zones::from_config(d), shared.clone(), forwarder, d.allow.clone()));
-    let (deny, allow) = access_lists(&d.allow);
-    let mut server = Server::with_access(SharedHandler(handler.clone()), deny, allow);
+    let handler = Arc::new(DnsHandler::new(dns_state(d, None), shared.clone()));
+    let mut server = Server::new(SharedHandler(handler.clone()));
     let addrs = listeners.dns_addrs();
     if let Some(hook) = listeners.hook {
         hook.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
@@ -218,14 +230,49 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             }
         });
     }
-    let udp_threads = udp::spawn(listeners.dns_udp, handler, tokio::runtime::Handle::current(), shutdown.clone()).map_err(|e| DaemonError::Server(e.to_string()))?;
+    if let Some(admin) = listeners.admin {
+        admin.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
+        let admin = tokio::net::UnixListener::from_std(admin).map_err(|e| DaemonError::Server(e.to_string()))?;
+        let cx = AdminContext {
+            snapshot: shared.clone(),
+            registry: commands.clone(),
+            reload: reload_tx.clone(),
+            started,
+            config: config.path.as_ref().map(|p| p.display().to_string()),
+        };
+        tracker.spawn(admin::serve(admin, cx, shutdown.clone()));
+    }
+    let udp_threads = udp::spawn(listeners.dns_udp, handler.clone(), tokio::runtime::Handle::current(), shutdown.clone())
+        .map_err(|e| DaemonError::Server(e.to_string()))?;
     for tcp in listeners.dns_tcp {
         tcp.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
         server.register_listener(tokio::net::TcpListener::from_std(tcp).map_err(|e| DaemonError::Server(e.to_string()))?, TCP_IDLE, 64);
     }
     info!(listen = ?addrs, domains = ?d.domains.iter().map(ToString::to_string).collect::<Vec<_>>(), services = shared.load().len(), "serving");
 
-    shutdown.cancelled().await;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(reply) = reload_rx.recv() => {
+                let result = match Config::load(config.path.as_deref()) {
+                    Err(problems) => {
+                        for p in &problems.0 {
+                            tracing::error!("{p}");
+                        }
+                        tracing::error!(problems = problems.0.len(), "reload refused: the running configuration keeps serving");
+                        Err(problems.to_string())
+                    }
+                    Ok(new) => {
+                        let mut reload = Reload { handler: &handler, events: &events, commands: &commands, tracker: &tracker, shutdown: &shutdown, sources_token: &mut sources_token };
+                        let summary = reload.apply(&mut config, new).await;
+                        info!(%summary, "reloaded");
+                        Ok(summary)
+                    }
+                };
+                let _ = reply.send(result);
+            }
+        }
+    }
     info!("shutting down");
     tracker.close();
     let drained = tokio::time::timeout(GRACE, async {
@@ -240,4 +287,102 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         let _ = t.join();
     }
     Ok(())
+}
+
+/// Starts every source and registration of `config` under `token`.
+fn start_sources(config: &Config, events: &mpsc::Sender<SourceEvent>, token: &CancellationToken, tracker: &TaskTracker) {
+    for (index, source) in config.sources.iter().enumerate() {
+        match source {
+            SourceConfig::File { path, .. } => {
+                tracker.spawn(FileSource::new(path).run(index, events.clone(), token.clone()));
+            }
+            SourceConfig::DnsSrv(srv) => {
+                tracker.spawn(crate::source::dns_srv::run(srv.clone(), index, events.clone(), token.clone()));
+            }
+            SourceConfig::Zookeeper(zk) => {
+                tracker.spawn(crate::source::zookeeper::run(zk.clone(), index, events.clone(), token.clone()));
+            }
+        }
+    }
+    // Announce local services into ZooKeeper while their health checks pass (withdrawn at shutdown).
+    for reg in &config.registrations {
+        tracker.spawn(crate::register::run(reg.clone(), token.clone()));
+    }
+}
+
+/// The reloadable DNS state; keeps `old`'s forwarder (and its cache) when forwarding is unchanged.
+fn dns_state(d: &DnsConfig, old: Option<(&DnsConfig, Arc<Forwarder>)>) -> DnsState {
+    let forwarding = |c: &DnsConfig| (c.upstreams.clone(), c.forward.clone(), c.timeout, c.cache_size, c.stale_max);
+    let forwarder = match old {
+        Some((old, fwd)) if forwarding(old) == forwarding(d) => fwd,
+        _ => Arc::new(Forwarder::new(ForwardConfig {
+            default_upstreams: d.upstreams.clone(),
+            zones: d.forward.iter().map(|f| (f.zone.clone(), f.upstreams.clone())).collect(),
+            timeout: d.timeout,
+            cache_size: d.cache_size,
+            stale_max: d.stale_max,
+            ..ForwardConfig::default()
+        })),
+    };
+    DnsState { zones: Zones::from_config(d), forwarder, allow: d.allow.clone() }
+}
+
+/// One reload: applies what can change live, and says what needs a restart.
+struct Reload<'a> {
+    handler: &'a DnsHandler,
+    events: &'a mpsc::Sender<SourceEvent>,
+    commands: &'a mpsc::Sender<Command>,
+    tracker: &'a TaskTracker,
+    shutdown: &'a CancellationToken,
+    sources_token: &'a mut CancellationToken,
+}
+
+impl Reload<'_> {
+    async fn apply(&mut self, running: &mut Config, mut new: Config) -> String {
+        let mut changed = Vec::new();
+        let mut restart = Vec::new();
+        // What is bound or derived at start-up stays as it is until a restart.
+        macro_rules! keep {
+            ($($field:ident).+, $name:literal) => {
+                if new.$($field).+ != running.$($field).+ {
+                    restart.push($name);
+                    new.$($field).+ = running.$($field).+.clone();
+                }
+            };
+        }
+        keep!(dns.listen, "dns.listen");
+        keep!(dns.magic_v4, "dns.magic_v4");
+        keep!(dns.magic_v6, "dns.magic_v6");
+        keep!(state.dir, "state.dir");
+        keep!(state.quarantine, "state.quarantine");
+        keep!(hook.socket, "hook.socket");
+        keep!(admin.socket, "admin.socket");
+        if new.dns != running.dns {
+            self.handler.replace(dns_state(&new.dns, Some((&running.dns, self.handler.forwarder()))));
+            changed.push("dns");
+        }
+        if new.sources != running.sources || new.registrations != running.registrations || new.guard != running.guard {
+            self.sources_token.cancel();
+            *self.sources_token = self.shutdown.child_token();
+            let (reply, done) = oneshot::channel();
+            let names = new.sources.iter().map(|s| s.name().to_string()).collect();
+            if self.commands.send(Command::Reconfigure { names, guard: new.guard, reply }).await.is_ok()
+                && tokio::time::timeout(Duration::from_secs(5), done).await.is_err()
+            {
+                // Never let a reload wedge the control loop (and with it, shutdown).
+                warn!("the registry took more than 5s to take the new sources; carrying on");
+            }
+            start_sources(&new, self.events, self.sources_token, self.tracker);
+            changed.push("sources");
+        }
+        *running = new;
+        for r in &restart {
+            warn!(key = r, "changed in the config file; takes effect at the next restart");
+        }
+        match (changed.is_empty(), restart.is_empty()) {
+            (true, true) => "nothing changed".to_string(),
+            (_, true) => format!("applied: {}", changed.join(", ")),
+            (_, false) => format!("applied: {}; needs a restart: {}", if changed.is_empty() { "nothing".to_string() } else { changed.join(", ") }, restart.join(", ")),
+        }
+    }
 }

@@ -61,6 +61,11 @@ impl Guard {
         Self { cfg, held: BTreeMap::new() }
     }
 
+    /// A reload may change the thresholds; running holds keep their start time.
+    pub fn set_config(&mut self, cfg: GuardConfig) {
+        self.cfg = cfg;
+    }
+
     pub fn held(&self) -> impl Iterator<Item = &Held> {
         self.held.values()
     }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod balancer;
+pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod diagnostic;

@@ -1,13 +1,20 @@
 //! The `discotech` command: parse the command line, start logging, load the config, bind, and
-//! hand over to the library. Exit codes: 0 ok, 1 runtime failure, 64 bad config or usage (EX_USAGE),
-//! 71 cannot bind or create state (EX_OSERR).
+//! hand over to the library; or talk to a running daemon over its admin socket.
+//!
+//! Exit codes: 0 ok; 1 runtime failure, or `status` found the daemon degraded (a source failing,
+//! an update held); 2 the daemon refused the request (unknown service, bad reload); 64 bad config
+//! or usage (EX_USAGE); 69 the daemon cannot be reached (EX_UNAVAILABLE); 71 cannot bind or
+//! create state (EX_OSERR).
+
+mod cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use discotech::config::{Config, SourceConfig};
-use discotech::daemon::{self, Listeners};
+use discotech::admin::Request;
+use discotech::daemon::{self, Control, Listeners};
 use discotech::hook_server;
 use discotech::source::file::FileSource;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +43,41 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Show the daemon's sources, held updates and drains (exit 1 when degraded).
+    Status(cli::AdminArgs),
+    /// List services with their magic addresses.
+    Services(cli::AdminArgs),
+    /// List a service's backends.
+    Backends {
+        service: String,
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+    },
+    /// What a connect to a service (or magic address) would reach, and why.
+    Resolve {
+        name: String,
+        /// The port the client connects to (selects a named port).
+        #[arg(long, short)]
+        port: Option<u16>,
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+    },
+    /// Take a backend out of SRV answers and connect picks.
+    Drain {
+        service: String,
+        addr: std::net::SocketAddr,
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+    },
+    /// Put a drained backend back.
+    Undrain {
+        service: String,
+        addr: std::net::SocketAddr,
+        #[command(flatten)]
+        admin: cli::AdminArgs,
+    },
+    /// Reload the daemon's config (as SIGHUP does); a bad config is refused and the running one kept.
+    Reload(cli::AdminArgs),
     /// Run a program with the connect hook preloaded, so its connects to magic addresses reach
     /// real backends (like proxychains4 or torsocks).
     Run {
@@ -57,6 +99,13 @@ fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::Check { config } => check(config),
         Command::Run { socket, config, command } => run(socket, config, &command),
+        Command::Status(a) => cli::admin(&a, &Request::Status),
+        Command::Services(a) => cli::admin(&a, &Request::Services),
+        Command::Backends { service, admin } => cli::admin(&admin, &Request::Backends { service }),
+        Command::Resolve { name, port, admin } => cli::admin(&admin, &Request::Resolve { name, port }),
+        Command::Drain { service, addr, admin } => cli::admin(&admin, &Request::Drain { service, addr }),
+        Command::Undrain { service, addr, admin } => cli::admin(&admin, &Request::Undrain { service, addr }),
+        Command::Reload(a) => cli::admin(&a, &Request::Reload),
     }
 }
 
@@ -160,9 +209,9 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(on_signal(shutdown.clone()));
-        match daemon::run(config, listeners, shutdown).await {
+        let control = Control::default();
+        tokio::spawn(on_signal(control.shutdown.clone(), control.reloader()));
+        match daemon::run(config, listeners, control).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e @ daemon::DaemonError::StateDir { .. }) => {
                 tracing::error!("{e}");
@@ -176,16 +225,23 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
     })
 }
 
-/// Cancels `shutdown` on SIGTERM or SIGINT.
-async fn on_signal(shutdown: CancellationToken) {
+/// Cancels `shutdown` on SIGTERM or SIGINT; asks for a reload on SIGHUP.
+async fn on_signal(shutdown: CancellationToken, reload: tokio::sync::mpsc::Sender<discotech::admin::ReloadRequest>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                // The daemon logs the outcome; nobody waits for the reply here.
+                let (tx, _rx) = tokio::sync::oneshot::channel();
+                let _ = reload.send(tx).await;
+            }
+        }
     }
     shutdown.cancel();
 }

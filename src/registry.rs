@@ -7,15 +7,17 @@
 //! its registry is down serves the persisted state at once.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::config::GuardConfig;
 use crate::guard::{Guard, Held, HoldReason};
 use crate::magic::MagicMap;
 use crate::service::{ServiceName, ServiceSpec};
@@ -35,13 +37,69 @@ struct LastKnownGood {
     version: u32,
     /// What each source (by name) last said.
     sources: BTreeMap<String, Vec<ServiceSpec>>,
-    /// What was published, guard holds included.
+    /// What was published, guard holds included (drained backends too: draining is applied on top).
     published: Vec<ServiceSpec>,
+    /// Backends an operator drained, per service.
+    #[serde(default)]
+    drained: BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
+}
+
+/// Requests from the admin socket.
+#[derive(Debug)]
+pub enum Command {
+    Status(oneshot::Sender<RegistryStatus>),
+    /// Drain (or undrain) one backend of a service: it leaves SRV answers and connect picks.
+    Drain { service: ServiceName, addr: SocketAddr, drain: bool, reply: oneshot::Sender<Result<(), String>> },
+    /// A reload changed the sources or the guard. Sources keep their sets by name.
+    Reconfigure { names: Vec<String>, guard: GuardConfig, reply: oneshot::Sender<()> },
+}
+
+/// What the registry knows about its sources, holds and drains.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RegistryStatus {
+    pub generation: u64,
+    pub services: usize,
+    pub sources: Vec<SourceStatus>,
+    pub held: Vec<HeldStatus>,
+    pub drained: BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourceStatus {
+    pub name: String,
+    /// `waiting` (nothing heard yet), `restored` (serving what it said before a restart), `ok` or `failed`.
+    pub state: String,
+    pub services: usize,
+    /// Unix seconds of the last good update and of the last failure.
+    pub last_update: Option<u64>,
+    pub last_failure: Option<u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeldStatus {
+    pub service: ServiceName,
+    pub reason: String,
+    /// Seconds since the hold started.
+    pub age: u64,
+    /// Seconds until it applies; `None` for an update that is never applied.
+    pub applies_in: Option<u64>,
+    pub kept: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Health {
+    restored: bool,
+    last_update: Option<u64>,
+    last_failure: Option<u64>,
+    error: Option<String>,
 }
 
 pub struct Registry {
     names: Vec<String>,
     sources: Vec<Option<Vec<ServiceSpec>>>,
+    health: Vec<Health>,
+    drained: BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
     published: BTreeMap<ServiceName, ServiceSpec>,
     guard: Guard,
     magic: MagicMap,
@@ -65,6 +123,8 @@ impl Registry {
     pub fn new(source_names: Vec<String>, guard: Guard, magic: MagicMap, paths: StatePaths, shared: SharedSnapshot) -> Self {
         Self {
             sources: vec![None; source_names.len()],
+            health: vec![Health::default(); source_names.len()],
+            drained: BTreeMap::new(),
             names: source_names,
             published: BTreeMap::new(),
             guard,
@@ -102,8 +162,12 @@ impl Registry {
                 if let Some(slot) = self.sources.get_mut(i) {
                     *slot = Some(services);
                 }
+                if let Some(h) = self.health.get_mut(i) {
+                    h.restored = true;
+                }
             }
         }
+        self.drained = lkg.drained;
         self.published = lkg.published.into_iter().map(|s| (s.name.clone(), s)).collect();
         let count = self.published.len();
         self.publish(now, Instant::now());
@@ -112,6 +176,22 @@ impl Registry {
 
     /// Applies one source event at `now` (unix seconds); publishes when anything changed.
     pub fn apply(&mut self, event: SourceEvent, now: u64) {
+        let index = match &event {
+            SourceEvent::Reset { source, .. } | SourceEvent::Update { source, .. } | SourceEvent::Failed { source, .. } => *source,
+        };
+        if let Some(h) = self.health.get_mut(index) {
+            match &event {
+                SourceEvent::Failed { error, .. } => {
+                    h.last_failure = Some(now);
+                    h.error = Some(error.clone());
+                }
+                _ => {
+                    h.restored = false;
+                    h.last_update = Some(now);
+                    h.error = None;
+                }
+            }
+        }
         match event {
             SourceEvent::Reset { source, services } => {
                 let Some(slot) = self.sources.get_mut(source) else {
@@ -210,9 +290,14 @@ impl Registry {
         if outcome.changed {
             self.persist_magic();
         }
+        let drained = &self.drained;
         let services = self.published.values().filter_map(|spec| {
             let a = self.magic.get(&spec.name)?;
-            Some(Service { spec: spec.clone(), magic_v4: a.v4, magic_v6: a.v6 })
+            let mut spec = spec.clone();
+            if let Some(d) = drained.get(&spec.name) {
+                spec.backends.retain(|b| !d.contains(&b.addr));
+            }
+            Some(Service { spec, magic_v4: a.v4, magic_v6: a.v6 })
         });
         let generation = self.shared.load().generation + 1;
         let snapshot = Snapshot::new(generation, services);
@@ -241,6 +326,7 @@ impl Registry {
             version: 1,
             sources: self.names.iter().zip(&self.sources).filter_map(|(n, s)| Some((n.clone(), s.clone()?))).collect(),
             published: self.published.values().cloned().collect(),
+            drained: self.drained.clone(),
         };
         let bytes = match serde_json::to_vec(&lkg) {
             Ok(b) => b,
@@ -252,8 +338,111 @@ impl Registry {
         }
     }
 
-    /// Applies events until every sender is gone or `shutdown`; persists before returning.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<SourceEvent>, shutdown: CancellationToken) {
+    /// What the registry knows, for `discotech status`.
+    pub fn status(&self) -> RegistryStatus {
+        let clock = Instant::now();
+        RegistryStatus {
+            generation: self.shared.load().generation,
+            services: self.published.len(),
+            sources: self
+                .names
+                .iter()
+                .zip(&self.sources)
+                .zip(&self.health)
+                .map(|((name, set), h)| SourceStatus {
+                    name: name.clone(),
+                    state: match (set, h) {
+                        (None, _) => "waiting",
+                        (Some(_), h) if h.restored => "restored",
+                        (Some(_), h) if h.last_failure > h.last_update || (h.error.is_some() && h.last_update.is_none()) => "failed",
+                        _ => "ok",
+                    }
+                    .to_string(),
+                    services: set.as_ref().map_or(0, Vec::len),
+                    last_update: h.last_update,
+                    last_failure: h.last_failure,
+                    error: h.error.clone(),
+                })
+                .collect(),
+            held: self
+                .guard
+                .held()
+                .map(|h| {
+                    let age = clock.saturating_duration_since(h.since);
+                    HeldStatus {
+                        service: h.service.clone(),
+                        reason: match h.reason {
+                            HoldReason::WouldEmpty => "update would leave no backends".to_string(),
+                            HoldReason::SharpDrop { removed, of } => format!("update removes {removed} of {of} backends"),
+                            HoldReason::Vanished => "gone from every source".to_string(),
+                        },
+                        age: age.as_secs(),
+                        applies_in: (h.reason != HoldReason::WouldEmpty).then(|| self.guard.hold_down().saturating_sub(age).as_secs()),
+                        kept: h.kept.clone(),
+                    }
+                })
+                .collect(),
+            drained: self.drained.clone(),
+        }
+    }
+
+    /// Takes a reloaded list of sources: a source that keeps its name keeps its set and health;
+    /// a removed source's services go (through the guard); a new source starts empty.
+    pub fn reconfigure(&mut self, names: Vec<String>, guard: GuardConfig, now: u64) {
+        let mut sources = Vec::with_capacity(names.len());
+        let mut health = Vec::with_capacity(names.len());
+        for name in &names {
+            let old = self.names.iter().position(|n| n == name);
+            sources.push(old.and_then(|i| self.sources.get_mut(i).and_then(Option::take)));
+            health.push(old.and_then(|i| self.health.get(i).cloned()).unwrap_or_default());
+        }
+        self.names = names;
+        self.sources = sources;
+        self.health = health;
+        self.guard.set_config(guard);
+        self.dirty = true;
+        self.publish(now, Instant::now());
+    }
+
+    /// Drains or undrains one backend.
+    ///
+    /// # Errors
+    /// The service or the backend is unknown.
+    pub fn drain(&mut self, service: &ServiceName, addr: SocketAddr, drain: bool, now: u64) -> Result<(), String> {
+        let spec = self.published.get(service).ok_or_else(|| format!("no service {service}"))?;
+        if drain && !spec.backends.iter().any(|b| b.addr == addr) {
+            return Err(format!("{addr} is not a backend of {service}"));
+        }
+        let set = self.drained.entry(service.clone()).or_default();
+        let changed = if drain { set.insert(addr) } else { set.remove(&addr) };
+        if set.is_empty() {
+            self.drained.remove(service);
+        }
+        if changed {
+            info!(%service, %addr, drain, "drain changed");
+            self.dirty = true;
+            self.publish(now, Instant::now());
+        }
+        Ok(())
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Drain { service, addr, drain, reply } => {
+                let _ = reply.send(self.drain(&service, addr, drain, unix_now()));
+            }
+            Command::Reconfigure { names, guard, reply } => {
+                self.reconfigure(names, guard, unix_now());
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Applies events and commands until every source is gone or `shutdown`; persists before returning.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<SourceEvent>, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
         let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
         let mut persist = tokio::time::interval(PERSIST_EVERY);
         let far = Duration::from_secs(86_400);
@@ -265,6 +454,7 @@ impl Registry {
                     Some(event) => self.apply(event, unix_now()),
                     None => break,
                 },
+                Some(command) = commands.recv() => self.command(command),
                 () = tokio::time::sleep_until(wake) => self.publish(unix_now(), Instant::now()),
                 _ = housekeeping.tick() => self.tick(unix_now()),
                 _ = persist.tick() => self.persist(),
@@ -281,7 +471,6 @@ pub fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::GuardConfig;
     use crate::service::Backend;
     use crate::snapshot;
 
@@ -318,6 +507,41 @@ mod tests {
         let snap = r.snapshot().load_full();
         assert_eq!(snap.service("web").unwrap().spec.backends.len(), 2);
         assert!(snap.service("api").is_some() && snap.service("db").is_some());
+    }
+
+    #[test]
+    fn drained_backends_leave_the_snapshot_and_status_tells_about_sources_and_holds() {
+        let mut r = registry(2, None);
+        r.apply(SourceEvent::Reset { source: 0, services: vec![spec("web", &["127.0.0.2:80", "127.0.0.3:80"])] }, 5);
+        r.apply(SourceEvent::Failed { source: 1, error: "connection refused".into() }, 6);
+        let web: ServiceName = "web".parse().unwrap();
+        r.drain(&web, "127.0.0.3:80".parse().unwrap(), true, 7).unwrap();
+        assert_eq!(r.snapshot().load().service("web").unwrap().spec.backends.len(), 1);
+        assert!(r.drain(&web, "127.0.0.9:80".parse().unwrap(), true, 7).unwrap_err().contains("not a backend"));
+        r.apply(SourceEvent::Reset { source: 0, services: vec![spec("web", &[])] }, 8);
+        let st = r.status();
+        assert_eq!(st.sources[0].state, "ok");
+        assert_eq!(st.sources[0].last_update, Some(8));
+        assert_eq!((st.sources[1].state.as_str(), st.sources[1].error.as_deref()), ("waiting", Some("connection refused")));
+        assert_eq!(st.held.len(), 1);
+        assert_eq!(st.held[0].applies_in, None, "an emptying update never applies");
+        assert_eq!(st.drained[&web].len(), 1);
+        r.drain(&web, "127.0.0.3:80".parse().unwrap(), false, 10).unwrap();
+        assert_eq!(r.snapshot().load().service("web").unwrap().spec.backends.len(), 2);
+    }
+
+    #[test]
+    fn reconfiguring_keeps_sets_by_source_name() {
+        let mut r = registry(2, None);
+        r.apply(SourceEvent::Reset { source: 0, services: vec![spec("web", &["127.0.0.2:80"])] }, 0);
+        r.apply(SourceEvent::Reset { source: 1, services: vec![spec("api", &["127.0.0.3:80"])] }, 0);
+        // s1 moves to the front, s0 is removed, s9 is new.
+        r.reconfigure(vec!["s1".into(), "s9".into()], GuardConfig { max_drop: 0.5, hold_down: Duration::ZERO }, 1);
+        let snap = r.snapshot().load_full();
+        assert!(snap.service("api").is_some());
+        assert!(snap.service("web").is_none(), "a removed source's services go after the (zero) hold-down");
+        r.apply(SourceEvent::Reset { source: 0, services: vec![spec("api", &["127.0.0.3:80", "127.0.0.4:80"])] }, 2);
+        assert_eq!(r.snapshot().load().service("api").unwrap().spec.backends.len(), 2, "index 0 is now s1");
     }
 
     #[test]

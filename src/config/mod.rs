@@ -22,6 +22,7 @@ pub const DEFAULT_DOMAIN: &str = "disco";
 pub const DEFAULT_MAGIC_V4: &str = "127.77.0.0/16";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/discotech";
 pub const DEFAULT_HOOK_SOCKET: &str = "/run/discotech/hook.sock";
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/discotech/admin.sock";
 pub const DEFAULT_ZONES_DIR: &str = "zones";
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
@@ -32,6 +33,7 @@ pub struct Config {
     pub dns: DnsConfig,
     pub state: StateConfig,
     pub hook: HookConfig,
+    pub admin: AdminConfig,
     pub sources: Vec<SourceConfig>,
     pub guard: GuardConfig,
     pub registrations: Vec<Registration>,
@@ -70,6 +72,12 @@ pub struct StateConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HookConfig {
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// The admin socket: mode 0660, for root and the socket's group.
     pub socket: PathBuf,
 }
 
@@ -349,6 +357,9 @@ impl Validator<'_> {
         let hook = HookConfig {
             socket: raw.hook.socket.as_ref().map_or_else(|| PathBuf::from(DEFAULT_HOOK_SOCKET), |p| base.join(p.get_ref())),
         };
+        let admin = AdminConfig {
+            socket: raw.admin.socket.as_ref().map_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET), |p| base.join(p.get_ref())),
+        };
         let mut sources = Vec::new();
         for s in &raw.sources {
             if let Some(source) = self.source(s, base, &upstreams) {
@@ -373,6 +384,7 @@ impl Validator<'_> {
             dns: DnsConfig { listen, domains, magic_v4, magic_v6, upstreams, forward, allow, ttl, srv_ttl, negative_ttl, timeout, cache_size, stale_max },
             state,
             hook,
+            admin,
             sources,
             guard,
             registrations,

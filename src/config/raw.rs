@@ -15,6 +15,8 @@ pub struct RawConfig {
     pub state: RawState,
     #[serde(default)]
     pub hook: RawHook,
+    #[serde(default)]
+    pub admin: RawAdmin,
     #[serde(default, rename = "source")]
     pub sources: Vec<S<RawSource>>,
     #[serde(default)]
@@ -87,6 +89,12 @@ pub struct RawForward {
 pub struct RawState {
     pub dir: Option<S<String>>,
     pub quarantine: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub socket: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -5,6 +5,9 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, Query, ResponseCode};
 use hickory_proto::rr::Record;
@@ -23,11 +26,17 @@ use crate::snapshot::SharedSnapshot;
 /// (DNS flag day 2020) and keeps answers clear of fragmentation.
 pub const MAX_UDP_PAYLOAD: u16 = 1232;
 
+/// What a reload may change: the zones, the forwarder and who may ask.
+pub struct DnsState {
+    pub zones: Zones,
+    pub forwarder: Arc<Forwarder>,
+    pub allow: Vec<IpNet>,
+}
+
 pub struct DnsHandler {
-    zones: Zones,
+    state: ArcSwap<DnsState>,
     snapshot: SharedSnapshot,
-    forwarder: Arc<Forwarder>,
-    allow: Vec<IpNet>,
+    reloads: AtomicU64,
 }
 
 /// A response before encoding: header fields, EDNS and records by section.
@@ -62,18 +71,28 @@ enum Plan<'r> {
 }
 
 impl DnsHandler {
-    pub fn new(zones: Zones, snapshot: SharedSnapshot, forwarder: Arc<Forwarder>, allow: Vec<IpNet>) -> Self {
-        Self { zones, snapshot, forwarder, allow }
+    pub fn new(state: DnsState, snapshot: SharedSnapshot) -> Self {
+        Self { state: ArcSwap::from_pointee(state), snapshot, reloads: AtomicU64::new(0) }
+    }
+
+    /// Swaps in reloaded zones, forwarder and access list; queries in flight finish with the old ones.
+    pub fn replace(&self, state: DnsState) {
+        self.state.store(Arc::new(state));
+        self.reloads.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn forwarder(&self) -> Arc<Forwarder> {
+        self.state.load().forwarder.clone()
     }
 
     /// Changes whenever local answers may change: cached local answers are valid for one epoch.
     pub fn epoch(&self) -> u64 {
-        self.snapshot.load().generation
+        self.snapshot.load().generation ^ (self.reloads.load(Ordering::Acquire) << 48)
     }
 
     pub fn allowed(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        self.allow.iter().any(|n| n.contains(&ip))
+        self.state.load().allow.iter().any(|n| n.contains(&ip))
     }
 
     /// `None` for requests that get no response at all (responses sent to us).
@@ -97,7 +116,7 @@ impl DnsHandler {
         };
         let query = q.original();
         let snapshot = self.snapshot.load();
-        Some(match answer::answer(&self.zones, &snapshot, query) {
+        Some(match answer::answer(&self.state.load().zones, &snapshot, query) {
             Outcome::Local(a) => Plan::Done(Sections {
                 response_code: a.response_code,
                 authoritative: true,
@@ -130,11 +149,12 @@ impl DnsHandler {
     }
 
     async fn forward(&self, src: IpAddr, id: u16, query: &Query) -> Sections {
-        if self.forwarder.is_loop(id, query) {
+        let forwarder = self.forwarder();
+        if forwarder.is_loop(id, query) {
             warn!(name = %query.name(), %src, "forwarding loop: our own upstream query came back to us; answering REFUSED");
             return Sections::error(ResponseCode::Refused);
         }
-        match self.forwarder.resolve(query).await {
+        match forwarder.resolve(query).await {
             Ok(f) => Sections { response_code: f.response_code, authoritative: false, answers: f.answers, authorities: f.authorities, additionals: f.additionals },
             Err(error) => {
                 debug!(name = %query.name(), %error, "forwarding failed");
@@ -215,16 +235,4 @@ fn dropped(meta: &Metadata) -> ResponseInfo {
     let mut metadata = Metadata::response_from_request(meta);
     metadata.response_code = ResponseCode::ServFail;
     ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
-}
-
-/// Access rules for hickory-server (TCP): deny everything, then allow the configured networks
-/// (a more specific allow beats the catch-all deny). Not an open resolver by default.
-pub fn access_lists(allow: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
-    let everything = ["0.0.0.0/0", "::/0"].map(|n| n.parse::<IpNet>().unwrap_or_default());
-    let deny = everything
-        .into_iter()
-        // Allowing a whole family is expressed by not denying it (an equal-length allow loses).
-        .filter(|all| !allow.iter().any(|a| a.prefix_len() == 0 && a.addr().is_ipv4() == all.addr().is_ipv4()))
-        .collect();
-    (deny, allow.to_vec())
 }

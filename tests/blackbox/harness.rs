@@ -169,9 +169,10 @@ impl<'a> Daemon<'a> {
         std::fs::write(
             &config,
             format!(
-                "[dns]\nlisten = [\"{listen}\"]\n{dns_extra}\n[state]\ndir = \"{}\"\n[hook]\nsocket = \"{}\"\n[[source]]\nkind = \"file\"\npath = \"{}\"\n",
+                "[dns]\nlisten = [\"{listen}\"]\n{dns_extra}\n[state]\ndir = \"{}\"\n[hook]\nsocket = \"{}\"\n[admin]\nsocket = \"{}\"\n[[source]]\nkind = \"file\"\npath = \"{}\"\n",
                 state.display(),
                 ns.path("hook.sock").display(),
+                ns.path("admin.sock").display(),
                 zones.display()
             ),
         )

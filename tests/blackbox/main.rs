@@ -2,6 +2,7 @@
 //! mount namespaces, with real clients (dig, getent, python) and real upstreams (dnsmasq).
 //! Needs root and the packages the README's test command installs.
 
+mod admin;
 mod dns;
 mod dns_srv;
 mod harness;
