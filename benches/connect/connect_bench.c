@@ -7,6 +7,11 @@
  *
  * HOST:PORT may be a magic address (run under LD_PRELOAD with the hook) or the backend itself.
  * The backend is `connect_bench --serve ADDR PORT`: accept and close, forever (bounded by alarm).
+ * `connect_bench --udp HOST PORT ...` times UDP socket+connect+close instead: no packet is sent,
+ * so the cycle is short and steady enough to resolve the hook's passthrough cost.
+ * `connect_bench --passthrough HOST PORT N` calls connect(-1, HOST:PORT) N times (EBADF at once) and
+ * prints the mean in nanoseconds: the cost of the call itself, which under the hook includes its
+ * address check. Run it with and without LD_PRELOAD on a non-magic address.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -60,8 +65,10 @@ static int serve(const char *host, int port) {
     }
 }
 
+static int sock_type = SOCK_STREAM;
+
 static int cycle(const struct sockaddr_in *sin) {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int fd = socket(AF_INET, sock_type | SOCK_CLOEXEC, 0);
     if (fd < 0) return -1;
     int rc = connect(fd, (const struct sockaddr *)sin, sizeof *sin);
     struct linger l = {1, 0};
@@ -72,6 +79,20 @@ static int cycle(const struct sockaddr_in *sin) {
 
 int main(int argc, char **argv) {
     if (argc >= 4 && !strcmp(argv[1], "--serve")) return serve(argv[2], atoi(argv[3]));
+    if (argc >= 5 && !strcmp(argv[1], "--passthrough")) {
+        struct sockaddr_in sin = addr(argv[2], atoi(argv[3]));
+        long n = atol(argv[4]);
+        for (long i = 0; i < n / 10; i++) connect(-1, (struct sockaddr *)&sin, sizeof sin);
+        double t0 = now_us();
+        for (long i = 0; i < n; i++) connect(-1, (struct sockaddr *)&sin, sizeof sin);
+        printf("mean_ns=%.1f n=%ld\n", (now_us() - t0) * 1000.0 / n, n);
+        return 0;
+    }
+    if (argc >= 2 && !strcmp(argv[1], "--udp")) {
+        sock_type = SOCK_DGRAM;
+        argv++;
+        argc--;
+    }
     if (argc < 3) {
         fprintf(stderr, "usage: connect_bench HOST PORT [WARMUP] [ITERS] | --serve ADDR PORT\n");
         return 3;

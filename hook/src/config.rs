@@ -28,6 +28,8 @@ pub struct Config {
     /// A uid the daemon may run as, besides root and the process's own.
     pub daemon_uid: Option<u32>,
     pub timeout_ms: i64,
+    /// A privileged (AT_SECURE) process: only root or its effective uid may answer it.
+    pub secure: bool,
 }
 
 impl Config {
@@ -45,6 +47,7 @@ impl Config {
             fallback: [0; FALLBACK_MAX],
             daemon_uid: None,
             timeout_ms: DEFAULT_TIMEOUT_MS,
+            secure: false,
         };
         copy(&mut cfg.socket, path);
         // The directory part, including its trailing '/', then the fallback file name.
@@ -114,6 +117,10 @@ impl Config {
 
     /// True if a daemon running as `uid` may answer this process.
     pub fn trusts(&self, uid: u32, own: (u32, u32)) -> bool {
+        if self.secure {
+            // The real uid and the environment belong to whoever started a setuid program.
+            return uid == 0 || uid == own.1;
+        }
         uid == 0 || uid == own.0 || uid == own.1 || self.daemon_uid == Some(uid)
     }
 }
@@ -240,5 +247,12 @@ mod tests {
         assert!(cfg.trusts(1001, (1000, 1000)));
         cfg.set_timeout(Some(b"5"));
         assert_eq!(cfg.timeout_ms, 5);
+        cfg.secure = true;
+        assert!(
+            !cfg.trusts(1000, (1000, 0)),
+            "a setuid program does not trust its caller"
+        );
+        assert!(!cfg.trusts(1001, (1000, 0)));
+        assert!(cfg.trusts(0, (1000, 0)));
     }
 }

@@ -319,6 +319,7 @@ impl DaemonSession {
         CACHED_INO.store(sys::inode(self.fd).unwrap_or(0), Ordering::Release);
         CACHED.store(pack(sys::getpid(), self.fd), Ordering::Release);
         INFLIGHT_ID.store(0, Ordering::Relaxed);
+        self.broken = false;
         true
     }
 }

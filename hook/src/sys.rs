@@ -357,14 +357,27 @@ pub fn pread_full(fd: &Fd, buf: &mut [u8], offset: u64) -> usize {
     done
 }
 
+/// True in a setuid/setgid or otherwise privileged program (the kernel's AT_SECURE).
+pub fn secure() -> bool {
+    // SAFETY: getauxval only reads the auxiliary vector.
+    unsafe { libc::getauxval(libc::AT_SECURE) != 0 }
+}
+
 /// Runs `f` on an environment variable's bytes without allocating. Load-time only: getenv is
 /// not safe against a concurrent setenv, which is why it is never called on the connect path,
-/// and the bytes must not outlive `f`.
+/// and the bytes must not outlive `f`. In a setuid or otherwise privileged program (AT_SECURE,
+/// as with /etc/ld.so.preload) the environment belongs to a less trusted caller and is ignored,
+/// like glibc's secure_getenv: otherwise anyone could point a privileged process at their own
+/// "daemon".
 pub fn with_env<R>(name: &CStr, f: impl FnOnce(Option<&[u8]>) -> R) -> R {
     // SAFETY: name is NUL-terminated; a non-null result is a NUL-terminated string in the
     // environment block, read here before anything in this thread could change it.
     let value = unsafe {
-        let p = libc::getenv(name.as_ptr());
+        let p = if secure() {
+            core::ptr::null_mut()
+        } else {
+            libc::getenv(name.as_ptr())
+        };
         if p.is_null() {
             None
         } else {
