@@ -7,6 +7,8 @@
 //! `create` makes missing parents and replaces the data of an existing node; `delete` is
 //! recursive and ignores a missing node; `wait` retries until the server answers (30 s at most).
 //! With `--auth`, created nodes are readable and writable only by that digest user.
+//! `fill /root S B` creates S services (`svc-0`...) of B serverset members each, many requests in
+//! flight at once, for scale measurements.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -147,6 +149,7 @@ async fn run(hosts: &str, auth: Option<String>, commands: &[String]) -> Result<(
                 let (bytes, _) = op(zk.get_data(path, false)).await.map_err(what)?;
                 println!("{}", String::from_utf8_lossy(&bytes));
             }
+            "fill" => fill(&zk, path, data, &acl).await.map_err(what)?,
             other => return Err(format!("unknown command {other:?}")),
         }
     }
@@ -183,4 +186,39 @@ async fn delete(zk: &ZooKeeper, path: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Creates `spec` = "S B": S services of B serverset members under `root`, pipelined.
+async fn fill(zk: &ZooKeeper, root: &str, spec: &str, acl: &[Acl]) -> Result<(), String> {
+    use futures::stream::{self, StreamExt};
+    let mut words = spec.split_whitespace().map(str::parse::<usize>);
+    let (Some(Ok(services)), Some(Ok(backends))) = (words.next(), words.next()) else {
+        return Err("fill needs SERVICES BACKENDS".into());
+    };
+    let ignore_exists = |r: Result<String, String>| match r {
+        Err(e) if e != ZkError::NodeExists.to_string() => Err(e),
+        _ => Ok(()),
+    };
+    ignore_exists(op(zk.create(root, Vec::new(), acl.to_vec(), CreateMode::Persistent)).await)?;
+    let svc_paths: Vec<String> = (0..services).map(|s| format!("{root}/svc-{s}")).collect();
+    let results: Vec<Result<(), String>> = stream::iter(svc_paths.iter())
+        .map(|p| async move {
+            ignore_exists(op(zk.create(p, Vec::new(), acl.to_vec(), CreateMode::Persistent)).await)
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<(), String>>()?;
+    let members = (0..services).flat_map(|s| (0..backends).map(move |b| (s, b)));
+    let results: Vec<Result<(), String>> = stream::iter(members)
+        .map(|(s, b)| async move {
+            let host = format!("10.{}.{}.{}", s / 256 % 256, s % 256, b % 250 + 1);
+            let data = format!(r#"{{"serviceEndpoint":{{"host":"{host}","port":{}}},"additionalEndpoints":{{}},"status":"ALIVE"}}"#, 8000 + b);
+            let path = format!("{root}/svc-{s}/member_{b:010}");
+            ignore_exists(op(zk.create(&path, data.into_bytes(), acl.to_vec(), CreateMode::Persistent)).await)
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<(), String>>()
 }

@@ -1,7 +1,8 @@
 //! The ZooKeeper source: each child of `root` is a service, each child of a service node an
 //! instance in one of the layouts of [`formats`]. It watches the root's children, every service's
-//! children and every instance's data, re-reads only what a watch said changed, and sends the
-//! whole set as a `Reset` within milliseconds. A lost connection or an expired session keeps the
+//! children and every instance's data, re-reads only what a watch said changed, and reports it
+//! within milliseconds: an `Update` per changed service (so one change costs the same with ten or
+//! ten thousand services), a whole-set `Reset` after a full read or when a service goes away. A lost connection or an expired session keeps the
 //! last good set (a `Failed`, never an empty `Reset`); once reachable again it re-reads everything
 //! in a fresh session with new watches, because neither the server nor the client library carries
 //! watches over a reconnect.
@@ -84,7 +85,12 @@ struct Watcher {
     tx: mpsc::Sender<SourceEvent>,
     events: mpsc::UnboundedSender<Dirty>,
     tree: Tree,
-    sent: Option<Vec<ServiceSpec>>,
+    /// Service name -> the node names spelling it (normally one).
+    aliases: BTreeMap<ServiceName, BTreeSet<String>>,
+    /// Service nodes whose instances changed since the last publish.
+    touched: BTreeSet<String>,
+    /// What the registry last got from this source.
+    sent: Option<BTreeMap<ServiceName, ServiceSpec>>,
     /// Service node names already reported as invalid, so each is logged once.
     bad_names: HashSet<String>,
     /// The last failure reported, so a persisting failure is reported once.
@@ -106,6 +112,8 @@ pub async fn run(
         tx,
         events,
         tree: Tree::default(),
+        aliases: BTreeMap::new(),
+        touched: BTreeSet::new(),
         sent: None,
         bad_names: HashSet::new(),
         failing: None,
@@ -138,7 +146,7 @@ pub async fn run(
                         need_sync = false;
                         retry_at = None;
                         backoff = BACKOFF_MIN;
-                        if !w.publish().await {
+                        if !w.publish_all().await {
                             break 'session;
                         }
                     }
@@ -220,9 +228,11 @@ pub async fn run(
                     last_pass = Instant::now();
                     match w.apply(&s, changes).await {
                         Ok(()) => {
-                            if !w.publish().await {
+                            let read = last_pass.elapsed();
+                            if !w.publish_touched().await {
                                 break 'session;
                             }
+                            debug!(source = %what, read_us = read.as_micros() as u64, total_us = last_pass.elapsed().as_micros() as u64, "applied a change");
                         }
                         Err(e) => {
                             debug!(source = %what, error = %e, "incremental read failed; re-reading everything");
@@ -371,6 +381,7 @@ impl Watcher {
             }
         }
         self.tree = tree;
+        self.reindex();
         debug!(source = %self.cfg.name, services = self.tree.services.len(), instances = count, ms = started.elapsed().as_millis() as u64, "read the whole tree");
         Ok(())
     }
@@ -378,23 +389,34 @@ impl Watcher {
     /// Re-reads what the watches reported: the root's children, then the services' children,
     /// then instance data, each step in parallel.
     async fn apply(&mut self, s: &Session, mut changes: Changes) -> Result<(), SessionError> {
+        let mut structure = false;
         while !changes.is_empty() {
             if std::mem::take(&mut changes.root) {
                 let names = self.root(s).await?;
                 let now: BTreeSet<&String> = names.iter().collect();
-                self.tree.services.retain(|n, _| now.contains(n));
+                let touched = &mut self.touched;
+                self.tree.services.retain(|n, _| {
+                    let keep = now.contains(n);
+                    if !keep {
+                        touched.insert(n.clone());
+                    }
+                    keep
+                });
                 for n in &names {
                     if !self.tree.services.contains_key(n) {
                         changes.services.insert(n.clone());
                     }
                 }
+                structure = true;
             }
             let services: Vec<String> = std::mem::take(&mut changes.services).into_iter().collect();
             for (name, children) in self.list_services(s, services).await? {
+                self.touched.insert(name.clone());
                 let Some(children) = children else {
-                    self.tree.services.remove(&name);
+                    structure |= self.tree.services.remove(&name).is_some();
                     continue;
                 };
+                structure |= !self.tree.services.contains_key(&name);
                 let instances = self.tree.services.entry(name.clone()).or_default();
                 instances.retain(|c, _| children.binary_search(c).is_ok());
                 for c in children {
@@ -408,6 +430,7 @@ impl Watcher {
                 .filter(|(svc, _)| self.tree.services.contains_key(svc))
                 .collect();
             for ((svc, child), data) in self.read_instances(s, nodes).await? {
+                self.touched.insert(svc.clone());
                 match data {
                     Some(data) => {
                         let instance = self.parse(&svc, &child, data);
@@ -422,6 +445,9 @@ impl Watcher {
                     }
                 }
             }
+        }
+        if structure {
+            self.reindex();
         }
         Ok(())
     }
@@ -448,54 +474,113 @@ impl Watcher {
         warn!(source = %self.cfg.name, path = %self.path(&[svc, child]), error = %e, "skipping a malformed instance node");
     }
 
-    /// The services as the registry wants them. Node names that are not service names are
-    /// skipped (logged once); two nodes naming the same service (`Web`, `web`) are merged.
-    /// Within a service, instances are ordered by node name and deduplicated by address.
-    fn specs(&mut self) -> Vec<ServiceSpec> {
-        let mut out: BTreeMap<ServiceName, ServiceSpec> = BTreeMap::new();
-        let mut seen_bad = HashSet::new();
-        for (node, instances) in &self.tree.services {
-            let name = match node.parse::<ServiceName>() {
-                Ok(n) => n,
+    /// Rebuilds the service name -> node names index after services came or went. Node names
+    /// that are not service names are skipped (logged once); `Web` and `web` are one service.
+    fn reindex(&mut self) {
+        let mut aliases: BTreeMap<ServiceName, BTreeSet<String>> = BTreeMap::new();
+        let mut bad = HashSet::new();
+        for node in self.tree.services.keys() {
+            match node.parse::<ServiceName>() {
+                Ok(name) => {
+                    aliases.entry(name).or_default().insert(node.clone());
+                }
                 Err(e) => {
                     if !self.bad_names.contains(node) {
                         warn!(source = %self.cfg.name, path = %self.path(&[node]), error = %e, "skipping a service node whose name is not a service name");
                     }
-                    seen_bad.insert(node.clone());
-                    continue;
+                    bad.insert(node.clone());
                 }
-            };
-            let spec = out
-                .entry(name.clone())
-                .or_insert_with(|| ServiceSpec::new(name));
+            }
+        }
+        self.aliases = aliases;
+        self.bad_names = bad;
+    }
+
+    /// One service as the registry wants it: instances ordered by node name, deduplicated by address.
+    fn spec(&self, name: &ServiceName) -> Option<ServiceSpec> {
+        let nodes = self.aliases.get(name)?;
+        let mut spec = ServiceSpec::new(name.clone());
+        let mut seen = HashSet::new();
+        for instances in nodes.iter().filter_map(|n| self.tree.services.get(n)) {
             for b in instances.values().filter_map(|i| i.backend.as_ref()) {
-                if !spec.backends.iter().any(|e| e.addr == b.addr) {
+                if seen.insert(b.addr) {
                     spec.backends.push(b.clone());
                 }
             }
         }
-        self.bad_names = seen_bad;
-        out.into_values().collect()
+        Some(spec)
     }
 
-    /// Sends the set if it changed. False when the registry is gone (shutting down).
-    async fn publish(&mut self) -> bool {
-        let specs = self.specs();
-        if self.failing.take().is_some() {
-            info!(source = %self.cfg.name, services = specs.len(), "ZooKeeper source recovered");
-        }
-        if self.sent.as_ref() == Some(&specs) {
+    /// Sends every service as one `Reset` if anything differs from what was sent.
+    /// False when the registry is gone (shutting down).
+    async fn publish_all(&mut self) -> bool {
+        self.touched.clear();
+        let all: BTreeMap<ServiceName, ServiceSpec> = self
+            .aliases
+            .keys()
+            .filter_map(|n| self.spec(n).map(|s| (n.clone(), s)))
+            .collect();
+        self.recovered(all.len());
+        if self.sent.as_ref() == Some(&all) {
             return true;
         }
-        debug!(source = %self.cfg.name, services = specs.len(), backends = specs.iter().map(|s| s.backends.len()).sum::<usize>(), "ZooKeeper services changed");
-        self.sent = Some(specs.clone());
+        debug!(source = %self.cfg.name, services = all.len(), backends = all.values().map(|s| s.backends.len()).sum::<usize>(), "ZooKeeper services changed");
+        let services: Vec<ServiceSpec> = all.values().cloned().collect();
+        self.sent = Some(all);
         self.tx
             .send(SourceEvent::Reset {
                 source: self.index,
-                services: specs,
+                services,
             })
             .await
             .is_ok()
+    }
+
+    /// Sends only the services a pass touched, as `Update`s, so the cost of one change does not
+    /// grow with the number of services. A service that went away needs a `Reset` (an update
+    /// cannot say "gone"), which is rare: services come and go far less often than instances.
+    async fn publish_touched(&mut self) -> bool {
+        let touched: BTreeSet<ServiceName> = std::mem::take(&mut self.touched)
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let Some(sent) = &self.sent else {
+            return self.publish_all().await;
+        };
+        let mut updates = Vec::new();
+        for name in &touched {
+            match self.spec(name) {
+                None if sent.contains_key(name) => return self.publish_all().await,
+                None => {}
+                Some(spec) if sent.get(name) != Some(&spec) => updates.push(spec),
+                Some(_) => {}
+            }
+        }
+        self.recovered(self.aliases.len());
+        for spec in updates {
+            debug!(source = %self.cfg.name, service = %spec.name, backends = spec.backends.len(), "ZooKeeper service changed");
+            if let Some(sent) = self.sent.as_mut() {
+                sent.insert(spec.name.clone(), spec.clone());
+            }
+            if self
+                .tx
+                .send(SourceEvent::Update {
+                    source: self.index,
+                    service: spec,
+                })
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn recovered(&mut self, services: usize) {
+        if self.failing.take().is_some() {
+            info!(source = %self.cfg.name, services, "ZooKeeper source recovered");
+        }
     }
 
     /// Reports a failure once per distinct error; the registry keeps the last good set.
