@@ -2,10 +2,10 @@
 //! instance in one of the layouts of [`formats`]. It watches the root's children, every service's
 //! children and every instance's data, re-reads only what a watch said changed, and reports it
 //! within milliseconds: an `Update` per changed service (so one change costs the same with ten or
-//! ten thousand services), a whole-set `Reset` after a full read or when a service goes away. A lost connection or an expired session keeps the
-//! last good set (a `Failed`, never an empty `Reset`); once reachable again it re-reads everything
-//! in a fresh session with new watches, because neither the server nor the client library carries
-//! watches over a reconnect.
+//! ten thousand services), a whole-set `Reset` after a full read or when a service goes away.
+//! A lost connection or an expired session keeps the last good set (a `Failed`, never an empty
+//! `Reset`); once reachable again it re-reads everything in a fresh session with new watches,
+//! because neither the server nor the client library carries watches over a reconnect.
 
 pub mod formats;
 pub mod session;
