@@ -2,9 +2,11 @@
 //! say "no backends"; believing it takes a service down. So, per service:
 //! - additions apply at once;
 //! - an update that would leave a service that has backends with none is never applied;
-//! - an update that removes more than `max_drop` of a service's backends at once is held for
-//!   `hold_down` (the removed backends keep serving beside any new ones), then applied if the
-//!   sources still say so;
+//! - removals are judged over a window, not one update at a time: when the backends removed
+//!   within the last `hold_down` exceed `max_drop` of every backend the service had in that
+//!   window, the removal is held for `hold_down` (every backend removed in the window serves
+//!   again, beside any new ones), then applied if the sources still say so. A registry whose
+//!   instances expire one by one (ZooKeeper ephemeral nodes) drops sharply in small steps;
 //! - a service that vanishes from every source is a 100% removal: held, then removed.
 //!
 //! Pure: the caller passes the clock in and publishes what comes out.
@@ -41,6 +43,14 @@ pub struct Held {
 pub struct Guard {
     cfg: GuardConfig,
     held: BTreeMap<ServiceName, Held>,
+    windows: BTreeMap<ServiceName, Window>,
+}
+
+/// Every backend a service had published since `since`: the base that removals are measured against.
+#[derive(Debug)]
+struct Window {
+    since: Instant,
+    backends: Vec<crate::service::Backend>,
 }
 
 /// What the guard decided for one round.
@@ -58,7 +68,7 @@ pub struct Decision {
 
 impl Guard {
     pub fn new(cfg: GuardConfig) -> Self {
-        Self { cfg, held: BTreeMap::new() }
+        Self { cfg, held: BTreeMap::new(), windows: BTreeMap::new() }
     }
 
     /// A reload may change the thresholds; running holds keep their start time.
@@ -74,17 +84,25 @@ impl Guard {
     pub fn apply(&mut self, published: &BTreeMap<ServiceName, ServiceSpec>, mut proposed: BTreeMap<ServiceName, ServiceSpec>, now: Instant) -> Decision {
         let mut d = Decision::default();
         let mut still_held = BTreeMap::new();
+        self.windows.retain(|n, _| published.contains_key(n));
         for (name, current) in published {
             let next = proposed.remove(name);
+            let max_drop = self.cfg.max_drop;
+            let window = self.window(name, current, now);
             let (reason, kept) = match &next {
                 None if current.backends.is_empty() => (None, Vec::new()),
-                None => (Some(HoldReason::Vanished), current.backends.iter().map(|b| b.addr).collect()),
+                None => (Some(HoldReason::Vanished), current.backends.clone()),
                 Some(_) if current.backends.is_empty() => (None, Vec::new()),
-                Some(next) if next.backends.is_empty() => (Some(HoldReason::WouldEmpty), current.backends.iter().map(|b| b.addr).collect()),
+                Some(next) if next.backends.is_empty() => (Some(HoldReason::WouldEmpty), current.backends.clone()),
                 Some(next) => {
-                    let removed: Vec<SocketAddr> = current.backends.iter().map(|b| b.addr).filter(|a| !next.backends.iter().any(|n| n.addr == *a)).collect();
-                    let share = removed.len() as f64 / current.backends.len() as f64;
-                    if share > self.cfg.max_drop { (Some(HoldReason::SharpDrop { removed: removed.len(), of: current.backends.len() }), removed) } else { (None, Vec::new()) }
+                    let removed: Vec<crate::service::Backend> =
+                        window.backends.iter().filter(|b| !next.backends.iter().any(|n| n.addr == b.addr)).cloned().collect();
+                    let share = removed.len() as f64 / window.backends.len().max(1) as f64;
+                    if share > max_drop {
+                        (Some(HoldReason::SharpDrop { removed: removed.len(), of: window.backends.len() }), removed)
+                    } else {
+                        (None, Vec::new())
+                    }
                 }
             };
             let Some(reason) = reason else {
@@ -93,12 +111,13 @@ impl Guard {
                 }
                 continue;
             };
+            let kept_addrs: Vec<SocketAddr> = kept.iter().map(|b| b.addr).collect();
             // A hold keeps its start while the sources keep proposing a drop, so a flapping
             // source cannot postpone it forever, and a recovered source ends it at once.
             let since = match self.held.remove(name) {
                 Some(h) if same_kind(&h.reason, &reason) => h.since,
                 _ => {
-                    let h = Held { service: name.clone(), reason: reason.clone(), since: now, kept: kept.clone() };
+                    let h = Held { service: name.clone(), reason: reason.clone(), since: now, kept: kept_addrs.clone() };
                     d.new_holds.push(h);
                     now
                 }
@@ -106,6 +125,8 @@ impl Guard {
             let matures = since.checked_add(self.cfg.hold_down).unwrap_or(since);
             if reason != HoldReason::WouldEmpty && now >= matures {
                 d.matured.push(name.clone());
+                // The applied set starts a new window: the next drop is measured from here.
+                self.windows.remove(name);
                 if let Some(next) = next {
                     d.services.insert(name.clone(), next);
                 }
@@ -115,7 +136,7 @@ impl Guard {
                 d.wake_at = Some(d.wake_at.map_or(matures, |w| w.min(matures)));
             }
             d.services.insert(name.clone(), kept_spec(current, next, &kept));
-            still_held.insert(name.clone(), Held { service: name.clone(), reason, since, kept });
+            still_held.insert(name.clone(), Held { service: name.clone(), reason, since, kept: kept_addrs });
         }
         // Services that are new to the published set apply at once.
         d.services.extend(proposed);
@@ -126,6 +147,24 @@ impl Guard {
     pub fn hold_down(&self) -> Duration {
         self.cfg.hold_down
     }
+
+    /// The service's window, started afresh once `hold_down` has passed with nothing held, and
+    /// grown by every backend published meanwhile (so a rolling replacement counts its new
+    /// backends too).
+    fn window(&mut self, name: &ServiceName, current: &ServiceSpec, now: Instant) -> &Window {
+        let hold_down = self.cfg.hold_down;
+        let held = self.held.contains_key(name);
+        let w = self.windows.entry(name.clone()).or_insert_with(|| Window { since: now, backends: Vec::new() });
+        if !held && now.saturating_duration_since(w.since) >= hold_down {
+            *w = Window { since: now, backends: Vec::new() };
+        }
+        for b in &current.backends {
+            if !w.backends.iter().any(|o| o.addr == b.addr) {
+                w.backends.push(b.clone());
+            }
+        }
+        w
+    }
 }
 
 fn same_kind(a: &HoldReason, b: &HoldReason) -> bool {
@@ -133,10 +172,10 @@ fn same_kind(a: &HoldReason, b: &HoldReason) -> bool {
 }
 
 /// The proposed spec (or the current one if the service vanished) plus the kept backends.
-fn kept_spec(current: &ServiceSpec, next: Option<ServiceSpec>, kept: &[SocketAddr]) -> ServiceSpec {
+fn kept_spec(current: &ServiceSpec, next: Option<ServiceSpec>, kept: &[crate::service::Backend]) -> ServiceSpec {
     let Some(mut spec) = next else { return current.clone() };
-    for b in &current.backends {
-        if kept.contains(&b.addr) && !spec.backends.iter().any(|n| n.addr == b.addr) {
+    for b in kept {
+        if !spec.backends.iter().any(|n| n.addr == b.addr) {
             spec.backends.push(b.clone());
         }
     }
@@ -212,6 +251,48 @@ mod tests {
             std::net::IpAddr::V6(_) => 0,
         }).collect();
         assert_eq!(addrs, [10, 11, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_sharp_drop_made_in_small_steps_is_held_and_restores_every_removed_backend() {
+        let mut g = guard();
+        let t = Instant::now();
+        let mut published = map([spec("web", 10)]);
+        // Ten instances expire one by one, a second apart: each step alone removes little.
+        for (step, left) in (1..=9u8).rev().enumerate() {
+            let d = g.apply(&published, map([spec("web", left)]), t + Duration::from_secs(step as u64));
+            published = d.services;
+        }
+        assert_eq!(published["web"].backends.len(), 10, "once past max_drop of the window, all ten serve again");
+        assert!(matches!(g.held().next().unwrap().reason, HoldReason::SharpDrop { removed: 9, of: 10 }));
+        // The hold runs its course; then the drop applies.
+        let d = g.apply(&published, map([spec("web", 1)]), t + Duration::from_secs(8) + HOLD);
+        assert_eq!(d.services["web"].backends.len(), 1);
+    }
+
+    #[test]
+    fn a_slow_drain_over_several_windows_applies() {
+        let mut g = guard();
+        let t = Instant::now();
+        let mut published = map([spec("web", 10)]);
+        for (step, left) in (1..=9u8).rev().enumerate() {
+            // One removal per hold-down: never more than max_drop within a window.
+            let d = g.apply(&published, map([spec("web", left)]), t + HOLD * (step as u32 + 1));
+            published = d.services;
+        }
+        assert_eq!(published["web"].backends.len(), 1);
+        assert_eq!(g.held().count(), 0);
+    }
+
+    #[test]
+    fn a_rolling_replacement_within_a_window_is_not_a_drop() {
+        let mut g = guard();
+        let t = Instant::now();
+        let old = map([spec_from("web", 1..=4)]);
+        let both = g.apply(&old, map([spec_from("web", 1..=8)]), t).services;
+        let d = g.apply(&both, map([spec_from("web", 5..=8)]), t + Duration::from_secs(1));
+        assert_eq!(d.services["web"].backends.len(), 4, "4 of 8 seen in the window is not more than half");
+        assert!(d.new_holds.is_empty());
     }
 
     #[test]
