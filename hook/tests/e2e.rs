@@ -32,14 +32,22 @@ fn hook_lib() -> PathBuf {
     static LIB: OnceLock<PathBuf> = OnceLock::new();
     LIB.get_or_init(|| {
         let dir = target_dir();
-        let release = dir.file_name().is_some_and(|n| n == "release");
+        // target/<dir>: "debug" is the dev profile, any other directory is named after its profile.
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_string(),
+            Some(other) => other.to_string(),
+        };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut c = Command::new(cargo);
-        c.args(["build", "-p", "discotech-hook", "--lib"])
-            .env("CARGO_TARGET_DIR", dir.parent().unwrap());
-        if release {
-            c.arg("--release");
-        }
+        c.args([
+            "build",
+            "-p",
+            "discotech-hook",
+            "--lib",
+            "--profile",
+            &profile,
+        ])
+        .env("CARGO_TARGET_DIR", dir.parent().unwrap());
         let st = c.current_dir(env!("CARGO_MANIFEST_DIR")).status().unwrap();
         assert!(st.success(), "building the hook library failed");
         let lib = dir.join("libdiscotech_hook.so");
