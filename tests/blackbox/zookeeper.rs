@@ -457,3 +457,43 @@ fn zookeeper_digest_auth_reads_protected_nodes_and_survives_a_server_restart() {
     as_user(&["create /secure/web/127.0.0.3:80"]);
     srv_until(&d, "web.disco", Duration::from_secs(15), |a| a.len() == 2);
 }
+
+#[test]
+fn zookeeper_additions_and_removals_reach_hooked_connects() {
+    zk::ensure_hook_library();
+    let ns = Netns::new();
+    let zk = ZkServer::start(&ns, ZK_PORT);
+    zk::backend(&ns, "127.0.0.2", 8080, "b2");
+    zk::backend(&ns, "127.0.0.3", 8080, "b3");
+    zk.ctl(&ns, &["create /disco/web/127.0.0.2:8080"]);
+    let mut d = zk::daemon(&ns, &zk::source(&zk, "/disco", "5s"));
+    d.start();
+    ns.resolv_conf("127.0.0.53");
+    srv_until(&d, "web.disco", Duration::from_secs(5), |a| a.len() == 1);
+    assert_eq!(zk::hooked_who(&ns, &d, "web.disco", 8080, 2), ["b2", "b2"]);
+
+    zk.ctl(&ns, &["create /disco/web/127.0.0.3:8080"]);
+    let mut last = Vec::new();
+    let both = eventually(Duration::from_secs(5), || {
+        last = zk::hooked_who(&ns, &d, "web.disco", 8080, 4);
+        (last.iter().filter(|w| *w == "b2").count() == 2
+            && last.iter().filter(|w| *w == "b3").count() == 2)
+            .then_some(())
+    });
+    assert!(
+        both.is_some(),
+        "the new backend takes its share of connects: {last:?}\n{}",
+        d.log_text()
+    );
+
+    zk.ctl(&ns, &["delete /disco/web/127.0.0.2:8080"]);
+    let only = eventually(Duration::from_secs(5), || {
+        last = zk::hooked_who(&ns, &d, "web.disco", 8080, 4);
+        (last == ["b3"; 4]).then_some(())
+    });
+    assert!(
+        only.is_some(),
+        "the removed backend gets no more connects: {last:?}\n{}",
+        d.log_text()
+    );
+}
