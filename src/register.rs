@@ -170,6 +170,9 @@ pub async fn run(reg: Registration, shutdown: CancellationToken) {
     for port in formats::unsupported_ports(reg.format, &reg.ports) {
         warn!(service = %reg.service, port = %port, "the chosen format cannot carry this named port; it is not announced");
     }
+    if reg.addr.ip().is_unspecified() {
+        warn!(service = %reg.service, addr = %reg.addr, "announcing an unspecified address: readers on other hosts cannot connect to it; set register.addr to this host's address");
+    }
     let (healthy_tx, healthy_rx) = watch::channel(false);
     tokio::join!(
         check_loop(&reg, healthy_tx, shutdown.clone()),

@@ -210,6 +210,9 @@ pub async fn run(
                 },
                 Some(first) = dirty.recv() => {
                     if need_sync {
+                        // A watch fired while a full read is pending (say the missing root was
+                        // created): the tree is reachable, so read now instead of after the backoff.
+                        retry_at = None;
                         continue;
                     }
                     // A burst right after a pass waits out the rest of COALESCE; a lone change does not.

@@ -497,3 +497,28 @@ fn zookeeper_additions_and_removals_reach_hooked_connects() {
         d.log_text()
     );
 }
+
+#[test]
+fn a_missing_zookeeper_root_is_a_failure_and_its_creation_is_picked_up() {
+    let ns = Netns::new();
+    let zk = ZkServer::start(&ns, ZK_PORT);
+    let mut d = zk::daemon(&ns, &zk::source(&zk, "/later", "5s"));
+    d.start();
+    let failed = eventually(Duration::from_secs(5), || {
+        d.log_text().contains("NoNode").then_some(())
+    });
+    assert!(
+        failed.is_some(),
+        "a missing root is reported as a failure: {}",
+        d.log_text()
+    );
+    let t0 = Instant::now();
+    zk.ctl(&ns, &["create /later/web/127.0.0.2:80"]);
+    srv_until(&d, "web.disco", Duration::from_secs(3), |a| {
+        a == ["0 1 80 127-0-0-2.web.disco."]
+    });
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "picked up through the watch on the root, not a slow retry"
+    );
+}
