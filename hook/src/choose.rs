@@ -89,7 +89,7 @@ pub fn choose<R: Records + ?Sized>(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)]
     use super::*;
 
     fn rec(magic: &str, client_port: u16, backend: &str, weight: u16, priority: u16) -> Record {

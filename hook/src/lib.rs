@@ -56,7 +56,17 @@ fn hooked(
         return None;
     }
     let saved = sys::errno();
-    match route::on_connect(&os::RealOs { real, cfg, family }, &STATE, fd, dest) {
+    match route::on_connect(
+        &os::RealOs {
+            real,
+            cfg,
+            family,
+            pid: sys::getpid(),
+        },
+        &STATE,
+        fd,
+        dest,
+    ) {
         Verdict::PassThrough => {
             sys::set_errno(saved);
             None

@@ -23,6 +23,8 @@ pub struct RealOs {
     /// The family of the caller's sockaddr: connect() only works when it is the socket's
     /// domain, so it stands in for asking the kernel (one system call fewer).
     pub family: c_int,
+    /// getpid() once per connect.
+    pub pid: u32,
 }
 
 impl Os for RealOs {
@@ -32,13 +34,17 @@ impl Os for RealOs {
         sys::sock_info(fd, self.family)
     }
 
+    fn inode(&self, fd: c_int) -> Option<u64> {
+        sys::inode(fd)
+    }
+
     fn connect(&self, fd: c_int, to: SocketAddr, domain: c_int) -> Result<(), c_int> {
         let raw = RawAddr::for_family(to, domain).ok_or(libc::EAFNOSUPPORT)?;
         sys::connect(self.real, fd, &raw)
     }
 
     fn session(&self) -> Option<DaemonSession> {
-        DaemonSession::open(self.real, self.cfg)
+        DaemonSession::open(self.real, self.cfg, self.pid)
     }
 
     fn fallback(
@@ -53,7 +59,7 @@ impl Os for RealOs {
     }
 
     fn pid(&self) -> u32 {
-        sys::getpid()
+        self.pid
     }
 }
 
@@ -152,8 +158,7 @@ fn open_daemon(real: ConnectFn, cfg: &Config) -> Option<Fd> {
 }
 
 impl DaemonSession {
-    fn open(real: ConnectFn, cfg: &'static Config) -> Option<Self> {
-        let pid = sys::getpid();
+    fn open(real: ConnectFn, cfg: &'static Config, pid: u32) -> Option<Self> {
         let Some(token) = take_cache(pid) else {
             let fd = open_daemon(real, cfg)?.into_raw();
             return Some(Self {

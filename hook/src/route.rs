@@ -9,9 +9,7 @@
 use core::net::SocketAddr;
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use discotech_wire::{
-    FLAG_INET6, FLAG_NONBLOCK, FLAG_REPORT_DONE, Kind, Reply, Request, Status, to_mapped,
-};
+use discotech_wire::{FLAG_INET6, FLAG_REPORT_DONE, Kind, Reply, Request, Status, to_mapped};
 use libc::c_int;
 
 use crate::choose::choose;
@@ -25,6 +23,8 @@ pub const MAX_ATTEMPTS: usize = 4;
 pub trait Os {
     type Session: Session;
     fn sock_info(&self, fd: c_int) -> Option<SockInfo>;
+    /// The inode of the socket behind `fd` (which socket it is, not just its number).
+    fn inode(&self, fd: c_int) -> Option<u64>;
     /// The real connect of `fd` to `to`, in the socket's `domain`. Err is the errno.
     fn connect(&self, fd: c_int, to: SocketAddr, domain: c_int) -> Result<(), c_int>;
     /// A conversation with the daemon, or None if it cannot be reached (or is not trusted).
@@ -185,16 +185,19 @@ pub fn on_connect<O: Os>(os: &O, state: &State, fd: c_int, dest: SocketAddr) -> 
         return Verdict::PassThrough;
     }
     // A repeated connect on a socket whose connect is under way: same backend, no question.
-    if let Some(backend) = state.fds.get(fd, info.ino, dest) {
+    if let Some((ino, backend)) = state.fds.get(fd, dest)
+        && os.inode(fd) == Some(ino)
+    {
         let r = os.connect(fd, backend, info.domain);
         if !matches!(r, Err(e) if pending(e)) {
-            state.fds.remove(fd, info.ino);
+            state.fds.remove(fd, ino);
         }
         return Verdict::Return(r);
     }
     let v6_ok = info.domain == libc::AF_INET6;
-    let flags =
-        if v6_ok { FLAG_INET6 } else { 0 } | if info.nonblocking { FLAG_NONBLOCK } else { 0 };
+    // FLAG_NONBLOCK is left unset: finding out costs a system call and the daemon needs no
+    // more than the family.
+    let flags = if v6_ok { FLAG_INET6 } else { 0 };
     let mut ctx = Ctx {
         os,
         state,
@@ -225,8 +228,10 @@ pub fn on_connect<O: Os>(os: &O, state: &State, fd: c_int, dest: SocketAddr) -> 
         let e = match r {
             Err(e) if retryable(e) => e,
             _ => {
-                if matches!(r, Err(e) if pending(e)) {
-                    state.fds.put(fd, info.ino, dest, target.addr);
+                if matches!(r, Err(e) if pending(e))
+                    && let Some(ino) = os.inode(fd)
+                {
+                    state.fds.put(fd, ino, dest, target.addr);
                 }
                 if target.report_done {
                     let mut done = ctx.request(Kind::Done);

@@ -124,14 +124,11 @@ pub fn connect(real: ConnectFn, fd: c_int, to: &RawAddr) -> Result<(), c_int> {
     if rc == 0 { Ok(()) } else { Err(errno()) }
 }
 
-/// What the hook needs to know about the caller's socket.
+/// What the hook needs to know about the caller's socket before it asks anyone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockInfo {
     pub stream: bool,
     pub domain: c_int,
-    pub nonblocking: bool,
-    /// The socket's inode: tells a reused fd number apart from the socket it used to be.
-    pub ino: u64,
 }
 
 fn getsockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
@@ -159,19 +156,12 @@ pub fn inode(fd: c_int) -> Option<u64> {
     (rc == 0).then(|| unsafe { st.assume_init() }.st_ino)
 }
 
-/// The caller's socket: its type, blocking mode and inode; `domain` is taken as given.
+/// The caller's socket: its type (one system call); `domain` is taken as given.
 pub fn sock_info(fd: c_int, domain: c_int) -> Option<SockInfo> {
     let ty = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)?;
-    // SAFETY: F_GETFL takes no pointer argument.
-    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if fl < 0 {
-        return None;
-    }
     Some(SockInfo {
         stream: ty == libc::SOCK_STREAM,
         domain,
-        nonblocking: fl & libc::O_NONBLOCK != 0,
-        ino: inode(fd)?,
     })
 }
 

@@ -29,6 +29,8 @@ struct Fake {
     rr: RefCell<usize>,
     failed: RefCell<Vec<SocketAddr>>,
     file: Vec<Record>,
+    /// The inode behind the fd the tests use.
+    ino: RefCell<u64>,
 }
 
 struct FakeSession<'a>(&'a Fake);
@@ -76,6 +78,10 @@ impl<'a> Os for &'a Fake {
         self.info
     }
 
+    fn inode(&self, _fd: c_int) -> Option<u64> {
+        Some(*self.ino.borrow())
+    }
+
     fn connect(&self, _fd: c_int, to: SocketAddr, domain: c_int) -> Result<(), c_int> {
         self.connects.borrow_mut().push((to, domain));
         let mut results = self.results.borrow_mut();
@@ -86,7 +92,7 @@ impl<'a> Os for &'a Fake {
     }
 
     fn session(&self) -> Option<FakeSession<'a>> {
-        self.daemon_up.then_some(FakeSession(*self))
+        self.daemon_up.then_some(FakeSession(self))
     }
 
     fn fallback(
@@ -104,19 +110,18 @@ impl<'a> Os for &'a Fake {
     }
 }
 
-fn tcp(domain: c_int, nonblocking: bool) -> Option<SockInfo> {
+fn tcp(domain: c_int) -> Option<SockInfo> {
     Some(SockInfo {
         stream: true,
         domain,
-        nonblocking,
-        ino: 777,
     })
 }
 
 fn fake(backends: &[&str]) -> Fake {
     Fake {
-        info: tcp(libc::AF_INET, false),
+        info: tcp(libc::AF_INET),
         daemon_up: true,
+        ino: RefCell::new(777),
         daemon_backends: backends.iter().map(|b| a(b)).collect(),
         ..Fake::default()
     }
@@ -140,8 +145,6 @@ fn udp_and_non_sockets_pass_through_untouched() {
     f.info = Some(SockInfo {
         stream: false,
         domain: libc::AF_INET,
-        nonblocking: false,
-        ino: 1,
     });
     assert_eq!(
         on_connect(&&f, &State::new(), 3, a(WEB)),
@@ -181,7 +184,7 @@ fn the_chosen_backend_is_connected_in_the_sockets_family() {
     // An AF_INET6 socket to the v4-mapped magic address: the daemon sees the same magic address,
     // the backend goes out on the v6 socket (the fake records the domain; os.rs maps the address).
     let mut f6 = fake(&["127.0.0.2:8080"]);
-    f6.info = tcp(libc::AF_INET6, true);
+    f6.info = tcp(libc::AF_INET6);
     assert_eq!(
         on_connect(&&f6, &state, 5, a("[::ffff:127.77.0.9]:80")),
         Verdict::Return(Ok(()))
@@ -192,7 +195,7 @@ fn the_chosen_backend_is_connected_in_the_sockets_family() {
     );
     let req = f6.requests.borrow()[0];
     assert_eq!(req.magic_ip(), a(WEB).ip());
-    assert_eq!(req.flags, FLAG_INET6 | FLAG_NONBLOCK);
+    assert_eq!(req.flags, FLAG_INET6);
 }
 
 #[test]
@@ -251,7 +254,7 @@ fn when_every_backend_refuses_the_errno_is_the_real_one_and_attempts_are_bounded
 #[test]
 fn a_repeated_nonblocking_connect_goes_to_the_same_backend_without_asking() {
     let mut f = fake(&["127.0.0.2:8080", "127.0.0.3:8080"]);
-    f.info = tcp(libc::AF_INET, true);
+    f.info = tcp(libc::AF_INET);
     f.results.borrow_mut().insert(
         a("127.0.0.2:8080"),
         vec![
@@ -383,4 +386,23 @@ fn p2c_answers_get_a_done_report_after_the_connect() {
     assert_eq!(reqs.len(), 2);
     assert_eq!(reqs[1].kind, Kind::Done);
     assert_eq!(reqs[1].backend_addr(), a("127.0.0.2:8080"));
+}
+
+#[test]
+fn a_reused_fd_number_is_a_new_socket_and_gets_a_new_pick() {
+    let f = fake(&["127.0.0.2:8080", "127.0.0.3:8080"]);
+    f.results
+        .borrow_mut()
+        .insert(a("127.0.0.2:8080"), vec![Err(libc::EINPROGRESS)]);
+    let state = State::new();
+    assert_eq!(
+        on_connect(&&f, &state, 3, a(WEB)),
+        Verdict::Return(Err(libc::EINPROGRESS))
+    );
+    // The application closed fd 3 without connecting again; a new socket got the number.
+    *f.ino.borrow_mut() = 778;
+    assert_eq!(on_connect(&&f, &state, 3, a(WEB)), Verdict::Return(Ok(())));
+    let connects: Vec<SocketAddr> = f.connects.borrow().iter().map(|c| c.0).collect();
+    assert_eq!(connects, [a("127.0.0.2:8080"), a("127.0.0.3:8080")]);
+    assert_eq!(f.requests.borrow().len(), 2, "asked again");
 }
