@@ -335,7 +335,10 @@ impl Session for DaemonSession {
         if ahead {
             self.collect();
             let dest = SocketAddr::new(req.magic_ip(), req.port);
-            if INFLIGHT_ID.load(Ordering::Relaxed) != 0 && inflight_dest() == (dest, req.flags) {
+            if !self.broken
+                && INFLIGHT_ID.load(Ordering::Relaxed) != 0
+                && inflight_dest() == (dest, req.flags)
+            {
                 // The answer is on its way: wait for it rather than ask again, so every pick
                 // the daemon makes is used, in the daemon's order.
                 let deadline = sys::now_ms().saturating_add(self.timeout_ms);

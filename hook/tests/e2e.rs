@@ -126,14 +126,18 @@ fn service(lb: LbPolicy, backends: &[SocketAddr]) -> Service {
 
 /// `hook_server::serve` on a socket in a temp dir, on its own runtime thread.
 struct Daemon {
-    dir: tempfile::TempDir,
+    dir: std::sync::Arc<tempfile::TempDir>,
     shutdown: CancellationToken,
     done: mpsc::Receiver<()>,
 }
 
 impl Daemon {
     fn start(services: Vec<Service>) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(std::sync::Arc::new(tempfile::tempdir().unwrap()), services)
+    }
+
+    /// A daemon on the socket path of an earlier one (a restart).
+    fn start_in(dir: std::sync::Arc<tempfile::TempDir>, services: Vec<Service>) -> Self {
         let sock = dir.path().join("hook.sock");
         let snap = Snapshot::new(1, services);
         hook_server::write_fallback(
@@ -467,6 +471,38 @@ fn killing_the_daemon_mid_run_keeps_a_client_on_the_backends_it_learned() {
         to_a >= 6 && to_b >= 6,
         "keeps spreading over both: {rest:?}"
     );
+}
+
+#[test]
+fn a_restarted_daemon_is_found_again_by_a_running_client() {
+    let (a, b) = (
+        Greeter::start("127.0.0.2", "a"),
+        Greeter::start("127.0.0.3", "b"),
+    );
+    let d = Daemon::start(vec![service(LbPolicy::RoundRobin, &[a.addr])]);
+    let mut child = Command::new("timeout")
+        .arg("30")
+        .arg(client())
+        .args(["slowmany", "127.77.0.9", "80", "30"])
+        .env("LD_PRELOAD", hook_lib())
+        .env("DISCOTECH_SOCKET", d.socket())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let first: Vec<String> = lines.by_ref().take(3).map(Result::unwrap).collect();
+    assert_eq!(first, ["OK a"; 3]);
+    // The daemon restarts with a new backend set on the same socket.
+    d.kill(false);
+    let _d2 = Daemon::start_in(
+        d.dir.clone(),
+        vec![service(LbPolicy::RoundRobin, &[b.addr])],
+    );
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    assert!(child.wait().unwrap().success(), "{rest:?}");
+    assert_eq!(rest.len(), 27);
+    // Within a connect or two (a pick made ahead, what it learned) it follows the new daemon.
+    assert!(rest.iter().skip(3).all(|l| l == "OK b"), "{rest:?}");
 }
 
 #[test]
