@@ -88,6 +88,8 @@ pub struct Listeners {
     pub hook: Option<UnixListener>,
     /// The admin socket; `None` runs without one.
     pub admin: Option<UnixListener>,
+    /// `/metrics` and the status page.
+    pub http: Vec<TcpListener>,
 }
 
 impl Listeners {
@@ -101,7 +103,11 @@ impl Listeners {
             dns_tcp: Vec::new(),
             hook: Some(bind_unix(&config.hook.socket, 0o666)?),
             admin: Some(bind_unix(&config.admin.socket, 0o660)?),
+            http: Vec::new(),
         };
+        for addr in &config.metrics_listen {
+            l.http.push(TcpListener::bind(addr).map_err(|source| DaemonError::Bind { proto: "tcp (metrics)", addr: *addr, source })?);
+        }
         for addr in &config.dns.listen {
             let udp = UdpSocket::bind(addr).map_err(|source| DaemonError::Bind { proto: "udp", addr: *addr, source })?;
             // Port 0 means "any": TCP must then share the port UDP got.
@@ -242,6 +248,12 @@ pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> 
         };
         tracker.spawn(admin::serve(admin, cx, shutdown.clone()));
     }
+    for http in listeners.http {
+        http.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
+        let http = tokio::net::TcpListener::from_std(http).map_err(|e| DaemonError::Server(e.to_string()))?;
+        let cx = crate::http::HttpContext { snapshot: shared.clone(), registry: commands.clone(), started };
+        tracker.spawn(crate::http::serve(http, cx, shutdown.clone()));
+    }
     let udp_threads = udp::spawn(listeners.dns_udp, handler.clone(), tokio::runtime::Handle::current(), shutdown.clone())
         .map_err(|e| DaemonError::Server(e.to_string()))?;
     for tcp in listeners.dns_tcp {
@@ -357,6 +369,7 @@ impl Reload<'_> {
         keep!(state.quarantine, "state.quarantine");
         keep!(hook.socket, "hook.socket");
         keep!(admin.socket, "admin.socket");
+        keep!(metrics_listen, "metrics.listen");
         if new.dns != running.dns {
             self.handler.replace(dns_state(&new.dns, Some((&running.dns, self.handler.forwarder()))));
             changed.push("dns");

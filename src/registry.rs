@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 use crate::config::GuardConfig;
 use crate::guard::{Guard, Held, HoldReason};
 use crate::magic::MagicMap;
+use crate::metrics::{METRICS, SourceLabels};
 use crate::service::{ServiceName, ServiceSpec};
 use crate::snapshot::{Service, SharedSnapshot, Snapshot};
 use crate::source::SourceEvent;
@@ -62,7 +63,21 @@ pub struct RegistryStatus {
     pub sources: Vec<SourceStatus>,
     pub held: Vec<HeldStatus>,
     pub drained: BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
+    /// The most recent notable events, oldest first.
+    #[serde(default)]
+    pub events: Vec<Event>,
 }
+
+/// Something an operator would want to see on the status page.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    /// Unix seconds.
+    pub at: u64,
+    pub message: String,
+}
+
+/// How many events the registry remembers.
+const EVENTS_KEPT: usize = 100;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SourceStatus {
@@ -100,6 +115,7 @@ pub struct Registry {
     sources: Vec<Option<Vec<ServiceSpec>>>,
     health: Vec<Health>,
     drained: BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
+    events: std::collections::VecDeque<Event>,
     published: BTreeMap<ServiceName, ServiceSpec>,
     guard: Guard,
     magic: MagicMap,
@@ -125,6 +141,7 @@ impl Registry {
             sources: vec![None; source_names.len()],
             health: vec![Health::default(); source_names.len()],
             drained: BTreeMap::new(),
+            events: std::collections::VecDeque::new(),
             names: source_names,
             published: BTreeMap::new(),
             guard,
@@ -179,18 +196,33 @@ impl Registry {
         let index = match &event {
             SourceEvent::Reset { source, .. } | SourceEvent::Update { source, .. } | SourceEvent::Failed { source, .. } => *source,
         };
+        let name = self.names.get(index).cloned().unwrap_or_default();
+        let labels = SourceLabels { source: name.clone() };
+        let mut note = None;
         if let Some(h) = self.health.get_mut(index) {
             match &event {
                 SourceEvent::Failed { error, .. } => {
+                    if h.error.as_ref() != Some(error) {
+                        note = Some(format!("source {name} failed: {error}"));
+                    }
                     h.last_failure = Some(now);
                     h.error = Some(error.clone());
+                    METRICS.source_up.get_or_create(&labels).set(0);
                 }
                 _ => {
+                    if h.error.is_some() {
+                        note = Some(format!("source {name} recovered"));
+                    }
                     h.restored = false;
                     h.last_update = Some(now);
                     h.error = None;
+                    METRICS.source_up.get_or_create(&labels).set(1);
+                    METRICS.source_last_update.get_or_create(&labels).set(i64::try_from(now).unwrap_or(i64::MAX));
                 }
             }
+        }
+        if let Some(n) = note {
+            self.event(now, n);
         }
         match event {
             SourceEvent::Reset { source, services } => {
@@ -258,6 +290,13 @@ impl Registry {
         out
     }
 
+    fn event(&mut self, at: u64, message: String) {
+        if self.events.len() == EVENTS_KEPT {
+            self.events.pop_front();
+        }
+        self.events.push_back(Event { at, message });
+    }
+
     fn publish(&mut self, now: u64, clock: Instant) {
         // Before any source has spoken or been restored, there is nothing to guard against.
         let decision = if self.sources.iter().all(Option::is_none) {
@@ -265,8 +304,15 @@ impl Registry {
         } else {
             self.guard.apply(&self.published, self.merged(), clock)
         };
+        METRICS.guard_holds.inc_by(decision.new_holds.len() as u64);
         for h in &decision.new_holds {
             let kept: Vec<String> = h.kept.iter().map(ToString::to_string).collect();
+            let what = match h.reason {
+                HoldReason::WouldEmpty => "would leave no backends: not applied".to_string(),
+                HoldReason::SharpDrop { removed, of } => format!("removes {removed} of {of} backends: held"),
+                HoldReason::Vanished => "service gone from every source: removal held".to_string(),
+            };
+            self.event(now, format!("guard: update to {} {what}", h.service));
             match h.reason {
                 HoldReason::WouldEmpty => warn!(service = %h.service, kept = ?kept, "update would leave no backends: not applied, the current backends keep serving"),
                 HoldReason::SharpDrop { removed, of } => warn!(service = %h.service, removed, of, hold_down = ?self.guard.hold_down(), kept = ?kept, "update removes too many backends at once: removal held"),
@@ -275,6 +321,17 @@ impl Registry {
         }
         for service in &decision.matured {
             info!(%service, "held update applied after the hold-down");
+            self.event(now, format!("guard: held update to {service} applied after the hold-down"));
+        }
+        let added: Vec<String> = decision.services.keys().filter(|n| !self.published.contains_key(*n)).map(ToString::to_string).collect();
+        let removed: Vec<String> = self.published.keys().filter(|n| !decision.services.contains_key(*n)).map(ToString::to_string).collect();
+        if !added.is_empty() && added.len() <= 20 {
+            self.event(now, format!("services added: {}", added.join(", ")));
+        } else if !added.is_empty() {
+            self.event(now, format!("{} services added", added.len()));
+        }
+        if !removed.is_empty() {
+            self.event(now, format!("services removed: {}", removed.join(", ")));
         }
         self.wake_at = decision.wake_at;
         if decision.services != self.published {
@@ -302,10 +359,14 @@ impl Registry {
         let generation = self.shared.load().generation + 1;
         let snapshot = Snapshot::new(generation, services);
         info!(generation, services = snapshot.len(), "published");
+        METRICS.generation.set(i64::try_from(generation).unwrap_or(i64::MAX));
+        METRICS.services.set(i64::try_from(snapshot.len()).unwrap_or(i64::MAX));
+        METRICS.guard_held.set(i64::try_from(self.guard.held().count()).unwrap_or(i64::MAX));
         for f in &mut self.on_publish {
             f(&snapshot);
         }
         self.shared.store(Arc::new(snapshot));
+        METRICS.publish_duration.observe(clock.elapsed().as_secs_f64());
     }
 
     fn persist_magic(&self) {
@@ -383,6 +444,7 @@ impl Registry {
                 })
                 .collect(),
             drained: self.drained.clone(),
+            events: self.events.iter().cloned().collect(),
         }
     }
 
@@ -400,6 +462,7 @@ impl Registry {
         self.sources = sources;
         self.health = health;
         self.guard.set_config(guard);
+        self.event(now, format!("sources reconfigured: {}", self.names.join(", ")));
         self.dirty = true;
         self.publish(now, Instant::now());
     }
@@ -420,6 +483,7 @@ impl Registry {
         }
         if changed {
             info!(%service, %addr, drain, "drain changed");
+            self.event(now, format!("{} {addr} of {service}", if drain { "drained" } else { "undrained" }));
             self.dirty = true;
             self.publish(now, Instant::now());
         }

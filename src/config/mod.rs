@@ -23,6 +23,7 @@ pub const DEFAULT_MAGIC_V4: &str = "127.77.0.0/16";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/discotech";
 pub const DEFAULT_HOOK_SOCKET: &str = "/run/discotech/hook.sock";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/discotech/admin.sock";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9253";
 pub const DEFAULT_ZONES_DIR: &str = "zones";
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
@@ -34,6 +35,8 @@ pub struct Config {
     pub state: StateConfig,
     pub hook: HookConfig,
     pub admin: AdminConfig,
+    /// Where `/metrics` and the status page are served; empty: nowhere.
+    pub metrics_listen: Vec<SocketAddr>,
     pub sources: Vec<SourceConfig>,
     pub guard: GuardConfig,
     pub registrations: Vec<Registration>,
@@ -360,6 +363,10 @@ impl Validator<'_> {
         let admin = AdminConfig {
             socket: raw.admin.socket.as_ref().map_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET), |p| base.join(p.get_ref())),
         };
+        let metrics_listen = match &raw.metrics.listen {
+            Some(list) => list.iter().filter_map(|a| self.check(a, "metrics.listen", |s| parse_addr(s, 9253))).collect(),
+            None => vec![SocketAddr::from(([127, 0, 0, 1], 9253))],
+        };
         let mut sources = Vec::new();
         for s in &raw.sources {
             if let Some(source) = self.source(s, base, &upstreams) {
@@ -385,6 +392,7 @@ impl Validator<'_> {
             state,
             hook,
             admin,
+            metrics_listen,
             sources,
             guard,
             registrations,

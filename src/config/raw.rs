@@ -17,6 +17,8 @@ pub struct RawConfig {
     pub hook: RawHook,
     #[serde(default)]
     pub admin: RawAdmin,
+    #[serde(default)]
+    pub metrics: RawMetrics,
     #[serde(default, rename = "source")]
     pub sources: Vec<S<RawSource>>,
     #[serde(default)]
@@ -89,6 +91,12 @@ pub struct RawForward {
 pub struct RawState {
     pub dir: Option<S<String>>,
     pub quarantine: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Option<Vec<S<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

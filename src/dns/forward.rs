@@ -5,6 +5,8 @@
 //! error, REFUSED on a detected loop) is the DNS server's job.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::metrics::{CacheLabels, METRICS};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -180,8 +182,10 @@ impl Forwarder {
         let start = Instant::now();
         if let Lookup::Fresh(mut a) = self.cache.lookup(query, start) {
             restore_case(&mut a, &query.name);
+            cache_metric("hit");
             return Ok(Forwarded::new(a, Origin::Cache));
         }
+        cache_metric("miss");
         let upstreams = self.upstreams_for(&query.name);
         if upstreams.is_empty() {
             return Err(ForwardError::NoUpstreams);
@@ -225,9 +229,13 @@ impl Forwarder {
             }
             Lookup::Stale(mut a) => {
                 restore_case(&mut a, &query.name);
+                cache_metric("stale");
                 Ok(Forwarded::new(a, Origin::Stale))
             }
-            Lookup::Miss => Err(error),
+            Lookup::Miss => {
+                METRICS.forward_failures.inc();
+                Err(error)
+            }
         }
     }
 
@@ -411,6 +419,10 @@ fn random_case(name: &str, bits: u64) -> String {
         }
     }
     out
+}
+
+fn cache_metric(result: &'static str) {
+    METRICS.forward_cache.get_or_create(&CacheLabels { result }).inc();
 }
 
 fn has_letters(name: &str) -> bool {

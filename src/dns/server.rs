@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 
 use super::answer::{self, Outcome, Zones};
 use super::forward::Forwarder;
+use crate::metrics::METRICS;
 use crate::snapshot::SharedSnapshot;
 
 /// Largest UDP answer we send, whatever the client offers; matches common resolver practice
@@ -42,6 +43,8 @@ pub struct DnsHandler {
 /// A response before encoding: header fields, EDNS and records by section.
 #[derive(Debug)]
 pub struct Response {
+    /// How it was answered, for metrics: `local`, `forwarded`, `refused` or `error`.
+    pub answered: &'static str,
     pub metadata: Metadata,
     pub edns: Option<Edns>,
     pub answers: Vec<Record>,
@@ -51,6 +54,7 @@ pub struct Response {
 
 /// The records of a response, by section.
 struct Sections {
+    answered: &'static str,
     response_code: ResponseCode,
     authoritative: bool,
     answers: Vec<Record>,
@@ -60,7 +64,8 @@ struct Sections {
 
 impl Sections {
     fn error(response_code: ResponseCode) -> Self {
-        Self { response_code, authoritative: false, answers: Vec::new(), authorities: Vec::new(), additionals: Vec::new() }
+        let answered = if response_code == ResponseCode::Refused { "refused" } else { "error" };
+        Self { answered, response_code, authoritative: false, answers: Vec::new(), authorities: Vec::new(), additionals: Vec::new() }
     }
 }
 
@@ -118,6 +123,7 @@ impl DnsHandler {
         let snapshot = self.snapshot.load();
         Some(match answer::answer(&self.state.load().zones, &snapshot, query) {
             Outcome::Local(a) => Plan::Done(Sections {
+                answered: "local",
                 response_code: a.response_code,
                 authoritative: true,
                 answers: a.answers,
@@ -155,10 +161,10 @@ impl DnsHandler {
             return Sections::error(ResponseCode::Refused);
         }
         match forwarder.resolve(query).await {
-            Ok(f) => Sections { response_code: f.response_code, authoritative: false, answers: f.answers, authorities: f.authorities, additionals: f.additionals },
+            Ok(f) => Sections { answered: "forwarded", response_code: f.response_code, authoritative: false, answers: f.answers, authorities: f.authorities, additionals: f.additionals },
             Err(error) => {
                 debug!(name = %query.name(), %error, "forwarding failed");
-                Sections::error(ResponseCode::ServFail)
+                Sections { answered: "forwarded", ..Sections::error(ResponseCode::ServFail) }
             }
         }
     }
@@ -174,7 +180,14 @@ fn finish(request: &Request, s: Sections) -> Response {
         e.set_max_payload(client.max_payload().clamp(512, MAX_UDP_PAYLOAD));
         e
     });
-    Response { metadata, edns, answers: s.answers, authorities: s.authorities, additionals: s.additionals }
+    Response { answered: s.answered, metadata, edns, answers: s.answers, authorities: s.authorities, additionals: s.additionals }
+}
+
+/// Counts one answered query and its time.
+pub fn record(request: &Request, response: &Response, started: std::time::Instant) {
+    let qtype = request.queries.queries().first().map_or(hickory_proto::rr::RecordType::NULL, |q| q.query_type());
+    METRICS.dns_counter(qtype, response.metadata.response_code, response.answered).inc();
+    METRICS.dns_duration.observe(started.elapsed().as_secs_f64());
 }
 
 /// Encodes `response` to `request` for UDP: at most the client's EDNS payload (512 without
@@ -220,7 +233,9 @@ where
 #[async_trait::async_trait]
 impl RequestHandler for DnsHandler {
     async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut handle: R) -> ResponseInfo {
+        let started = std::time::Instant::now();
         let Some(response) = self.respond(request).await else { return dropped(&request.metadata) };
+        record(request, &response, started);
         match handle.send_response(builder(request, &response)).await {
             Ok(info) => info,
             Err(error) => {

@@ -18,7 +18,14 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::server::{DnsHandler, MAX_UDP_PAYLOAD, encode_udp};
+use prometheus_client::metrics::counter::Counter;
+
+use super::server::{DnsHandler, MAX_UDP_PAYLOAD, encode_udp, record};
+use crate::metrics::METRICS;
+
+/// One in this many answers from the cache has its latency measured: the clock costs more than
+/// the answer.
+const SAMPLE_EVERY: u32 = 64;
 
 /// How often a worker blocked in `recv` looks at the shutdown token.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
@@ -36,7 +43,7 @@ pub fn spawn(sockets: Vec<UdpSocket>, handler: Arc<DnsHandler>, runtime: Handle,
     for socket in sockets {
         socket.set_nonblocking(false)?;
         socket.set_read_timeout(Some(SHUTDOWN_POLL))?;
-        let worker = Worker { socket: Arc::new(socket), handler: handler.clone(), runtime: runtime.clone(), cache: HashMap::new(), epoch: u64::MAX };
+        let worker = Worker { socket: Arc::new(socket), handler: handler.clone(), runtime: runtime.clone(), cache: HashMap::new(), epoch: u64::MAX, hits: 0 };
         let stop = shutdown.clone();
         threads.push(std::thread::Builder::new().name("dns-udp".into()).spawn(move || worker.run(&stop))?);
     }
@@ -47,8 +54,10 @@ struct Worker {
     socket: Arc<UdpSocket>,
     handler: Arc<DnsHandler>,
     runtime: Handle,
-    cache: HashMap<Vec<u8>, Vec<u8>>,
+    /// Encoded answer and the counter it counts into.
+    cache: HashMap<Vec<u8>, (Vec<u8>, Counter)>,
     epoch: u64,
+    hits: u32,
 }
 
 impl Worker {
@@ -73,13 +82,19 @@ impl Worker {
                     self.cache.clear();
                     self.epoch = epoch;
                 }
-                if let Some(cached) = self.cache.get(key.as_slice()) {
+                if let Some((cached, counter)) = self.cache.get(key.as_slice()) {
+                    self.hits = self.hits.wrapping_add(1);
+                    let sampled = (self.hits % SAMPLE_EVERY == 0).then(std::time::Instant::now);
                     out.clear();
                     out.extend_from_slice(cached);
                     if let (Some(dst), Some(id)) = (out.get_mut(..2), packet.get(..2)) {
                         dst.copy_from_slice(id);
                     }
+                    counter.inc();
                     self.send(&out, src);
+                    if let Some(t) = sampled {
+                        METRICS.dns_duration.observe(t.elapsed().as_secs_f64());
+                    }
                     continue;
                 }
                 self.miss(packet, src, Some(&key));
@@ -91,6 +106,7 @@ impl Worker {
 
     /// Computes the answer; caches it when it is local and `key` is given; forwards on a task.
     fn miss(&mut self, packet: &[u8], src: SocketAddr, key: Option<&Vec<u8>>) {
+        let started = std::time::Instant::now();
         let request = match Request::from_bytes(packet.to_vec(), src, Protocol::Udp) {
             Ok(r) => r,
             Err(_) => {
@@ -104,11 +120,14 @@ impl Worker {
             Ok(Some(response)) => {
                 let bytes = encode_udp(&request, &response);
                 self.send(&bytes, src);
+                record(&request, &response, started);
                 if let Some(key) = key {
                     if self.cache.len() >= MAX_CACHED {
                         self.cache.clear();
                     }
-                    self.cache.insert(key.clone(), bytes);
+                    let qtype = request.queries.queries().first().map_or(hickory_proto::rr::RecordType::NULL, |q| q.query_type());
+                    let counter = METRICS.dns_counter(qtype, response.metadata.response_code, response.answered);
+                    self.cache.insert(key.clone(), (bytes, counter));
                 }
             }
             Ok(None) => {}
@@ -116,6 +135,7 @@ impl Worker {
                 let (handler, socket) = (self.handler.clone(), self.socket.clone());
                 self.runtime.spawn(async move {
                     if let Some(response) = handler.respond(&request).await {
+                        record(&request, &response, started);
                         let bytes = encode_udp(&request, &response);
                         // A UDP send does not block for long; a full buffer drops the answer, as on the wire.
                         if let Err(e) = socket.send_to(&bytes, request.src()) {

@@ -5,6 +5,7 @@
 mod admin;
 mod dns;
 mod dns_srv;
+mod observe;
 mod harness;
 mod zk;
 mod zookeeper;
