@@ -14,7 +14,7 @@ use libc::c_int;
 use crate::choose::{Records, choose};
 use crate::config::Config;
 use crate::route::{Os, Session};
-use crate::slots::Prefetched;
+use crate::slots::{PREFETCH_DEPTH, Prefetched};
 use crate::sys::{self, ConnectFn, Fd, RawAddr, SockInfo};
 
 pub struct RealOs {
@@ -78,12 +78,13 @@ static HOLDER: AtomicU64 = AtomicU64::new(0);
 static TOKEN: AtomicU32 = AtomicU32::new(0);
 const NONE: u64 = u64::MAX;
 
-/// Pipelining: after answering a connect, the shared connection asks for the next pick of the
-/// same destination without waiting, so the next connect usually finds its answer already
-/// there and pays no round trip. At most one such request is outstanding; only the holder of
-/// the shared connection touches these.
+/// Pipelining: when a destination's queue of picks runs low, the shared connection asks for
+/// a few more in one write without waiting, so most connects find their answer already there:
+/// no round trip, and the daemon is woken once per few connects. Only the holder of the shared
+/// connection touches these; the replies expected are `INFLIGHT_N` ids from `INFLIGHT_NEXT`.
 static PREFETCHED: Prefetched = Prefetched::new();
-static INFLIGHT_ID: AtomicU32 = AtomicU32::new(0);
+static INFLIGHT_NEXT: AtomicU32 = AtomicU32::new(0);
+static INFLIGHT_N: AtomicU32 = AtomicU32::new(0);
 static INFLIGHT_DEST: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
 static NEXT_PREFETCH_ID: AtomicU32 = AtomicU32::new(0);
 /// A pick made ahead is used only this soon after it arrived, so a backend change reaches a
@@ -91,6 +92,10 @@ static NEXT_PREFETCH_ID: AtomicU32 = AtomicU32::new(0);
 const PREFETCH_MAX_AGE_MS: i64 = 500;
 /// Prefetch ids have the top bit set, so they never collide with the ids `route` uses.
 const PREFETCH_ID_BIT: u32 = 1 << 31;
+
+fn prefetch_id(n: u32) -> u32 {
+    (n & !PREFETCH_ID_BIT) | PREFETCH_ID_BIT
+}
 
 fn inflight_dest() -> (SocketAddr, u8) {
     let [hi, lo, meta] = [0, 1, 2].map(|i| {
@@ -104,7 +109,7 @@ fn inflight_dest() -> (SocketAddr, u8) {
     (SocketAddr::new(ip, meta as u16), (meta >> 16) as u8)
 }
 
-fn set_inflight(id: u32, dest: SocketAddr, flags: u8) {
+fn set_inflight(first: u32, n: u32, dest: SocketAddr, flags: u8) {
     let v = u128::from(to_mapped(dest.ip()));
     let words = [
         (v >> 64) as u64,
@@ -114,7 +119,15 @@ fn set_inflight(id: u32, dest: SocketAddr, flags: u8) {
     for (a, w) in INFLIGHT_DEST.iter().zip(words) {
         a.store(w, Ordering::Relaxed);
     }
-    INFLIGHT_ID.store(id, Ordering::Relaxed);
+    INFLIGHT_NEXT.store(first, Ordering::Relaxed);
+    INFLIGHT_N.store(n, Ordering::Relaxed);
+}
+
+/// A new or lost connection: no replies are coming, and picks made by whatever daemon was on
+/// the old one are not trusted to be current.
+fn reset_pipeline() {
+    INFLIGHT_N.store(0, Ordering::Relaxed);
+    PREFETCHED.clear();
 }
 
 fn pack(pid: u32, fd: c_int) -> u64 {
@@ -198,7 +211,7 @@ impl DaemonSession {
         let fd = fd.into_raw();
         CACHED_INO.store(sys::inode(fd).unwrap_or(0), Ordering::Release);
         CACHED.store(pack(pid, fd), Ordering::Release);
-        INFLIGHT_ID.store(0, Ordering::Relaxed);
+        reset_pipeline();
         Some(Self {
             fd,
             cached: Some(token),
@@ -217,7 +230,7 @@ impl DaemonSession {
         if sys::send(self.fd, &req.encode()).ok()? != MSG_LEN {
             return None;
         }
-        for _ in 0..4 {
+        for _ in 0..PREFETCH_DEPTH + 2 {
             let reply = self.read_reply(deadline)?;
             if reply.id == req.id {
                 return Some(reply);
@@ -259,18 +272,22 @@ impl DaemonSession {
         Reply::decode(&buf).ok()
     }
 
-    /// Files the reply to the outstanding prefetch. False if `reply` is not that one.
+    /// Files the next reply of the outstanding prefetch. False if `reply` is not that one.
     fn file_prefetch(&mut self, reply: &Reply) -> bool {
-        let id = INFLIGHT_ID.load(Ordering::Relaxed);
-        if id == 0 || reply.id != id {
+        let (next, n) = (
+            INFLIGHT_NEXT.load(Ordering::Relaxed),
+            INFLIGHT_N.load(Ordering::Relaxed),
+        );
+        if n == 0 || reply.id != next {
             return false;
         }
-        INFLIGHT_ID.store(0, Ordering::Relaxed);
+        INFLIGHT_NEXT.store(prefetch_id(next.wrapping_add(1)), Ordering::Relaxed);
+        INFLIGHT_N.store(n - 1, Ordering::Relaxed);
         let (dest, flags) = inflight_dest();
         if reply.status == Status::Ok {
             if reply.flags & FLAG_REPORT_DONE != 0 {
                 // The service went p2c: this pick counts as outstanding until reported done.
-                let mut done = Request::pick(id, dest.ip(), dest.port(), flags, sys::getpid());
+                let mut done = Request::pick(next, dest.ip(), dest.port(), flags, sys::getpid());
                 done.kind = Kind::Done;
                 done.backend = reply.backend;
                 done.backend_port = reply.backend_port;
@@ -282,34 +299,54 @@ impl DaemonSession {
         true
     }
 
-    /// Collects a prefetch reply that has already arrived, without waiting.
+    /// Collects prefetch replies that have already arrived, without waiting.
     fn collect(&mut self) {
-        if INFLIGHT_ID.load(Ordering::Relaxed) == 0 {
-            return;
-        }
         let mut buf = [0u8; MSG_LEN];
-        match sys::recv(self.fd, &mut buf) {
-            Err(e) if e == libc::EAGAIN || e == libc::EINTR => {}
-            Ok(MSG_LEN) => {
-                if !Reply::decode(&buf).is_ok_and(|r| self.file_prefetch(&r)) {
+        for _ in 0..PREFETCH_DEPTH {
+            if INFLIGHT_N.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            match sys::recv(self.fd, &mut buf) {
+                Err(e) if e == libc::EAGAIN || e == libc::EINTR => return,
+                Ok(MSG_LEN) => {
+                    if !Reply::decode(&buf).is_ok_and(|r| self.file_prefetch(&r)) {
+                        self.broken = true;
+                        return;
+                    }
+                }
+                _ => {
                     self.broken = true;
+                    return;
                 }
             }
-            _ => self.broken = true,
         }
     }
 
-    /// Asks for the next pick for `req`'s destination without waiting for the answer.
-    fn prefetch(&mut self, req: &Request) {
-        if self.broken || INFLIGHT_ID.load(Ordering::Relaxed) != 0 {
+    /// When `req`'s destination has at most one pick queued and nothing is on its way, asks
+    /// for enough to fill the queue, in one write, without waiting.
+    fn refill(&mut self, req: &Request) {
+        let dest = SocketAddr::new(req.magic_ip(), req.port);
+        let queued = PREFETCHED.len(dest, req.flags);
+        if self.broken || INFLIGHT_N.load(Ordering::Relaxed) != 0 || queued > 1 {
             return;
         }
-        let id = NEXT_PREFETCH_ID.fetch_add(1, Ordering::Relaxed) | PREFETCH_ID_BIT;
-        let mut ahead = *req;
-        ahead.id = id;
-        if sys::send(self.fd, &ahead.encode()).ok() == Some(MSG_LEN) {
-            set_inflight(id, SocketAddr::new(req.magic_ip(), req.port), req.flags);
+        let n = PREFETCH_DEPTH - queued;
+        let first = prefetch_id(NEXT_PREFETCH_ID.fetch_add(n as u32, Ordering::Relaxed));
+        let mut buf = [0u8; MSG_LEN * PREFETCH_DEPTH];
+        let mut id = first;
+        for chunk in buf.chunks_exact_mut(MSG_LEN).take(n) {
+            let mut ahead = *req;
+            ahead.id = id;
+            chunk.copy_from_slice(&ahead.encode());
+            id = prefetch_id(id.wrapping_add(1));
+        }
+        let Some(out) = buf.get(..MSG_LEN * n) else {
+            return;
+        };
+        if sys::send(self.fd, out).ok() == Some(out.len()) {
+            set_inflight(first, n as u32, dest, req.flags);
         } else {
+            // Part of a batch may have gone out: the stream can no longer be trusted.
             self.broken = true;
         }
     }
@@ -323,7 +360,7 @@ impl DaemonSession {
         self.fd = fd.into_raw();
         CACHED_INO.store(sys::inode(self.fd).unwrap_or(0), Ordering::Release);
         CACHED.store(pack(sys::getpid(), self.fd), Ordering::Release);
-        INFLIGHT_ID.store(0, Ordering::Relaxed);
+        reset_pipeline();
         self.broken = false;
         true
     }
@@ -336,7 +373,8 @@ impl Session for DaemonSession {
             self.collect();
             let dest = SocketAddr::new(req.magic_ip(), req.port);
             if !self.broken
-                && INFLIGHT_ID.load(Ordering::Relaxed) != 0
+                && PREFETCHED.len(dest, req.flags) == 0
+                && INFLIGHT_N.load(Ordering::Relaxed) != 0
                 && inflight_dest() == (dest, req.flags)
             {
                 // The answer is on its way: wait for it rather than ask again, so every pick
@@ -351,13 +389,13 @@ impl Session for DaemonSession {
                 }
             }
             if let Some(b) = PREFETCHED.take(dest, req.flags, sys::now_ms(), PREFETCH_MAX_AGE_MS) {
-                self.prefetch(req);
+                self.refill(req);
                 return Some(Reply::ok(req.id, b, 0, 0));
             }
         }
         let reply = self.ask_now(req)?;
         if ahead && reply.status == Status::Ok && reply.flags & FLAG_REPORT_DONE == 0 {
-            self.prefetch(req);
+            self.refill(req);
         }
         Some(reply)
     }
@@ -399,6 +437,7 @@ impl Drop for DaemonSession {
                     // A reply may still arrive on it; a new connection keeps answers in order.
                     CACHED.store(NONE, Ordering::Release);
                     sys::close(self.fd);
+                    reset_pipeline();
                 }
                 release_cache(token);
             }

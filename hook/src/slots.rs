@@ -186,12 +186,16 @@ impl Records for Learned {
 }
 
 const PREFETCH_SLOTS: usize = 16;
+/// Picks kept ahead per destination.
+pub const PREFETCH_DEPTH: usize = 4;
+const PREFETCH_WORDS: usize = 3 + 3 * PREFETCH_DEPTH;
 
-/// Picks the daemon made ahead of time, one per (magic address, port, socket family), each
-/// with the time it arrived. A connect that finds a fresh one uses it instead of waiting for a
-/// round trip; taking it removes it, so every daemon pick is used at most once.
+/// Picks the daemon made ahead of time: per (magic address, port, socket family) a short queue,
+/// each pick with the time it arrived. A connect that finds a fresh one uses it instead of
+/// waiting for a round trip; taking one removes it, so every daemon pick is used at most once
+/// and in the daemon's order. A destination hashing to a slot held by another evicts it.
 pub struct Prefetched {
-    slots: [Slot<6>; PREFETCH_SLOTS],
+    slots: [Slot<PREFETCH_WORDS>; PREFETCH_SLOTS],
 }
 
 impl Prefetched {
@@ -209,22 +213,66 @@ impl Prefetched {
         (meta, mh, ml, (h >> 32) as usize % PREFETCH_SLOTS)
     }
 
-    pub fn put(&self, dest: SocketAddr, flags: u8, backend: SocketAddr, now_ms: i64) {
+    /// The queue for this key: (count, slot words), or None if the slot holds another key.
+    fn queue(
+        &self,
+        dest: SocketAddr,
+        flags: u8,
+    ) -> (Option<&Slot<PREFETCH_WORDS>>, [u64; PREFETCH_WORDS], usize) {
         let (meta, mh, ml, i) = Self::key(dest, flags);
-        let (bh, bl) = split(to_mapped(backend.ip()));
-        if let Some(s) = self.slots.get(i) {
-            s.write([
-                meta | u64::from(backend.port()) << 32,
-                mh,
-                ml,
-                bh,
-                bl,
-                now_ms as u64,
-            ]);
+        let slot = self.slots.get(i);
+        let mut w = slot.and_then(Slot::read).unwrap_or([0; PREFETCH_WORDS]);
+        let ours = w.first().is_some_and(|&m| m & 0xffff_ffff == meta)
+            && w.get(1) == Some(&mh)
+            && w.get(2) == Some(&ml);
+        if !ours {
+            w = [0; PREFETCH_WORDS];
+            if let Some(m) = w.get_mut(0) {
+                *m = meta;
+            }
+            if let Some(h) = w.get_mut(1) {
+                *h = mh;
+            }
+            if let Some(l) = w.get_mut(2) {
+                *l = ml;
+            }
+        }
+        let count = w
+            .first()
+            .map_or(0, |m| (m >> 32) as usize)
+            .min(PREFETCH_DEPTH);
+        (slot, w, count)
+    }
+
+    fn set_count(w: &mut [u64; PREFETCH_WORDS], count: usize) {
+        if let Some(m) = w.get_mut(0) {
+            *m = (*m & 0xffff_ffff) | (count as u64) << 32;
         }
     }
 
-    /// The pick for this key if it is at most `max_age_ms` old; removed either way.
+    /// Appends a pick (dropped if the queue is full).
+    pub fn put(&self, dest: SocketAddr, flags: u8, backend: SocketAddr, now_ms: i64) {
+        let (slot, mut w, count) = self.queue(dest, flags);
+        if count >= PREFETCH_DEPTH {
+            return;
+        }
+        let (bh, bl) = split(to_mapped(backend.ip()));
+        let at = 3 + 3 * count;
+        for (k, v) in [bh, bl, u64::from(backend.port()) | (now_ms as u64) << 16]
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(x) = w.get_mut(at + k) {
+                *x = v;
+            }
+        }
+        Self::set_count(&mut w, count + 1);
+        if let Some(s) = slot {
+            s.write(w);
+        }
+    }
+
+    /// The oldest pick for this key that is at most `max_age_ms` old; older ones are dropped.
     pub fn take(
         &self,
         dest: SocketAddr,
@@ -232,17 +280,55 @@ impl Prefetched {
         now_ms: i64,
         max_age_ms: i64,
     ) -> Option<SocketAddr> {
-        let (meta, mh, ml, i) = Self::key(dest, flags);
-        let s = self.slots.get(i)?;
-        let [m, h, l, bh, bl, at] = s.read()?;
-        if m & 0xffff_ffff != meta || h != mh || l != ml {
+        let (slot, w, count) = self.queue(dest, flags);
+        let slot = slot?;
+        let mut found = None;
+        let mut used = 0;
+        while used < count && found.is_none() {
+            let at = 3 + 3 * used;
+            let (bh, bl, pt) = (w.get(at)?, w.get(at + 1)?, w.get(at + 2)?);
+            used += 1;
+            if now_ms.saturating_sub((pt >> 16) as i64) <= max_age_ms {
+                found = Some(SocketAddr::new(from_mapped(join(*bh, *bl)), *pt as u16));
+            }
+        }
+        if used == 0 {
             return None;
         }
-        if !s.write([0; 6]) {
-            return None; // someone else is taking it
+        // Shift the rest to the front.
+        let mut out = [0u64; PREFETCH_WORDS];
+        for (k, v) in w.iter().take(3).enumerate() {
+            if let Some(o) = out.get_mut(k) {
+                *o = *v;
+            }
         }
-        let fresh = now_ms.saturating_sub(at as i64) <= max_age_ms;
-        fresh.then(|| SocketAddr::new(from_mapped(join(bh, bl)), (m >> 32) as u16))
+        for (k, v) in w
+            .iter()
+            .skip(3 + 3 * used)
+            .take(3 * (count - used))
+            .enumerate()
+        {
+            if let Some(o) = out.get_mut(3 + k) {
+                *o = *v;
+            }
+        }
+        Self::set_count(&mut out, count - used);
+        if !slot.write(out) {
+            return None; // a writer in the way: treat as empty rather than use a pick twice
+        }
+        found
+    }
+
+    /// Picks queued for this key.
+    pub fn len(&self, dest: SocketAddr, flags: u8) -> usize {
+        self.queue(dest, flags).2
+    }
+
+    /// Forgets every pick (they came from a daemon connection that is gone).
+    pub fn clear(&self) {
+        for s in &self.slots {
+            s.write([0; PREFETCH_WORDS]);
+        }
     }
 }
 
@@ -288,17 +374,28 @@ mod tests {
     }
 
     #[test]
-    fn prefetched_picks_are_used_once_and_only_while_fresh() {
+    fn prefetched_picks_are_used_once_in_order_and_only_while_fresh() {
         let p = Prefetched::new();
         let dest = a("127.77.0.9:80");
         p.put(dest, 0, a("127.0.0.2:8080"), 1000);
+        p.put(dest, 0, a("127.0.0.3:8080"), 1100);
+        assert_eq!(p.len(dest, 0), 2);
         assert_eq!(p.take(dest, 1, 1000, 500), None, "other socket family");
         assert_eq!(p.take(a("127.77.0.9:81"), 0, 1000, 500), None, "other port");
         assert_eq!(p.take(dest, 0, 1400, 500), Some(a("127.0.0.2:8080")));
+        assert_eq!(p.take(dest, 0, 1400, 500), Some(a("127.0.0.3:8080")));
         assert_eq!(p.take(dest, 0, 1400, 500), None, "used once");
-        p.put(dest, 0, a("127.0.0.3:8080"), 1000);
-        assert_eq!(p.take(dest, 0, 1501, 500), None, "too old");
-        assert_eq!(p.take(dest, 0, 1000, 500), None, "and gone");
+        for i in 0..6 {
+            p.put(dest, 0, a(&format!("127.0.0.{}:1", 10 + i)), 2000 + i);
+        }
+        assert_eq!(p.len(dest, 0), PREFETCH_DEPTH, "a full queue drops more");
+        // The first two went stale; the third is the oldest fresh one.
+        assert_eq!(p.take(dest, 0, 2502, 500), Some(a("127.0.0.12:1")));
+        assert_eq!(p.len(dest, 0), 1);
+        p.clear();
+        assert_eq!(p.take(dest, 0, 2502, 500), None);
+        p.put(dest, 0, a("[fd00::1]:443"), 10);
+        assert_eq!(p.take(dest, 0, 10, 500), Some(a("[fd00::1]:443")));
     }
 
     #[test]
