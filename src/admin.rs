@@ -86,6 +86,9 @@ pub struct BackendRow {
     pub priority: u16,
     pub ports: BTreeMap<String, u16>,
     pub drained: bool,
+    /// Why the backend is out of the pick set, when a health check says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy: Option<String>,
 }
 
 /// What a connect to a service would get, and why.
@@ -102,6 +105,9 @@ pub struct Resolution {
     pub candidates: Vec<Candidate>,
     /// Backends left out, with the reason.
     pub excluded: Vec<Excluded>,
+    /// Too few backends are healthy: connects go to all of them.
+    #[serde(default)]
+    pub panic: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -212,17 +218,23 @@ async fn handle(req: Request, cx: &AdminContext) -> Reply {
         }
         Request::Backends { service } => {
             let name = service_label(&service);
-            let drained = registry_status(cx).await.map(|s| s.drained).unwrap_or_default();
+            let status = registry_status(cx).await;
             let snap = cx.snapshot.load();
             let Some(s) = snap.service(&name) else { return Reply::error(format!("no service {service}")) };
-            let gone = drained.get(s.name()).cloned().unwrap_or_default();
-            let mut rows: Vec<BackendRow> = s.spec.backends.iter().map(|b| row(b, false)).collect();
-            rows.extend(gone.iter().map(|a| row(&Backend::new(*a), true)));
+            let gone = status.as_ref().and_then(|st| st.drained.get(s.name()).cloned()).unwrap_or_default();
+            let sick = status.as_ref().and_then(|st| st.unhealthy.get(s.name()).cloned()).unwrap_or_default();
+            let mut rows: Vec<BackendRow> = s.spec.backends.iter().map(|b| row(b, false, sick.get(&b.addr).cloned())).collect();
+            // In panic mode unhealthy backends are in the snapshot already; otherwise list them too.
+            rows.extend(sick.iter().filter(|(a, _)| !s.spec.backends.iter().any(|b| b.addr == **a)).map(|(a, why)| row(&Backend::new(*a), false, Some(why.clone()))));
+            rows.extend(gone.iter().map(|a| row(&Backend::new(*a), true, None)));
             Reply::data(rows)
         }
         Request::Resolve { name, port } => {
-            let drained = registry_status(cx).await.map(|s| s.drained).unwrap_or_default();
-            match resolve(cx, &name, port, &drained) {
+            let status = registry_status(cx).await;
+            let drained = status.as_ref().map(|s| s.drained.clone()).unwrap_or_default();
+            let sick = status.as_ref().map(|s| s.unhealthy.clone()).unwrap_or_default();
+            let panicking = status.map(|s| s.panicking).unwrap_or_default();
+            match resolve(cx, &name, port, &drained, &sick, &panicking) {
                 Ok(r) => Reply::data(r),
                 Err(e) => Reply::error(e),
             }
@@ -247,8 +259,8 @@ async fn handle(req: Request, cx: &AdminContext) -> Reply {
     }
 }
 
-fn row(b: &Backend, drained: bool) -> BackendRow {
-    BackendRow { addr: b.addr, weight: b.weight, priority: b.priority, ports: b.ports.iter().map(|(n, p)| (n.to_string(), *p)).collect(), drained }
+fn row(b: &Backend, drained: bool, unhealthy: Option<String>) -> BackendRow {
+    BackendRow { addr: b.addr, weight: b.weight, priority: b.priority, ports: b.ports.iter().map(|(n, p)| (n.to_string(), *p)).collect(), drained, unhealthy }
 }
 
 async fn registry_status(cx: &AdminContext) -> Option<RegistryStatus> {
@@ -276,7 +288,14 @@ fn service_label(name: &str) -> String {
 }
 
 /// What a connect to `name` (a service name or a magic address) on `port` would reach.
-fn resolve(cx: &AdminContext, name: &str, port: Option<u16>, drained: &BTreeMap<ServiceName, BTreeSet<SocketAddr>>) -> Result<Resolution, String> {
+fn resolve(
+    cx: &AdminContext,
+    name: &str,
+    port: Option<u16>,
+    drained: &BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
+    sick: &BTreeMap<ServiceName, BTreeMap<SocketAddr, String>>,
+    panicking: &BTreeSet<ServiceName>,
+) -> Result<Resolution, String> {
     let snap = cx.snapshot.load();
     let service = match name.parse::<IpAddr>() {
         Ok(ip) => snap.by_addr(ip).ok_or_else(|| format!("{ip} is not a magic address"))?,
@@ -290,6 +309,12 @@ fn resolve(cx: &AdminContext, name: &str, port: Option<u16>, drained: &BTreeMap<
         .flatten()
         .map(|a| Excluded { addr: *a, reason: "drained by an operator".into() })
         .collect();
+    let in_panic = panicking.contains(service.name());
+    for (addr, why) in sick.get(service.name()).into_iter().flatten() {
+        if !in_panic {
+            excluded.push(Excluded { addr: *addr, reason: format!("unhealthy: {why}") });
+        }
+    }
     let best = spec.backends.iter().map(|b| b.priority).min();
     let mut candidates = Vec::new();
     for b in &spec.backends {
@@ -308,6 +333,7 @@ fn resolve(cx: &AdminContext, name: &str, port: Option<u16>, drained: &BTreeMap<
         port_name: port_name.map(ToString::to_string),
         candidates,
         excluded,
+        panic: in_panic,
     })
 }
 

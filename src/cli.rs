@@ -91,7 +91,12 @@ fn render(req: &Request, data: serde_json::Value) -> String {
                 rows.iter()
                     .map(|r| {
                         let ports = if r.ports.is_empty() { "-".to_string() } else { r.ports.iter().map(|(n, p)| format!("{n}={p}")).collect::<Vec<_>>().join(",") };
-                        vec![r.addr.to_string(), r.weight.to_string(), r.priority.to_string(), ports, if r.drained { "drained".into() } else { "serving".into() }]
+                        let state = match (&r.unhealthy, r.drained) {
+                            (_, true) => "drained".to_string(),
+                            (Some(why), _) => format!("unhealthy ({why})"),
+                            (None, false) => "serving".to_string(),
+                        };
+                        vec![r.addr.to_string(), r.weight.to_string(), r.priority.to_string(), ports, state]
                     })
                     .collect(),
             )
@@ -152,6 +157,9 @@ fn resolution(r: &Resolution) -> String {
         (Some(p), None) => format!("client port {p} is not mapped: each backend's default port\n"),
         (None, _) => "any client port not mapped to a named port goes to each backend's default port\n".to_string(),
     };
+    if r.panic {
+        out += "panic mode: too few backends are healthy, so connects go to all of them\n";
+    }
     if r.candidates.is_empty() {
         out += "no backend can take a connect: it would fail with ECONNREFUSED\n";
     } else {

@@ -175,6 +175,8 @@ pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> 
     let backends_path = dir.join("backends.json");
     let paths = StatePaths { magic: Some(magic_path), backends: Some(backends_path.clone()) };
     let mut registry = Registry::new(names, Guard::new(config.guard), magic, paths, shared.clone());
+    registry.set_health(config.health);
+    let health_targets = registry.targets();
     let fallback = hook_server::fallback_path_for(&config.hook.socket);
     if listeners.hook.is_some() {
         // Hooked programs read this when the daemon is down: keep it as current as the snapshot.
@@ -215,6 +217,7 @@ pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> 
     let (events, events_rx) = mpsc::channel::<SourceEvent>(64);
     let (commands, commands_rx) = mpsc::channel::<Command>(16);
     tracker.spawn(registry.run(events_rx, commands_rx, shutdown.clone()));
+    tracker.spawn(crate::health::run(health_targets, commands.clone(), shutdown.clone()));
     let mut sources_token = shutdown.child_token();
     start_sources(&config, &events, &sources_token, &tracker);
 
@@ -374,12 +377,12 @@ impl Reload<'_> {
             self.handler.replace(dns_state(&new.dns, Some((&running.dns, self.handler.forwarder()))));
             changed.push("dns");
         }
-        if new.sources != running.sources || new.registrations != running.registrations || new.guard != running.guard {
+        if new.sources != running.sources || new.registrations != running.registrations || new.guard != running.guard || new.health != running.health {
             self.sources_token.cancel();
             *self.sources_token = self.shutdown.child_token();
             let (reply, done) = oneshot::channel();
             let names = new.sources.iter().map(|s| s.name().to_string()).collect();
-            if self.commands.send(Command::Reconfigure { names, guard: new.guard, reply }).await.is_ok()
+            if self.commands.send(Command::Reconfigure { names, guard: new.guard, health: new.health, reply }).await.is_ok()
                 && tokio::time::timeout(Duration::from_secs(5), done).await.is_err()
             {
                 // Never let a reload wedge the control loop (and with it, shutdown).

@@ -183,9 +183,17 @@ table{{border-collapse:collapse;margin-bottom:.5em}} th,td{{border:1px solid #cc
     h += "<h2>Services</h2><table><tr><th>service</th><th>magic address</th><th>lb</th><th>backends</th></tr>";
     for s in snap.services() {
         let drained = st.drained.get(s.name());
+        let sick = st.unhealthy.get(s.name());
         let mut rows = String::new();
+        if st.panicking.contains(s.name()) {
+            rows += r#"<div class="bad">panic mode: too few healthy, balancing over all</div>"#;
+        }
         for b in &s.spec.backends {
-            let _ = write!(rows, r#"<div class="ok"><code>{}</code> w{} p{}</div>"#, b.addr, b.weight, b.priority);
+            let bad = sick.and_then(|m| m.get(&b.addr));
+            let _ = write!(rows, r#"<div class="{}"><code>{}</code> w{} p{}{}</div>"#, if bad.is_some() { "bad" } else { "ok" }, b.addr, b.weight, b.priority, bad.map_or(String::new(), |w| format!(" unhealthy: {}", esc(w))));
+        }
+        for (a, why) in sick.into_iter().flatten().filter(|(a, _)| !s.spec.backends.iter().any(|b| b.addr == **a)) {
+            let _ = write!(rows, r#"<div class="bad"><code>{a}</code> unhealthy: {}</div>"#, esc(why));
         }
         for a in drained.into_iter().flatten() {
             let _ = write!(rows, r#"<div class="muted"><code>{a}</code> drained</div>"#);

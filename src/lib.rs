@@ -13,6 +13,7 @@ pub mod dns;
 pub mod duration;
 pub mod hook_server;
 pub mod guard;
+pub mod health;
 pub mod http;
 pub mod magic;
 pub mod metrics;

@@ -60,6 +60,12 @@ impl Health {
         }
     }
 
+    /// Hysteresis that starts healthy: a newly discovered backend gets traffic at once and
+    /// leaves the pick set only after `fall` failures.
+    pub fn starting_healthy(rise: u32, fall: u32) -> Self {
+        Self { healthy: true, ..Self::new(rise, fall) }
+    }
+
     pub fn healthy(&self) -> bool {
         self.healthy
     }
@@ -187,6 +193,7 @@ async fn check_loop(reg: &Registration, healthy: watch::Sender<bool>, shutdown: 
         timeout,
         rise,
         fall,
+        ..
     } = &reg.check;
     let mut health = Health::new(*rise, *fall);
     let mut last_error = String::new();

@@ -17,7 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::GuardConfig;
+use crate::config::{GuardConfig, HealthConfig};
+use crate::health::SharedTargets;
 use crate::guard::{Guard, Held, HoldReason};
 use crate::magic::MagicMap;
 use crate::metrics::{METRICS, SourceLabels};
@@ -51,8 +52,10 @@ pub enum Command {
     Status(oneshot::Sender<RegistryStatus>),
     /// Drain (or undrain) one backend of a service: it leaves SRV answers and connect picks.
     Drain { service: ServiceName, addr: SocketAddr, drain: bool, reply: oneshot::Sender<Result<(), String>> },
-    /// A reload changed the sources or the guard. Sources keep their sets by name.
-    Reconfigure { names: Vec<String>, guard: GuardConfig, reply: oneshot::Sender<()> },
+    /// A reload changed the sources, the guard or the health settings. Sources keep their sets by name.
+    Reconfigure { names: Vec<String>, guard: GuardConfig, health: HealthConfig, reply: oneshot::Sender<()> },
+    /// An active health check changed its mind about a backend.
+    Health { service: ServiceName, addr: SocketAddr, healthy: bool, reason: String },
 }
 
 /// What the registry knows about its sources, holds and drains.
@@ -63,6 +66,12 @@ pub struct RegistryStatus {
     pub sources: Vec<SourceStatus>,
     pub held: Vec<HeldStatus>,
     pub drained: BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
+    /// Backends failing their health checks, with the last reason.
+    #[serde(default)]
+    pub unhealthy: BTreeMap<ServiceName, BTreeMap<SocketAddr, String>>,
+    /// Services balancing over every backend because too few are healthy.
+    #[serde(default)]
+    pub panicking: BTreeSet<ServiceName>,
     /// The most recent notable events, oldest first.
     #[serde(default)]
     pub events: Vec<Event>,
@@ -115,6 +124,10 @@ pub struct Registry {
     sources: Vec<Option<Vec<ServiceSpec>>>,
     health: Vec<Health>,
     drained: BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
+    unhealthy: BTreeMap<ServiceName, BTreeMap<SocketAddr, String>>,
+    panicking: BTreeSet<ServiceName>,
+    health_cfg: HealthConfig,
+    targets: SharedTargets,
     events: std::collections::VecDeque<Event>,
     published: BTreeMap<ServiceName, ServiceSpec>,
     guard: Guard,
@@ -141,6 +154,10 @@ impl Registry {
             sources: vec![None; source_names.len()],
             health: vec![Health::default(); source_names.len()],
             drained: BTreeMap::new(),
+            unhealthy: BTreeMap::new(),
+            panicking: BTreeSet::new(),
+            health_cfg: HealthConfig::default(),
+            targets: SharedTargets::default(),
             events: std::collections::VecDeque::new(),
             names: source_names,
             published: BTreeMap::new(),
@@ -153,6 +170,15 @@ impl Registry {
             shared,
             on_publish: Vec::new(),
         }
+    }
+
+    pub fn set_health(&mut self, health: HealthConfig) {
+        self.health_cfg = health;
+    }
+
+    /// The backends the health checker should probe, kept current with every publish.
+    pub fn targets(&self) -> SharedTargets {
+        self.targets.clone()
     }
 
     pub fn on_publish(&mut self, f: OnPublish) {
@@ -347,15 +373,44 @@ impl Registry {
         if outcome.changed {
             self.persist_magic();
         }
-        let drained = &self.drained;
-        let services = self.published.values().filter_map(|spec| {
-            let a = self.magic.get(&spec.name)?;
+        // Health only knows backends that are published: forget the rest.
+        let published = &self.published;
+        for (name, map) in &mut self.unhealthy {
+            map.retain(|addr, _| published.get(name).is_some_and(|s| s.backends.iter().any(|b| b.addr == *addr)));
+        }
+        self.unhealthy.retain(|_, m| !m.is_empty());
+        let mut targets = crate::health::Targets::new();
+        let mut panicking = BTreeSet::new();
+        let mut services = Vec::with_capacity(self.published.len());
+        for spec in self.published.values() {
+            let Some(a) = self.magic.get(&spec.name) else { continue };
             let mut spec = spec.clone();
-            if let Some(d) = drained.get(&spec.name) {
+            if let Some(d) = self.drained.get(&spec.name) {
                 spec.backends.retain(|b| !d.contains(&b.addr));
             }
-            Some(Service { spec, magic_v4: a.v4, magic_v6: a.v6 })
-        });
+            let unhealthy = self.unhealthy.get(&spec.name);
+            if let Some(check) = &spec.health {
+                for b in &spec.backends {
+                    let healthy = !unhealthy.is_some_and(|u| u.contains_key(&b.addr));
+                    targets.insert((spec.name.clone(), b.addr), (check.clone(), healthy));
+                }
+            }
+            let (spec, panic) = crate::health::effective(&spec, unhealthy, self.health_cfg.panic_threshold);
+            if panic {
+                panicking.insert(spec.name.clone());
+            }
+            services.push(Service { spec, magic_v4: a.v4, magic_v6: a.v6 });
+        }
+        for name in panicking.difference(&self.panicking).cloned().collect::<Vec<_>>() {
+            warn!(service = %name, "too few healthy backends: panic mode, balancing over all of them");
+            self.event(now, format!("{name}: panic mode, too few healthy backends; balancing over all"));
+        }
+        for name in self.panicking.difference(&panicking).cloned().collect::<Vec<_>>() {
+            info!(service = %name, "enough healthy backends again: panic mode ends");
+            self.event(now, format!("{name}: panic mode ends"));
+        }
+        self.panicking = panicking;
+        self.targets.store(Arc::new(targets));
         let generation = self.shared.load().generation + 1;
         let snapshot = Snapshot::new(generation, services);
         info!(generation, services = snapshot.len(), "published");
@@ -444,6 +499,8 @@ impl Registry {
                 })
                 .collect(),
             drained: self.drained.clone(),
+            unhealthy: self.unhealthy.clone(),
+            panicking: self.panicking.clone(),
             events: self.events.iter().cloned().collect(),
         }
     }
@@ -465,6 +522,31 @@ impl Registry {
         self.event(now, format!("sources reconfigured: {}", self.names.join(", ")));
         self.dirty = true;
         self.publish(now, Instant::now());
+    }
+
+    /// Records a health check's verdict on one backend and republishes.
+    pub fn set_health_of(&mut self, service: &ServiceName, addr: SocketAddr, healthy: bool, reason: &str, now: u64) {
+        let known = self.published.get(service).is_some_and(|s| s.backends.iter().any(|b| b.addr == addr));
+        if !known {
+            return;
+        }
+        let labels = crate::metrics::BackendLabels { service: service.to_string(), backend: addr.to_string() };
+        METRICS.backend_healthy.get_or_create(&labels).set(i64::from(healthy));
+        let changed = if healthy {
+            self.unhealthy.get_mut(service).and_then(|m| m.remove(&addr)).is_some()
+        } else {
+            self.unhealthy.entry(service.clone()).or_default().insert(addr, reason.to_string()).is_none()
+        };
+        if changed {
+            if healthy {
+                info!(%service, %addr, "backend healthy again");
+                self.event(now, format!("{addr} of {service} is healthy again"));
+            } else {
+                warn!(%service, %addr, %reason, "backend unhealthy: out of the pick set");
+                self.event(now, format!("{addr} of {service} is unhealthy: {reason}"));
+            }
+            self.publish(now, Instant::now());
+        }
     }
 
     /// Drains or undrains one backend.
@@ -498,10 +580,12 @@ impl Registry {
             Command::Drain { service, addr, drain, reply } => {
                 let _ = reply.send(self.drain(&service, addr, drain, unix_now()));
             }
-            Command::Reconfigure { names, guard, reply } => {
+            Command::Reconfigure { names, guard, health, reply } => {
+                self.health_cfg = health;
                 self.reconfigure(names, guard, unix_now());
                 let _ = reply.send(());
             }
+            Command::Health { service, addr, healthy, reason } => self.set_health_of(&service, addr, healthy, &reason, unix_now()),
         }
     }
 

@@ -206,11 +206,14 @@ pub struct ServiceSpec {
     /// backend's number for that name; any other port goes to the backend's default port.
     pub client_ports: BTreeMap<u16, PortName>,
     pub backends: Vec<Backend>,
+    /// Active health check of each backend, if the service asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::config::HealthCheck>,
 }
 
 impl ServiceSpec {
     pub fn new(name: ServiceName) -> Self {
-        Self { name, lb: LbPolicy::default(), client_ports: BTreeMap::new(), backends: Vec::new() }
+        Self { name, lb: LbPolicy::default(), client_ports: BTreeMap::new(), backends: Vec::new(), health: None }
     }
 
     /// Every port name this service knows: those mapped from client ports and those any backend declares.

@@ -39,7 +39,22 @@ pub struct Config {
     pub metrics_listen: Vec<SocketAddr>,
     pub sources: Vec<SourceConfig>,
     pub guard: GuardConfig,
+    pub health: HealthConfig,
     pub registrations: Vec<Registration>,
+}
+
+/// `[health]`: what active and passive health may do to a service.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HealthConfig {
+    /// Below this share of healthy backends, a service balances over all of them (panic mode)
+    /// instead of crushing the few left.
+    pub panic_threshold: f64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self { panic_threshold: 0.5 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -189,18 +204,22 @@ pub struct Registration {
     pub check: HealthCheck,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HealthCheck {
     pub kind: CheckKind,
     pub interval: Duration,
     pub timeout: Duration,
+    /// Each wait between checks is `interval` plus a random share of this, so that many hosts
+    /// checking one backend drift apart instead of probing in step.
+    #[serde(default)]
+    pub jitter: Duration,
     /// Consecutive passes before healthy.
     pub rise: u32,
     /// Consecutive failures before unhealthy.
     pub fall: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CheckKind {
     Tcp,
     /// HTTP GET of `path`; healthy when the status is within `expect`.
@@ -386,6 +405,14 @@ impl Validator<'_> {
             hold_down: self.duration(&raw.guard.hold_down, "guard.hold_down", Duration::from_secs(60)),
         };
         let registrations = raw.registrations.iter().filter_map(|r| self.registration(r)).collect();
+        let health = HealthConfig {
+            panic_threshold: match &raw.health.panic_threshold {
+                Some(v) => self
+                    .check(v, "health.panic_threshold", |f| if (0.0..=1.0).contains(f) { Ok(*f) } else { Err("must be a share between 0.0 and 1.0") })
+                    .unwrap_or(0.5),
+                None => 0.5,
+            },
+        };
         Config {
             path: Some(self.path.to_path_buf()),
             dns: DnsConfig { listen, domains, magic_v4, magic_v6, upstreams, forward, allow, ttl, srv_ttl, negative_ttl, timeout, cache_size, stale_max },
@@ -395,6 +422,7 @@ impl Validator<'_> {
             metrics_listen,
             sources,
             guard,
+            health,
             registrations,
         }
     }
@@ -533,7 +561,14 @@ impl Validator<'_> {
         }
         let check = match &raw.check {
             Some(c) => self.health_check(c)?,
-            None => HealthCheck { kind: CheckKind::Tcp, interval: Duration::from_secs(2), timeout: Duration::from_secs(1), rise: 2, fall: 2 },
+            None => HealthCheck {
+                kind: CheckKind::Tcp,
+                interval: Duration::from_secs(2),
+                timeout: Duration::from_secs(1),
+                jitter: Duration::from_millis(200),
+                rise: 2,
+                fall: 2,
+            },
         };
         let session_timeout = self.duration(&raw.session_timeout, "register.session_timeout", Duration::from_secs(10));
         let auth = self.zk_auth(raw.auth.as_ref());
@@ -563,13 +598,14 @@ impl Validator<'_> {
         };
         let rise = count(&raw.rise, "check.rise", self)?;
         let fall = count(&raw.fall, "check.fall", self)?;
-        Some(HealthCheck {
-            kind,
-            interval: self.duration(&raw.interval, "check.interval", Duration::from_secs(2)),
-            timeout: self.duration(&raw.timeout, "check.timeout", Duration::from_secs(1)),
-            rise,
-            fall,
-        })
+        let interval = self.duration(&raw.interval, "check.interval", Duration::from_secs(2));
+        let timeout = self.duration(&raw.timeout, "check.timeout", Duration::from_secs(1));
+        if interval.is_zero() {
+            if let Some(i) = &raw.interval {
+                self.problem(i, "check.interval", "must be above zero");
+            }
+        }
+        Some(HealthCheck { kind, interval, timeout, jitter: self.duration(&raw.jitter, "check.jitter", interval / 10), rise, fall })
     }
 
     fn ttl(&mut self, v: &Option<S<i64>>, field: &str, default: u32) -> u32 {
@@ -586,6 +622,18 @@ impl Validator<'_> {
             Some(s) => self.check(s, field, |s| duration::parse(s)).unwrap_or(default),
             None => default,
         }
+    }
+}
+
+/// Validates a health check table (`[[register]] check` and a zone file's `health`).
+///
+/// # Errors
+/// Every problem, located in `source`.
+pub fn health_check(path: &Path, source: &str, raw: &S<RawCheck>) -> Result<HealthCheck, Vec<Diagnostic>> {
+    let mut v = Validator { path, source, problems: Vec::new() };
+    match v.health_check(raw) {
+        Some(c) if v.problems.is_empty() => Ok(c),
+        _ => Err(v.problems),
     }
 }
 

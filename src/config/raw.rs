@@ -23,8 +23,16 @@ pub struct RawConfig {
     pub sources: Vec<S<RawSource>>,
     #[serde(default)]
     pub guard: RawGuard,
+    #[serde(default)]
+    pub health: RawHealth,
     #[serde(default, rename = "register")]
     pub registrations: Vec<S<RawRegister>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub panic_threshold: Option<S<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -56,6 +64,7 @@ pub struct RawCheck {
     pub expect: Option<S<String>>,
     pub interval: Option<S<String>>,
     pub timeout: Option<S<String>>,
+    pub jitter: Option<S<String>>,
     pub rise: Option<S<i64>>,
     pub fall: Option<S<i64>>,
 }

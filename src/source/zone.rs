@@ -7,6 +7,7 @@
 //! lb = "round-robin"                         # optional, default weighted-round-robin
 //! ports = { 80 = "http", 9090 = "grpc" }     # client port -> named port; others go to the default port
 //! backends = ["127.0.0.2:8080", { addr = "127.0.0.3:8081", weight = 2, ports = { grpc = 9091 } }]
+//! health = { kind = "http", path = "/healthz", interval = "2s", fall = 3 }   # optional active check
 //! ```
 
 use std::collections::BTreeMap;
@@ -33,6 +34,7 @@ struct RawService {
     #[serde(default)]
     ports: BTreeMap<Spanned<String>, Spanned<String>>,
     backends: Vec<Spanned<Value>>,
+    health: Option<Spanned<crate::config::raw::RawCheck>>,
 }
 
 /// Parses one zone file's text.
@@ -46,6 +48,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
         problems.push(Diagnostic::at(path, source, Some(span), field, message));
     };
     let mut services = Vec::new();
+    let mut problems_from_config = Vec::new();
     for (name, svc) in &raw.services {
         let field = format!("services.{}", name.get_ref());
         let Ok(svc_name) = name.get_ref().parse::<ServiceName>().map_err(|e| {
@@ -79,6 +82,17 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
                 (_, Err(e)) => problem(port_name.span(), at, format!("invalid port name {:?}: {e}", port_name.get_ref())),
             }
         }
+        if let Some(h) = &svc.health {
+            match crate::config::health_check(path, source, h) {
+                Ok(check) => spec.health = Some(check),
+                Err(errs) => {
+                    for mut e in errs {
+                        e.field = format!("{field}.health.{}", e.field.trim_start_matches("check."));
+                        problems_from_config.push(e);
+                    }
+                }
+            }
+        }
         for (i, b) in svc.backends.iter().enumerate() {
             let at = format!("{field}.backends[{i}]");
             match backend(b.get_ref()) {
@@ -94,6 +108,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
         }
         services.push(spec);
     }
+    problems.append(&mut problems_from_config);
     problems.sort_by_key(|d| (d.line, d.column));
     if problems.is_empty() { Ok(services) } else { Err(problems) }
 }

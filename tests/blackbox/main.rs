@@ -7,5 +7,6 @@ mod dns;
 mod dns_srv;
 mod observe;
 mod harness;
+mod health;
 mod zk;
 mod zookeeper;
