@@ -137,6 +137,7 @@ pub async fn run(
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut disconnected = false;
         let mut last_pass = Instant::now() - COALESCE;
+        let mut in_burst = false;
         loop {
             if need_sync && retry_at.is_none_or(|t| t <= tokio::time::Instant::now()) {
                 // Changes queued before a full read are covered by it.
@@ -215,9 +216,12 @@ pub async fn run(
                         retry_at = None;
                         continue;
                     }
-                    // A burst right after a pass waits out the rest of COALESCE; a lone change does not.
+                    // A lone change, or one following a single earlier change, goes at once; in a
+                    // sustained burst (passes closer than COALESCE twice running) each pass waits
+                    // out the rest of COALESCE, so the burst becomes a few updates, not hundreds.
                     let since = last_pass.elapsed();
-                    if since < COALESCE {
+                    let sustained = std::mem::replace(&mut in_burst, since < COALESCE) && since < COALESCE;
+                    if sustained {
                         tokio::select! {
                             () = shutdown.cancelled() => { s.close().await; return; }
                             () = tokio::time::sleep(COALESCE - since) => {}
