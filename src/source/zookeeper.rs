@@ -65,12 +65,16 @@ impl Changes {
     }
 }
 
-/// One instance node as last read.
+/// One instance node as last read. The zxid of its last modification stands in for the data,
+/// so an unchanged node is not parsed (or logged) again; `host-port` nodes, read by name, use 0.
 #[derive(Debug, Clone)]
 struct Instance {
-    data: Vec<u8>,
+    mzxid: i64,
     backend: Option<Backend>,
 }
+
+/// An instance node's data and the zxid of its last modification.
+type Data = (Vec<u8>, i64);
 
 /// The source's view of the tree: service node name -> instance node name -> instance.
 #[derive(Debug, Default)]
@@ -294,14 +298,14 @@ impl Watcher {
         s: &Session,
         service: String,
         child: String,
-    ) -> Result<Option<Vec<u8>>, SessionError> {
+    ) -> Result<Option<Data>, SessionError> {
         let path = self.path(&[&service, &child]);
         let tx = self.events.clone();
         let watch = s.zk.get_data_w(&path, move |_| {
             let _ = tx.send(Dirty::Instance(service, child));
         });
         match s.op("get_data", &path, watch).await {
-            Ok((data, _stat)) => Ok(Some(data)),
+            Ok((data, stat)) => Ok(Some((data, stat.mzxid))),
             Err(e) if e.code() == Some(ZkError::NoNode) => Ok(None),
             Err(e) => Err(e),
         }
@@ -350,9 +354,12 @@ impl Watcher {
         &self,
         s: &Session,
         nodes: Vec<(String, String)>,
-    ) -> Result<Vec<((String, String), Option<Vec<u8>>)>, SessionError> {
+    ) -> Result<Vec<((String, String), Option<Data>)>, SessionError> {
         if self.cfg.format == ZkFormat::HostPort {
-            return Ok(nodes.into_iter().map(|n| (n, Some(Vec::new()))).collect());
+            return Ok(nodes
+                .into_iter()
+                .map(|n| (n, Some((Vec::new(), 0))))
+                .collect());
         }
         let results: Vec<_> = stream::iter(nodes)
             .map(|(svc, child)| async move {
@@ -459,11 +466,11 @@ impl Watcher {
         Ok(())
     }
 
-    /// Parses an instance, reusing the previous result when the data did not change so that a
+    /// Parses an instance, reusing the previous result when the node did not change so that a
     /// malformed node is logged once per change, not once per re-read.
-    fn parse(&self, svc: &str, child: &str, data: Vec<u8>) -> Instance {
+    fn parse(&self, svc: &str, child: &str, (data, mzxid): Data) -> Instance {
         if let Some(old) = self.tree.services.get(svc).and_then(|m| m.get(child))
-            && old.data == data
+            && old.mzxid == mzxid
         {
             return old.clone();
         }
@@ -474,7 +481,7 @@ impl Watcher {
                 None
             }
         };
-        Instance { data, backend }
+        Instance { mzxid, backend }
     }
 
     fn log_malformed(&self, svc: &str, child: &str, e: &FormatError) {
