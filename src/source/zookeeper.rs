@@ -314,7 +314,11 @@ impl Watcher {
     /// The root's children. A missing root is a failure, not "no services": it is more likely a
     /// wrong path or a wiped ensemble than a deliberate empty registry. A watch reports its creation.
     async fn root(&self, s: &Session) -> Result<Vec<String>, SessionError> {
-        if let Some(children) = self.list(s, self.cfg.root.clone(), Dirty::Root).await? {
+        if let Some(mut children) = self.list(s, self.cfg.root.clone(), Dirty::Root).await? {
+            if self.cfg.root == "/" {
+                // ZooKeeper's own subtree (quotas, config) is not a service.
+                children.retain(|c| c != "zookeeper");
+            }
             return Ok(children);
         }
         let tx = self.events.clone();
