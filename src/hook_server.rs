@@ -72,7 +72,8 @@ const MAX_OUTSTANDING_PER_PEER: usize = 1024;
 
 struct Shared {
     snapshot: SharedSnapshot,
-    balance: Mutex<(Balancer, SmallRng)>,
+    /// The balancer, its RNG, and the snapshot generation it last pruned removed services at.
+    balance: Mutex<(Balancer, SmallRng, u64)>,
 }
 
 /// Serve hook requests on an already-bound listener until `shutdown` is cancelled.
@@ -88,7 +89,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let shared = Arc::new(Shared {
         snapshot,
-        balance: Mutex::new((Balancer::new(cfg.fail_hold), SmallRng::from_os_rng())),
+        balance: Mutex::new((Balancer::new(cfg.fail_hold), SmallRng::from_os_rng(), 0)),
     });
     let peers = Arc::new(Semaphore::new(cfg.max_peers.max(1)));
     let tracker = TaskTracker::new();
@@ -208,7 +209,12 @@ fn handle(
         )
         .encode()));
     };
-    let (balancer, rng) = &mut *guard;
+    let (balancer, rng, pruned_at) = &mut *guard;
+    if *pruned_at != snap.generation {
+        // Services gone from the snapshot take their balancing state with them.
+        balancer.retain(|name| snap.service(name.as_str()).is_some());
+        *pruned_at = snap.generation;
+    }
     Some(Ok(
         answer(balancer, rng, &snap, &req, outstanding, now)?.encode()
     ))

@@ -331,3 +331,47 @@ fn hook_library_is_found_beside_the_exe_or_its_parent_then_installed() {
         Some(parent_lib)
     );
 }
+
+#[test]
+fn balancing_state_of_removed_services_is_dropped_on_the_next_generation() {
+    let snapshot = shared(Snapshot::new(1, [web(LbPolicy::P2c)]));
+    let shared_state = Shared {
+        snapshot: snapshot.clone(),
+        balance: Mutex::new((Balancer::default(), SmallRng::seed_from_u64(1), 0)),
+    };
+    let mut outstanding = Vec::new();
+    let bytes = pick(1, WEB.into(), 80).encode();
+    let reply = Reply::decode(
+        &handle(&shared_state, &bytes, &mut outstanding, Instant::now())
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    let name: ServiceName = "web".parse().unwrap();
+    assert_eq!(
+        shared_state
+            .balance
+            .lock()
+            .unwrap()
+            .0
+            .outstanding(&name, reply.backend_addr()),
+        1
+    );
+    snapshot.store(Arc::new(Snapshot::new(2, [])));
+    let gone = Reply::decode(
+        &handle(&shared_state, &bytes, &mut outstanding, Instant::now())
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(gone.status, Status::UnknownService);
+    assert_eq!(
+        shared_state
+            .balance
+            .lock()
+            .unwrap()
+            .0
+            .outstanding(&name, reply.backend_addr()),
+        0
+    );
+}
