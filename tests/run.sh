@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(dnsutils dnsmasq-base iproute2 util-linux procps python3 gcc libc6-dev curl zookeeper default-jre-headless chromium fonts-dejavu-core)
+packages=(dnsutils dnsmasq-base iproute2 util-linux procps python3 gcc libc6-dev curl zookeeper default-jre-headless chromium fonts-dejavu-core systemd init-system-helpers dpkg-dev binutils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,5 +25,8 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
+# The release binaries and the .deb (with the pinned cargo-deb, installed if missing), built here so
+# the packaging tests find them fresh instead of compiling beside timing-sensitive tests.
+packaging/build-deb.sh >/dev/null
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast

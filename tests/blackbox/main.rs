@@ -5,6 +5,7 @@
 mod admin;
 mod dns;
 mod dns_srv;
+mod packaging;
 mod observe;
 mod harness;
 mod health;

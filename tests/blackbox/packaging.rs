@@ -1,0 +1,364 @@
+//! The Debian package and its systemd unit, installed for real: `packaging/build-deb.sh` builds the
+//! .deb (once per test run), and each test installs it with `dpkg -i` into a scratch root: an overlay
+//! of `/` mounted inside the test's private mount namespace, with a fresh /run and /tmp, entered with
+//! chroot. The maintainer scripts run as on a host (group created, unit enabled; no systemd is PID 1,
+//! so nothing is started), and every write lands in the overlay's tmpfs, never on the host: its
+//! /etc/resolv.conf, /etc/systemd and dpkg database stay untouched. The installed binary then serves
+//! inside the namespace, where only loopback exists.
+//!
+//! systemd-resolved is not installed here (and needs D-Bus and systemd as PID 1), so mode (b) checks
+//! the shipped drop-in by parsing it and puts a dnsmasq with the same routing (`~disco` to discotech,
+//! the rest to the VPC resolver) on 127.0.0.53 in resolved's place.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::harness::{Netns, dnsmasq, eventually};
+
+const VPC_RESOLVER: &str = "127.0.0.10";
+
+/// Builds the .deb once per test process; every test gets the same file.
+fn deb() -> &'static Path {
+    static DEB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = DEB.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/build-deb.sh");
+        let out = Command::new(&script).output().map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!("{} failed: {}\n{}", script.display(), out.status, String::from_utf8_lossy(&out.stderr)));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let path = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+        if path.is_file() { Ok(path) } else { Err(format!("build-deb.sh named no .deb: {stdout}")) }
+    });
+    match built {
+        Ok(path) => path,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// The package installed with `dpkg -i` into an overlay of `/` inside `ns`'s mount namespace.
+struct Scratch<'a> {
+    ns: &'a Netns,
+    root: String,
+    dpkg_output: String,
+}
+
+impl<'a> Scratch<'a> {
+    fn install(ns: &'a Netns) -> Self {
+        let deb = deb();
+        let ovl = ns.path("overlay");
+        let root = ns.path("root");
+        std::fs::create_dir_all(&ovl).expect("overlay dir");
+        std::fs::create_dir_all(&root).expect("root dir");
+        let (ovl, root) = (ovl.display().to_string(), root.display().to_string());
+        let setup = format!(
+            "set -e
+             mount -t tmpfs tmpfs {ovl}
+             mkdir {ovl}/upper {ovl}/work
+             mount -t overlay overlay -o lowerdir=/,upperdir={ovl}/upper,workdir={ovl}/work {root}
+             test \"$(findmnt -n -o FSTYPE {root})\" = overlay
+             mount -t tmpfs tmpfs {root}/run
+             mount -t tmpfs tmpfs {root}/tmp
+             mount --rbind /dev {root}/dev
+             mount -t proc proc {root}/proc
+             cp {deb} {root}/tmp/discotech.deb"
+        ,
+            deb = deb.display()
+        );
+        ns.ok("sh", &["-c", &setup]);
+        let s = Self { ns, root, dpkg_output: String::new() };
+        let out = s.chroot(&["dpkg", "-i", "/tmp/discotech.deb"]);
+        assert!(out.status.success(), "dpkg -i failed:\n{}", text(&out));
+        Self { dpkg_output: text(&out), ..s }
+    }
+
+    /// Runs a command chrooted into the scratch root (bounded by 60 s).
+    fn chroot(&self, args: &[&str]) -> Output {
+        let mut c = self.ns.cmd("timeout");
+        c.args(["60", "chroot", &self.root]).args(args).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        c.output().unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"))
+    }
+
+    fn chroot_ok(&self, args: &[&str]) -> String {
+        let out = self.chroot(args);
+        assert!(out.status.success(), "{args:?} in the scratch root failed: {}\n{}", out.status, text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A file of the scratch root, read from inside the namespace.
+    fn read(&self, path: &str) -> String {
+        self.chroot_ok(&["cat", path])
+    }
+
+    /// Writes a file of the scratch root (through the namespace: the overlay is not visible outside).
+    fn write(&self, path: &str, content: &str) {
+        let staged = self.ns.path("staged");
+        std::fs::write(&staged, content).expect("stage file");
+        self.ns.ok("cp", &[staged.to_str().expect("utf-8"), &format!("{}{path}", self.root)]);
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        self.chroot(&["test", "-e", path]).status.success()
+    }
+
+    /// Starts the installed daemon with `config` (a path inside the root).
+    fn serve(&self, config: &str) -> u32 {
+        let log = self.ns.path("discotech.log");
+        self.ns.spawn("chroot", &[&self.root, "/usr/bin/discotech", "serve", "--config", config], &log)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.ns.path("discotech.log")).unwrap_or_default()
+    }
+}
+
+/// The `[Resolve]` keys of a resolved.conf drop-in, as resolved reads them (last assignment wins).
+fn resolved_keys(text: &str) -> Vec<(String, String)> {
+    let mut section = String::new();
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_string();
+        } else if let Some((k, v)) = line.split_once('=') {
+            assert_eq!(section, "Resolve", "key {k} outside [Resolve]");
+            keys.retain(|(key, _)| key != k.trim());
+            keys.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    keys
+}
+
+fn key<'k>(keys: &'k [(String, String)], name: &str) -> Option<&'k str> {
+    keys.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// `[Service]` settings of a unit file (the last value of each key; repeated keys joined by spaces).
+fn unit_settings(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn installed_unit_passes_systemd_analyze_verify() {
+    let ns = Netns::new();
+    let root = Scratch::install(&ns);
+    let unit = "/usr/lib/systemd/system/discotech.service";
+    // verify checks every key and that the Exec binaries exist, which they do only once installed.
+    let out = root.chroot(&["systemd-analyze", "verify", unit]);
+    assert!(out.status.success() && out.stderr.is_empty() && out.stdout.is_empty(), "systemd-analyze verify:\n{}", text(&out));
+
+    // The same check on a copy with a typo proves verify's silence above means something.
+    let broken = root.read(unit).replace("ProtectSystem=strict", "ProtectSytem=strict");
+    root.write("/etc/systemd/system/discotech-typo.service", &broken);
+    let out = root.chroot(&["systemd-analyze", "verify", "/etc/systemd/system/discotech-typo.service"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ProtectSytem"), "a typo went unnoticed:\n{}", text(&out));
+
+    // The hardening the issue asks for, as shipped.
+    let settings = unit_settings(&root.read(unit));
+    let value = |k: &str| settings.iter().filter(|(key, _)| key == k).map(|(_, v)| v.as_str()).collect::<Vec<_>>().join(" ");
+    assert_eq!(value("CapabilityBoundingSet"), "CAP_NET_BIND_SERVICE");
+    assert_eq!(value("AmbientCapabilities"), "CAP_NET_BIND_SERVICE");
+    assert_eq!(value("ProtectSystem"), "strict");
+    assert_eq!(value("PrivateTmp"), "yes");
+    assert_eq!(value("NoNewPrivileges"), "yes");
+    assert_eq!(value("RuntimeDirectory"), "discotech");
+    assert_eq!(value("RuntimeDirectoryPreserve"), "yes");
+    assert_eq!(value("StateDirectory"), "discotech");
+    assert_eq!(value("Restart"), "always");
+    assert_eq!(value("ExecReload"), "/bin/kill -HUP $MAINPID");
+    assert_eq!(value("ReadWritePaths"), "/var/lib/discotech /run/discotech");
+    for family in ["AF_UNIX", "AF_NETLINK", "AF_INET", "AF_INET6"] {
+        assert!(value("RestrictAddressFamilies").split(' ').any(|f| f == family), "{family} not allowed");
+    }
+    // Root, so the hook trusts the socket owner out of the box (see the unit's comment).
+    assert_eq!(value("User"), "", "the hook trusts a root-owned daemon socket; another user needs DISCOTECH_DAEMON_UID in every app");
+
+    // The unit is enabled by the postinst, and the admin group exists.
+    assert!(root.exists("/etc/systemd/system/multi-user.target.wants/discotech.service"), "not enabled; dpkg said:\n{}", root.dpkg_output);
+    root.chroot_ok(&["getent", "group", "discotech"]);
+    // tmpfiles.d creates /run/discotech as documented.
+    root.chroot_ok(&["systemd-tmpfiles", "--create", "discotech.conf"]);
+    let run = root.chroot_ok(&["stat", "-c", "%a %U %G", "/run/discotech"]);
+    assert_eq!(run.trim(), "755 root discotech");
+}
+
+#[test]
+fn deb_ships_the_binary_the_hook_the_unit_and_conffiles() {
+    let deb = deb().to_str().expect("utf-8 path");
+    let list = Command::new("dpkg-deb").args(["-c", deb]).output().expect("dpkg-deb");
+    assert!(list.status.success(), "{}", text(&list));
+    let list = String::from_utf8_lossy(&list.stdout);
+    for (path, mode) in [
+        ("./usr/bin/discotech", "-rwxr-xr-x"),
+        ("./usr/lib/discotech/libdiscotech_hook.so", "-rw-r--r--"),
+        ("./usr/lib/systemd/system/discotech.service", "-rw-r--r--"),
+        ("./usr/lib/tmpfiles.d/discotech.conf", "-rw-r--r--"),
+        ("./usr/lib/sysusers.d/discotech.conf", "-rw-r--r--"),
+        ("./etc/discotech/discotech.toml", "-rw-r--r--"),
+        ("./etc/discotech/zones/example.toml", "-rw-r--r--"),
+        ("./usr/share/doc/discotech/examples/resolved.conf.d-discotech.conf", "-rw-r--r--"),
+        ("./usr/share/doc/discotech/examples/discotech-beside-resolved.toml", "-rw-r--r--"),
+        ("./usr/share/doc/discotech/examples/hook-dropin.conf", "-rw-r--r--"),
+        ("./usr/share/doc/discotech/docs/deployment.md", "-rw-r--r--"),
+        ("./usr/share/doc/discotech/docs/configuration.md", "-rw-r--r--"),
+        ("./usr/share/doc/discotech/copyright", "-rw-r--r--"),
+    ] {
+        let line = list.lines().find(|l| l.ends_with(&format!(" {path}"))).unwrap_or_else(|| panic!("{path} not in the package:\n{list}"));
+        assert!(line.starts_with(mode) && line.contains(" 0/0 "), "{path}: {line}");
+    }
+    // The shipped drop-in must not switch the host resolver: nothing under /etc/systemd.
+    assert!(!list.contains("./etc/systemd/"), "the package installs resolver configuration:\n{list}");
+
+    let field = |f: &str| String::from_utf8_lossy(&Command::new("dpkg-deb").args(["-f", deb, f]).output().expect("dpkg-deb -f").stdout).trim().to_string();
+    assert_eq!(field("Package"), "discotech");
+    assert!(field("Depends").split(", ").any(|d| d == "systemd"), "Depends: {}", field("Depends"));
+
+    let ctrl = tempfile::tempdir().expect("tempdir");
+    let out = Command::new("dpkg-deb").args(["-e", deb, ctrl.path().to_str().expect("utf-8")]).output().expect("dpkg-deb -e");
+    assert!(out.status.success(), "{}", text(&out));
+    let conffiles = std::fs::read_to_string(ctrl.path().join("conffiles")).expect("conffiles");
+    let conffiles: Vec<&str> = conffiles.lines().collect();
+    assert_eq!(conffiles, ["/etc/discotech/discotech.toml", "/etc/discotech/zones/example.toml"]);
+
+    // The hook is a shared library that interposes connect(), not a stray rlib or executable.
+    let x = ctrl.path().join("x");
+    let out = Command::new("dpkg-deb").args(["-x", deb, x.to_str().expect("utf-8")]).output().expect("dpkg-deb -x");
+    assert!(out.status.success(), "{}", text(&out));
+    let syms = Command::new("readelf").args(["-h", "--dyn-syms", "-W"]).arg(x.join("usr/lib/discotech/libdiscotech_hook.so")).output().expect("readelf");
+    let syms = String::from_utf8_lossy(&syms.stdout);
+    assert!(syms.contains("DYN (Shared object file)"), "{syms}");
+    assert!(syms.lines().any(|l| l.contains(" FUNC ") && l.contains(" GLOBAL ") && l.split_whitespace().last() == Some("connect")), "connect not exported");
+}
+
+/// Mode (a): the package as the host's resolver on 127.0.0.53, following docs/deployment.md: set
+/// upstreams to the VPC resolver, point resolv.conf at 127.0.0.53, preload the hook with
+/// `discotech run`. Then remove and purge.
+#[test]
+fn installed_package_serves_as_the_system_resolver_and_routes_hooked_connects() {
+    let ns = Netns::new();
+    let root = Scratch::install(&ns);
+    dnsmasq(&ns, VPC_RESOLVER, 53, &[("db.vpc.internal", "10.1.2.3")], 300);
+
+    // The shipped config passes its own check, then again with the upstream set as the docs say.
+    root.chroot_ok(&["discotech", "check", "--config", "/etc/discotech/discotech.toml"]);
+    let config = root.read("/etc/discotech/discotech.toml");
+    assert!(config.contains("listen = [\"127.0.0.53:53\"]"), "{config}");
+    let upstream_line = config.lines().find(|l| l.starts_with("# upstreams = ")).expect("the example config shows where upstreams go");
+    root.write("/etc/discotech/discotech.toml", &config.replace(upstream_line, &format!("upstreams = [\"{VPC_RESOLVER}\"]")));
+    root.chroot_ok(&["discotech", "check", "--config", "/etc/discotech/discotech.toml"]);
+    root.write("/etc/resolv.conf", "nameserver 127.0.0.53\noptions timeout:2 attempts:1\n");
+
+    root.serve("/etc/discotech/discotech.toml");
+    // Real libc clients in the installed root: the example zone's service, and a forwarded name.
+    let web = eventually(Duration::from_secs(10), || {
+        let out = root.chroot(&["getent", "hosts", "web.disco"]);
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string())
+    });
+    let web = web.unwrap_or_else(|| panic!("web.disco did not resolve through 127.0.0.53; log:\n{}", root.log()));
+    assert!(web.starts_with("127.77."), "web.disco is {web}, not a magic address");
+    let vpc = root.chroot_ok(&["getent", "hosts", "db.vpc.internal"]);
+    assert!(vpc.starts_with("10.1.2.3 "), "forwarded name: {vpc}");
+    let srv = root.chroot_ok(&["dig", "+short", "web.disco", "SRV"]);
+    assert!(srv.contains(" 8080 127-0-0-2.web.disco.") && srv.contains(" 8080 127-0-0-3.web.disco."), "{srv}");
+
+    // The installed daemon's runtime files, where the unit and the hook expect them.
+    assert_eq!(root.chroot_ok(&["stat", "-c", "%a", "/run/discotech/hook.sock"]).trim(), "666");
+    assert_eq!(root.chroot_ok(&["stat", "-c", "%a", "/run/discotech/admin.sock"]).trim(), "660");
+    let services = root.chroot_ok(&["discotech", "services"]);
+    assert!(services.lines().any(|l| l.starts_with("web ") && l.contains(&web)), "{services}");
+
+    // The hook from /usr/lib/discotech, found by `discotech run`, sends curl's connect to a backend.
+    for backend in ["127.0.0.2", "127.0.0.3"] {
+        let dir = ns.path(backend);
+        std::fs::create_dir_all(&dir).expect("backend dir");
+        std::fs::write(dir.join("who"), backend).expect("backend file");
+        ns.spawn("/usr/bin/python3", &["-m", "http.server", "--bind", backend, "--directory", dir.to_str().expect("utf-8"), "8080"], &ns.path(&format!("{backend}.log")));
+    }
+    let answered = eventually(Duration::from_secs(10), || {
+        let out = root.chroot(&["discotech", "run", "--", "curl", "-sf", "--max-time", "3", "http://web.disco:8080/who"]);
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    let answered = answered.unwrap_or_else(|| panic!("hooked curl to web.disco got no backend; log:\n{}", root.log()));
+    assert!(answered == "127.0.0.2" || answered == "127.0.0.3", "{answered}");
+    // Without the hook the magic address reaches nothing: the answer above came through the hook.
+    let bare = root.chroot(&["curl", "-sf", "--max-time", "3", "http://web.disco:8080/who"]);
+    assert!(!bare.status.success(), "an unhooked connect to the magic address answered: {}", text(&bare));
+
+    // remove keeps the config and the state (addresses survive a reinstall); purge removes both.
+    assert!(root.exists("/var/lib/discotech/magic.json"), "no state written; log:\n{}", root.log());
+    root.chroot_ok(&["dpkg", "-r", "discotech"]);
+    assert!(!root.exists("/usr/bin/discotech") && !root.exists("/usr/lib/discotech/libdiscotech_hook.so"));
+    assert!(root.exists("/etc/discotech/discotech.toml") && root.exists("/var/lib/discotech/magic.json"));
+    root.chroot_ok(&["dpkg", "-P", "discotech"]);
+    assert!(!root.exists("/etc/discotech/discotech.toml"), "purge left the config");
+    assert!(!root.exists("/var/lib/discotech"), "purge left the state");
+}
+
+/// Mode (b): beside systemd-resolved, which keeps 127.0.0.53 and 127.0.0.54 and routes `~disco` to
+/// discotech on the address in the shipped drop-in.
+#[test]
+fn installed_package_serves_beside_resolved_on_the_drop_in_address() {
+    let ns = Netns::new();
+    let root = Scratch::install(&ns);
+    let keys = resolved_keys(&root.read("/usr/share/doc/discotech/examples/resolved.conf.d-discotech.conf"));
+    let dns = key(&keys, "DNS").expect("the drop-in sets DNS=").to_string();
+    assert_eq!(key(&keys, "Domains"), Some("~disco"), "{keys:?}");
+    let addr: std::net::Ipv4Addr = dns.parse().unwrap_or_else(|e| panic!("DNS={dns}: {e}"));
+    assert!(addr.is_loopback(), "DNS={dns} must be a loopback address");
+    assert!(!["127.0.0.53", "127.0.0.54"].contains(&dns.as_str()), "DNS={dns} is where resolved itself listens");
+
+    // The shipped mode-(b) config listens where the drop-in points, and names real upstreams.
+    let example = root.read("/usr/share/doc/discotech/examples/discotech-beside-resolved.toml");
+    assert!(example.contains(&format!("listen = [\"{dns}:53\"]")), "the example config does not listen on DNS={dns}:\n{example}");
+    let upstreams = example.lines().find(|l| l.starts_with("upstreams = ")).expect("the example names its upstreams");
+    assert!(!upstreams.contains("127.0.0.53") && !upstreams.contains("127.0.0.54"), "a forwarding loop through resolved: {upstreams}");
+    root.write("/etc/discotech/discotech.toml", &example.replace(upstreams, &format!("upstreams = [\"{VPC_RESOLVER}\"]")));
+    root.chroot_ok(&["discotech", "check", "--config", "/etc/discotech/discotech.toml"]);
+
+    // resolved's place: a stub on 127.0.0.53 (and its proxy stub on 127.0.0.54) that routes as the
+    // drop-in tells resolved to. Both hold their ports before discotech starts, as on a real host.
+    dnsmasq(&ns, VPC_RESOLVER, 53, &[("db.vpc.internal", "10.1.2.3")], 300);
+    let resolved_log = ns.path("resolved-standin.log");
+    ns.spawn(
+        "dnsmasq",
+        &[
+            "--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--bind-interfaces",
+            "--listen-address=127.0.0.53", "--listen-address=127.0.0.54", "--port=53", "--pid-file=", "--user=root",
+            &format!("--server=/disco/{dns}"), &format!("--server={VPC_RESOLVER}"),
+        ],
+        &resolved_log,
+    );
+    root.write("/etc/resolv.conf", "nameserver 127.0.0.53\noptions timeout:2 attempts:1\n");
+    root.serve("/etc/discotech/discotech.toml");
+
+    let direct = eventually(Duration::from_secs(10), || {
+        let out = root.chroot(&["dig", &format!("@{dns}"), "+short", "+time=1", "+tries=1", "web.disco"]);
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !s.is_empty()).then_some(s)
+    });
+    let direct = direct.unwrap_or_else(|| panic!("discotech did not answer on {dns}; log:\n{}", root.log()));
+    assert!(direct.starts_with("127.77."), "{direct}");
+    // Through the resolver the host uses: service names reach discotech, the rest goes upstream.
+    let via_stub = root.chroot_ok(&["getent", "hosts", "web.disco"]);
+    assert!(via_stub.starts_with(&format!("{direct} ")), "via 127.0.0.53: {via_stub}\nstand-in log:\n{}", std::fs::read_to_string(&resolved_log).unwrap_or_default());
+    let vpc = root.chroot_ok(&["getent", "hosts", "db.vpc.internal"]);
+    assert!(vpc.starts_with("10.1.2.3 "), "{vpc}");
+    // Each listener belongs to the right daemon: discotech left resolved's addresses alone.
+    let ss = ns.ok("ss", &["-lnupH"]);
+    let owner = |addr: &str| ss.lines().find(|l| l.contains(&format!(" {addr}:53 "))).unwrap_or_else(|| panic!("nothing on {addr}:53:\n{ss}")).to_string();
+    assert!(owner(&dns).contains("\"discotech\""), "{ss}");
+    assert!(owner("127.0.0.53").contains("\"dnsmasq\"") && owner("127.0.0.54").contains("\"dnsmasq\""), "{ss}");
+}
