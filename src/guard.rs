@@ -53,6 +53,17 @@ struct Window {
     backends: Vec<crate::service::Backend>,
 }
 
+/// What the guard decided for one service.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// What to publish; `None` removes the service.
+    pub publish: Option<ServiceSpec>,
+    /// A hold that started now (to log once).
+    pub new_hold: Option<Held>,
+    /// A hold ended by applying its update after the hold-down.
+    pub matured: bool,
+}
+
 /// What the guard decided for one round.
 #[derive(Debug, Default)]
 pub struct Decision {
@@ -80,68 +91,93 @@ impl Guard {
         self.held.values()
     }
 
-    /// Decides what to publish given what is published now and what the sources propose.
+    /// Decides what to publish given what is published now and what the sources propose, for
+    /// every service at once (a full refresh, and the tests' view).
     pub fn apply(&mut self, published: &BTreeMap<ServiceName, ServiceSpec>, mut proposed: BTreeMap<ServiceName, ServiceSpec>, now: Instant) -> Decision {
         let mut d = Decision::default();
-        let mut still_held = BTreeMap::new();
+        self.held.retain(|n, _| published.contains_key(n));
         self.windows.retain(|n, _| published.contains_key(n));
-        for (name, current) in published {
-            let next = proposed.remove(name);
-            let max_drop = self.cfg.max_drop;
-            let window = self.window(name, current, now);
-            let (reason, kept) = match &next {
-                None if current.backends.is_empty() => (None, Vec::new()),
-                None => (Some(HoldReason::Vanished), current.backends.clone()),
-                Some(_) if current.backends.is_empty() => (None, Vec::new()),
-                Some(next) if next.backends.is_empty() => (Some(HoldReason::WouldEmpty), current.backends.clone()),
-                Some(next) => {
-                    let removed: Vec<crate::service::Backend> =
-                        window.backends.iter().filter(|b| !next.backends.iter().any(|n| n.addr == b.addr)).cloned().collect();
-                    let share = removed.len() as f64 / window.backends.len().max(1) as f64;
-                    if share > max_drop {
-                        (Some(HoldReason::SharpDrop { removed: removed.len(), of: window.backends.len() }), removed)
-                    } else {
-                        (None, Vec::new())
-                    }
-                }
-            };
-            let Some(reason) = reason else {
-                if let Some(next) = next {
-                    d.services.insert(name.clone(), next);
-                }
-                continue;
-            };
-            let kept_addrs: Vec<SocketAddr> = kept.iter().map(|b| b.addr).collect();
-            // A hold keeps its start while the sources keep proposing a drop, so a flapping
-            // source cannot postpone it forever, and a recovered source ends it at once.
-            let since = match self.held.remove(name) {
-                Some(h) if same_kind(&h.reason, &reason) => h.since,
-                _ => {
-                    let h = Held { service: name.clone(), reason: reason.clone(), since: now, kept: kept_addrs.clone() };
-                    d.new_holds.push(h);
-                    now
-                }
-            };
-            let matures = since.checked_add(self.cfg.hold_down).unwrap_or(since);
-            if reason != HoldReason::WouldEmpty && now >= matures {
+        let names: Vec<ServiceName> = published.keys().chain(proposed.keys()).cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        for name in names {
+            let next = proposed.remove(&name);
+            let step = self.step(&name, published.get(&name), next, now);
+            d.new_holds.extend(step.new_hold);
+            if step.matured {
                 d.matured.push(name.clone());
-                // The applied set starts a new window: the next drop is measured from here.
-                self.windows.remove(name);
-                if let Some(next) = next {
-                    d.services.insert(name.clone(), next);
-                }
-                continue;
             }
-            if reason != HoldReason::WouldEmpty {
-                d.wake_at = Some(d.wake_at.map_or(matures, |w| w.min(matures)));
+            if let Some(spec) = step.publish {
+                d.services.insert(name, spec);
             }
-            d.services.insert(name.clone(), kept_spec(current, next, &kept));
-            still_held.insert(name.clone(), Held { service: name.clone(), reason, since, kept: kept_addrs });
         }
-        // Services that are new to the published set apply at once.
-        d.services.extend(proposed);
-        self.held = still_held;
+        d.wake_at = self.next_wake();
         d
+    }
+
+    /// Decides what to publish for one service: `current` is what is published, `next` what the
+    /// sources say now (`None`: no source names it).
+    pub fn step(&mut self, name: &ServiceName, current: Option<&ServiceSpec>, next: Option<ServiceSpec>, now: Instant) -> Step {
+        let Some(current) = current else {
+            // New to the published set: apply at once.
+            self.held.remove(name);
+            self.windows.remove(name);
+            return Step { publish: next, ..Step::default() };
+        };
+        let max_drop = self.cfg.max_drop;
+        let window = self.window(name, current, now);
+        let (reason, kept) = match &next {
+            None if current.backends.is_empty() => (None, Vec::new()),
+            None => (Some(HoldReason::Vanished), current.backends.clone()),
+            Some(_) if current.backends.is_empty() => (None, Vec::new()),
+            Some(next) if next.backends.is_empty() => (Some(HoldReason::WouldEmpty), current.backends.clone()),
+            Some(next) => {
+                let removed: Vec<crate::service::Backend> = window.backends.iter().filter(|b| !next.backends.iter().any(|n| n.addr == b.addr)).cloned().collect();
+                let share = removed.len() as f64 / window.backends.len().max(1) as f64;
+                if share > max_drop { (Some(HoldReason::SharpDrop { removed: removed.len(), of: window.backends.len() }), removed) } else { (None, Vec::new()) }
+            }
+        };
+        let Some(reason) = reason else {
+            self.held.remove(name);
+            if next.is_none() {
+                self.windows.remove(name);
+            }
+            return Step { publish: next, ..Step::default() };
+        };
+        let kept_addrs: Vec<SocketAddr> = kept.iter().map(|b| b.addr).collect();
+        let mut step = Step::default();
+        // A hold keeps its start while the sources keep proposing a drop, so a flapping
+        // source cannot postpone it forever, and a recovered source ends it at once.
+        let since = match self.held.remove(name) {
+            Some(h) if same_kind(&h.reason, &reason) => h.since,
+            _ => {
+                step.new_hold = Some(Held { service: name.clone(), reason: reason.clone(), since: now, kept: kept_addrs.clone() });
+                now
+            }
+        };
+        let matures = since.checked_add(self.cfg.hold_down).unwrap_or(since);
+        if reason != HoldReason::WouldEmpty && now >= matures {
+            // The applied set starts a new window: the next drop is measured from here.
+            self.windows.remove(name);
+            step.matured = true;
+            step.publish = next;
+            return step;
+        }
+        step.publish = Some(kept_spec(current, next, &kept));
+        self.held.insert(name.clone(), Held { service: name.clone(), reason, since, kept: kept_addrs });
+        step
+    }
+
+    /// When the earliest running hold matures.
+    pub fn next_wake(&self) -> Option<Instant> {
+        self.held.values().filter(|h| h.reason != HoldReason::WouldEmpty).map(|h| h.since.checked_add(self.cfg.hold_down).unwrap_or(h.since)).min()
+    }
+
+    /// Services whose hold has run its course by `now`.
+    pub fn due(&self, now: Instant) -> Vec<ServiceName> {
+        self.held
+            .values()
+            .filter(|h| h.reason != HoldReason::WouldEmpty && now >= h.since.checked_add(self.cfg.hold_down).unwrap_or(h.since))
+            .map(|h| h.service.clone())
+            .collect()
     }
 
     pub fn hold_down(&self) -> Duration {

@@ -22,9 +22,10 @@ use crate::register::{Health, check};
 use crate::registry::Command;
 use crate::service::ServiceName;
 
-/// What to probe: every checked backend, with its check and whether the registry holds it healthy
-/// now (a restarted probe starts from there).
-pub type Targets = BTreeMap<(ServiceName, SocketAddr), (HealthCheck, bool)>;
+/// What to probe, per service: each checked backend, its check, and whether the registry holds it
+/// healthy now (a restarted probe starts from there). Persistent, so the registry updates one
+/// service without copying the rest.
+pub type Targets = imbl::OrdMap<ServiceName, Vec<(SocketAddr, HealthCheck, bool)>>;
 pub type SharedTargets = Arc<ArcSwap<Targets>>;
 
 /// How often the set of probes is matched against the targets.
@@ -41,20 +42,23 @@ pub async fn run(targets: SharedTargets, registry: mpsc::Sender<Command>, shutdo
             _ = tick.tick() => {}
         }
         let want = targets.load();
-        running.retain(|key, (check, token)| {
-            let keep = want.get(key).is_some_and(|(c, _)| c == check);
+        running.retain(|(service, addr), (check, token)| {
+            let keep = want.get(service).is_some_and(|list| list.iter().any(|(a, c, _)| a == addr && c == check));
             if !keep {
                 token.cancel();
             }
             keep
         });
-        for (key, (check, healthy)) in want.iter() {
-            if running.contains_key(key) {
-                continue;
+        for (service, list) in want.iter() {
+            for (addr, check, healthy) in list {
+                let key = (service.clone(), *addr);
+                if running.contains_key(&key) {
+                    continue;
+                }
+                let token = shutdown.child_token();
+                tracker.spawn(probe(service.clone(), *addr, check.clone(), *healthy, registry.clone(), token.clone()));
+                running.insert(key, (check.clone(), token));
             }
-            let token = shutdown.child_token();
-            tracker.spawn(probe(key.0.clone(), key.1, check.clone(), *healthy, registry.clone(), token.clone()));
-            running.insert(key.clone(), (check.clone(), token));
         }
     }
     tracker.close();

@@ -57,6 +57,8 @@ pub struct MagicMap {
     quarantine: Duration,
     assigned: BTreeMap<ServiceName, Assignment>,
     freed: Vec<Freed>,
+    /// Every address assigned or quarantined, kept up to date so one assignment costs O(1).
+    taken: HashSet<IpAddr>,
 }
 
 /// What `sync` changed.
@@ -68,7 +70,7 @@ pub struct SyncOutcome {
 
 impl MagicMap {
     pub fn new(v4: Ipv4Net, v6: Option<Ipv6Net>, quarantine: Duration) -> Self {
-        Self { v4, v6, quarantine, assigned: BTreeMap::new(), freed: Vec::new() }
+        Self { v4, v6, quarantine, assigned: BTreeMap::new(), freed: Vec::new(), taken: HashSet::new() }
     }
 
     /// Restores a persisted map. Entries outside the current ranges are dropped (the range was changed
@@ -96,6 +98,7 @@ impl MagicMap {
         };
         self.assigned = file.services.into_iter().filter_map(|(n, mut a)| fits(&n, &mut a).then_some((n, a))).collect();
         self.freed = file.quarantine.into_iter().filter_map(|mut f| fits(&f.service.clone(), &mut f.addrs).then_some(f)).collect();
+        self.taken = self.assigned.values().chain(self.freed.iter().map(|f| &f.addrs)).flat_map(addrs).collect();
         Ok(warnings)
     }
 
@@ -115,58 +118,79 @@ impl MagicMap {
     /// Makes the map match the set of live services at time `now` (unix seconds): new services get
     /// addresses, gone services move to quarantine, expired quarantine is released.
     pub fn sync(&mut self, live: &BTreeSet<ServiceName>, now: u64) -> SyncOutcome {
-        let mut out = SyncOutcome::default();
-        let quarantine = self.quarantine.as_secs();
-        let before = self.freed.len();
-        self.freed.retain(|f| now < f.freed_at.saturating_add(quarantine));
-        out.changed |= self.freed.len() != before;
-
+        let mut out = SyncOutcome { changed: self.expire(now), errors: Vec::new() };
         let gone: Vec<ServiceName> = self.assigned.keys().filter(|n| !live.contains(*n)).cloned().collect();
         for service in gone {
-            if let Some(addrs) = self.assigned.remove(&service) {
-                self.freed.push(Freed { service, addrs, freed_at: now });
-                out.changed = true;
-            }
+            out.changed |= self.release(&service, now);
         }
-
-        let mut taken: HashSet<IpAddr> = self
-            .assigned
-            .values()
-            .chain(self.freed.iter().map(|f| &f.addrs))
-            .flat_map(|a| [Some(IpAddr::V4(a.v4)), a.v6.map(IpAddr::V6)])
-            .flatten()
-            .collect();
         for service in live {
-            if let Some(a) = self.assigned.get_mut(service) {
-                if a.v6.is_none() && self.v6.is_some() {
-                    a.v6 = probe_v6(self.v6, service, &taken);
-                    if let Some(v6) = a.v6 {
-                        taken.insert(IpAddr::V6(v6));
-                        out.changed = true;
-                    }
-                }
-                continue;
-            }
-            // A service that comes back within its quarantine gets its old addresses back.
-            let reclaimed = self.freed.iter().position(|f| &f.service == service).map(|i| self.freed.swap_remove(i).addrs);
-            let addrs = match reclaimed {
-                Some(a) => Some(a),
-                None => probe_v4(self.v4, service, &taken).map(|v4| Assignment { v4, v6: probe_v6(self.v6, service, &taken) }),
-            };
-            match addrs {
-                Some(a) => {
-                    taken.insert(IpAddr::V4(a.v4));
-                    if let Some(v6) = a.v6 {
-                        taken.insert(IpAddr::V6(v6));
-                    }
-                    self.assigned.insert(service.clone(), a);
-                    out.changed = true;
-                }
-                None => out.errors.push(MagicError::Exhausted { range: self.v4.to_string(), service: service.clone() }),
+            match self.assign(service) {
+                Ok(changed) => out.changed |= changed,
+                Err(e) => out.errors.push(e),
             }
         }
         out
     }
+
+    /// Releases quarantined addresses whose time is up; true if any were.
+    pub fn expire(&mut self, now: u64) -> bool {
+        let quarantine = self.quarantine.as_secs();
+        let before = self.freed.len();
+        let (keep, done): (Vec<Freed>, Vec<Freed>) = std::mem::take(&mut self.freed).into_iter().partition(|f| now < f.freed_at.saturating_add(quarantine));
+        self.freed = keep;
+        for f in &done {
+            for a in addrs(&f.addrs) {
+                self.taken.remove(&a);
+            }
+        }
+        self.freed.len() != before
+    }
+
+    /// Moves a service's addresses to quarantine; true if it had any.
+    pub fn release(&mut self, service: &ServiceName, now: u64) -> bool {
+        match self.assigned.remove(service) {
+            Some(addrs) => {
+                self.freed.push(Freed { service: service.clone(), addrs, freed_at: now });
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Gives `service` its addresses (its old ones if it is back within its quarantine); true if
+    /// anything changed.
+    ///
+    /// # Errors
+    /// The range has no address left.
+    pub fn assign(&mut self, service: &ServiceName) -> Result<bool, MagicError> {
+        if let Some(a) = self.assigned.get_mut(service) {
+            if a.v6.is_none() && self.v6.is_some() {
+                a.v6 = probe_v6(self.v6, service, &self.taken);
+                if let Some(v6) = a.v6 {
+                    self.taken.insert(IpAddr::V6(v6));
+                    return Ok(true);
+                }
+            }
+            return Ok(false);
+        }
+        // A service that comes back within its quarantine gets its old addresses back.
+        let reclaimed = self.freed.iter().position(|f| &f.service == service).map(|i| self.freed.swap_remove(i).addrs);
+        let a = match reclaimed {
+            Some(a) => a,
+            None => {
+                let v4 = probe_v4(self.v4, service, &self.taken).ok_or_else(|| MagicError::Exhausted { range: self.v4.to_string(), service: service.clone() })?;
+                self.taken.insert(IpAddr::V4(v4));
+                Assignment { v4, v6: probe_v6(self.v6, service, &self.taken) }
+            }
+        };
+        self.taken.extend(addrs(&a));
+        self.assigned.insert(service.clone(), a);
+        Ok(true)
+    }
+}
+
+fn addrs(a: &Assignment) -> impl Iterator<Item = IpAddr> {
+    [Some(IpAddr::V4(a.v4)), a.v6.map(IpAddr::V6)].into_iter().flatten()
 }
 
 /// FNV-1a, 64 bit: tiny, and its output never changes between Rust versions (unlike `DefaultHasher`).

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use imbl::OrdMap;
+use tracing::{debug, error, info, warn};
 
 use crate::config::{GuardConfig, HealthConfig};
 use crate::health::SharedTargets;
@@ -121,15 +122,18 @@ struct Health {
 
 pub struct Registry {
     names: Vec<String>,
-    sources: Vec<Option<Vec<ServiceSpec>>>,
+    sources: Vec<Option<OrdMap<ServiceName, ServiceSpec>>>,
     health: Vec<Health>,
     drained: BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
     unhealthy: BTreeMap<ServiceName, BTreeMap<SocketAddr, String>>,
     panicking: BTreeSet<ServiceName>,
     health_cfg: HealthConfig,
     targets: SharedTargets,
+    target_map: crate::health::Targets,
+    /// Snapshots published since the last call of the `on_publish` hooks (they run with `persist`).
+    unannounced: bool,
     events: std::collections::VecDeque<Event>,
-    published: BTreeMap<ServiceName, ServiceSpec>,
+    published: OrdMap<ServiceName, ServiceSpec>,
     guard: Guard,
     magic: MagicMap,
     magic_path: Option<PathBuf>,
@@ -158,9 +162,11 @@ impl Registry {
             panicking: BTreeSet::new(),
             health_cfg: HealthConfig::default(),
             targets: SharedTargets::default(),
+            target_map: crate::health::Targets::new(),
+            unannounced: false,
             events: std::collections::VecDeque::new(),
             names: source_names,
-            published: BTreeMap::new(),
+            published: OrdMap::new(),
             guard,
             magic,
             magic_path: paths.magic,
@@ -203,7 +209,7 @@ impl Registry {
         for (name, services) in lkg.sources {
             if let Some(i) = self.names.iter().position(|n| *n == name) {
                 if let Some(slot) = self.sources.get_mut(i) {
-                    *slot = Some(services);
+                    *slot = Some(services.into_iter().map(|s| (s.name.clone(), s)).collect());
                 }
                 if let Some(h) = self.health.get_mut(i) {
                     h.restored = true;
@@ -213,7 +219,7 @@ impl Registry {
         self.drained = lkg.drained;
         self.published = lkg.published.into_iter().map(|s| (s.name.clone(), s)).collect();
         let count = self.published.len();
-        self.publish(now, Instant::now());
+        self.refresh_all(now, Instant::now());
         Ok(count)
     }
 
@@ -256,26 +262,33 @@ impl Registry {
                     error!(source, "event from an unknown source");
                     return;
                 };
-                if slot.as_ref() == Some(&services) {
+                let new: OrdMap<ServiceName, ServiceSpec> = services.into_iter().map(|s| (s.name.clone(), s)).collect();
+                // Only the services this source changed need a look.
+                let changed: BTreeSet<ServiceName> = match slot.as_ref() {
+                    None => new.keys().cloned().collect(),
+                    Some(old) => old.keys().chain(new.keys()).filter(|n| old.get(*n) != new.get(*n)).cloned().collect(),
+                };
+                let first = slot.is_none();
+                *slot = Some(new);
+                if changed.is_empty() && !first {
                     return;
                 }
-                *slot = Some(services);
                 self.dirty = true;
-                self.publish(now, Instant::now());
+                self.refresh(changed, now, Instant::now());
             }
             SourceEvent::Update { source, service } => {
                 let Some(slot) = self.sources.get_mut(source) else {
                     error!(source, "event from an unknown source");
                     return;
                 };
-                let set = slot.get_or_insert_with(Vec::new);
-                match set.iter_mut().find(|s| s.name == service.name) {
-                    Some(existing) if *existing == service => return,
-                    Some(existing) => *existing = service,
-                    None => set.push(service),
+                let set = slot.get_or_insert_with(OrdMap::new);
+                if set.get(&service.name) == Some(&service) {
+                    return;
                 }
+                let name = service.name.clone();
+                set.insert(name.clone(), service);
                 self.dirty = true;
-                self.publish(now, Instant::now());
+                self.refresh([name], now, Instant::now());
             }
             SourceEvent::Failed { source, error } => {
                 let name = self.names.get(source).map_or("?", String::as_str);
@@ -286,29 +299,26 @@ impl Registry {
 
     /// Re-runs magic address bookkeeping (quarantine expiry).
     pub fn tick(&mut self, now: u64) {
-        let live: BTreeSet<ServiceName> = self.published.keys().cloned().collect();
-        if self.magic.sync(&live, now).changed {
+        if self.magic.expire(now) {
             self.persist_magic();
         }
     }
 
-    /// Union of every source's services. Backends are merged by address; the first source that
-    /// names a service decides its balancing policy and port map.
-    fn merged(&self) -> BTreeMap<ServiceName, ServiceSpec> {
-        let mut out: BTreeMap<ServiceName, ServiceSpec> = BTreeMap::new();
-        for spec in self.sources.iter().flatten().flatten() {
-            match out.get_mut(&spec.name) {
-                None => {
-                    out.insert(spec.name.clone(), spec.clone());
-                }
+    /// What every source says of one service, merged. Backends are merged by address; the first
+    /// source that names the service decides its balancing policy and port map.
+    fn merged_one(&self, name: &ServiceName) -> Option<ServiceSpec> {
+        let mut out: Option<ServiceSpec> = None;
+        for spec in self.sources.iter().flatten().filter_map(|slot| slot.get(name)) {
+            match &mut out {
+                None => out = Some(spec.clone()),
                 Some(existing) => {
                     for b in &spec.backends {
                         if !existing.backends.iter().any(|e| e.addr == b.addr) {
                             existing.backends.push(b.clone());
                         }
                     }
-                    for (port, name) in &spec.client_ports {
-                        existing.client_ports.entry(*port).or_insert_with(|| name.clone());
+                    for (port, pname) in &spec.client_ports {
+                        existing.client_ports.entry(*port).or_insert_with(|| pname.clone());
                     }
                 }
             }
@@ -323,105 +333,156 @@ impl Registry {
         self.events.push_back(Event { at, message });
     }
 
-    fn publish(&mut self, now: u64, clock: Instant) {
+    /// Re-evaluates every service (after a restore or a reconfigure).
+    fn refresh_all(&mut self, now: u64, clock: Instant) {
+        let mut names: BTreeSet<ServiceName> = self.published.keys().cloned().collect();
+        for slot in self.sources.iter().flatten() {
+            names.extend(slot.keys().cloned());
+        }
+        self.refresh(names, now, clock);
+    }
+
+    /// Re-evaluates the services in `dirty` (merge, guard, magic address, drains, health) and
+    /// publishes a new snapshot if any of them changed. The cost follows the number of services
+    /// that changed, not the number there are.
+    fn refresh(&mut self, dirty: impl IntoIterator<Item = ServiceName>, now: u64, clock: Instant) {
         // Before any source has spoken or been restored, there is nothing to guard against.
-        let decision = if self.sources.iter().all(Option::is_none) {
-            crate::guard::Decision { services: self.published.clone(), ..Default::default() }
-        } else {
-            self.guard.apply(&self.published, self.merged(), clock)
-        };
-        METRICS.guard_holds.inc_by(decision.new_holds.len() as u64);
-        for h in &decision.new_holds {
-            let kept: Vec<String> = h.kept.iter().map(ToString::to_string).collect();
-            let what = match h.reason {
-                HoldReason::WouldEmpty => "would leave no backends: not applied".to_string(),
-                HoldReason::SharpDrop { removed, of } => format!("removes {removed} of {of} backends: held"),
-                HoldReason::Vanished => "service gone from every source: removal held".to_string(),
+        let nothing_heard = self.sources.iter().all(Option::is_none);
+        let old = self.shared.load_full();
+        let mut changes = Vec::new();
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        let mut magic_changed = false;
+        for name in dirty {
+            let current = self.published.get(&name).cloned();
+            let publish = if nothing_heard {
+                current.clone()
+            } else {
+                let step = self.guard.step(&name, current.as_ref(), self.merged_one(&name), clock);
+                if let Some(h) = &step.new_hold {
+                    self.note_hold(h, now);
+                }
+                if step.matured {
+                    info!(service = %name, "held update applied after the hold-down");
+                    self.event(now, format!("guard: held update to {name} applied after the hold-down"));
+                }
+                step.publish
             };
-            self.event(now, format!("guard: update to {} {what}", h.service));
-            match h.reason {
-                HoldReason::WouldEmpty => warn!(service = %h.service, kept = ?kept, "update would leave no backends: not applied, the current backends keep serving"),
-                HoldReason::SharpDrop { removed, of } => warn!(service = %h.service, removed, of, hold_down = ?self.guard.hold_down(), kept = ?kept, "update removes too many backends at once: removal held"),
-                HoldReason::Vanished => warn!(service = %h.service, hold_down = ?self.guard.hold_down(), "service gone from every source: removal held"),
+            match (&current, &publish) {
+                (None, Some(_)) => added.push(name.to_string()),
+                (Some(_), None) => removed.push(name.to_string()),
+                _ => {}
+            }
+            if publish != current {
+                self.dirty = true;
+            }
+            let service = match publish {
+                Some(spec) => {
+                    self.published.insert(name.clone(), spec);
+                    match self.magic.assign(&name) {
+                        Ok(changed) => {
+                            magic_changed |= changed;
+                            self.build(&name, now)
+                        }
+                        Err(e) => {
+                            error!("{e}");
+                            None
+                        }
+                    }
+                }
+                None => {
+                    self.published.remove(&name);
+                    magic_changed |= self.magic.release(&name, now);
+                    self.forget(&name);
+                    None
+                }
+            };
+            if old.service(name.as_str()).map(|s| s.as_ref()) != service.as_ref() {
+                changes.push((name, service));
             }
         }
-        for service in &decision.matured {
-            info!(%service, "held update applied after the hold-down");
-            self.event(now, format!("guard: held update to {service} applied after the hold-down"));
-        }
-        let added: Vec<String> = decision.services.keys().filter(|n| !self.published.contains_key(*n)).map(ToString::to_string).collect();
-        let removed: Vec<String> = self.published.keys().filter(|n| !decision.services.contains_key(*n)).map(ToString::to_string).collect();
-        if !added.is_empty() && added.len() <= 20 {
-            self.event(now, format!("services added: {}", added.join(", ")));
-        } else if !added.is_empty() {
-            self.event(now, format!("{} services added", added.len()));
+        self.wake_at = self.guard.next_wake();
+        METRICS.guard_held.set(i64::try_from(self.guard.held().count()).unwrap_or(i64::MAX));
+        match added.len() {
+            0 => {}
+            1..=20 => self.event(now, format!("services added: {}", added.join(", "))),
+            n => self.event(now, format!("{n} services added")),
         }
         if !removed.is_empty() {
             self.event(now, format!("services removed: {}", removed.join(", ")));
         }
-        self.wake_at = decision.wake_at;
-        if decision.services != self.published {
-            self.dirty = true;
-        }
-        self.published = decision.services;
-
-        let live: BTreeSet<ServiceName> = self.published.keys().cloned().collect();
-        let outcome = self.magic.sync(&live, now);
-        for e in &outcome.errors {
-            error!("{e}");
-        }
-        if outcome.changed {
+        if magic_changed {
             self.persist_magic();
         }
-        // Health only knows backends that are published: forget the rest.
-        let published = &self.published;
-        for (name, map) in &mut self.unhealthy {
-            map.retain(|addr, _| published.get(name).is_some_and(|s| s.backends.iter().any(|b| b.addr == *addr)));
+        self.targets.store(Arc::new(self.target_map.clone()));
+        if changes.is_empty() && old.generation > 0 {
+            return;
         }
-        self.unhealthy.retain(|_, m| !m.is_empty());
-        let mut targets = crate::health::Targets::new();
-        let mut panicking = BTreeSet::new();
-        let mut services = Vec::with_capacity(self.published.len());
-        for spec in self.published.values() {
-            let Some(a) = self.magic.get(&spec.name) else { continue };
-            let mut spec = spec.clone();
-            if let Some(d) = self.drained.get(&spec.name) {
-                spec.backends.retain(|b| !d.contains(&b.addr));
-            }
-            let unhealthy = self.unhealthy.get(&spec.name);
-            if let Some(check) = &spec.health {
-                for b in &spec.backends {
-                    let healthy = !unhealthy.is_some_and(|u| u.contains_key(&b.addr));
-                    targets.insert((spec.name.clone(), b.addr), (check.clone(), healthy));
-                }
-            }
-            let (spec, panic) = crate::health::effective(&spec, unhealthy, self.health_cfg.panic_threshold);
-            if panic {
-                panicking.insert(spec.name.clone());
-            }
-            services.push(Service { spec, magic_v4: a.v4, magic_v6: a.v6 });
+        let snapshot = old.with_changes(old.generation + 1, changes);
+        debug!(generation = snapshot.generation, services = snapshot.len(), "published");
+        METRICS.generation.set(i64::try_from(snapshot.generation).unwrap_or(i64::MAX));
+        METRICS.services.set(i64::try_from(snapshot.len()).unwrap_or(i64::MAX));
+        self.shared.store(Arc::new(snapshot));
+        self.unannounced = true;
+        METRICS.publish_duration.observe(clock.elapsed().as_secs_f64());
+    }
+
+    /// The published form of one service: drains and health applied; keeps the health checker's
+    /// targets and the panic set current for it.
+    fn build(&mut self, name: &ServiceName, now: u64) -> Option<Service> {
+        let a = self.magic.get(name)?;
+        let mut spec = self.published.get(name)?.clone();
+        if let Some(d) = self.drained.get(name) {
+            spec.backends.retain(|b| !d.contains(&b.addr));
         }
-        for name in panicking.difference(&self.panicking).cloned().collect::<Vec<_>>() {
+        // Health only knows backends that are published.
+        if let Some(map) = self.unhealthy.get_mut(name) {
+            map.retain(|addr, _| spec.backends.iter().any(|b| b.addr == *addr));
+            if map.is_empty() {
+                self.unhealthy.remove(name);
+            }
+        }
+        let unhealthy = self.unhealthy.get(name);
+        match &spec.health {
+            Some(check) => {
+                let targets = spec.backends.iter().map(|b| (b.addr, check.clone(), !unhealthy.is_some_and(|u| u.contains_key(&b.addr)))).collect();
+                self.target_map.insert(name.clone(), targets);
+            }
+            None => {
+                self.target_map.remove(name);
+            }
+        }
+        let (spec, panic) = crate::health::effective(&spec, unhealthy, self.health_cfg.panic_threshold);
+        if panic && self.panicking.insert(name.clone()) {
             warn!(service = %name, "too few healthy backends: panic mode, balancing over all of them");
             self.event(now, format!("{name}: panic mode, too few healthy backends; balancing over all"));
-        }
-        for name in self.panicking.difference(&panicking).cloned().collect::<Vec<_>>() {
+        } else if !panic && self.panicking.remove(name) {
             info!(service = %name, "enough healthy backends again: panic mode ends");
             self.event(now, format!("{name}: panic mode ends"));
         }
-        self.panicking = panicking;
-        self.targets.store(Arc::new(targets));
-        let generation = self.shared.load().generation + 1;
-        let snapshot = Snapshot::new(generation, services);
-        info!(generation, services = snapshot.len(), "published");
-        METRICS.generation.set(i64::try_from(generation).unwrap_or(i64::MAX));
-        METRICS.services.set(i64::try_from(snapshot.len()).unwrap_or(i64::MAX));
-        METRICS.guard_held.set(i64::try_from(self.guard.held().count()).unwrap_or(i64::MAX));
-        for f in &mut self.on_publish {
-            f(&snapshot);
+        Some(Service { spec, magic_v4: a.v4, magic_v6: a.v6 })
+    }
+
+    /// Drops what is kept about a service that is gone.
+    fn forget(&mut self, name: &ServiceName) {
+        self.unhealthy.remove(name);
+        self.target_map.remove(name);
+        self.panicking.remove(name);
+    }
+
+    fn note_hold(&mut self, h: &Held, now: u64) {
+        METRICS.guard_holds.inc();
+        let kept: Vec<String> = h.kept.iter().map(ToString::to_string).collect();
+        let what = match h.reason {
+            HoldReason::WouldEmpty => "would leave no backends: not applied".to_string(),
+            HoldReason::SharpDrop { removed, of } => format!("removes {removed} of {of} backends: held"),
+            HoldReason::Vanished => "service gone from every source: removal held".to_string(),
+        };
+        self.event(now, format!("guard: update to {} {what}", h.service));
+        match h.reason {
+            HoldReason::WouldEmpty => warn!(service = %h.service, kept = ?kept, "update would leave no backends: not applied, the current backends keep serving"),
+            HoldReason::SharpDrop { removed, of } => warn!(service = %h.service, removed, of, hold_down = ?self.guard.hold_down(), kept = ?kept, "update removes too many backends at once: removal held"),
+            HoldReason::Vanished => warn!(service = %h.service, hold_down = ?self.guard.hold_down(), "service gone from every source: removal held"),
         }
-        self.shared.store(Arc::new(snapshot));
-        METRICS.publish_duration.observe(clock.elapsed().as_secs_f64());
     }
 
     fn persist_magic(&self) {
@@ -431,8 +492,16 @@ impl Registry {
         }
     }
 
-    /// Writes `backends.json` if anything changed since the last write.
+    /// Runs the `on_publish` hooks for the latest snapshot and writes `backends.json`, each if
+    /// anything changed since the last call: a burst of changes costs one write.
     pub fn persist(&mut self) {
+        if self.unannounced {
+            self.unannounced = false;
+            let snapshot = self.shared.load_full();
+            for f in &mut self.on_publish {
+                f(&snapshot);
+            }
+        }
         if !self.dirty {
             return;
         }
@@ -440,7 +509,7 @@ impl Registry {
         let Some(path) = &self.lkg_path else { return };
         let lkg = LastKnownGood {
             version: 1,
-            sources: self.names.iter().zip(&self.sources).filter_map(|(n, s)| Some((n.clone(), s.clone()?))).collect(),
+            sources: self.names.iter().zip(&self.sources).filter_map(|(n, s)| Some((n.clone(), s.as_ref()?.values().cloned().collect()))).collect(),
             published: self.published.values().cloned().collect(),
             drained: self.drained.clone(),
         };
@@ -474,7 +543,7 @@ impl Registry {
                         _ => "ok",
                     }
                     .to_string(),
-                    services: set.as_ref().map_or(0, Vec::len),
+                    services: set.as_ref().map_or(0, OrdMap::len),
                     last_update: h.last_update,
                     last_failure: h.last_failure,
                     error: h.error.clone(),
@@ -521,7 +590,7 @@ impl Registry {
         self.guard.set_config(guard);
         self.event(now, format!("sources reconfigured: {}", self.names.join(", ")));
         self.dirty = true;
-        self.publish(now, Instant::now());
+        self.refresh_all(now, Instant::now());
     }
 
     /// Records a health check's verdict on one backend and republishes.
@@ -545,7 +614,7 @@ impl Registry {
                 warn!(%service, %addr, %reason, "backend unhealthy: out of the pick set");
                 self.event(now, format!("{addr} of {service} is unhealthy: {reason}"));
             }
-            self.publish(now, Instant::now());
+            self.refresh([service.clone()], now, Instant::now());
         }
     }
 
@@ -567,7 +636,7 @@ impl Registry {
             info!(%service, %addr, drain, "drain changed");
             self.event(now, format!("{} {addr} of {service}", if drain { "drained" } else { "undrained" }));
             self.dirty = true;
-            self.publish(now, Instant::now());
+            self.refresh([service.clone()], now, Instant::now());
         }
         Ok(())
     }
@@ -603,7 +672,10 @@ impl Registry {
                     None => break,
                 },
                 Some(command) = commands.recv() => self.command(command),
-                () = tokio::time::sleep_until(wake) => self.publish(unix_now(), Instant::now()),
+                () = tokio::time::sleep_until(wake) => {
+                    let due = self.guard.due(Instant::now());
+                    self.refresh(due, unix_now(), Instant::now());
+                }
                 _ = housekeeping.tick() => self.tick(unix_now()),
                 _ = persist.tick() => self.persist(),
             }

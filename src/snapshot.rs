@@ -2,11 +2,11 @@
 //! The registry builds a new `Snapshot` on every change and swaps it in atomically, so a reader
 //! sees either the old world or the new one, never half of each.
 
-use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use imbl::{HashMap, OrdMap};
 
 use crate::service::{ServiceName, ServiceSpec};
 
@@ -24,32 +24,48 @@ impl Service {
     }
 }
 
-/// Every published service, indexed by name and by magic address.
-#[derive(Debug, Default)]
+/// Every published service, indexed by name and by magic address. The maps are persistent
+/// (structure-sharing), so the next generation is a cheap copy plus the services that changed:
+/// publishing one change costs the same with ten services or ten thousand.
+#[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     /// Increases by one with every published change; also the SOA serial.
     pub generation: u64,
-    services: BTreeMap<ServiceName, Arc<Service>>,
+    services: OrdMap<ServiceName, Arc<Service>>,
     by_addr: HashMap<IpAddr, Arc<Service>>,
 }
 
 impl Snapshot {
     pub fn new(generation: u64, services: impl IntoIterator<Item = Service>) -> Self {
-        let mut snap = Self { generation, ..Self::default() };
-        for service in services {
-            let service = Arc::new(service);
-            snap.by_addr.insert(IpAddr::V4(service.magic_v4), service.clone());
-            if let Some(v6) = service.magic_v6 {
-                snap.by_addr.insert(IpAddr::V6(v6), service.clone());
+        Self::default().with_changes(generation, services.into_iter().map(|s| (s.name().clone(), Some(s))))
+    }
+
+    /// The next generation: `changes` upsert (`Some`) or remove (`None`) services by name.
+    pub fn with_changes(&self, generation: u64, changes: impl IntoIterator<Item = (ServiceName, Option<Service>)>) -> Self {
+        let mut next = Self { generation, ..self.clone() };
+        for (name, service) in changes {
+            if let Some(old) = next.services.remove(&name) {
+                next.by_addr.remove(&IpAddr::V4(old.magic_v4));
+                if let Some(v6) = old.magic_v6 {
+                    next.by_addr.remove(&IpAddr::V6(v6));
+                }
             }
-            snap.services.insert(service.name().clone(), service);
+            let Some(service) = service else { continue };
+            let service = Arc::new(service);
+            next.by_addr.insert(IpAddr::V4(service.magic_v4), service.clone());
+            if let Some(v6) = service.magic_v6 {
+                next.by_addr.insert(IpAddr::V6(v6), service.clone());
+            }
+            next.services.insert(name, service);
         }
-        snap
+        next
     }
 
     /// Looks a service up by its (lowercase) name.
     pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
-        self.services.get(name)
+        // The persistent map looks up by the key type; names are validated labels.
+        let name: ServiceName = name.parse().ok()?;
+        self.services.get(&name)
     }
 
     /// Looks a service up by one of its magic addresses. v4-mapped IPv6 addresses match the v4 address.
@@ -81,6 +97,17 @@ pub fn shared(snapshot: Snapshot) -> SharedSnapshot {
 mod tests {
     use super::*;
     use crate::service::Backend;
+
+    #[test]
+    fn changes_make_a_new_generation_and_leave_the_old_one_alone() {
+        let svc = |name: &str, last: u8| Service { spec: ServiceSpec::new(name.parse().unwrap()), magic_v4: Ipv4Addr::new(127, 77, 0, last), magic_v6: None };
+        let one = Snapshot::new(1, [svc("web", 1), svc("api", 2)]);
+        let two = one.with_changes(2, [("api".parse().unwrap(), None), ("db".parse().unwrap(), Some(svc("db", 3)))]);
+        assert!(two.service("api").is_none() && two.by_addr("127.77.0.2".parse().unwrap()).is_none());
+        assert_eq!(two.service("db").unwrap().magic_v4, Ipv4Addr::new(127, 77, 0, 3));
+        assert_eq!((one.len(), two.len(), two.generation), (2, 2, 2));
+        assert!(one.service("api").is_some(), "readers of the old generation are undisturbed");
+    }
 
     #[test]
     fn services_are_found_by_name_and_by_any_form_of_their_address() {

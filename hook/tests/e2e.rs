@@ -113,6 +113,13 @@ fn dead(ip: &str) -> SocketAddr {
     TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
 }
 
+/// A second service beside `web` (names are unique in a snapshot, as in any registry).
+fn other_service(lb: LbPolicy, backends: &[SocketAddr]) -> Service {
+    let mut s = service(lb, backends);
+    s.spec.name = "other".parse().unwrap();
+    s
+}
+
 fn service(lb: LbPolicy, backends: &[SocketAddr]) -> Service {
     let mut spec = ServiceSpec::new("web".parse().unwrap());
     spec.lb = lb;
@@ -307,7 +314,7 @@ fn refused_backends_are_skipped_and_errno_matches_an_unhooked_connect() {
         service(LbPolicy::RoundRobin, &[down, a.addr]),
         Service {
             magic_v4: Ipv4Addr::new(127, 77, 0, 10),
-            ..service(LbPolicy::RoundRobin, &[dead("127.0.0.5")])
+            ..other_service(LbPolicy::RoundRobin, &[dead("127.0.0.5")])
         },
     ]);
     let out = run(Some(&d.socket()), &["many", "127.77.0.9", "80", "10"]);
@@ -421,7 +428,7 @@ fn named_ports_and_p2c_work_through_the_hook() {
         svc,
         Service {
             magic_v4: Ipv4Addr::new(127, 77, 0, 10),
-            ..service(LbPolicy::P2c, &[other.addr, http.addr])
+            ..other_service(LbPolicy::P2c, &[other.addr, http.addr])
         },
     ]);
     assert_eq!(
