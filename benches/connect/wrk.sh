@@ -103,10 +103,20 @@ r=0
 while [ "$r" -lt "$ROUNDS" ]; do
     r=$((r + 1))
     quiet
+    # The order rotates every round, so no case always runs first.
+    case $((r % 3)) in
+        0) order="direct hook haproxy" ;;
+        1) order="hook haproxy direct" ;;
+        *) order="haproxy direct hook" ;;
+    esac
     for mode in keepalive close; do
-        run direct "$mode" "http://127.0.0.2:$PORT/" X=1
-        run hook "$mode" "http://127.77.0.9:$PORT/" LD_PRELOAD="$LIB" DISCOTECH_SOCKET="$WORK/hook.sock"
-        run haproxy "$mode" "http://127.0.0.3:$PORT/" X=1
+        for c in $order; do
+            case $c in
+                direct) run direct "$mode" "http://127.0.0.2:$PORT/" X=1 ;;
+                hook) run hook "$mode" "http://127.77.0.9:$PORT/" LD_PRELOAD="$LIB" DISCOTECH_SOCKET="$WORK/hook.sock" ;;
+                haproxy) run haproxy "$mode" "http://127.0.0.3:$PORT/" X=1 ;;
+            esac
+        done
     done
 done
 awk '
