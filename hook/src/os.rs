@@ -63,30 +63,37 @@ impl Os for RealOs {
     }
 }
 
-/// The process's connection to the daemon, reused across connects so a lookup costs one round
-/// trip rather than a connect, a credentials check and a round trip.
+/// Lanes: the process's connections to the daemon, reused across connects so a lookup costs no
+/// connect and no credentials check, and (with pipelining, below) usually no round trip.
 ///
-/// Lock-free: a connect takes it with one compare-and-swap on `HOLDER` (the holder's pid and a
-/// token) and otherwise opens a connection of its own for this lookup, so two threads (or a
-/// signal handler and the code it interrupted) never share it and nobody waits. It is only
-/// used by the process that opened it (the pid is checked, so a fork child opens its own) and
-/// only while the descriptor number still holds the same socket (the inode is checked, in case
-/// the application closed it and the number was reused).
-static CACHED: AtomicU64 = AtomicU64::new(NONE);
-static CACHED_INO: AtomicU64 = AtomicU64::new(0);
-static HOLDER: AtomicU64 = AtomicU64::new(0);
-static TOKEN: AtomicU32 = AtomicU32::new(0);
-const NONE: u64 = u64::MAX;
+/// Lock-free: a connect takes a lane with one compare-and-swap on its `holder` (the holder's pid
+/// and a token), trying each lane once starting from one picked by its stack address (so
+/// threads tend to keep to their own lane); with every lane busy it opens a connection of its
+/// own for this lookup. So two threads (or a signal handler and the code it interrupted) never
+/// share a connection and nobody waits. A lane's connection is only used by the process that
+/// opened it (the pid is checked, so a fork child opens its own) and only while the descriptor
+/// number still holds the same socket (the inode is checked, in case the application closed it
+/// and the number was reused).
+///
+/// Pipelining: when a destination's queue of picks in a lane runs low, the lane asks for a few
+/// more in one write without waiting, so most connects find their answer already there and the
+/// daemon is woken once per few connects. Only a lane's holder touches its pipeline; the
+/// replies expected are `inflight_n` ids from `inflight_next`.
+pub struct Lane {
+    cached: AtomicU64,
+    cached_ino: AtomicU64,
+    holder: AtomicU64,
+    prefetched: Prefetched,
+    inflight_next: AtomicU32,
+    inflight_n: AtomicU32,
+    inflight_dest: [AtomicU64; 3],
+}
 
-/// Pipelining: when a destination's queue of picks runs low, the shared connection asks for
-/// a few more in one write without waiting, so most connects find their answer already there:
-/// no round trip, and the daemon is woken once per few connects. Only the holder of the shared
-/// connection touches these; the replies expected are `INFLIGHT_N` ids from `INFLIGHT_NEXT`.
-static PREFETCHED: Prefetched = Prefetched::new();
-static INFLIGHT_NEXT: AtomicU32 = AtomicU32::new(0);
-static INFLIGHT_N: AtomicU32 = AtomicU32::new(0);
-static INFLIGHT_DEST: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+const LANES: usize = 4;
+static LANE: [Lane; LANES] = [const { Lane::new() }; LANES];
+static TOKEN: AtomicU32 = AtomicU32::new(0);
 static NEXT_PREFETCH_ID: AtomicU32 = AtomicU32::new(0);
+const NONE: u64 = u64::MAX;
 /// A pick made ahead is used only this soon after it arrived, so a backend change reaches a
 /// busy process within this bound (and a failed connect to a stale pick is retried anyway).
 const PREFETCH_MAX_AGE_MS: i64 = 500;
@@ -97,65 +104,102 @@ fn prefetch_id(n: u32) -> u32 {
     (n & !PREFETCH_ID_BIT) | PREFETCH_ID_BIT
 }
 
-fn inflight_dest() -> (SocketAddr, u8) {
-    let [hi, lo, meta] = [0, 1, 2].map(|i| {
-        INFLIGHT_DEST
-            .get(i)
-            .map_or(0, |a| a.load(Ordering::Relaxed))
-    });
-    let ip = from_mapped(core::net::Ipv6Addr::from(
-        u128::from(hi) << 64 | u128::from(lo),
-    ));
-    (SocketAddr::new(ip, meta as u16), (meta >> 16) as u8)
-}
-
-fn set_inflight(first: u32, n: u32, dest: SocketAddr, flags: u8) {
-    let v = u128::from(to_mapped(dest.ip()));
-    let words = [
-        (v >> 64) as u64,
-        v as u64,
-        u64::from(dest.port()) | u64::from(flags) << 16,
-    ];
-    for (a, w) in INFLIGHT_DEST.iter().zip(words) {
-        a.store(w, Ordering::Relaxed);
-    }
-    INFLIGHT_NEXT.store(first, Ordering::Relaxed);
-    INFLIGHT_N.store(n, Ordering::Relaxed);
-}
-
-/// A new or lost connection: no replies are coming, and picks made by whatever daemon was on
-/// the old one are not trusted to be current.
-fn reset_pipeline() {
-    INFLIGHT_N.store(0, Ordering::Relaxed);
-    PREFETCHED.clear();
-}
-
 fn pack(pid: u32, fd: c_int) -> u64 {
     u64::from(pid) << 32 | u64::from(fd as u32)
 }
 
-/// Takes the process's connection if nobody holds it. A holder from another pid is a thread of
-/// the parent we were forked from: it does not exist here, so its claim is void.
-fn take_cache(pid: u32) -> Option<u64> {
-    let token = pack(pid, (TOKEN.fetch_add(1, Ordering::Relaxed) | 1) as c_int);
-    let held = HOLDER.load(Ordering::Acquire);
-    let free = held == 0 || (held >> 32) as u32 != pid;
-    (free
-        && HOLDER
-            .compare_exchange(held, token, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok())
-    .then_some(token)
-}
+impl Lane {
+    const fn new() -> Self {
+        Self {
+            cached: AtomicU64::new(NONE),
+            cached_ino: AtomicU64::new(0),
+            holder: AtomicU64::new(0),
+            prefetched: Prefetched::new(),
+            inflight_next: AtomicU32::new(0),
+            inflight_n: AtomicU32::new(0),
+            inflight_dest: [const { AtomicU64::new(0) }; 3],
+        }
+    }
 
-fn release_cache(token: u64) {
-    let _ = HOLDER.compare_exchange(token, 0, Ordering::AcqRel, Ordering::Relaxed);
+    /// Takes a lane if one is free. A holder from another pid is a thread of the parent we were
+    /// forked from: it does not exist here, so its claim is void.
+    fn take(pid: u32) -> Option<(&'static Lane, u64)> {
+        let token = pack(pid, (TOKEN.fetch_add(1, Ordering::Relaxed) | 1) as c_int);
+        let here = 0u8;
+        // Thread stacks sit megabytes apart: hash the page number so they spread over lanes.
+        let page = ((&raw const here) as usize >> 12) as u64;
+        let start = (page.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize % LANES;
+        for k in 0..LANES {
+            let Some(lane) = LANE.get((start + k) % LANES) else {
+                continue;
+            };
+            let held = lane.holder.load(Ordering::Acquire);
+            let free = held == 0 || (held >> 32) as u32 != pid;
+            if free
+                && lane
+                    .holder
+                    .compare_exchange(held, token, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return Some((lane, token));
+            }
+        }
+        None
+    }
+
+    fn release(&self, token: u64) {
+        let _ = self
+            .holder
+            .compare_exchange(token, 0, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
+    /// Makes `fd` this lane's connection.
+    fn adopt(&self, pid: u32, fd: c_int) {
+        self.cached_ino
+            .store(sys::inode(fd).unwrap_or(0), Ordering::Release);
+        self.cached.store(pack(pid, fd), Ordering::Release);
+        self.reset_pipeline();
+    }
+
+    fn inflight_dest(&self) -> (SocketAddr, u8) {
+        let [hi, lo, meta] = [0, 1, 2].map(|i| {
+            self.inflight_dest
+                .get(i)
+                .map_or(0, |a| a.load(Ordering::Relaxed))
+        });
+        let ip = from_mapped(core::net::Ipv6Addr::from(
+            u128::from(hi) << 64 | u128::from(lo),
+        ));
+        (SocketAddr::new(ip, meta as u16), (meta >> 16) as u8)
+    }
+
+    fn set_inflight(&self, first: u32, n: u32, dest: SocketAddr, flags: u8) {
+        let v = u128::from(to_mapped(dest.ip()));
+        let words = [
+            (v >> 64) as u64,
+            v as u64,
+            u64::from(dest.port()) | u64::from(flags) << 16,
+        ];
+        for (a, w) in self.inflight_dest.iter().zip(words) {
+            a.store(w, Ordering::Relaxed);
+        }
+        self.inflight_next.store(first, Ordering::Relaxed);
+        self.inflight_n.store(n, Ordering::Relaxed);
+    }
+
+    /// A new or lost connection: no replies are coming, and picks made by whatever daemon was
+    /// on the old one are not trusted to be current.
+    fn reset_pipeline(&self) {
+        self.inflight_n.store(0, Ordering::Relaxed);
+        self.prefetched.clear();
+    }
 }
 
 /// A conversation with the daemon: the process's shared connection or one of its own.
 pub struct DaemonSession {
     fd: c_int,
-    /// Some(token) if `fd` is the process's connection, held with that token.
-    cached: Option<u64>,
+    /// The lane whose connection `fd` is, held with that token; None for a connection of our own.
+    cached: Option<(&'static Lane, u64)>,
     broken: bool,
     timeout_ms: i64,
     real: ConnectFn,
@@ -172,26 +216,27 @@ fn open_daemon(real: ConnectFn, cfg: &Config) -> Option<Fd> {
 
 impl DaemonSession {
     fn open(real: ConnectFn, cfg: &'static Config, pid: u32) -> Option<Self> {
-        let Some(token) = take_cache(pid) else {
+        let timeout_ms = cfg.timeout_ms;
+        let Some((lane, token)) = Lane::take(pid) else {
             let fd = open_daemon(real, cfg)?.into_raw();
             return Some(Self {
                 fd,
                 cached: None,
                 broken: false,
-                timeout_ms: cfg.timeout_ms,
+                timeout_ms,
                 real,
                 cfg,
             });
         };
-        let cached = CACHED.load(Ordering::Acquire);
-        if cached != NONE {
-            let fd = cached as u32 as c_int;
-            let ours = sys::inode(fd) == Some(CACHED_INO.load(Ordering::Acquire));
-            if ours && (cached >> 32) as u32 == pid {
-                let timeout_ms = cfg.timeout_ms;
+        let cached = Some((lane, token));
+        let held = lane.cached.load(Ordering::Acquire);
+        if held != NONE {
+            let fd = held as u32 as c_int;
+            let ours = sys::inode(fd) == Some(lane.cached_ino.load(Ordering::Acquire));
+            if ours && (held >> 32) as u32 == pid {
                 return Some(Self {
                     fd,
-                    cached: Some(token),
+                    cached,
                     broken: false,
                     timeout_ms,
                     real,
@@ -202,24 +247,26 @@ impl DaemonSession {
                 // Inherited from the process we were forked from: our copy, not to be shared.
                 sys::close(fd);
             }
-            CACHED.store(NONE, Ordering::Release);
+            lane.cached.store(NONE, Ordering::Release);
         }
         let Some(fd) = open_daemon(real, cfg) else {
-            release_cache(token);
+            lane.release(token);
             return None;
         };
         let fd = fd.into_raw();
-        CACHED_INO.store(sys::inode(fd).unwrap_or(0), Ordering::Release);
-        CACHED.store(pack(pid, fd), Ordering::Release);
-        reset_pipeline();
+        lane.adopt(pid, fd);
         Some(Self {
             fd,
-            cached: Some(token),
+            cached,
             broken: false,
-            timeout_ms: cfg.timeout_ms,
+            timeout_ms,
             real,
             cfg,
         })
+    }
+
+    fn lane(&self) -> Option<&'static Lane> {
+        self.cached.map(|(lane, _)| lane)
     }
 
     /// Sends `req` and waits (bounded) for its reply. A prefetch reply that arrives first is
@@ -274,16 +321,20 @@ impl DaemonSession {
 
     /// Files the next reply of the outstanding prefetch. False if `reply` is not that one.
     fn file_prefetch(&mut self, reply: &Reply) -> bool {
+        let Some(lane) = self.lane() else {
+            return false;
+        };
         let (next, n) = (
-            INFLIGHT_NEXT.load(Ordering::Relaxed),
-            INFLIGHT_N.load(Ordering::Relaxed),
+            lane.inflight_next.load(Ordering::Relaxed),
+            lane.inflight_n.load(Ordering::Relaxed),
         );
         if n == 0 || reply.id != next {
             return false;
         }
-        INFLIGHT_NEXT.store(prefetch_id(next.wrapping_add(1)), Ordering::Relaxed);
-        INFLIGHT_N.store(n - 1, Ordering::Relaxed);
-        let (dest, flags) = inflight_dest();
+        lane.inflight_next
+            .store(prefetch_id(next.wrapping_add(1)), Ordering::Relaxed);
+        lane.inflight_n.store(n - 1, Ordering::Relaxed);
+        let (dest, flags) = lane.inflight_dest();
         if reply.status == Status::Ok {
             if reply.flags & FLAG_REPORT_DONE != 0 {
                 // The service went p2c: this pick counts as outstanding until reported done.
@@ -293,7 +344,8 @@ impl DaemonSession {
                 done.backend_port = reply.backend_port;
                 self.tell(&done);
             } else {
-                PREFETCHED.put(dest, flags, reply.backend_addr(), sys::now_ms());
+                lane.prefetched
+                    .put(dest, flags, reply.backend_addr(), sys::now_ms());
             }
         }
         true
@@ -301,9 +353,10 @@ impl DaemonSession {
 
     /// Collects prefetch replies that have already arrived, without waiting.
     fn collect(&mut self) {
+        let Some(lane) = self.lane() else { return };
         let mut buf = [0u8; MSG_LEN];
         for _ in 0..PREFETCH_DEPTH {
-            if INFLIGHT_N.load(Ordering::Relaxed) == 0 {
+            if lane.inflight_n.load(Ordering::Relaxed) == 0 {
                 return;
             }
             match sys::recv(self.fd, &mut buf) {
@@ -325,9 +378,10 @@ impl DaemonSession {
     /// When `req`'s destination has at most one pick queued and nothing is on its way, asks
     /// for enough to fill the queue, in one write, without waiting.
     fn refill(&mut self, req: &Request) {
+        let Some(lane) = self.lane() else { return };
         let dest = SocketAddr::new(req.magic_ip(), req.port);
-        let queued = PREFETCHED.len(dest, req.flags);
-        if self.broken || INFLIGHT_N.load(Ordering::Relaxed) != 0 || queued > 1 {
+        let queued = lane.prefetched.len(dest, req.flags);
+        if self.broken || lane.inflight_n.load(Ordering::Relaxed) != 0 || queued > 1 {
             return;
         }
         let n = PREFETCH_DEPTH - queued;
@@ -344,7 +398,7 @@ impl DaemonSession {
             return;
         };
         if sys::send(self.fd, out).ok() == Some(out.len()) {
-            set_inflight(first, n as u32, dest, req.flags);
+            lane.set_inflight(first, n as u32, dest, req.flags);
         } else {
             // Part of a batch may have gone out: the stream can no longer be trusted.
             self.broken = true;
@@ -353,14 +407,15 @@ impl DaemonSession {
 
     /// Replaces a shared connection the daemon closed (idle timeout, restart) with a new one.
     fn reconnect(&mut self) -> bool {
+        let Some(lane) = self.lane() else {
+            return false;
+        };
         let Some(fd) = open_daemon(self.real, self.cfg) else {
             return false;
         };
         sys::close(self.fd);
         self.fd = fd.into_raw();
-        CACHED_INO.store(sys::inode(self.fd).unwrap_or(0), Ordering::Release);
-        CACHED.store(pack(sys::getpid(), self.fd), Ordering::Release);
-        reset_pipeline();
+        lane.adopt(sys::getpid(), self.fd);
         self.broken = false;
         true
     }
@@ -369,13 +424,13 @@ impl DaemonSession {
 impl Session for DaemonSession {
     fn ask(&mut self, req: &Request) -> Option<Reply> {
         let ahead = self.cached.is_some() && req.kind == Kind::Pick && req.attempt == 0;
-        if ahead {
+        if let Some(lane) = self.lane().filter(|_| ahead) {
             self.collect();
             let dest = SocketAddr::new(req.magic_ip(), req.port);
             if !self.broken
-                && PREFETCHED.len(dest, req.flags) == 0
-                && INFLIGHT_N.load(Ordering::Relaxed) != 0
-                && inflight_dest() == (dest, req.flags)
+                && lane.prefetched.len(dest, req.flags) == 0
+                && lane.inflight_n.load(Ordering::Relaxed) != 0
+                && lane.inflight_dest() == (dest, req.flags)
             {
                 // The answer is on its way: wait for it rather than ask again, so every pick
                 // the daemon makes is used, in the daemon's order.
@@ -388,7 +443,10 @@ impl Session for DaemonSession {
                     }
                 }
             }
-            if let Some(b) = PREFETCHED.take(dest, req.flags, sys::now_ms(), PREFETCH_MAX_AGE_MS) {
+            if let Some(b) =
+                lane.prefetched
+                    .take(dest, req.flags, sys::now_ms(), PREFETCH_MAX_AGE_MS)
+            {
                 self.refill(req);
                 return Some(Reply::ok(req.id, b, 0, 0));
             }
@@ -432,14 +490,14 @@ impl Drop for DaemonSession {
     fn drop(&mut self) {
         match self.cached {
             None => sys::close(self.fd),
-            Some(token) => {
+            Some((lane, token)) => {
                 if self.broken {
                     // A reply may still arrive on it; a new connection keeps answers in order.
-                    CACHED.store(NONE, Ordering::Release);
+                    lane.cached.store(NONE, Ordering::Release);
                     sys::close(self.fd);
-                    reset_pipeline();
+                    lane.reset_pipeline();
                 }
-                release_cache(token);
+                lane.release(token);
             }
         }
     }
