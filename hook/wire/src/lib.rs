@@ -18,7 +18,8 @@
 //!  4  4  id, echoed in the reply
 //!  8 16  magic address the caller connected to
 //! 24  2  client port
-//! 26  1  flags: bit 0 the caller's socket is AF_INET6, bit 1 it is non-blocking
+//! 26  1  flags: bit 0 the caller's socket is AF_INET6, bit 1 it is non-blocking (optional:
+//!          the hook leaves it unset rather than spend a system call; the daemon ignores it)
 //! 27  1  attempt (0 for the first pick of a connect)
 //! 28  4  caller pid as the caller sees it (informational; the daemon trusts SO_PEERCRED)
 //! 32 16  backend address (failed, done; zero for pick)
@@ -93,7 +94,7 @@ impl Kind {
 
 /// Request flag: the caller's socket is AF_INET6, so a v6 backend is usable.
 pub const FLAG_INET6: u8 = 1;
-/// Request flag: the caller's socket is non-blocking.
+/// Request flag: the caller's socket is non-blocking (informational; may be left unset).
 pub const FLAG_NONBLOCK: u8 = 2;
 /// Reply flag: send a [`Kind::Done`] message once the connect to the backend returns.
 pub const FLAG_REPORT_DONE: u8 = 1;
