@@ -22,6 +22,7 @@ use zookeeper_async::{ZkError, ZkState};
 use self::formats::FormatError;
 use self::session::{BACKOFF_MAX, BACKOFF_MIN, Session, SessionError, jitter};
 use super::SourceEvent;
+use crate::metrics::{METRICS, SourceLabels};
 use crate::config::{ZkFormat, ZookeeperSource};
 use crate::service::{Backend, ServiceName, ServiceSpec};
 
@@ -123,7 +124,9 @@ pub async fn run(
         failing: None,
     };
     let what = w.cfg.name.clone();
+    let connected = METRICS.zookeeper_connected.get_or_create_owned(&SourceLabels { source: what.clone() });
     'session: loop {
+        connected.set(0);
         let mut s = match Session::connect(
             &w.cfg.hosts,
             w.cfg.session_timeout,
@@ -136,6 +139,7 @@ pub async fn run(
             Ok(s) => s,
             Err(_) => return,
         };
+        connected.set(1);
         let mut need_sync = true;
         let mut backoff = BACKOFF_MIN;
         let mut retry_at: Option<tokio::time::Instant> = None;
@@ -188,6 +192,7 @@ pub async fn run(
                         if state == Some(ZkState::NotConnected) {
                             warn!(source = %what, "ZooKeeper session expired; a new session will re-read everything");
                         }
+                        connected.set(0);
                         if !disconnected {
                             disconnected = true;
                             if !w.fail(&SessionError::Disconnected).await {
