@@ -67,13 +67,13 @@ impl<'a> Scratch<'a> {
              mount -t tmpfs tmpfs {root}/tmp
              mount --rbind /dev {root}/dev
              mount -t proc proc {root}/proc
-             cp {deb} {root}/tmp/discotech.deb"
+             cp {deb} {root}/var/tmp/discotech.deb"
         ,
             deb = deb.display()
         );
         ns.ok("sh", &["-c", &setup]);
         let s = Self { ns, root, dpkg_output: String::new() };
-        let out = s.chroot(&["dpkg", "-i", "/tmp/discotech.deb"]);
+        let out = s.chroot(&["dpkg", "-i", "/var/tmp/discotech.deb"]);
         assert!(out.status.success(), "dpkg -i failed:\n{}", text(&out));
         Self { dpkg_output: text(&out), ..s }
     }
@@ -115,6 +115,72 @@ impl<'a> Scratch<'a> {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.ns.path("discotech.log")).unwrap_or_default()
+    }
+}
+
+/// systemd booted as PID 1 of a new PID (and mount) namespace, chrooted into a scratch root: the
+/// real service manager runs the installed unit with its whole sandbox.
+struct Booted {
+    /// systemd's pid as seen from the test.
+    pid: u32,
+}
+
+impl Scratch<'_> {
+    fn boot(&self) -> Booted {
+        let log = self.ns.path("systemd.log");
+        let unshare = self.ns.spawn(
+            "unshare",
+            &["--pid", "--fork", "--mount", "--propagation", "private", "--kill-child", "chroot", &self.root, "/bin/sh", "-c", "mount -t proc proc /proc && exec /lib/systemd/systemd --system"],
+            &log,
+        );
+        let pid = eventually(Duration::from_secs(10), || {
+            let children = std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children")).ok()?;
+            let pid: u32 = children.split_whitespace().next()?.parse().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            (comm.trim() == "systemd").then_some(pid)
+        });
+        let booted = Booted { pid: pid.unwrap_or_else(|| panic!("systemd did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default())) };
+        let state = eventually(Duration::from_secs(60), || {
+            let state = booted.run(&["systemctl", "is-system-running"]);
+            let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+            ["running", "degraded"].contains(&state.as_str()).then_some(state)
+        });
+        assert!(state.is_some(), "systemd did not finish booting: {}", text(&booted.run(&["systemctl", "list-jobs", "--no-pager"])));
+        booted
+    }
+}
+
+impl Booted {
+    /// Runs a command inside the booted system (its namespaces and root), bounded by 60 s.
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("timeout")
+            .args(["60", "nsenter", "-t", &self.pid.to_string(), "-m", "-p", "-n", "-r", "-w", "--"])
+            .args(args)
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("SYSTEMD_PAGER", "")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"))
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "{args:?} under systemd failed: {}\n{}", out.status, text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn active(&self, unit: &str) -> String {
+        String::from_utf8_lossy(&self.run(&["systemctl", "is-active", unit]).stdout).trim().to_string()
+    }
+
+    fn journal(&self, unit: &str) -> String {
+        String::from_utf8_lossy(&self.run(&["journalctl", "--no-pager", "-o", "cat", "-u", unit]).stdout).into_owned()
+    }
+}
+
+impl Drop for Booted {
+    fn drop(&mut self) {
+        // SIGKILL to a PID namespace's init from outside ends the whole namespace.
+        let _ = Command::new("kill").args(["-KILL", &self.pid.to_string()]).status();
     }
 }
 
@@ -361,4 +427,85 @@ fn installed_package_serves_beside_resolved_on_the_drop_in_address() {
     let owner = |addr: &str| ss.lines().find(|l| l.contains(&format!(" {addr}:53 "))).unwrap_or_else(|| panic!("nothing on {addr}:53:\n{ss}")).to_string();
     assert!(owner(&dns).contains("\"discotech\""), "{ss}");
     assert!(owner("127.0.0.53").contains("\"dnsmasq\"") && owner("127.0.0.54").contains("\"dnsmasq\""), "{ss}");
+}
+
+/// The installed unit under a real systemd (PID 1 of its own namespace): started at boot because the
+/// postinst enabled it, running with only CAP_NET_BIND_SERVICE inside its sandbox, reloading on
+/// `systemctl reload`, keeping /run/discotech over a stop; then stopped by `dpkg -r` and started again
+/// by the postinst of a reinstall, as on a host.
+#[test]
+fn installed_unit_runs_hardened_under_systemd() {
+    let ns = Netns::new();
+    let root = Scratch::install(&ns);
+    let sd = root.boot();
+    let active = eventually(Duration::from_secs(30), || (sd.active("discotech") == "active").then_some(()));
+    assert!(active.is_some(), "discotech.service is {}:\n{}", sd.active("discotech"), sd.journal("discotech"));
+    // The answer, or None when nothing answers on 127.0.0.53.
+    let dig = |name: &str| {
+        let out = ns.run("dig", &["@127.0.0.53", "+short", "+time=1", "+tries=1", name]);
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !answer.is_empty()).then_some(answer)
+    };
+    let web = eventually(Duration::from_secs(10), || dig("web.disco")).unwrap_or_default();
+    assert!(web.starts_with("127.77."), "web.disco from the systemd-run daemon: {web:?}\n{}", sd.journal("discotech"));
+
+    // The process the unit made: uid 0, group discotech, one capability, no new privileges, seccomp on.
+    let main_pid = sd.ok(&["systemctl", "show", "-P", "MainPID", "discotech"]).trim().to_string();
+    let status = sd.ok(&["cat", &format!("/proc/{main_pid}/status")]);
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).map(|v| v.split_whitespace().collect::<Vec<_>>().join(" ")).unwrap_or_default()
+    };
+    let gid = sd.ok(&["getent", "group", "discotech"]).split(':').nth(2).unwrap_or_default().to_string();
+    assert_eq!(field("Uid"), "0 0 0 0");
+    assert_eq!(field("Gid"), format!("{gid} {gid} {gid} {gid}"));
+    const NET_BIND_SERVICE: &str = "0000000000000400";
+    for caps in ["CapEff", "CapPrm", "CapBnd", "CapAmb"] {
+        assert_eq!(field(caps), NET_BIND_SERVICE, "{caps}:\n{status}");
+    }
+    assert_eq!(field("NoNewPrivs"), "1");
+    assert_eq!(field("Seccomp"), "2", "no system call filter");
+    // ProtectSystem=strict: the daemon sees the system read-only, except its state and runtime dirs.
+    let mounts = sd.ok(&["cat", &format!("/proc/{main_pid}/mountinfo")]);
+    let writable = |path: &str| {
+        let under = |target: &str| target == "/" || path == target || path.starts_with(&format!("{target}/"));
+        // The last mount on the longest matching mount point is the one the daemon sees.
+        let line = mounts.lines().filter(|l| l.split(' ').nth(4).is_some_and(under)).max_by_key(|l| l.split(' ').nth(4).map_or(0, str::len));
+        line.and_then(|l| l.split(' ').nth(5)).is_some_and(|opts| opts.split(',').any(|o| o == "rw"))
+    };
+    for path in ["/usr/bin", "/etc/discotech", "/var/lib/dpkg", "/"] {
+        assert!(!writable(path), "{path} is writable for the daemon:\n{mounts}");
+    }
+    for path in ["/var/lib/discotech", "/run/discotech"] {
+        assert!(writable(path), "{path} is not writable for the daemon:\n{mounts}");
+    }
+
+    let stat = |path: &str| sd.ok(&["stat", "-c", "%a %U %G", path]).trim().to_string();
+    assert_eq!(stat("/run/discotech"), "755 root discotech");
+    assert_eq!(stat("/run/discotech/admin.sock"), "660 root discotech");
+    assert_eq!(stat("/run/discotech/hook.sock"), "666 root discotech");
+    assert_eq!(stat("/var/lib/discotech"), "750 root discotech");
+
+    // systemctl reload is a SIGHUP the daemon applies, in the same process.
+    sd.ok(&["systemctl", "reload", "discotech"]);
+    let reloaded = eventually(Duration::from_secs(10), || sd.journal("discotech").contains("reloaded").then_some(()));
+    assert!(reloaded.is_some(), "no reload in the journal:\n{}", sd.journal("discotech"));
+    assert_eq!(sd.ok(&["systemctl", "show", "-P", "MainPID", "discotech"]).trim(), main_pid);
+
+    // RuntimeDirectoryPreserve=yes: hooked programs keep the fallback file while the daemon is stopped.
+    assert!(sd.run(&["test", "-s", "/run/discotech/hook.snapshot"]).status.success(), "no hook.snapshot");
+    sd.ok(&["systemctl", "stop", "discotech"]);
+    assert!(sd.run(&["test", "-s", "/run/discotech/hook.snapshot"]).status.success(), "stopping the unit removed hook.snapshot");
+    sd.ok(&["systemctl", "start", "discotech"]);
+    assert_eq!(sd.active("discotech"), "active");
+
+    // dpkg -r stops the daemon (prerm); a reinstall starts it again (postinst, systemd running).
+    // This machine is a container image whose policy-rc.d forbids that; a host has none.
+    root.chroot_ok(&["rm", "-f", "/usr/sbin/policy-rc.d"]);
+    sd.ok(&["dpkg", "-r", "discotech"]);
+    assert_ne!(sd.active("discotech"), "active");
+    assert_eq!(dig("web.disco"), None, "still answering after dpkg -r");
+    sd.ok(&["dpkg", "-i", "/var/tmp/discotech.deb"]);
+    let back = eventually(Duration::from_secs(20), || dig("web.disco"));
+    assert_eq!(back.as_deref(), Some(web.as_str()), "after reinstall:\n{}", sd.journal("discotech"));
+    assert_eq!(sd.active("discotech"), "active");
 }
