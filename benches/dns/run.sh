@@ -33,7 +33,7 @@
 #   RESULTS=DIR      raw logs, results.csv and report.md (default /tmp/discotech-dns-bench.<time>)
 #   SKIP_BUILD=1     do not run cargo build --release first
 #   DISCOTECH_BIN    default <repo>/target/release/discotech; DISCOTECH_WAIT=10 seconds to answer
-#   BUSY_WAIT=900    seconds to wait for another benchmark (dnsperf, wrk, benches/) to finish first
+#   BUSY_WAIT=1800   seconds to wait for another benchmark (dnsperf, wrk, *bench*, benches/) to finish
 #   KEEP=1           keep the generated configs (the work dir is printed)
 #
 # discotech is skipped, with the reason, when its binary is missing or it does not answer
@@ -53,7 +53,7 @@ COLD_NAMES=${COLD_NAMES:-$((60000 * DURATION))}
 SKIP_BUILD=${SKIP_BUILD:-0}
 DISCOTECH_BIN=${DISCOTECH_BIN:-$REPO/target/release/discotech}
 DISCOTECH_WAIT=${DISCOTECH_WAIT:-10}
-BUSY_WAIT=${BUSY_WAIT:-900}
+BUSY_WAIT=${BUSY_WAIT:-1800}
 KEEP=${KEEP:-0}
 OUT=${OUT:-}
 
@@ -71,7 +71,7 @@ die() { log "error: $*"; exit 1; }
 other_benchmarks() {
     ps -eo pid=,ppid=,args= | awk -v me=$$ '$1 != me && $2 != me {
         n = split($3, p, "/"); cmd = p[n]
-        if (cmd ~ /^(dnsperf|wrk|wrk2)$/ || cmd ~ /bench/ || $0 ~ /bench[e]s\// || $0 ~ /cargo bench/) print }'
+        if (cmd ~ /^(dnsperf|wrk|wrk2)$/ || cmd ~ /bench/ || $0 ~ /bench[e]s\// || $0 ~ /cargo [b]ench/) print }'
 }
 
 # ---------------------------------------------------------------- outside the namespace: checks, build
@@ -230,6 +230,9 @@ done
 
 # Every server must give the answers it is meant to, or its figures mean nothing.
 WARNINGS=()
+if [[ -n ${DISCOTECH_BUILD_NOTE:-} && -z ${SKIP_REASON[discotech]:-} && " ${ACTIVE[*]} " == *" discotech "* ]]; then
+    WARNINGS+=("$DISCOTECH_BUILD_NOTE: discotech is an older binary ($(date -r "$DISCOTECH_BIN" '+%Y-%m-%d %H:%M'))")
+fi
 for s in "${ACTIVE[@]}"; do
     while IFS=$'\t' read -r _ q shape; do
         case $s:$q in
@@ -299,24 +302,27 @@ QUIET_MAX=${QUIET_MAX:-10}
 QUIET_WAIT=${QUIET_WAIT:-600}
 OTHER_MAX=${OTHER_MAX:-5}         # a run whose CPU 0 was more than this % busy with other work ...
 OTHER_RETRIES=${OTHER_RETRIES:-3} # ... is measured again, up to this many times
-wait_quiet() { # before each round: up to QUIET_WAIT s until no other benchmark runs and CPUs are quiet
-    local deadline=$((SECONDS + QUIET_WAIT)) busy others
-    while others=$(other_benchmarks) && [[ -n $others ]]; do
-        if ((SECONDS >= deadline)); then
-            WARNINGS+=("another benchmark was running before a $1 round; measured anyway")
-            log "WARNING: another benchmark still runs after ${QUIET_WAIT}s; measuring anyway"
+# Before each round: wait until no other benchmark runs (at most BUSY_WAIT s) and the CPUs are quiet
+# (at most QUIET_WAIT s); past that, measure anyway and say so in the report.
+wait_quiet() {
+    local start=$SECONDS limit busy others why
+    while true; do
+        others=$(other_benchmarks)
+        if [[ -n $others ]]; then
+            why="another benchmark is running: $(head -1 <<<"$others" | cut -c1-100)"
+            limit=$BUSY_WAIT
+        else
+            busy=$(busy_pct 2)
+            ((busy > QUIET_MAX)) || return 0
+            why="the machine is ${busy}% busy with other work (a build?)"
+            limit=$QUIET_WAIT
+        fi
+        if ((SECONDS - start >= limit)); then
+            WARNINGS+=("before a $1 round, $why; measured anyway after waiting $((SECONDS - start)) s")
+            log "WARNING: $why; measuring anyway"
             return 0
         fi
-        log "another benchmark is running, pausing: $(head -1 <<<"$others" | cut -c1-120)"
-        sleep 10
-    done
-    while busy=$(busy_pct 2) && ((busy > QUIET_MAX)); do
-        if ((SECONDS >= deadline)); then
-            WARNINGS+=("the machine was ${busy}% busy with other work before a $1 round; measured anyway")
-            log "WARNING: still ${busy}% busy after ${QUIET_WAIT}s; measuring anyway"
-            return 0
-        fi
-        log "machine ${busy}% busy with other work (a build?); waiting for it to settle below ${QUIET_MAX}%"
+        log "pausing: $why"
         sleep 10
     done
 }
