@@ -361,11 +361,10 @@ impl Validator<'_> {
         let srv_ttl = self.ttl(&d.srv_ttl, "dns.srv_ttl", 5);
         let negative_ttl = self.ttl(&d.negative_ttl, "dns.negative_ttl", 5);
         let timeout = self.duration(&d.timeout, "dns.timeout", Duration::from_secs(2));
-        if timeout.is_zero() || timeout > Duration::from_secs(30) {
-            if let Some(t) = &d.timeout {
+        if (timeout.is_zero() || timeout > Duration::from_secs(30))
+            && let Some(t) = &d.timeout {
                 self.problem(t, "dns.timeout", "must be between 1ms and 30s");
             }
-        }
         let cache_size = match &d.cache_size {
             Some(n) => self.check(n, "dns.cache_size", |n| usize::try_from(*n).map_err(|_| "must be 0 or more")).unwrap_or(10_000),
             None => 10_000,
@@ -600,11 +599,10 @@ impl Validator<'_> {
         let fall = count(&raw.fall, "check.fall", self)?;
         let interval = self.duration(&raw.interval, "check.interval", Duration::from_secs(2));
         let timeout = self.duration(&raw.timeout, "check.timeout", Duration::from_secs(1));
-        if interval.is_zero() {
-            if let Some(i) = &raw.interval {
+        if interval.is_zero()
+            && let Some(i) = &raw.interval {
                 self.problem(i, "check.interval", "must be above zero");
             }
-        }
         Some(HealthCheck { kind, interval, timeout, jitter: self.duration(&raw.jitter, "check.jitter", interval / 10), rise, fall })
     }
 

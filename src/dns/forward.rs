@@ -413,11 +413,10 @@ fn random_case(name: &str, bits: u64) -> String {
             Some(if upper { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() })
         })
         .collect();
-    if !out.chars().any(|c| c.is_ascii_uppercase()) {
-        if let Some(i) = out.find(|c: char| c.is_ascii_alphabetic()) {
+    if !out.chars().any(|c| c.is_ascii_uppercase())
+        && let Some(i) = out.find(|c: char| c.is_ascii_alphabetic()) {
             out.replace_range(i..=i, &out[i..=i].to_ascii_uppercase());
         }
-    }
     out
 }
 

@@ -84,7 +84,7 @@ impl Worker {
                 }
                 if let Some((cached, counter)) = self.cache.get(key.as_slice()) {
                     self.hits = self.hits.wrapping_add(1);
-                    let sampled = (self.hits % SAMPLE_EVERY == 0).then(std::time::Instant::now);
+                    let sampled = self.hits.is_multiple_of(SAMPLE_EVERY).then(std::time::Instant::now);
                     out.clear();
                     out.extend_from_slice(cached);
                     if let (Some(dst), Some(id)) = (out.get_mut(..2), packet.get(..2)) {
@@ -148,11 +148,10 @@ impl Worker {
     }
 
     fn send(&self, bytes: &[u8], dst: SocketAddr) {
-        if let Err(e) = self.socket.send_to(bytes, dst) {
-            if e.kind() != ErrorKind::WouldBlock {
+        if let Err(e) = self.socket.send_to(bytes, dst)
+            && e.kind() != ErrorKind::WouldBlock {
                 warn!(error = %e, %dst, "udp send");
             }
-        }
     }
 }
 

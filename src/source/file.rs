@@ -75,11 +75,10 @@ impl FileSource {
                     self.good.insert(file.clone(), (text, services));
                 }
                 Err(mut errs) => {
-                    if self.good.contains_key(file) {
-                        if let Some(first) = errs.first_mut() {
+                    if self.good.contains_key(file)
+                        && let Some(first) = errs.first_mut() {
                             first.message.push_str(" (the file's previous content keeps serving)");
                         }
-                    }
                     problems.append(&mut errs);
                 }
             }

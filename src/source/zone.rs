@@ -56,12 +56,11 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
         }) else {
             continue;
         };
-        if let Some((prev, _)) = raw.services.iter().find(|(k, _)| k.get_ref() != name.get_ref() && k.get_ref().eq_ignore_ascii_case(name.get_ref())) {
-            if prev.span().start < name.span().start {
+        if let Some((prev, _)) = raw.services.iter().find(|(k, _)| k.get_ref() != name.get_ref() && k.get_ref().eq_ignore_ascii_case(name.get_ref()))
+            && prev.span().start < name.span().start {
                 problem(name.span(), field.clone(), format!("service names are case-insensitive and {:?} is already defined", prev.get_ref()));
                 continue;
             }
-        }
         let svc = svc.get_ref();
         let mut spec = ServiceSpec::new(svc_name);
         if let Some(lb) = &svc.lb {
