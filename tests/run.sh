@@ -16,6 +16,17 @@ if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+# systemd-resolved for the mode (b) packaging test, installed only into that test's scratch root (on the
+# host it would take over /etc/resolv.conf); it must be the version of the installed systemd.
+resolved_deb=target/packaging-test/systemd-resolved.deb
+systemd_version=$(dpkg-query -W -f='${Version}' systemd)
+if [ "$(dpkg-deb -f "$resolved_deb" Version 2>/dev/null)" != "$systemd_version" ]; then
+    mkdir -p target/packaging-test
+    (cd target/packaging-test && rm -f systemd-resolved_*.deb &&
+        { apt-get download -qq "systemd-resolved=$systemd_version" 2>/dev/null ||
+            { apt-get update -qq && apt-get download -qq "systemd-resolved=$systemd_version"; }; } &&
+        mv systemd-resolved_*.deb systemd-resolved.deb)
+fi
 if ! command -v cargo >/dev/null; then
     echo "cargo not found: install Rust with rustup (https://rustup.rs) and re-run" >&2
     exit 1

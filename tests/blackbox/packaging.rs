@@ -1,14 +1,15 @@
 //! The Debian package and its systemd unit, installed for real: `packaging/build-deb.sh` builds the
 //! .deb (once per test run), and each test installs it with `dpkg -i` into a scratch root: an overlay
 //! of `/` mounted inside the test's private mount namespace, with a fresh /run and /tmp, entered with
-//! chroot. The maintainer scripts run as on a host (group created, unit enabled; no systemd is PID 1,
-//! so nothing is started), and every write lands in the overlay's tmpfs, never on the host: its
-//! /etc/resolv.conf, /etc/systemd and dpkg database stay untouched. The installed binary then serves
-//! inside the namespace, where only loopback exists.
+//! chroot. The maintainer scripts run as on a host (group created, unit enabled), and every write
+//! lands in the overlay's tmpfs, never on the host: its /etc/resolv.conf, /etc/systemd and dpkg
+//! database stay untouched. The installed binary then serves inside the namespace, where only
+//! loopback exists.
 //!
-//! systemd-resolved is not installed here (and needs D-Bus and systemd as PID 1), so mode (b) checks
-//! the shipped drop-in by parsing it and puts a dnsmasq with the same routing (`~disco` to discotech,
-//! the rest to the VPC resolver) on 127.0.0.53 in resolved's place.
+//! Two tests boot systemd as PID 1 of a PID namespace in the scratch root, so the real service manager
+//! runs the shipped unit with its sandbox, and the real systemd-resolved (installed only there, from
+//! the .deb tests/run.sh downloads) routes `~disco` to discotech through the shipped drop-in. Another
+//! checks mode (b) without systemd, with a dnsmasq routing as the drop-in says in resolved's place.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -508,4 +509,65 @@ fn installed_unit_runs_hardened_under_systemd() {
     let back = eventually(Duration::from_secs(20), || dig("web.disco"));
     assert_eq!(back.as_deref(), Some(web.as_str()), "after reinstall:\n{}", sd.journal("discotech"));
     assert_eq!(sd.active("discotech"), "active");
+}
+
+/// Where tests/run.sh puts the systemd-resolved package (the version of the installed systemd), which
+/// is installed only into scratch roots: on the host it would take over /etc/resolv.conf.
+const RESOLVED_DEB: &str = "target/packaging-test/systemd-resolved.deb";
+
+/// Mode (b) with the real systemd-resolved: the shipped drop-in installed, resolved on 127.0.0.53 and
+/// 127.0.0.54, discotech from the shipped beside-resolved config on the drop-in's address.
+#[test]
+fn resolved_with_the_shipped_drop_in_routes_the_service_domain_to_discotech() {
+    let resolved_deb = Path::new(env!("CARGO_MANIFEST_DIR")).join(RESOLVED_DEB);
+    assert!(resolved_deb.is_file(), "{} is missing: tests/run.sh downloads it (apt-get download systemd-resolved)", resolved_deb.display());
+    let ns = Netns::new();
+    let root = Scratch::install(&ns);
+    root.chroot_ok(&["rm", "-f", "/usr/sbin/policy-rc.d"]);
+    ns.ok("cp", &[resolved_deb.to_str().expect("utf-8"), &format!("{}/var/tmp/systemd-resolved.deb", root.root)]);
+    root.chroot_ok(&["dpkg", "-i", "/var/tmp/systemd-resolved.deb"]);
+
+    // The documented steps: the example config with real upstreams, the drop-in in resolved.conf.d.
+    dnsmasq(&ns, VPC_RESOLVER, 53, &[("db.vpc.internal", "10.1.2.3")], 300);
+    let example = root.read("/usr/share/doc/discotech/examples/discotech-beside-resolved.toml");
+    let upstreams = example.lines().find(|l| l.starts_with("upstreams = ")).expect("the example names its upstreams");
+    root.write("/etc/discotech/discotech.toml", &example.replace(upstreams, &format!("upstreams = [\"{VPC_RESOLVER}\"]")));
+    root.chroot_ok(&["mkdir", "-p", "/etc/systemd/resolved.conf.d"]);
+    root.chroot_ok(&["cp", "/usr/share/doc/discotech/examples/resolved.conf.d-discotech.conf", "/etc/systemd/resolved.conf.d/discotech.conf"]);
+
+    // resolved asks its global DNS servers only while some link has a routable address; a veth pair
+    // whose ends are both in this namespace gives it one that leads nowhere. LLMNR and mDNS are off, so
+    // resolved sends nothing on it: its only server is discotech on loopback.
+    ns.ok("sh", &["-c", "ip link add dt0 type veth peer name dt1 && ip addr add 192.0.2.1/24 dev dt0 && ip link set dt0 up && ip link set dt1 up"]);
+    root.write("/etc/systemd/resolved.conf.d/zz-test-no-multicast.conf", "[Resolve]\nLLMNR=no\nMulticastDNS=no\n");
+
+    let sd = root.boot();
+    for unit in ["discotech", "systemd-resolved"] {
+        let up = eventually(Duration::from_secs(30), || (sd.active(unit) == "active").then_some(()));
+        assert!(up.is_some(), "{unit} is {}:\n{}", sd.active(unit), sd.journal(unit));
+    }
+    // `resolvectl status` under Global, with or without the colons it prints on a terminal.
+    let status = sd.ok(&["resolvectl", "status", "--no-pager"]);
+    let global: Vec<String> = status.lines().map(|l| l.replace(':', " ").split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+    assert!(global.iter().any(|l| l == "DNS Servers 127.0.0.153") && global.iter().any(|l| l == "DNS Domain ~disco"), "{status}");
+
+    // resolved answers the service name from discotech, and other names through it too.
+    let query = eventually(Duration::from_secs(20), || {
+        let out = sd.run(&["resolvectl", "query", "--cache=no", "web.disco"]);
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    let query = query.unwrap_or_else(|| panic!("resolvectl query web.disco failed:\n{}\n{}", text(&sd.run(&["resolvectl", "query", "web.disco"])), sd.journal("systemd-resolved")));
+    let direct = ns.ok("dig", &["@127.0.0.153", "+short", "web.disco"]);
+    assert!(direct.trim().starts_with("127.77.") && query.contains(direct.trim()), "resolved: {query}\ndiscotech: {direct}");
+    // Real clients, through /etc/resolv.conf -> resolved's stub on 127.0.0.53.
+    let getent = sd.ok(&["getent", "hosts", "web.disco"]);
+    assert!(getent.starts_with(&format!("{} ", direct.trim())), "{getent}");
+    let vpc = sd.ok(&["getent", "hosts", "db.vpc.internal"]);
+    assert!(vpc.starts_with("10.1.2.3 "), "{vpc}");
+    let ss = ns.ok("ss", &["-lnupH"]);
+    // resolved binds its stub to lo: `127.0.0.53%lo:53`.
+    let bound = |field: &str, addr: &str| field == format!("{addr}:53") || (field.starts_with(&format!("{addr}%")) && field.ends_with(":53"));
+    let owner = |addr: &str| ss.lines().find(|l| l.split_whitespace().any(|f| bound(f, addr))).unwrap_or_else(|| panic!("nothing on {addr}:53:\n{ss}")).to_string();
+    assert!(owner("127.0.0.153").contains("\"discotech\""), "{ss}");
+    assert!(owner("127.0.0.53").contains("\"systemd-resolve\"") && owner("127.0.0.54").contains("\"systemd-resolve\""), "{ss}");
 }
