@@ -119,28 +119,52 @@ impl<'a> Scratch<'a> {
     }
 }
 
-/// systemd booted as PID 1 of a new PID (and mount) namespace, chrooted into a scratch root: the
-/// real service manager runs the installed unit with its whole sandbox.
+/// systemd booted as PID 1 of new PID, mount and cgroup namespaces, chrooted into a scratch root:
+/// the real service manager runs the installed unit with its whole sandbox. Its cgroup namespace is
+/// rooted in a cgroup of its own (`discotech-test-PID` in every hierarchy), so two booted systems never
+/// manage each other's services, and nothing is left in the host's cgroup tree afterwards.
 struct Booted {
     /// systemd's pid as seen from the test.
     pid: u32,
+    /// The cgroup made for it, removed on drop.
+    cgroup: String,
 }
+
+/// Joins a fresh cgroup in every hierarchy, then execs systemd in the scratch root ($1).
+const BOOT: &str = r#"set -e
+cg=discotech-test-$$
+for h in /sys/fs/cgroup/*/; do
+    [ -f "${h}cgroup.procs" ] || continue
+    mkdir -p "$h$cg"
+    if [ -f "$h$cg/cpuset.cpus" ]; then
+        cat "${h}cpuset.cpus" > "$h$cg/cpuset.cpus"
+        cat "${h}cpuset.mems" > "$h$cg/cpuset.mems"
+    fi
+    echo $$ > "$h$cg/cgroup.procs"
+done
+exec unshare --pid --fork --mount --propagation private --cgroup --kill-child \
+    chroot "$1" /bin/sh -c 'mount -t proc proc /proc && exec /lib/systemd/systemd --system'
+"#;
 
 impl Scratch<'_> {
     fn boot(&self) -> Booted {
+        // The scratch root is a copy of this machine's image, whose enabled services (web servers,
+        // databases, resolvers, timers) have nothing to do with the test: only ours stay enabled.
+        self.chroot_ok(&[
+            "sh",
+            "-c",
+            "cd /etc/systemd/system && for w in *.wants; do find \"$w\" -mindepth 1 -maxdepth 1 ! -name discotech.service ! -name systemd-resolved.service -delete; done",
+        ]);
         let log = self.ns.path("systemd.log");
-        let unshare = self.ns.spawn(
-            "unshare",
-            &["--pid", "--fork", "--mount", "--propagation", "private", "--kill-child", "chroot", &self.root, "/bin/sh", "-c", "mount -t proc proc /proc && exec /lib/systemd/systemd --system"],
-            &log,
-        );
+        let unshare = self.ns.spawn("sh", &["-c", BOOT, "boot", &self.root], &log);
+        let mut booted = Booted { pid: 0, cgroup: format!("discotech-test-{unshare}") };
         let pid = eventually(Duration::from_secs(10), || {
             let children = std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children")).ok()?;
             let pid: u32 = children.split_whitespace().next()?.parse().ok()?;
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
             (comm.trim() == "systemd").then_some(pid)
         });
-        let booted = Booted { pid: pid.unwrap_or_else(|| panic!("systemd did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default())) };
+        booted.pid = pid.unwrap_or_else(|| panic!("systemd did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
         let state = eventually(Duration::from_secs(60), || {
             let state = booted.run(&["systemctl", "is-system-running"]);
             let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
@@ -181,7 +205,28 @@ impl Booted {
 impl Drop for Booted {
     fn drop(&mut self) {
         // SIGKILL to a PID namespace's init from outside ends the whole namespace.
-        let _ = Command::new("kill").args(["-KILL", &self.pid.to_string()]).status();
+        if self.pid != 0 {
+            let _ = Command::new("kill").args(["-KILL", &self.pid.to_string()]).status();
+        }
+        // Its cgroups empty once every process in it is reaped; remove them deepest first.
+        let hierarchies: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup").map(|d| d.flatten().map(|e| e.path().join(&self.cgroup)).collect()).unwrap_or_default();
+        let _ = eventually(Duration::from_secs(5), || {
+            let mut left = false;
+            for top in &hierarchies {
+                let mut dirs = vec![top.clone()];
+                let mut i = 0;
+                while let Some(dir) = dirs.get(i).cloned() {
+                    dirs.extend(std::fs::read_dir(&dir).map(|d| d.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()).collect::<Vec<_>>()).unwrap_or_default());
+                    i += 1;
+                }
+                for dir in dirs.iter().rev() {
+                    if std::fs::remove_dir(dir).is_err() && dir.exists() {
+                        left = true;
+                    }
+                }
+            }
+            (!left).then_some(())
+        });
     }
 }
 
