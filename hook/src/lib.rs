@@ -104,6 +104,8 @@ extern "C" fn init() {
     sys::set_errno(saved);
 }
 
+// SAFETY: a plain `extern "C" fn()` in .init_array, which the loader calls once when the library
+// is loaded, before the program's main; `init` cannot panic (the crate's lints) and only reads.
 #[used]
 #[unsafe(link_section = ".init_array")]
 static INIT: extern "C" fn() = init;
