@@ -30,6 +30,7 @@ use tracing::{debug, warn};
 
 use crate::balancer::{Balancer, DEFAULT_FAIL_HOLD};
 use crate::service::{LbPolicy, ServiceName, ServiceSpec};
+use crate::metrics::{HookLabels, METRICS};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
 /// The hook library's file name, as cargo builds it and as packages install it.
@@ -180,6 +181,7 @@ fn handle(
     outstanding: &mut Vec<(ServiceName, SocketAddr)>,
     now: Instant,
 ) -> Option<Result<[u8; MSG_LEN], ()>> {
+    let started = Instant::now();
     let snap = shared.snapshot.load();
     let req = match Request::decode(buf) {
         Ok(req) => req,
@@ -215,9 +217,14 @@ fn handle(
         balancer.retain(|name| snap.service(name.as_str()).is_some());
         *pruned_at = snap.generation;
     }
-    Some(Ok(
-        answer(balancer, rng, &snap, &req, outstanding, now)?.encode()
-    ))
+    let reply = answer(balancer, rng, &snap, &req, outstanding, now)?.encode();
+    METRICS.hook_duration.observe(started.elapsed().as_secs_f64());
+    Some(Ok(reply))
+}
+
+/// Counts one hook request by service (bounded: services in the snapshot, or "-") and result.
+fn count(service: &str, result: &'static str) {
+    METRICS.hook_requests.get_or_create(&HookLabels { service: service.to_string(), result }).inc();
 }
 
 /// The id of a message that did not decode, so the refusal still matches its request.
@@ -236,6 +243,9 @@ fn answer(
 ) -> Option<Reply> {
     let generation = snap.generation;
     let Some(service) = snap.by_addr(req.magic_ip()) else {
+        if req.kind != Kind::Done {
+            count("-", "unknown_service");
+        }
         return (req.kind != Kind::Done)
             .then(|| Reply::refuse(req.id, Status::UnknownService, generation));
     };
@@ -244,6 +254,7 @@ fn answer(
         if let Some(backend) = backend_for(spec, req.port, req.backend_addr()) {
             if req.kind == Kind::Failed {
                 debug!(service = %spec.name, %backend, errno = req.errno, "hook reports a failed backend");
+                count(spec.name.as_str(), "backend_failed");
                 balancer.report_failure(&spec.name, backend, now);
             }
             if let Some(i) = outstanding
@@ -260,8 +271,10 @@ fn answer(
     }
     let v6_ok = req.flags & FLAG_INET6 != 0;
     let Some(pick) = balancer.pick(spec, req.port, v6_ok, now, rng) else {
+        count(spec.name.as_str(), "no_backend");
         return Some(Reply::refuse(req.id, Status::NoBackend, generation));
     };
+    count(spec.name.as_str(), "picked");
     let mut flags = 0;
     if spec.lb == LbPolicy::P2c {
         if outstanding.len() >= MAX_OUTSTANDING_PER_PEER {

@@ -9,5 +9,6 @@ mod packaging;
 mod observe;
 mod harness;
 mod health;
+mod hook;
 mod zk;
 mod zookeeper;
