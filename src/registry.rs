@@ -31,8 +31,13 @@ use crate::state;
 /// Called with every newly published snapshot (e.g. to refresh the hook's fallback file).
 pub type OnPublish = Box<dyn FnMut(&Snapshot) + Send>;
 
-/// How often, at most, the last-known-good file is rewritten: a burst of changes costs one write.
+/// How often, at most, the last-known-good file (and the hook's fallback file) is rewritten: a
+/// burst of changes costs one write.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
+/// Both files hold every service, so with many services a write is not free: after a write that
+/// took `t`, the next waits at least `PERSIST_SHARE * t`, keeping their cost near 1/20 of a core
+/// however many services change how often.
+const PERSIST_SHARE: u32 = 20;
 
 /// The persisted last-known-good state (`backends.json`).
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -661,7 +666,7 @@ impl Registry {
     /// Applies events and commands until every source is gone or `shutdown`; persists before returning.
     pub async fn run(mut self, mut rx: mpsc::Receiver<SourceEvent>, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
         let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
-        let mut persist = tokio::time::interval(PERSIST_EVERY);
+        let mut next_persist = tokio::time::Instant::now();
         let far = Duration::from_secs(86_400);
         loop {
             let wake = self.wake_at.map_or_else(|| tokio::time::Instant::now() + far, tokio::time::Instant::from_std);
@@ -677,7 +682,11 @@ impl Registry {
                     self.refresh(due, unix_now(), Instant::now());
                 }
                 _ = housekeeping.tick() => self.tick(unix_now()),
-                _ = persist.tick() => self.persist(),
+                () = tokio::time::sleep_until(next_persist) => {
+                    let started = Instant::now();
+                    self.persist();
+                    next_persist = tokio::time::Instant::now() + PERSIST_EVERY.max(started.elapsed() * PERSIST_SHARE);
+                }
             }
         }
         self.persist();
