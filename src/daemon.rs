@@ -181,7 +181,7 @@ pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> 
     if listeners.hook.is_some() {
         // Hooked programs read this when the daemon is down: keep it as current as the snapshot.
         let (path, v4, v6) = (fallback.clone(), config.dns.magic_v4, config.dns.magic_v6);
-        registry.on_publish(Box::new(move |snap| {
+        registry.on_publish(Arc::new(move |snap| {
             if let Err(e) = hook_server::write_fallback(&path, snap, v4, v6) {
                 warn!(path = %path.display(), error = %e, "cannot write the hook fallback file");
             }

@@ -29,7 +29,8 @@ use crate::source::SourceEvent;
 use crate::state;
 
 /// Called with every newly published snapshot (e.g. to refresh the hook's fallback file).
-pub type OnPublish = Box<dyn FnMut(&Snapshot) + Send>;
+/// Runs off the registry task (on a blocking thread), so it may take its time.
+pub type OnPublish = Arc<dyn Fn(&Snapshot) + Send + Sync>;
 
 /// How often, at most, the last-known-good file (and the hook's fallback file) is rewritten: a
 /// burst of changes costs one write.
@@ -137,6 +138,9 @@ pub struct Registry {
     target_map: crate::health::Targets,
     /// Snapshots published since the last call of the `on_publish` hooks (they run with `persist`).
     unannounced: bool,
+    /// The save running on a blocking thread, if any, and whether the last one failed.
+    saving: Option<tokio::task::JoinHandle<()>>,
+    save_failed: Arc<std::sync::atomic::AtomicBool>,
     events: std::collections::VecDeque<Event>,
     published: OrdMap<ServiceName, ServiceSpec>,
     guard: Guard,
@@ -169,6 +173,8 @@ impl Registry {
             targets: SharedTargets::default(),
             target_map: crate::health::Targets::new(),
             unannounced: false,
+            saving: None,
+            save_failed: Arc::default(),
             events: std::collections::VecDeque::new(),
             names: source_names,
             published: OrdMap::new(),
@@ -194,6 +200,17 @@ impl Registry {
 
     pub fn on_publish(&mut self, f: OnPublish) {
         self.on_publish.push(f);
+    }
+
+    /// What one save needs, copied cheaply (the maps are persistent) so that encoding and
+    /// writing, which grow with the number of services, happen off the registry task.
+    fn save_job(&mut self) -> Option<SaveJob> {
+        let announce = std::mem::take(&mut self.unannounced).then(|| (self.shared.load_full(), self.on_publish.clone()));
+        let state = match (std::mem::take(&mut self.dirty), &self.lkg_path) {
+            (true, Some(path)) => Some((path.clone(), self.names.clone(), self.sources.clone(), self.published.clone(), self.drained.clone())),
+            _ => None,
+        };
+        (announce.is_some() || state.is_some()).then_some(SaveJob { announce, state, failed: self.save_failed.clone() })
     }
 
     pub fn snapshot(&self) -> SharedSnapshot {
@@ -497,34 +514,25 @@ impl Registry {
         }
     }
 
+    /// Like `persist`, on a blocking thread; skipped while the previous save is still running
+    /// (what it would have written is written by the next one).
+    fn persist_in_background(&mut self) {
+        if self.saving.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        if self.save_failed.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            self.dirty = true;
+        }
+        if let Some(job) = self.save_job() {
+            self.saving = Some(tokio::task::spawn_blocking(move || job.run()));
+        }
+    }
+
     /// Runs the `on_publish` hooks for the latest snapshot and writes `backends.json`, each if
     /// anything changed since the last call: a burst of changes costs one write.
     pub fn persist(&mut self) {
-        if self.unannounced {
-            self.unannounced = false;
-            let snapshot = self.shared.load_full();
-            for f in &mut self.on_publish {
-                f(&snapshot);
-            }
-        }
-        if !self.dirty {
-            return;
-        }
-        self.dirty = false;
-        let Some(path) = &self.lkg_path else { return };
-        let lkg = LastKnownGood {
-            version: 1,
-            sources: self.names.iter().zip(&self.sources).filter_map(|(n, s)| Some((n.clone(), s.as_ref()?.values().cloned().collect()))).collect(),
-            published: self.published.values().cloned().collect(),
-            drained: self.drained.clone(),
-        };
-        let bytes = match serde_json::to_vec(&lkg) {
-            Ok(b) => b,
-            Err(e) => return error!(error = %e, "cannot encode the last-known-good state"),
-        };
-        if let Err(e) = state::write_atomic(path, &bytes) {
-            error!(path = %path.display(), error = %e, "cannot persist the last-known-good state");
-            self.dirty = true;
+        if let Some(job) = self.save_job() {
+            job.run();
         }
     }
 
@@ -683,14 +691,56 @@ impl Registry {
                 }
                 _ = housekeeping.tick() => self.tick(unix_now()),
                 () = tokio::time::sleep_until(next_persist) => {
-                    let started = Instant::now();
-                    self.persist();
-                    next_persist = tokio::time::Instant::now() + PERSIST_EVERY.max(started.elapsed() * PERSIST_SHARE);
+                    self.persist_in_background();
+                    next_persist = tokio::time::Instant::now() + PERSIST_EVERY.max(last_save() * PERSIST_SHARE);
                 }
             }
         }
+        // Let a save in flight finish, then write what is newer.
+        if let Some(h) = self.saving.take() {
+            let _ = h.await;
+        }
         self.persist();
     }
+}
+
+/// One save: the `on_publish` hooks for a snapshot and the last-known-good file.
+struct SaveJob {
+    announce: Option<(Arc<Snapshot>, Vec<OnPublish>)>,
+    state: Option<(PathBuf, Vec<String>, Vec<Option<OrdMap<ServiceName, ServiceSpec>>>, OrdMap<ServiceName, ServiceSpec>, BTreeMap<ServiceName, BTreeSet<SocketAddr>>)>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SaveJob {
+    fn run(self) {
+        let started = Instant::now();
+        if let Some((snapshot, hooks)) = self.announce {
+            for f in &hooks {
+                f(&snapshot);
+            }
+        }
+        if let Some((path, names, sources, published, drained)) = self.state {
+            let lkg = LastKnownGood {
+                version: 1,
+                sources: names.iter().zip(&sources).filter_map(|(n, s)| Some((n.clone(), s.as_ref()?.values().cloned().collect()))).collect(),
+                published: published.values().cloned().collect(),
+                drained,
+            };
+            let written = serde_json::to_vec(&lkg).map_err(std::io::Error::other).and_then(|bytes| state::write_atomic(&path, &bytes));
+            if let Err(e) = written {
+                error!(path = %path.display(), error = %e, "cannot persist the last-known-good state; will retry");
+                self.failed.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        LAST_SAVE_NANOS.store(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How long the last save took, so the next one can keep its distance.
+static LAST_SAVE_NANOS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn last_save() -> Duration {
+    Duration::from_nanos(LAST_SAVE_NANOS.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 pub fn unix_now() -> u64 {

@@ -131,11 +131,17 @@ fn a_forwarding_loop_through_another_resolver_is_refused_not_amplified() {
         &["--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--bind-interfaces", "--listen-address=127.0.0.1", "--port=5300", "--pid-file=", "--user=root", "--server=127.0.0.53"],
         &log,
     );
+    // Nobody answers through dnsmasq before we run, so wait for its socket, not an answer.
+    let listening = eventually(Duration::from_secs(10), || {
+        let o = ns.run("ss", &["-Hlun", "sport = :5300"]);
+        (!o.stdout.is_empty()).then_some(())
+    });
+    assert!(listening.is_some(), "dnsmasq did not start");
     let mut d = daemon(&ns, "upstreams = [\"127.0.0.1:5300\"]");
     d.start();
     let out = d.dig(&["loop.example.test", "A"]);
     assert!(out.contains("status: SERVFAIL") || out.contains("status: REFUSED"), "{out}");
-    let warned = eventually(Duration::from_secs(3), || d.log_text().contains("forwarding loop").then_some(()));
+    let warned = eventually(Duration::from_secs(5), || d.log_text().contains("forwarding loop").then_some(()));
     assert!(warned.is_some(), "the loop is logged; log:\n{}", d.log_text());
 }
 
