@@ -1,11 +1,22 @@
 //! Choosing a backend for one connect: per-service balancing state (round robin, smooth weighted
-//! round robin, weighted random, power of two choices on outstanding connects) plus a short
-//! hold on backends the hook reported as refusing. Pure: no I/O, the clock and the RNG are passed
-//! in. The hook server owns one [`Balancer`] and feeds it the current snapshot's specs.
+//! round robin, weighted random, power of two choices on outstanding connects), passive health
+//! (a short hold after each reported failure, ejection after consecutive failures) and slow
+//! start. Pure: no I/O, the clock and the RNG are passed in. The hook server owns one
+//! [`Balancer`] and feeds it the current snapshot's specs.
 //!
 //! Eligibility, in order: backends the caller's socket family can reach (a v6 backend needs an
-//! AF_INET6 socket); of those, the ones not held after a reported failure (unless that would
-//! leave none: a hold never empties a non-empty set); of those, the best (lowest) priority.
+//! AF_INET6 socket); of those, the ones neither held nor ejected (unless that would leave none:
+//! passive health never empties a non-empty set); of those, the best (lowest) priority.
+//!
+//! Passive health, per backend: every failure the hook reports holds it out for the fail hold
+//! (so the hook's immediate retry goes elsewhere) and adds one to its consecutive failures.
+//! A success resets the count: a p2c `done` without failure, or more than [`PICK_SLACK`] picks of
+//! the backend since its last failure (the hook prefetches picks, so a failure can arrive after
+//! a few later picks of the same backend; beyond that many, some connect must have worked).
+//! At `consecutive_failures` the backend is ejected for `base_ejection` x times ejected (capped
+//! at `max_ejection`) unless that would put more than `max_ejected_percent` of the service's
+//! backends out at once. The ejection count is forgotten once a backend has stayed in for
+//! `max_ejection`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,10 +24,17 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use crate::service::{LbPolicy, ServiceName, ServiceSpec};
+use crate::service::{LbPolicy, Outlier, ServiceName, ServiceSpec};
 
 /// How long a backend reported as refusing is skipped by picks for its service.
 pub const DEFAULT_FAIL_HOLD: Duration = Duration::from_secs(2);
+
+/// Picks of a backend since its last reported failure beyond which the next failure starts a new
+/// run of consecutive failures: the hook's prefetch depth per lane (docs/hook.md).
+pub const PICK_SLACK: u32 = 4;
+
+/// Weights are scaled by this before slow start multiplies them, so a ramp has fine steps.
+const WEIGHT_SCALE: u64 = 1000;
 
 /// The choice for one connect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +45,19 @@ pub struct Pick {
     pub addr: SocketAddr,
     /// The backend's default address: the key for [`Balancer::report_failure`] and [`Balancer::done`].
     pub backend: SocketAddr,
+}
+
+/// What [`Balancer::report_failure`] did with a report, for logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureOutcome {
+    /// Not a backend this balancer knows (stale report).
+    Unknown,
+    /// Held out briefly; `consecutive` failures so far.
+    Held { consecutive: u32 },
+    /// Ejected until `for_` from now (the `times`th ejection).
+    Ejected { for_: Duration, times: u32 },
+    /// Would have been ejected, but the service already has its maximum share out.
+    CapReached { consecutive: u32 },
 }
 
 /// Balancing state for every service, keyed by name. Survives snapshot swaps: state is kept per
@@ -43,55 +74,86 @@ impl Default for Balancer {
     }
 }
 
+/// Per-backend state, kept across snapshot swaps while the backend stays in the list.
+#[derive(Debug, Clone, Copy, Default)]
+struct BackendState {
+    /// Smooth weighted round robin: current weight.
+    current: i64,
+    /// Picks not yet reported done (p2c).
+    outstanding: u32,
+    held_until: Option<Instant>,
+    consecutive_failures: u32,
+    picks_since_failure: u32,
+    times_ejected: u32,
+    ejected_until: Option<Instant>,
+    /// When this backend (re)entered the pick set: first seen in the list, or its ejection ended.
+    /// `None` for backends present when the service's state was created (no ramp at start-up).
+    ramp_from: Option<Instant>,
+}
+
+impl BackendState {
+    fn out_at(&self, now: Instant) -> bool {
+        self.held_until.is_some_and(|t| t > now) || self.ejected(now)
+    }
+
+    fn ejected(&self, now: Instant) -> bool {
+        self.ejected_until.is_some_and(|t| t > now)
+    }
+
+    /// When slow start counts from: the later of first appearance and the end of the last ejection.
+    fn ramp_start(&self, now: Instant) -> Option<Instant> {
+        let ejection_end = self.ejected_until.filter(|&t| t <= now);
+        match (self.ramp_from, ejection_end) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct ServiceState {
     /// The backend list this state was built for: (default address, weight, priority).
     shape: Vec<(SocketAddr, u16, u16)>,
     rr_next: usize,
-    /// Smooth weighted round robin: current weight per backend.
-    current: Vec<i64>,
-    /// Picks not yet reported done (p2c).
-    outstanding: Vec<u32>,
-    held_until: Vec<Option<Instant>>,
+    backends: Vec<BackendState>,
+    /// False until the first sync: backends of the first list do not ramp.
+    initialised: bool,
 }
 
 impl ServiceState {
-    /// Rebuilds the per-backend vectors when the backend list changed, keeping the counters of
-    /// backends that are still there.
-    fn sync(&mut self, spec: &ServiceSpec) {
+    /// Rebuilds the per-backend state when the backend list changed, keeping the state of
+    /// backends that are still there. Backends new to the list start their slow-start ramp now.
+    fn sync(&mut self, spec: &ServiceSpec, now: Instant) {
         let same = self.shape.len() == spec.backends.len()
             && self
                 .shape
                 .iter()
                 .zip(&spec.backends)
                 .all(|(s, b)| *s == (b.addr, b.weight, b.priority));
-        if same {
+        if same && self.initialised {
             return;
         }
-        let old: HashMap<SocketAddr, (i64, u32, Option<Instant>)> = self
+        let old: HashMap<SocketAddr, BackendState> = self
             .shape
             .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let cur = self.current.get(i).copied().unwrap_or(0);
-                let out = self.outstanding.get(i).copied().unwrap_or(0);
-                let held = self.held_until.get(i).copied().flatten();
-                (s.0, (cur, out, held))
-            })
+            .zip(&self.backends)
+            .map(|(s, b)| (s.0, *b))
             .collect();
+        let fresh = BackendState {
+            ramp_from: self.initialised.then_some(now),
+            ..BackendState::default()
+        };
         self.shape = spec
             .backends
             .iter()
             .map(|b| (b.addr, b.weight, b.priority))
             .collect();
-        let kept: Vec<(i64, u32, Option<Instant>)> = self
+        self.backends = self
             .shape
             .iter()
-            .map(|s| old.get(&s.0).copied().unwrap_or((0, 0, None)))
+            .map(|s| old.get(&s.0).copied().unwrap_or(fresh))
             .collect();
-        self.current = kept.iter().map(|k| k.0).collect();
-        self.outstanding = kept.iter().map(|k| k.1).collect();
-        self.held_until = kept.iter().map(|k| k.2).collect();
+        self.initialised = true;
     }
 
     fn index_of(&self, backend: SocketAddr) -> Option<usize> {
@@ -118,23 +180,12 @@ impl Balancer {
         rng: &mut R,
     ) -> Option<Pick> {
         let state = self.services.entry(spec.name.clone()).or_default();
-        state.sync(spec);
+        state.sync(spec, now);
         let candidates = eligible(spec, state, v6_ok, now);
         if candidates.is_empty() {
             return None;
         }
-        let weights: Vec<u64> = {
-            let raw: Vec<u64> = candidates
-                .iter()
-                .map(|&i| spec.backends.get(i).map_or(0, |b| u64::from(b.weight)))
-                .collect();
-            // All-zero weights mean "no preference", not "never".
-            if raw.iter().all(|&w| w == 0) {
-                vec![1; raw.len()]
-            } else {
-                raw
-            }
-        };
+        let weights = effective_weights(spec, state, &candidates, now);
         let chosen = match spec.lb {
             LbPolicy::RoundRobin => {
                 let i = state.rr_next % candidates.len();
@@ -145,12 +196,18 @@ impl Balancer {
             LbPolicy::Random => weighted_random(&candidates, &weights, rng),
             LbPolicy::P2c => {
                 let i = p2c(state, &candidates, &weights, rng);
-                if let Some(out) = i.and_then(|i| state.outstanding.get_mut(i)) {
-                    *out = out.saturating_add(1);
+                if let Some(b) = i.and_then(|i| state.backends.get_mut(i)) {
+                    b.outstanding = b.outstanding.saturating_add(1);
                 }
                 i
             }
         }?;
+        if let Some(b) = state.backends.get_mut(chosen) {
+            b.picks_since_failure = b.picks_since_failure.saturating_add(1);
+            if b.picks_since_failure > PICK_SLACK {
+                b.consecutive_failures = 0;
+            }
+        }
         let backend = spec.backends.get(chosen)?;
         let port = backend.port_for(spec.port_name_for(client_port));
         Some(Pick {
@@ -160,35 +217,110 @@ impl Balancer {
         })
     }
 
-    /// Holds `backend` (its default address) of `service` out of picks for the fail hold.
-    pub fn report_failure(&mut self, service: &ServiceName, backend: SocketAddr, now: Instant) {
-        if let Some(state) = self.services.get_mut(service)
-            && let Some(i) = state.index_of(backend)
-            && let Some(h) = state.held_until.get_mut(i)
+    /// A hook reported that a connect to `backend` (its default address) of `spec` failed: hold
+    /// it out for the fail hold, and eject it when its consecutive failures reach the service's
+    /// threshold (see the module docs).
+    pub fn report_failure(
+        &mut self,
+        spec: &ServiceSpec,
+        backend: SocketAddr,
+        now: Instant,
+    ) -> FailureOutcome {
+        let Some(state) = self.services.get_mut(&spec.name) else {
+            return FailureOutcome::Unknown;
+        };
+        let Some(i) = state.index_of(backend) else {
+            return FailureOutcome::Unknown;
+        };
+        let outlier = spec.outlier.unwrap_or_default();
+        let total = state.backends.len();
+        let ejected_now = state.backends.iter().filter(|b| b.ejected(now)).count();
+        let Some(b) = state.backends.get_mut(i) else {
+            return FailureOutcome::Unknown;
+        };
+        if b.picks_since_failure > PICK_SLACK {
+            b.consecutive_failures = 0;
+        }
+        b.picks_since_failure = 0;
+        b.consecutive_failures = b.consecutive_failures.saturating_add(1);
+        b.held_until = Some(now + self.fail_hold);
+        if b.ejected(now)
+            || outlier.consecutive_failures == 0
+            || b.consecutive_failures < outlier.consecutive_failures
         {
-            *h = Some(now + self.fail_hold);
+            return FailureOutcome::Held {
+                consecutive: b.consecutive_failures,
+            };
+        }
+        if !may_eject(&outlier, ejected_now, total) {
+            return FailureOutcome::CapReached {
+                consecutive: b.consecutive_failures,
+            };
+        }
+        // A backend that stayed in for the longest ejection starts its growth over.
+        if b.ejected_until
+            .is_some_and(|end| now.saturating_duration_since(end) >= outlier.max_ejection)
+        {
+            b.times_ejected = 0;
+        }
+        b.times_ejected = b.times_ejected.saturating_add(1);
+        let for_ = outlier
+            .base_ejection
+            .saturating_mul(b.times_ejected)
+            .min(outlier.max_ejection);
+        b.ejected_until = Some(now + for_);
+        b.consecutive_failures = 0;
+        FailureOutcome::Ejected {
+            for_,
+            times: b.times_ejected,
         }
     }
 
     /// A connect picked for `backend` returned: one fewer outstanding (p2c).
     pub fn done(&mut self, service: &ServiceName, backend: SocketAddr) {
-        if let Some(state) = self.services.get_mut(service)
-            && let Some(i) = state.index_of(backend)
-            && let Some(out) = state.outstanding.get_mut(i)
-        {
-            *out = out.saturating_sub(1);
+        if let Some(b) = self.backend_mut(service, backend) {
+            b.outstanding = b.outstanding.saturating_sub(1);
         }
+    }
+
+    /// A connect to `backend` is known to have worked (p2c `done` without a failure): its run of
+    /// consecutive failures ends.
+    pub fn report_success(&mut self, service: &ServiceName, backend: SocketAddr) {
+        if let Some(b) = self.backend_mut(service, backend) {
+            b.consecutive_failures = 0;
+        }
+    }
+
+    fn backend_mut(
+        &mut self,
+        service: &ServiceName,
+        backend: SocketAddr,
+    ) -> Option<&mut BackendState> {
+        let state = self.services.get_mut(service)?;
+        let i = state.index_of(backend)?;
+        state.backends.get_mut(i)
+    }
+
+    fn backend(&self, service: &ServiceName, backend: SocketAddr) -> Option<&BackendState> {
+        let state = self.services.get(service)?;
+        state.backends.get(state.index_of(backend)?)
     }
 
     /// Outstanding picks for a backend (what p2c compares).
     pub fn outstanding(&self, service: &ServiceName, backend: SocketAddr) -> u32 {
-        self.services
-            .get(service)
-            .and_then(|s| {
-                s.index_of(backend)
-                    .and_then(|i| s.outstanding.get(i).copied())
-            })
-            .unwrap_or(0)
+        self.backend(service, backend).map_or(0, |b| b.outstanding)
+    }
+
+    /// Until when `backend` is ejected, if it is at `now`.
+    pub fn ejected_until(
+        &self,
+        service: &ServiceName,
+        backend: SocketAddr,
+        now: Instant,
+    ) -> Option<Instant> {
+        self.backend(service, backend)
+            .and_then(|b| b.ejected_until)
+            .filter(|&t| t > now)
     }
 
     /// Forgets services `keep` rejects (call after a snapshot swap so removed services do not
@@ -196,6 +328,60 @@ impl Balancer {
     pub fn retain(&mut self, mut keep: impl FnMut(&ServiceName) -> bool) {
         self.services.retain(|name, _| keep(name));
     }
+}
+
+/// Whether one more ejection keeps the ejected share within the cap. At least one backend always
+/// stays in, so a lone backend is never ejected, whatever the cap says.
+fn may_eject(outlier: &Outlier, ejected_now: usize, total: usize) -> bool {
+    ejected_now + 1 < total
+        && (ejected_now + 1) * 100 <= usize::from(outlier.max_ejected_percent) * total
+}
+
+/// Each candidate's weight for this pick: its configured weight (all-zero means "no
+/// preference"), scaled, times its slow-start factor.
+fn effective_weights(
+    spec: &ServiceSpec,
+    state: &ServiceState,
+    candidates: &[usize],
+    now: Instant,
+) -> Vec<u64> {
+    let raw: Vec<u64> = candidates
+        .iter()
+        .map(|&i| spec.backends.get(i).map_or(0, |b| u64::from(b.weight)))
+        .collect();
+    let all_zero = raw.iter().all(|&w| w == 0);
+    candidates
+        .iter()
+        .zip(raw)
+        .map(|(&i, w)| {
+            let w = if all_zero { 1 } else { w } * WEIGHT_SCALE;
+            let ramp = spec
+                .slow_start
+                .zip(state.backends.get(i).and_then(|b| b.ramp_start(now)));
+            match ramp {
+                Some((slow, since)) => {
+                    let per_mille = slow_start_per_mille(
+                        slow.window,
+                        u64::from(slow.floor_percent) * 10,
+                        now.saturating_duration_since(since),
+                    );
+                    (w * per_mille / 1000).max(1)
+                }
+                None => w,
+            }
+        })
+        .collect()
+}
+
+/// The share (per mille) of its weight a backend gets `elapsed` into a slow-start `window`:
+/// linear from `floor` to 1000.
+pub fn slow_start_per_mille(window: Duration, floor: u64, elapsed: Duration) -> u64 {
+    if window.is_zero() || elapsed >= window {
+        return 1000;
+    }
+    let floor = floor.min(1000);
+    let progress = (elapsed.as_millis() * 1000 / window.as_millis().max(1)) as u64;
+    floor + (1000 - floor) * progress / 1000
 }
 
 fn eligible(spec: &ServiceSpec, state: &ServiceState, v6_ok: bool, now: Instant) -> Vec<usize> {
@@ -209,14 +395,7 @@ fn eligible(spec: &ServiceSpec, state: &ServiceState, v6_ok: bool, now: Instant)
     let not_held: Vec<usize> = reachable
         .iter()
         .copied()
-        .filter(|&i| {
-            state
-                .held_until
-                .get(i)
-                .copied()
-                .flatten()
-                .is_none_or(|until| until <= now)
-        })
+        .filter(|&i| state.backends.get(i).is_none_or(|b| !b.out_at(now)))
         .collect();
     let pool = if not_held.is_empty() {
         reachable
@@ -245,15 +424,15 @@ fn smooth_weighted(
     let total: i64 = weights.iter().map(|&w| w as i64).sum();
     let mut best: Option<(usize, i64)> = None;
     for (&i, &w) in candidates.iter().zip(weights) {
-        let cur = state.current.get_mut(i)?;
+        let cur = &mut state.backends.get_mut(i)?.current;
         *cur += w as i64;
         if best.is_none_or(|(_, b)| *cur > b) {
             best = Some((i, *cur));
         }
     }
     let (i, _) = best?;
-    if let Some(cur) = state.current.get_mut(i) {
-        *cur -= total;
+    if let Some(b) = state.backends.get_mut(i) {
+        b.current -= total;
     }
     Some(i)
 }
@@ -301,7 +480,10 @@ fn p2c<R: Rng + ?Sized>(
         let pos = candidates.iter().position(|&c| c == i).unwrap_or(0);
         let w = weights.get(pos).copied().unwrap_or(1).max(1);
         // Compare out_a/w_a with out_b/w_b without division.
-        (u64::from(state.outstanding.get(i).copied().unwrap_or(0)), w)
+        (
+            u64::from(state.backends.get(i).map_or(0, |b| b.outstanding)),
+            w,
+        )
     };
     let ((oa, wa), (ob, wb)) = (load(a), load(b));
     Some(if oa * wb <= ob * wa { a } else { b })

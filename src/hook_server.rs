@@ -26,9 +26,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use crate::balancer::{Balancer, DEFAULT_FAIL_HOLD};
+use crate::balancer::{Balancer, DEFAULT_FAIL_HOLD, FailureOutcome};
 use crate::service::{LbPolicy, ServiceName, ServiceSpec};
 use crate::metrics::{HookLabels, METRICS};
 use crate::snapshot::{SharedSnapshot, Snapshot};
@@ -255,7 +255,19 @@ fn answer(
             if req.kind == Kind::Failed {
                 debug!(service = %spec.name, %backend, errno = req.errno, "hook reports a failed backend");
                 count(spec.name.as_str(), "backend_failed");
-                balancer.report_failure(&spec.name, backend, now);
+                match balancer.report_failure(spec, backend, now) {
+                    FailureOutcome::Ejected { for_, times } => {
+                        // Rare (at most once per backend per ejection time), so worth info.
+                        info!(service = %spec.name, %backend, ejection = ?for_, times, "backend ejected after consecutive failures");
+                        count(spec.name.as_str(), "backend_ejected");
+                    }
+                    FailureOutcome::CapReached { consecutive } => {
+                        debug!(service = %spec.name, %backend, consecutive, "not ejected: the service has its maximum share ejected");
+                    }
+                    FailureOutcome::Held { .. } | FailureOutcome::Unknown => {}
+                }
+            } else {
+                balancer.report_success(&spec.name, backend);
             }
             if let Some(i) = outstanding
                 .iter()

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::time::Duration;
 
 /// A service name: one DNS label, lowercase letters, digits and inner hyphens, at most 63 bytes.
 /// Stored lowercase so lookups are case-insensitive.
@@ -209,11 +210,55 @@ pub struct ServiceSpec {
     /// Active health check of each backend, if the service asks for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<crate::config::HealthCheck>,
+    /// Passive health from the hook's failure reports; `None` means [`Outlier::default`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<Outlier>,
+    /// Weight ramp for new and recovered backends; `None` means no ramp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<SlowStart>,
+}
+
+/// Outlier detection (Envoy's, for connects): eject a backend after `consecutive_failures`
+/// failures reported by hooks with no success between, for `base_ejection` x times ejected
+/// (capped at `max_ejection`), never ejecting more than `max_ejected_percent` of the backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Outlier {
+    /// 0 turns ejection off (a single failure still holds the backend out briefly).
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    /// Whole percent of the service's backends that may be ejected at once.
+    pub max_ejected_percent: u8,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// Slow start: a new or recovered backend's weight grows linearly from `floor_percent` of its
+/// weight to all of it over `window`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct SlowStart {
+    pub window: Duration,
+    pub floor_percent: u8,
+}
+
+impl Default for SlowStart {
+    fn default() -> Self {
+        Self { window: Duration::from_secs(30), floor_percent: 10 }
+    }
 }
 
 impl ServiceSpec {
     pub fn new(name: ServiceName) -> Self {
-        Self { name, lb: LbPolicy::default(), client_ports: BTreeMap::new(), backends: Vec::new(), health: None }
+        Self { name, lb: LbPolicy::default(), client_ports: BTreeMap::new(), backends: Vec::new(), health: None, outlier: None, slow_start: None }
     }
 
     /// Every port name this service knows: those mapped from client ports and those any backend declares.

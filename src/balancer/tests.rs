@@ -145,7 +145,10 @@ fn p2c_keeps_outstanding_level_and_favours_backends_that_finish() {
     }
     // It wins every pair it is drawn into: 2/3 of picks with three backends (sd about 8 of 300),
     // against 1/3 for a policy blind to load.
-    assert!((175..=225).contains(&fast), "fast backend got {fast} of 300");
+    assert!(
+        (175..=225).contains(&fast),
+        "fast backend got {fast} of 300"
+    );
 }
 
 #[test]
@@ -158,7 +161,7 @@ fn a_reported_backend_is_held_then_returns_and_never_empties_the_set() {
     let mut rng = StdRng::seed_from_u64(1);
     let t0 = Instant::now();
     b.pick(&s, 80, true, t0, &mut rng).unwrap();
-    b.report_failure(&s.name, a("127.0.0.2:80"), t0);
+    b.report_failure(&s, a("127.0.0.2:80"), t0);
     for _ in 0..10 {
         assert_eq!(
             b.pick(&s, 80, true, t0 + Duration::from_secs(1), &mut rng)
@@ -180,8 +183,8 @@ fn a_reported_backend_is_held_then_returns_and_never_empties_the_set() {
     );
 
     // Both held: picks still happen (a hold never turns a non-empty set into an empty one).
-    b.report_failure(&s.name, a("127.0.0.2:80"), t0 + Duration::from_secs(3));
-    b.report_failure(&s.name, a("127.0.0.3:80"), t0 + Duration::from_secs(3));
+    b.report_failure(&s, a("127.0.0.2:80"), t0 + Duration::from_secs(3));
+    b.report_failure(&s, a("127.0.0.3:80"), t0 + Duration::from_secs(3));
     assert!(
         b.pick(&s, 80, true, t0 + Duration::from_secs(4), &mut rng)
             .is_some()
@@ -206,8 +209,8 @@ fn only_the_best_priority_is_used() {
     let mut rng = StdRng::seed_from_u64(1);
     let now = Instant::now();
     b.pick(&s, 80, true, now, &mut rng);
-    b.report_failure(&s.name, a("127.0.0.3:80"), now);
-    b.report_failure(&s.name, a("127.0.0.4:80"), now);
+    b.report_failure(&s, a("127.0.0.3:80"), now);
+    b.report_failure(&s, a("127.0.0.4:80"), now);
     assert_eq!(
         b.pick(&s, 80, true, now, &mut rng).unwrap().backend,
         a("127.0.0.2:80")
@@ -301,5 +304,264 @@ fn empty_service_picks_nothing() {
         c.values().copied().collect::<Vec<_>>(),
         vec![5, 5],
         "all-zero weights mean equal"
+    );
+}
+
+fn outlier(n: u32, base_s: u64, max_pct: u8) -> crate::service::Outlier {
+    crate::service::Outlier {
+        consecutive_failures: n,
+        base_ejection: Duration::from_secs(base_s),
+        max_ejection: Duration::from_secs(base_s * 10),
+        max_ejected_percent: max_pct,
+    }
+}
+
+#[test]
+fn consecutive_failures_eject_for_growing_times_capped() {
+    let mut s = spec(
+        LbPolicy::RoundRobin,
+        &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)],
+    );
+    s.outlier = Some(outlier(3, 30, 50));
+    let mut b = Balancer::new(Duration::from_secs(2));
+    let mut rng = StdRng::seed_from_u64(1);
+    let t0 = Instant::now();
+    let x = a("127.0.0.2:80");
+    b.pick(&s, 80, true, t0, &mut rng).unwrap();
+    assert_eq!(
+        b.report_failure(&s, x, t0),
+        FailureOutcome::Held { consecutive: 1 }
+    );
+    assert_eq!(
+        b.report_failure(&s, x, t0),
+        FailureOutcome::Held { consecutive: 2 }
+    );
+    assert_eq!(
+        b.report_failure(&s, x, t0),
+        FailureOutcome::Ejected {
+            for_: Duration::from_secs(30),
+            times: 1
+        }
+    );
+    // Long after the 2 s hold, still ejected: only the other backend is picked.
+    for _ in 0..10 {
+        assert_eq!(
+            b.pick(&s, 80, true, t0 + Duration::from_secs(29), &mut rng)
+                .unwrap()
+                .backend,
+            a("127.0.0.3:80")
+        );
+    }
+    assert!(
+        b.ejected_until(&s.name, x, t0 + Duration::from_secs(29))
+            .is_some()
+    );
+    let back: Vec<_> = (0..4)
+        .map(|_| {
+            b.pick(&s, 80, true, t0 + Duration::from_secs(31), &mut rng)
+                .unwrap()
+                .backend
+        })
+        .collect();
+    assert!(
+        back.contains(&x),
+        "returns after the ejection time: {back:?}"
+    );
+    // Second ejection lasts twice as long.
+    let t1 = t0 + Duration::from_secs(31);
+    for _ in 0..2 {
+        b.report_failure(&s, x, t1);
+    }
+    assert_eq!(
+        b.report_failure(&s, x, t1),
+        FailureOutcome::Ejected {
+            for_: Duration::from_secs(60),
+            times: 2
+        }
+    );
+    assert!(
+        b.ejected_until(&s.name, x, t1 + Duration::from_secs(59))
+            .is_some()
+    );
+    assert!(
+        b.ejected_until(&s.name, x, t1 + Duration::from_secs(61))
+            .is_none()
+    );
+    // Growth is capped at max_ejection (300 s here).
+    let mut t = t1 + Duration::from_secs(61);
+    let mut last = Duration::ZERO;
+    for _ in 0..20 {
+        for _ in 0..3 {
+            if let FailureOutcome::Ejected { for_, .. } = b.report_failure(&s, x, t) {
+                last = for_;
+                t += for_ + Duration::from_secs(1);
+            }
+        }
+    }
+    assert_eq!(last, Duration::from_secs(300));
+}
+
+#[test]
+fn successes_between_failures_reset_the_count() {
+    let mut s = spec(
+        LbPolicy::RoundRobin,
+        &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)],
+    );
+    s.outlier = Some(outlier(3, 30, 50));
+    let mut b = Balancer::new(Duration::ZERO);
+    let mut rng = StdRng::seed_from_u64(1);
+    let t0 = Instant::now();
+    let x = a("127.0.0.2:80");
+    // Fail, then many picks of x that nobody reported failed: the count starts over each time.
+    for _ in 0..10 {
+        b.report_failure(&s, x, t0);
+        b.report_failure(&s, x, t0);
+        for _ in 0..(2 * (PICK_SLACK + 1)) {
+            b.pick(&s, 80, true, t0, &mut rng);
+        }
+    }
+    assert!(b.ejected_until(&s.name, x, t0).is_none());
+    // A p2c done (success) resets too.
+    b.report_failure(&s, x, t0);
+    b.report_failure(&s, x, t0);
+    b.report_success(&s.name, x);
+    assert_eq!(
+        b.report_failure(&s, x, t0),
+        FailureOutcome::Held { consecutive: 1 }
+    );
+    // A few picks (within the prefetch slack) do not count as successes.
+    b.report_failure(&s, x, t0);
+    b.pick(&s, 80, true, t0, &mut rng);
+    b.pick(&s, 80, true, t0, &mut rng);
+    assert!(matches!(
+        b.report_failure(&s, x, t0),
+        FailureOutcome::Ejected { .. }
+    ));
+}
+
+#[test]
+fn never_more_than_the_max_share_is_ejected() {
+    let mut s = spec(
+        LbPolicy::RoundRobin,
+        &[
+            ("127.0.0.2:80", 1),
+            ("127.0.0.3:80", 1),
+            ("127.0.0.4:80", 1),
+            ("127.0.0.5:80", 1),
+        ],
+    );
+    s.outlier = Some(outlier(1, 30, 50));
+    let mut b = Balancer::new(Duration::ZERO);
+    let mut rng = StdRng::seed_from_u64(1);
+    let t0 = Instant::now();
+    b.pick(&s, 80, true, t0, &mut rng);
+    let outcomes: Vec<_> = s
+        .backends
+        .iter()
+        .map(|be| b.report_failure(&s, be.addr, t0))
+        .collect();
+    let ejected = outcomes
+        .iter()
+        .filter(|o| matches!(o, FailureOutcome::Ejected { .. }))
+        .count();
+    assert_eq!(ejected, 2, "{outcomes:?}");
+    assert!(matches!(outcomes[3], FailureOutcome::CapReached { .. }));
+    let c: std::collections::HashSet<_> = (0..8)
+        .map(|_| b.pick(&s, 80, true, t0, &mut rng).unwrap().backend)
+        .collect();
+    assert_eq!(c.len(), 2);
+    // A lone backend is never ejected.
+    let mut one = spec(LbPolicy::RoundRobin, &[("127.0.0.2:80", 1)]);
+    one.name = "one".parse().unwrap();
+    one.outlier = Some(outlier(1, 30, 100));
+    b.pick(&one, 80, true, t0, &mut rng);
+    assert!(matches!(
+        b.report_failure(&one, a("127.0.0.2:80"), t0),
+        FailureOutcome::CapReached { .. }
+    ));
+    assert!(b.ejected_until(&one.name, a("127.0.0.2:80"), t0).is_none());
+}
+
+#[test]
+fn slow_start_ramps_a_new_backend_from_the_floor() {
+    let mut s = spec(LbPolicy::WeightedRoundRobin, &[("127.0.0.2:80", 1)]);
+    s.slow_start = Some(crate::service::SlowStart {
+        window: Duration::from_secs(30),
+        floor_percent: 10,
+    });
+    let mut b = Balancer::default();
+    let mut rng = StdRng::seed_from_u64(1);
+    let t0 = Instant::now();
+    b.pick(&s, 80, true, t0, &mut rng);
+    s.backends.push(Backend::new(a("127.0.0.3:80")));
+    let share = |b: &mut Balancer, rng: &mut StdRng, at: Duration| {
+        let n = 1000;
+        let hits = (0..n)
+            .filter(|_| b.pick(&s, 80, true, t0 + at, rng).unwrap().backend == a("127.0.0.3:80"))
+            .count();
+        hits as f64 / n as f64
+    };
+    // Weight w(t) = floor + (1 - floor) t / window against 1: share w / (1 + w).
+    for (secs, want) in [(0u64, 0.1 / 1.1), (15, 0.55 / 1.55), (30, 0.5), (60, 0.5)] {
+        let got = share(&mut b, &mut rng, Duration::from_secs(secs));
+        assert!((got - want).abs() < 0.01, "at {secs}s: {got} want {want}");
+    }
+    // Random follows the same ramp, within sampling tolerance.
+    let mut r = s.clone();
+    r.lb = LbPolicy::Random;
+    r.name = "rnd".parse().unwrap();
+    r.backends.truncate(1);
+    let mut b = Balancer::default();
+    b.pick(&r, 80, true, t0, &mut rng);
+    r.backends.push(Backend::new(a("127.0.0.3:80")));
+    let hits = (0..4000)
+        .filter(|_| b.pick(&r, 80, true, t0, &mut rng).unwrap().backend == a("127.0.0.3:80"))
+        .count();
+    assert!(
+        (300..=440).contains(&hits),
+        "{hits} of 4000, want about 364"
+    );
+}
+
+#[test]
+fn backends_present_at_start_do_not_ramp_but_an_ejected_one_does_on_return() {
+    let mut s = spec(
+        LbPolicy::WeightedRoundRobin,
+        &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)],
+    );
+    s.slow_start = Some(crate::service::SlowStart {
+        window: Duration::from_secs(30),
+        floor_percent: 10,
+    });
+    s.outlier = Some(outlier(1, 10, 50));
+    let c = counts(&mut Balancer::default(), &s, 100, 1);
+    assert_eq!(c.values().copied().collect::<Vec<_>>(), vec![50, 50]);
+    let mut b = Balancer::new(Duration::ZERO);
+    let mut rng = StdRng::seed_from_u64(1);
+    let t0 = Instant::now();
+    b.pick(&s, 80, true, t0, &mut rng);
+    assert!(matches!(
+        b.report_failure(&s, a("127.0.0.2:80"), t0),
+        FailureOutcome::Ejected { .. }
+    ));
+    let back = t0 + Duration::from_secs(10);
+    let hits = (0..1100)
+        .filter(|_| b.pick(&s, 80, true, back, &mut rng).unwrap().backend == a("127.0.0.2:80"))
+        .count();
+    assert!(
+        (95..=105).contains(&hits),
+        "at the floor just after the ejection: {hits}"
+    );
+}
+
+#[test]
+fn slow_start_share_is_linear_from_the_floor() {
+    let w = Duration::from_secs(30);
+    assert_eq!(slow_start_per_mille(w, 100, Duration::ZERO), 100);
+    assert_eq!(slow_start_per_mille(w, 100, Duration::from_secs(15)), 550);
+    assert_eq!(slow_start_per_mille(w, 100, Duration::from_secs(30)), 1000);
+    assert_eq!(
+        slow_start_per_mille(Duration::ZERO, 100, Duration::ZERO),
+        1000
     );
 }

@@ -8,6 +8,8 @@
 //! ports = { 80 = "http", 9090 = "grpc" }     # client port -> named port; others go to the default port
 //! backends = ["127.0.0.2:8080", { addr = "127.0.0.3:8081", weight = 2, ports = { grpc = 9091 } }]
 //! health = { kind = "http", path = "/healthz", interval = "2s", fall = 3 }   # optional active check
+//! outlier = { consecutive_failures = 3, base_ejection = "30s", max_ejection = "300s", max_ejected = 0.5 }
+//! slow_start = "30s"                         # or { window = "30s", floor = 0.1 }
 //! ```
 
 use std::collections::BTreeMap;
@@ -18,7 +20,7 @@ use toml::{Spanned, Value};
 
 use crate::config::parse_addr;
 use crate::diagnostic::Diagnostic;
-use crate::service::{Backend, LbPolicy, PortName, ServiceName, ServiceSpec};
+use crate::service::{Backend, LbPolicy, Outlier, PortName, ServiceName, ServiceSpec, SlowStart};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +37,17 @@ struct RawService {
     ports: BTreeMap<Spanned<String>, Spanned<String>>,
     backends: Vec<Spanned<Value>>,
     health: Option<Spanned<crate::config::raw::RawCheck>>,
+    outlier: Option<Spanned<RawOutlier>>,
+    slow_start: Option<Spanned<Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutlier {
+    consecutive_failures: Option<Spanned<i64>>,
+    base_ejection: Option<Spanned<String>>,
+    max_ejection: Option<Spanned<String>>,
+    max_ejected: Option<Spanned<Value>>,
 }
 
 /// Parses one zone file's text.
@@ -92,6 +105,15 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
                 }
             }
         }
+        if let Some(o) = &svc.outlier {
+            spec.outlier = outlier(o.get_ref(), &field, &mut problem);
+        }
+        if let Some(v) = &svc.slow_start {
+            match slow_start(v.get_ref()) {
+                Ok(s) => spec.slow_start = Some(s),
+                Err(e) => problem(v.span(), format!("{field}.slow_start"), e),
+            }
+        }
         for (i, b) in svc.backends.iter().enumerate() {
             let at = format!("{field}.backends[{i}]");
             match backend(b.get_ref()) {
@@ -110,6 +132,83 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
     problems.append(&mut problems_from_config);
     problems.sort_by_key(|d| (d.line, d.column));
     if problems.is_empty() { Ok(services) } else { Err(problems) }
+}
+
+/// `outlier = { consecutive_failures, base_ejection, max_ejection, max_ejected }`; missing keys
+/// keep [`Outlier::default`]. `None` after reporting a problem.
+fn outlier(
+    raw: &RawOutlier,
+    field: &str,
+    problem: &mut impl FnMut(std::ops::Range<usize>, String, String),
+) -> Option<Outlier> {
+    let mut o = Outlier::default();
+    let before = o;
+    let mut ok = true;
+    if let Some(n) = &raw.consecutive_failures {
+        match u32::try_from(*n.get_ref()).ok().filter(|n| *n <= 1000) {
+            Some(n) => o.consecutive_failures = n,
+            None => {
+                ok = false;
+                problem(n.span(), format!("{field}.outlier.consecutive_failures"), "must be a whole number from 0 (off) to 1000".into());
+            }
+        }
+    }
+    for (key, raw, slot) in [("base_ejection", &raw.base_ejection, &mut o.base_ejection), ("max_ejection", &raw.max_ejection, &mut o.max_ejection)] {
+        if let Some(d) = raw {
+            match crate::duration::parse(d.get_ref()) {
+                Ok(v) if !v.is_zero() => *slot = v,
+                Ok(_) => {
+                    ok = false;
+                    problem(d.span(), format!("{field}.outlier.{key}"), "must be longer than 0s".into());
+                }
+                Err(e) => {
+                    ok = false;
+                    problem(d.span(), format!("{field}.outlier.{key}"), e);
+                }
+            }
+        }
+    }
+    if let Some(m) = &raw.max_ejected {
+        match m.get_ref().as_float().or_else(|| m.get_ref().as_integer().map(|i| i as f64)).filter(|f| (0.0..=1.0).contains(f)) {
+            Some(f) => o.max_ejected_percent = (f * 100.0).round() as u8,
+            None => {
+                ok = false;
+                problem(m.span(), format!("{field}.outlier.max_ejected"), "must be a share from 0.0 to 1.0, e.g. 0.5".into());
+            }
+        }
+    }
+    if o.max_ejection < o.base_ejection && ok {
+        ok = false;
+        problem(raw.max_ejection.as_ref().map_or(0..0, Spanned::span), format!("{field}.outlier.max_ejection"), "must not be shorter than base_ejection".into());
+    }
+    // An explicit table equal to the defaults is stored as "defaults" so specs compare equal.
+    (ok && o != before).then_some(o)
+}
+
+/// `slow_start = "30s"` or `{ window = "30s", floor = 0.1 }`.
+fn slow_start(v: &Value) -> Result<SlowStart, String> {
+    let window = |s: &str| -> Result<std::time::Duration, String> {
+        let d = crate::duration::parse(s)?;
+        if d.is_zero() { Err("the window must be longer than 0s".into()) } else { Ok(d) }
+    };
+    match v {
+        Value::String(s) => Ok(SlowStart { window: window(s)?, ..SlowStart::default() }),
+        Value::Table(t) => {
+            let mut out = SlowStart::default();
+            for (key, value) in t {
+                match key.as_str() {
+                    "window" => out.window = window(value.as_str().ok_or("window must be a duration such as \"30s\"")?)?,
+                    "floor" => {
+                        let f = value.as_float().filter(|f| (0.0..=1.0).contains(f)).ok_or("floor must be a share from 0.0 to 1.0, e.g. 0.1")?;
+                        out.floor_percent = (f * 100.0).round() as u8;
+                    }
+                    _ => return Err(format!("unknown key {key:?}, expected window or floor")),
+                }
+            }
+            Ok(out)
+        }
+        _ => Err("slow_start is a duration such as \"30s\" or { window = \"30s\", floor = 0.1 }".into()),
+    }
 }
 
 /// One backend: `"ip:port"` or `{ addr, weight, priority, ports }`. Errors name the offending key.
@@ -204,6 +303,25 @@ backends = ["[::1]:9000"]
         assert!(e[0].starts_with("zones/a.toml:3:1: unknown field `balance`"), "{e:?}");
         let e = errs("[services.web]\nlb = \"fastest\"\nbackends = []\n");
         assert!(e[0].starts_with("zones/a.toml:2:6: services.web.lb: unknown lb \"fastest\""), "{e:?}");
+    }
+
+    #[test]
+    fn outlier_and_slow_start_parse_and_bad_values_are_located() {
+        let s = ok("[services.web]\nbackends = [\"127.0.0.2:80\"]\noutlier = { consecutive_failures = 2, base_ejection = \"1s\", max_ejected = 1 }\nslow_start = { window = \"10s\", floor = 0.25 }\n");
+        let o = s[0].outlier.unwrap();
+        assert_eq!((o.consecutive_failures, o.base_ejection, o.max_ejection, o.max_ejected_percent), (2, std::time::Duration::from_secs(1), std::time::Duration::from_secs(300), 100));
+        assert_eq!(s[0].slow_start, Some(SlowStart { window: std::time::Duration::from_secs(10), floor_percent: 25 }));
+        let s = ok("[services.web]\nbackends = []\nslow_start = \"30s\"\noutlier = { consecutive_failures = 3 }\n");
+        assert_eq!(s[0].slow_start, Some(SlowStart::default()));
+        assert_eq!(s[0].outlier, None, "an explicit default is the default");
+        let e = errs("[services.web]\nbackends = []\noutlier = { consecutive_failures = -1, base_ejection = \"soon\", max_ejected = 2.0 }\nslow_start = 5\n");
+        assert_eq!(e.len(), 4, "{e:#?}");
+        assert!(e[0].starts_with("zones/a.toml:3:36: services.web.outlier.consecutive_failures: must be"), "{e:#?}");
+        assert!(e.iter().any(|e| e.contains("services.web.outlier.base_ejection:")), "{e:#?}");
+        assert!(e.iter().any(|e| e.contains("services.web.outlier.max_ejected: must be a share")), "{e:#?}");
+        assert!(e.iter().any(|e| e.starts_with("zones/a.toml:4:14: services.web.slow_start:")), "{e:#?}");
+        let e = errs("[services.web]\nbackends = []\noutlier = { consecutive = 3 }\n");
+        assert!(e[0].starts_with("zones/a.toml:3:"), "{e:?}");
     }
 
     #[test]
