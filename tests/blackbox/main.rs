@@ -12,3 +12,4 @@ mod health;
 mod hook;
 mod zk;
 mod zookeeper;
+mod balance;

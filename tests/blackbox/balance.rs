@@ -1,0 +1,144 @@
+//! Balancing with real traffic: greeter backends that say their name, clients run through
+//! `discotech run` with the hook preloaded. Passive health: a backend that refuses is ejected
+//! after the configured consecutive failures and gets picks again once the ejection time is
+//! over (not merely the 2 s hold). Slow start: a backend added to a running service gets a
+//! share that grows, window by window, from the floor to its full weight. Weighted random
+//! holds its weights within a stated tolerance.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::harness::{DISCOTECH, Daemon, Netns, eventually};
+use crate::zk::ensure_hook_library;
+
+/// greeter and hookclient, compiled once per run into this module's own directory.
+fn c_program(name: &str) -> String {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("balance-clients");
+        std::fs::create_dir_all(&dir).expect("clients dir");
+        for prog in ["hookclient", "greeter"] {
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/clients/{prog}.c"));
+            let status = Command::new("cc").args(["-O2", "-pthread", "-o"]).arg(dir.join(prog)).arg(&src).status().expect("cc");
+            assert!(status.success(), "cannot compile {prog}.c");
+        }
+        dir
+    });
+    dir.join(name).to_str().expect("utf-8").to_string()
+}
+
+/// A greeter named `name` on `ip:7001`, up before this returns.
+fn greeter(ns: &Netns, name: &str, ip: &str) -> u32 {
+    let pid = ns.spawn(&c_program("greeter"), &[name, ip, "7001", "300"], &ns.path(&format!("greeter-{name}.log")));
+    let up = eventually(Duration::from_secs(5), || {
+        let out = ns.run(&c_program("hookclient"), &["block", ip, "7001"]);
+        String::from_utf8_lossy(&out.stdout).starts_with("OK ").then_some(())
+    });
+    assert!(up.is_some(), "greeter {name} on {ip} did not start");
+    pid
+}
+
+fn daemon<'a>(ns: &'a Netns, zone: &str) -> Daemon<'a> {
+    ensure_hook_library();
+    let mut d = Daemon::configure(ns, "127.0.0.53:53", "upstreams = []");
+    d.zone("balance.toml", zone);
+    d.start();
+    ns.resolv_conf("127.0.0.53");
+    d
+}
+
+/// `n` connects in one hooked process to `service`'s magic address; each backend's name once per
+/// connect that reached it.
+fn connects(ns: &Netns, d: &Daemon, service: &str, n: usize) -> Vec<String> {
+    let magic = d.short(&format!("{service}.disco"), "A").remove(0);
+    let out = ns.run(DISCOTECH, &["run", "--config", d.config.to_str().expect("utf-8"), "--", &c_program("hookclient"), "many", &magic, "7001", &n.to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines().map(|l| l.trim().strip_prefix("OK ").map_or_else(|| format!("!{l}"), str::to_owned)).collect()
+}
+
+fn count(got: &[String], who: &str) -> usize {
+    got.iter().filter(|g| *g == who).count()
+}
+
+#[test]
+fn a_refusing_backend_is_ejected_after_consecutive_failures_and_returns_after_the_ejection_time() {
+    let ns = Netns::new();
+    greeter(&ns, "a", "127.0.0.2");
+    greeter(&ns, "b", "127.0.0.3");
+    let c = greeter(&ns, "c", "127.0.0.4");
+    let d = daemon(
+        &ns,
+        "[services.web]\nlb = \"round-robin\"\noutlier = { consecutive_failures = 2, base_ejection = \"5s\", max_ejected = 0.5 }\n\
+         backends = [\"127.0.0.2:7001\", \"127.0.0.3:7001\", \"127.0.0.4:7001\"]\n",
+    );
+    let all = connects(&ns, &d, "web", 30);
+    assert_eq!((count(&all, "a"), count(&all, "b"), count(&all, "c")), (10, 10, 10), "{all:?}");
+
+    ns.kill(c);
+    // The hook retries a refused connect on another backend, so clients never see the failures;
+    // the daemon counts them. Keep connecting until the second failure in a row ejects c.
+    let ejected = eventually(Duration::from_secs(15), || {
+        let got = connects(&ns, &d, "web", 6);
+        assert!(got.iter().all(|g| g == "a" || g == "b"), "refusals are never surfaced: {got:?}");
+        d.log_text().contains("backend ejected after consecutive failures").then(Instant::now)
+    });
+    let ejected = ejected.unwrap_or_else(|| panic!("c was never ejected; log:\n{}", d.log_text()));
+    assert!(d.log_text().contains("127.0.0.4:7001"), "the log names the ejected backend");
+
+    // c answers again, but stays ejected past the 2 s hold: no picks until 5 s after the ejection.
+    greeter(&ns, "c", "127.0.0.4");
+    std::thread::sleep(Duration::from_millis(2500).saturating_sub(ejected.elapsed()));
+    let during = connects(&ns, &d, "web", 20);
+    assert!(ejected.elapsed() < Duration::from_millis(4500), "the check ran too late to mean anything");
+    assert_eq!(count(&during, "c"), 0, "ejected backends get no picks: {during:?}");
+    assert_eq!(during.len(), 20, "{during:?}");
+
+    let back = eventually(Duration::from_secs(10), || (count(&connects(&ns, &d, "web", 6), "c") > 0).then(|| ejected.elapsed()));
+    let back = back.expect("c gets picks again after its ejection time");
+    assert!(back >= Duration::from_millis(4900), "returned after {back:?}, before the 5 s ejection ended");
+}
+
+#[test]
+fn a_new_backend_ramps_up_over_the_slow_start_window() {
+    let ns = Netns::new();
+    greeter(&ns, "a", "127.0.0.2");
+    greeter(&ns, "b", "127.0.0.3");
+    let zone = |backends: &str| format!("[services.ramp]\nslow_start = {{ window = \"8s\", floor = 0.1 }}\nbackends = [{backends}]\n");
+    let d = daemon(&ns, &zone("\"127.0.0.2:7001\""));
+    // The first pick creates the service's balancing state: backends known then do not ramp.
+    assert_eq!(count(&connects(&ns, &d, "ramp", 4), "a"), 4);
+
+    d.zone("balance.toml", &zone("\"127.0.0.2:7001\", \"127.0.0.3:7001\""));
+    let added = eventually(Duration::from_secs(10), || (d.short("ramp.disco", "SRV").len() == 2).then(Instant::now));
+    let added = added.expect("the new backend is published");
+    // Equal weights 1:1: b's weight is 0.1 + 0.9 t / 8 of a's, so its share is w / (1 + w):
+    // 0.09 at 0 s, 0.26 at 2 s, 0.39 at 5 s, 0.5 from 8 s. Each window is 60 connects; smooth
+    // weighted round robin makes the share within a window exact up to the ramp moving during it.
+    let mut shares = Vec::new();
+    for at in [0u64, 2, 5, 9] {
+        std::thread::sleep(Duration::from_secs(at).saturating_sub(added.elapsed()));
+        let got = connects(&ns, &d, "ramp", 60);
+        assert_eq!(got.len(), 60, "{got:?}");
+        shares.push((added.elapsed(), count(&got, "b") as f64 / 60.0));
+    }
+    let s: Vec<f64> = shares.iter().map(|s| s.1).collect();
+    assert!(s[0] < 0.25, "starts near the floor: {shares:?}");
+    assert!(s.windows(2).all(|w| w[1] >= w[0] - 0.03), "grows: {shares:?}");
+    assert!((0.45..=0.55).contains(&s[3]), "full weight after the window: {shares:?}");
+    assert!(s[3] - s[0] > 0.25, "the ramp is visible: {shares:?}");
+}
+
+#[test]
+fn weighted_random_holds_its_weights_within_tolerance() {
+    let ns = Netns::new();
+    greeter(&ns, "a", "127.0.0.2");
+    greeter(&ns, "b", "127.0.0.3");
+    let d = daemon(&ns, "[services.rnd]\nlb = \"random\"\nbackends = [{ addr = \"127.0.0.2:7001\", weight = 1 }, { addr = \"127.0.0.3:7001\", weight = 3 }]\n");
+    let got = connects(&ns, &d, "rnd", 400);
+    assert_eq!(got.len(), 400, "{got:?}");
+    // Expect 300 of 400 on b; binomial sd is about 8.7, so +-35 is four sd.
+    let b = count(&got, "b");
+    assert!((265..=335).contains(&b), "b got {b} of 400, want about 300");
+}
