@@ -1,5 +1,6 @@
 //! Choosing a backend for one connect: per-service balancing state (round robin, smooth weighted
-//! round robin, weighted random, power of two choices on outstanding connects), passive health
+//! round robin, weighted random, power of two choices on outstanding connects, least
+//! connections over counts the caller reads from the kernel), passive health
 //! (a short hold after each reported failure, ejection after consecutive failures) and slow
 //! start. Pure: no I/O, the clock and the RNG are passed in. The hook server owns one
 //! [`Balancer`] and feeds it the current snapshot's specs.
@@ -66,6 +67,9 @@ pub enum FailureOutcome {
 pub struct Balancer {
     services: HashMap<ServiceName, ServiceState>,
     fail_hold: Duration,
+    /// Established connections per remote address (least-conn), and when they were counted.
+    connections: HashMap<SocketAddr, u32>,
+    connections_at: Option<Instant>,
 }
 
 impl Default for Balancer {
@@ -81,6 +85,9 @@ struct BackendState {
     current: i64,
     /// Picks not yet reported done (p2c).
     outstanding: u32,
+    /// Least-conn picks since the connection counts were last read: they are connects the
+    /// socket table may not show yet, so a burst between two reads does not all go to one backend.
+    pending: u32,
     held_until: Option<Instant>,
     consecutive_failures: u32,
     picks_since_failure: u32,
@@ -166,6 +173,8 @@ impl Balancer {
         Self {
             services: HashMap::new(),
             fail_hold,
+            connections: HashMap::new(),
+            connections_at: None,
         }
     }
 
@@ -194,6 +203,26 @@ impl Balancer {
             }
             LbPolicy::WeightedRoundRobin => smooth_weighted(state, &candidates, &weights),
             LbPolicy::Random => weighted_random(&candidates, &weights, rng),
+            LbPolicy::LeastConn => {
+                let conns: Vec<u64> = candidates
+                    .iter()
+                    .map(|&i| {
+                        let table = spec.backends.get(i).map_or(0, |b| {
+                            let to = SocketAddr::new(
+                                b.addr.ip(),
+                                b.port_for(spec.port_name_for(client_port)),
+                            );
+                            self.connections.get(&to).copied().unwrap_or(0)
+                        });
+                        u64::from(table) + u64::from(state.backends.get(i).map_or(0, |b| b.pending))
+                    })
+                    .collect();
+                let i = least_conn(state, &candidates, &weights, &conns, rng);
+                if let Some(b) = i.and_then(|i| state.backends.get_mut(i)) {
+                    b.pending = b.pending.saturating_add(1);
+                }
+                i
+            }
             LbPolicy::P2c => {
                 let i = p2c(state, &candidates, &weights, rng);
                 if let Some(b) = i.and_then(|i| state.backends.get_mut(i)) {
@@ -304,6 +333,24 @@ impl Balancer {
     fn backend(&self, service: &ServiceName, backend: SocketAddr) -> Option<&BackendState> {
         let state = self.services.get(service)?;
         state.backends.get(state.index_of(backend)?)
+    }
+
+    /// Whether the connection counts are older than `max_age` (or were never read).
+    pub fn connections_stale(&self, now: Instant, max_age: Duration) -> bool {
+        self.connections_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= max_age)
+    }
+
+    /// New established-connection counts per remote address (see `conn_count`). Picks made since
+    /// the last counts are forgotten: the new table shows those that connected.
+    pub fn set_connections(&mut self, counts: HashMap<SocketAddr, u32>, now: Instant) {
+        self.connections = counts;
+        self.connections_at = Some(now);
+        for state in self.services.values_mut() {
+            for b in &mut state.backends {
+                b.pending = 0;
+            }
+        }
     }
 
     /// Outstanding picks for a backend (what p2c compares).
@@ -454,6 +501,56 @@ fn weighted_random<R: Rng + ?Sized>(
         x -= w;
     }
     None
+}
+
+/// Above this many candidates least-conn compares two random ones instead of scanning all.
+const LEAST_CONN_SCAN: usize = 16;
+
+/// Fewest connections per unit of weight; ties go to the larger weight, then in turn (round
+/// robin over the tied, so equal backends with no connections share evenly). Large sets use
+/// power of two choices over the same counts.
+fn least_conn<R: Rng + ?Sized>(
+    state: &mut ServiceState,
+    candidates: &[usize],
+    weights: &[u64],
+    conns: &[u64],
+    rng: &mut R,
+) -> Option<usize> {
+    let entries: Vec<(usize, u64, u64)> = candidates
+        .iter()
+        .zip(weights)
+        .zip(conns)
+        .map(|((&i, &w), &c)| (i, w.max(1), c))
+        .collect();
+    // a is better than b: c_a / w_a < c_b / w_b, or equal and w_a > w_b.
+    let better = |a: &(usize, u64, u64), b: &(usize, u64, u64)| {
+        let (l, r) = (
+            u128::from(a.2) * u128::from(b.1),
+            u128::from(b.2) * u128::from(a.1),
+        );
+        l < r || (l == r && a.1 > b.1)
+    };
+    if entries.len() > LEAST_CONN_SCAN {
+        let x = entries.get(rng.random_range(0..entries.len()))?;
+        let mut j = rng.random_range(0..entries.len() - 1);
+        if entries.get(j).is_some_and(|e| e.0 == x.0) {
+            j = entries.len() - 1;
+        }
+        let y = entries.get(j)?;
+        return Some(if better(y, x) { y.0 } else { x.0 });
+    }
+    let best = entries
+        .iter()
+        .copied()
+        .reduce(|a, b| if better(&b, &a) { b } else { a })?;
+    let tied: Vec<usize> = entries
+        .iter()
+        .filter(|e| !better(&best, e) && !better(e, &best))
+        .map(|e| e.0)
+        .collect();
+    let i = tied.get(state.rr_next % tied.len().max(1)).copied();
+    state.rr_next = state.rr_next.wrapping_add(1);
+    i
 }
 
 /// Two distinct weighted-random candidates; the one with fewer outstanding connects per unit

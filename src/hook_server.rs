@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::balancer::{Balancer, DEFAULT_FAIL_HOLD, FailureOutcome};
+use crate::conn_count;
 use crate::service::{LbPolicy, ServiceName, ServiceSpec};
 use crate::metrics::{HookLabels, METRICS};
 use crate::snapshot::{SharedSnapshot, Snapshot};
@@ -282,6 +283,13 @@ fn answer(
         }
     }
     let v6_ok = req.flags & FLAG_INET6 != 0;
+    if spec.lb == LbPolicy::LeastConn && balancer.connections_stale(now, conn_count::REFRESH) {
+        let (counts, error) = conn_count::read();
+        if let Some(error) = error {
+            debug!(%error, "cannot read the socket table; least-conn sees no connections");
+        }
+        balancer.set_connections(counts, now);
+    }
     let Some(pick) = balancer.pick(spec, req.port, v6_ok, now, rng) else {
         count(spec.name.as_str(), "no_backend");
         return Some(Reply::refuse(req.id, Status::NoBackend, generation));

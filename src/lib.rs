@@ -7,6 +7,7 @@
 pub mod balancer;
 pub mod admin;
 pub mod config;
+pub mod conn_count;
 pub mod daemon;
 pub mod diagnostic;
 pub mod dns;

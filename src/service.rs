@@ -133,10 +133,12 @@ pub enum LbPolicy {
     Random,
     /// Power of two choices on outstanding connects.
     P2c,
+    /// Fewest established connections from this host (the kernel's socket table).
+    LeastConn,
 }
 
 impl LbPolicy {
-    pub const NAMES: &'static [&'static str] = &["round-robin", "weighted-round-robin", "random", "p2c"];
+    pub const NAMES: &'static [&'static str] = &["round-robin", "weighted-round-robin", "random", "p2c", "least-conn"];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -144,6 +146,7 @@ impl LbPolicy {
             Self::WeightedRoundRobin => "weighted-round-robin",
             Self::Random => "random",
             Self::P2c => "p2c",
+            Self::LeastConn => "least-conn",
         }
     }
 }
@@ -169,6 +172,7 @@ impl FromStr for LbPolicy {
             "weighted-round-robin" => Ok(Self::WeightedRoundRobin),
             "random" => Ok(Self::Random),
             "p2c" => Ok(Self::P2c),
+            "least-conn" => Ok(Self::LeastConn),
             other => Err(format!(
                 "unknown lb {other:?}, expected one of {}",
                 Self::NAMES.join(", ")
@@ -309,6 +313,6 @@ mod tests {
         for name in LbPolicy::NAMES {
             assert_eq!(name.parse::<LbPolicy>().unwrap().as_str(), *name);
         }
-        assert!("least-conn".parse::<LbPolicy>().unwrap_err().contains("round-robin"));
+        assert!("fastest".parse::<LbPolicy>().unwrap_err().contains("least-conn"));
     }
 }

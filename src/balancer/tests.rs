@@ -565,3 +565,111 @@ fn slow_start_share_is_linear_from_the_floor() {
         1000
     );
 }
+
+#[test]
+fn least_conn_follows_the_counts_ties_by_weight_then_in_turn() {
+    let s = spec(
+        LbPolicy::LeastConn,
+        &[
+            ("127.0.0.2:80", 1),
+            ("127.0.0.3:80", 1),
+            ("127.0.0.4:80", 2),
+        ],
+    );
+    let mut b = Balancer::default();
+    let mut rng = StdRng::seed_from_u64(1);
+    let t0 = Instant::now();
+    assert!(b.connections_stale(t0, Duration::from_millis(100)));
+    let table = |pairs: &[(&str, u32)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (a(k), *v))
+            .collect::<HashMap<_, _>>()
+    };
+    b.set_connections(
+        table(&[
+            ("127.0.0.2:80", 5),
+            ("127.0.0.3:80", 0),
+            ("127.0.0.4:80", 4),
+        ]),
+        t0,
+    );
+    assert!(!b.connections_stale(t0 + Duration::from_millis(50), Duration::from_millis(100)));
+    // .3 has none; each pick counts as pending until the next table: .3 gets 0,1 then .4 (4/2 = 2) ties with .3 at 2...
+    let picks: Vec<SocketAddr> = (0..6)
+        .map(|_| b.pick(&s, 80, true, t0, &mut rng).unwrap().backend)
+        .collect();
+    assert_eq!(
+        &picks[..2],
+        &[a("127.0.0.3:80"), a("127.0.0.3:80")],
+        "{picks:?}"
+    );
+    assert!(
+        !picks.contains(&a("127.0.0.2:80")),
+        "the most loaded gets nothing: {picks:?}"
+    );
+    // Per unit of weight: .4 with 4 over weight 2 beats .2 with 3 over weight 1.
+    b.set_connections(
+        table(&[
+            ("127.0.0.2:80", 3),
+            ("127.0.0.3:80", 3),
+            ("127.0.0.4:80", 4),
+        ]),
+        t0,
+    );
+    assert_eq!(
+        b.pick(&s, 80, true, t0, &mut rng).unwrap().backend,
+        a("127.0.0.4:80")
+    );
+    // All equal per weight: the larger weight wins the tie.
+    b.set_connections(
+        table(&[
+            ("127.0.0.2:80", 1),
+            ("127.0.0.3:80", 1),
+            ("127.0.0.4:80", 2),
+        ]),
+        t0,
+    );
+    assert_eq!(
+        b.pick(&s, 80, true, t0, &mut rng).unwrap().backend,
+        a("127.0.0.4:80")
+    );
+    // Equal weights and counts: in turn.
+    let even = spec(
+        LbPolicy::LeastConn,
+        &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)],
+    );
+    let mut b = Balancer::default();
+    b.set_connections(HashMap::new(), t0);
+    let c = counts(&mut b, &even, 100, 1);
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![50, 50],
+        "{c:?}"
+    );
+}
+
+#[test]
+fn least_conn_over_a_large_set_uses_two_choices_and_avoids_the_loaded() {
+    let addrs: Vec<String> = (2..42).map(|i| format!("127.0.0.{i}:80")).collect();
+    let pairs: Vec<(&str, u16)> = addrs.iter().map(|s| (s.as_str(), 1)).collect();
+    let s = spec(LbPolicy::LeastConn, &pairs);
+    let mut b = Balancer::default();
+    let t0 = Instant::now();
+    // Half the backends carry 100 connections each.
+    let table: HashMap<SocketAddr, u32> = addrs.iter().take(20).map(|x| (a(x), 100)).collect();
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut loaded = 0;
+    for _ in 0..1000 {
+        b.set_connections(table.clone(), t0);
+        let p = b.pick(&s, 80, true, t0, &mut rng).unwrap();
+        if table.contains_key(&p.backend) {
+            loaded += 1;
+        }
+    }
+    // p2c picks a loaded one only when both draws are loaded: about (20/40)(19/39) = 24%.
+    assert!(
+        (180..=310).contains(&loaded),
+        "{loaded} of 1000 went to loaded backends"
+    );
+}
