@@ -3,7 +3,8 @@
 //! after the configured consecutive failures and gets picks again once the ejection time is
 //! over (not merely the 2 s hold). Slow start: a backend added to a running service gets a
 //! share that grows, window by window, from the floor to its full weight. Weighted random
-//! holds its weights within a stated tolerance.
+//! holds its weights within a stated tolerance. Least-conn: long-lived connections held open to
+//! one backend (seen in the kernel's socket table) send new connects to the other.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,7 +12,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::harness::{DISCOTECH, Daemon, Netns, eventually};
-use crate::zk::ensure_hook_library;
+use crate::zk::{backend, ensure_hook_library, hooked_who};
 
 /// greeter and hookclient, compiled once per run into this module's own directory.
 fn c_program(name: &str) -> String {
@@ -141,4 +142,34 @@ fn weighted_random_holds_its_weights_within_tolerance() {
     // Expect 300 of 400 on b; binomial sd is about 8.7, so +-35 is four sd.
     let b = count(&got, "b");
     assert!((265..=335).contains(&b), "b got {b} of 400, want about 300");
+}
+
+#[test]
+fn least_conn_follows_real_long_lived_connections() {
+    let ns = Netns::new();
+    backend(&ns, "127.0.0.2", 8080, "a");
+    backend(&ns, "127.0.0.3", 8080, "b");
+    let d = daemon(&ns, "[services.least]\nlb = \"least-conn\"\nbackends = [\"127.0.0.2:8080\", \"127.0.0.3:8080\"]\n");
+    let even = hooked_who(&ns, &d, "least.disco", 8080, 10);
+    assert_eq!((count(&even, "a"), count(&even, "b")), (5, 5), "no connections held: in turn: {even:?}");
+
+    // Ten connections to a, held open by a process that is not hooked: the table is the truth.
+    let held = ns.path("held.log");
+    let holder = ns.spawn(
+        "python3",
+        &["-c", "import socket, sys, time\ns = [socket.create_connection(('127.0.0.2', 8080)) for _ in range(10)]\nprint('held', flush=True)\ntime.sleep(60)"],
+        &held,
+    );
+    let up = eventually(Duration::from_secs(5), || std::fs::read_to_string(&held).ok().filter(|t| t.contains("held")));
+    assert!(up.is_some(), "the holder did not connect");
+    std::thread::sleep(Duration::from_millis(150)); // one refresh of the counts
+    let loaded = hooked_who(&ns, &d, "least.disco", 8080, 8);
+    assert_eq!(count(&loaded, "b"), 8, "new connects avoid the backend with 10 established: {loaded:?}");
+
+    ns.kill(holder);
+    let back = eventually(Duration::from_secs(5), || {
+        let got = hooked_who(&ns, &d, "least.disco", 8080, 10);
+        (count(&got, "a") >= 4 && count(&got, "b") >= 4).then_some(got)
+    });
+    assert!(back.is_some(), "once the connections close both backends share again");
 }
