@@ -1,11 +1,9 @@
 //! Counting this host's established TCP connections per remote address, from the kernel's socket
-//! table, for least-conn balancing. Reads `/proc/net/tcp` and `/proc/net/tcp6` (state 01,
-//! ESTABLISHED) of the daemon's network namespace; the choice among backends is left to the
-//! balancer.
-//!
-//! Why /proc rather than netlink sock_diag: the daemon forbids unsafe code and carries no netlink
-//! crate yet; parsing the text table costs about 1 ms per 10k sockets, and the hook server reads
-//! it at most every [`REFRESH`], and only while some least-conn service is being balanced.
+//! table, for least-conn balancing: a netlink sock_diag dump of ESTABLISHED TCP sockets (v4 and
+//! v6) of the daemon's network namespace, or, if netlink is refused, `/proc/net/tcp{,6}` (state
+//! 01). The choice among backends is left to the balancer. Netlink comes first because the
+//! packaged unit hides `/proc/net` (`ProcSubset=pid`) and the kernel filters by state for us.
+//! The hook server reads at most every [`REFRESH`], and only while a least-conn service is picked for.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -14,13 +12,108 @@ use std::time::Duration;
 /// The longest a least-conn pick works from counts older than this.
 pub const REFRESH: Duration = Duration::from_millis(100);
 
-/// Established connections per remote `ip:port`, for this network namespace. A table that cannot
-/// be read (e.g. `/proc/net` hidden by systemd's `ProcSubset=pid`) counts nothing, and the
-/// balancer falls back to its tie-breaks; the error is returned for the caller to log once.
+/// Established connections per remote `ip:port`, for this network namespace: netlink first, then
+/// /proc. When neither can be read the counts are empty (the balancer falls back to its
+/// tie-breaks) and the last error is returned for the caller to log.
+pub fn read() -> (HashMap<SocketAddr, u32>, Option<std::io::Error>) {
+    match read_netlink() {
+        Ok(counts) => (counts, None),
+        Err(netlink) => {
+            let (counts, error) = read_proc();
+            (
+                counts,
+                error.map(|e| {
+                    std::io::Error::other(format!("netlink sock_diag: {netlink}; /proc/net: {e}"))
+                }),
+            )
+        }
+    }
+}
+
+/// Netlink messages read from one dump at most: a bound, far above any real socket table
+/// (each message is one socket).
+const MAX_DIAG_MESSAGES: usize = 4_000_000;
+
+/// One sock_diag dump per address family, ESTABLISHED only.
 ///
 /// # Errors
-/// The first table that could not be read.
-pub fn read() -> (HashMap<SocketAddr, u32>, Option<std::io::Error>) {
+/// The socket could not be opened or the kernel answered with an error or bytes we cannot decode.
+pub fn read_netlink() -> std::io::Result<HashMap<SocketAddr, u32>> {
+    use netlink_packet_core::{
+        NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    };
+    use netlink_packet_sock_diag::SockDiagMessage;
+    use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+    use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+    use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
+
+    let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let mut counts = HashMap::new();
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NlAddr::new(0, 0))?;
+    for (family, id) in [
+        (AF_INET, SocketId::new_v4()),
+        (AF_INET6, SocketId::new_v6()),
+    ] {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let mut request = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: IPPROTO_TCP,
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::ESTABLISHED,
+                socket_id: id,
+            })
+            .into(),
+        );
+        request.finalize();
+        // serialize() panics on a short buffer: size it from the message itself.
+        let mut out = vec![0u8; request.buffer_len()];
+        request.serialize(&mut out);
+        socket.send(&out, 0)?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut seen = 0usize;
+        'dump: loop {
+            let size = socket.recv(&mut &mut buf[..], 0)?;
+            let mut offset = 0;
+            while offset < size {
+                let bytes = buf.get(offset..size).unwrap_or_default();
+                let msg = NetlinkMessage::<SockDiagMessage>::deserialize(bytes)
+                    .map_err(|e| bad(format!("sock_diag reply: {e}")))?;
+                let len = msg.header.length as usize;
+                match msg.payload {
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                        let id = &r.header.socket_id;
+                        let ip = match id.destination_address {
+                            IpAddr::V6(v6) => {
+                                v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+                            }
+                            v4 => v4,
+                        };
+                        *counts
+                            .entry(SocketAddr::new(ip, id.destination_port))
+                            .or_insert(0) += 1;
+                    }
+                    NetlinkPayload::Done(_) => break 'dump,
+                    NetlinkPayload::Error(e) => return Err(bad(format!("sock_diag: {e:?}"))),
+                    _ => {}
+                }
+                seen += 1;
+                if len == 0 || seen > MAX_DIAG_MESSAGES {
+                    return Err(bad("sock_diag dump did not end".into()));
+                }
+                offset += len;
+            }
+        }
+    }
+    Ok(counts)
+}
+
+/// The /proc text tables; see [`read`].
+pub fn read_proc() -> (HashMap<SocketAddr, u32>, Option<std::io::Error>) {
     let mut counts = HashMap::new();
     let mut error = None;
     for path in ["/proc/net/tcp", "/proc/net/tcp6"] {
@@ -122,5 +215,9 @@ mod tests {
         let (c, error) = read();
         assert!(error.is_none(), "{error:?}");
         assert_eq!(c.get(&addr), Some(&1), "{c:?}");
+        let netlink = read_netlink().unwrap();
+        assert_eq!(netlink.get(&addr), Some(&1), "{netlink:?}");
+        let (proc, _) = read_proc();
+        assert_eq!(proc.get(&addr), Some(&1), "{proc:?}");
     }
 }
