@@ -1,6 +1,7 @@
 //! Choosing a backend for one connect: per-service balancing state (round robin, smooth weighted
 //! round robin, weighted random, power of two choices on outstanding connects, least
-//! connections over counts the caller reads from the kernel), passive health
+//! connections over counts the caller reads from the kernel, maglev over the caller's key),
+//! passive health
 //! (a short hold after each reported failure, ejection after consecutive failures) and slow
 //! start. Pure: no I/O, the clock and the RNG are passed in. The hook server owns one
 //! [`Balancer`] and feeds it the current snapshot's specs.
@@ -125,6 +126,8 @@ struct ServiceState {
     backends: Vec<BackendState>,
     /// False until the first sync: backends of the first list do not ramp.
     initialised: bool,
+    /// Maglev lookup table (indices into `spec.backends`) and the candidates it was built for.
+    maglev: Option<(Vec<usize>, Vec<u32>)>,
 }
 
 impl ServiceState {
@@ -188,6 +191,19 @@ impl Balancer {
         now: Instant,
         rng: &mut R,
     ) -> Option<Pick> {
+        self.pick_keyed(spec, client_port, v6_ok, now, rng, 0)
+    }
+
+    /// [`Balancer::pick`] with the caller's affinity `key` (used by maglev services).
+    pub fn pick_keyed<R: Rng + ?Sized>(
+        &mut self,
+        spec: &ServiceSpec,
+        client_port: u16,
+        v6_ok: bool,
+        now: Instant,
+        rng: &mut R,
+        key: u64,
+    ) -> Option<Pick> {
         let state = self.services.entry(spec.name.clone()).or_default();
         state.sync(spec, now);
         let candidates = eligible(spec, state, v6_ok, now);
@@ -203,6 +219,19 @@ impl Balancer {
             }
             LbPolicy::WeightedRoundRobin => smooth_weighted(state, &candidates, &weights),
             LbPolicy::Random => weighted_random(&candidates, &weights, rng),
+            LbPolicy::Maglev => {
+                if state.maglev.as_ref().is_none_or(|(c, _)| *c != candidates) {
+                    let names: Vec<SocketAddr> = candidates
+                        .iter()
+                        .filter_map(|&i| spec.backends.get(i).map(|b| b.addr))
+                        .collect();
+                    let table = maglev_table(&names, MAGLEV_SIZE);
+                    state.maglev = Some((candidates.clone(), table));
+                }
+                let (c, table) = state.maglev.as_ref()?;
+                let slot = (mix(key) % table.len() as u64) as usize;
+                table.get(slot).and_then(|&j| c.get(j as usize)).copied()
+            }
             LbPolicy::LeastConn => {
                 let conns: Vec<u64> = candidates
                     .iter()
@@ -501,6 +530,77 @@ fn weighted_random<R: Rng + ?Sized>(
         x -= w;
     }
     None
+}
+
+/// Maglev lookup table size: a prime well above any backend count, so each backend owns about
+/// 1/n of the slots to within a fraction of a percent.
+const MAGLEV_SIZE: usize = 65_537;
+
+/// Maglev (Eisenbud et al., NSDI 2016): each backend walks its own permutation of the slots
+/// (offset and skip from two hashes of its address) and they take turns claiming free slots.
+/// Removing one backend moves mostly the keys it owned. Entries are positions in `backends`.
+/// Unweighted: every backend owns an equal share.
+pub fn maglev_table(backends: &[SocketAddr], size: usize) -> Vec<u32> {
+    let n = backends.len();
+    if n == 0 || size == 0 {
+        return Vec::new();
+    }
+    let size64 = size as u64;
+    let perms: Vec<(u64, u64)> = backends
+        .iter()
+        .map(|b| {
+            let name = b.to_string();
+            let offset = fnv1a(name.as_bytes(), 0xcbf2_9ce4_8422_2325) % size64;
+            let skip = fnv1a(name.as_bytes(), 0x8422_2325_cbf2_9ce4)
+                % (size64.saturating_sub(1).max(1))
+                + 1;
+            (offset, skip)
+        })
+        .collect();
+    let mut next = vec![0u64; n];
+    let mut table = vec![u32::MAX; size];
+    let mut filled = 0;
+    'fill: loop {
+        for (i, &(offset, skip)) in perms.iter().enumerate() {
+            // More backends than slots: the table is full before every backend had a turn.
+            if filled == size {
+                break 'fill;
+            }
+            let Some(tries) = next.get_mut(i) else {
+                continue;
+            };
+            loop {
+                let slot = ((offset + *tries * skip) % size64) as usize;
+                *tries += 1;
+                if let Some(entry) = table.get_mut(slot)
+                    && *entry == u32::MAX
+                {
+                    *entry = i as u32;
+                    filled += 1;
+                    break;
+                }
+            }
+            if filled == size {
+                break 'fill;
+            }
+        }
+    }
+    table
+}
+
+/// FNV-1a with a chosen basis: stable across builds and restarts, unlike std's hasher, so a
+/// key keeps its backend when the daemon is upgraded.
+fn fnv1a(bytes: &[u8], basis: u64) -> u64 {
+    bytes.iter().fold(basis, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// splitmix64's finaliser: spreads small keys (uids 0, 1000, 1001) over the table.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// Above this many candidates least-conn compares two random ones instead of scanning all.

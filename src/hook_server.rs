@@ -154,7 +154,8 @@ async fn serve_peer(
                 break;
             }
         }
-        let Some(reply) = handle(shared, &buf, &mut outstanding, Instant::now()) else {
+        let key = uid.map_or(0, u64::from);
+        let Some(reply) = handle(shared, &buf, &mut outstanding, Instant::now(), key) else {
             continue;
         };
         let Ok(reply) = reply else {
@@ -181,6 +182,7 @@ fn handle(
     buf: &[u8; MSG_LEN],
     outstanding: &mut Vec<(ServiceName, SocketAddr)>,
     now: Instant,
+    key: u64,
 ) -> Option<Result<[u8; MSG_LEN], ()>> {
     let started = Instant::now();
     let snap = shared.snapshot.load();
@@ -218,7 +220,7 @@ fn handle(
         balancer.retain(|name| snap.service(name.as_str()).is_some());
         *pruned_at = snap.generation;
     }
-    let reply = answer(balancer, rng, &snap, &req, outstanding, now)?.encode();
+    let reply = answer(balancer, rng, &snap, &req, outstanding, now, key)?.encode();
     METRICS.hook_duration.observe(started.elapsed().as_secs_f64());
     Some(Ok(reply))
 }
@@ -233,7 +235,8 @@ fn request_id(buf: &[u8; MSG_LEN]) -> u32 {
     u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]])
 }
 
-/// The balancing decision for one decoded request, separated from the socket for tests.
+/// The balancing decision for one decoded request, separated from the socket for tests. `key` is
+/// the caller's affinity key for maglev services (its uid).
 fn answer(
     balancer: &mut Balancer,
     rng: &mut SmallRng,
@@ -241,6 +244,7 @@ fn answer(
     req: &Request,
     outstanding: &mut Vec<(ServiceName, SocketAddr)>,
     now: Instant,
+    key: u64,
 ) -> Option<Reply> {
     let generation = snap.generation;
     let Some(service) = snap.by_addr(req.magic_ip()) else {
@@ -290,7 +294,7 @@ fn answer(
         }
         balancer.set_connections(counts, now);
     }
-    let Some(pick) = balancer.pick(spec, req.port, v6_ok, now, rng) else {
+    let Some(pick) = balancer.pick_keyed(spec, req.port, v6_ok, now, rng, key) else {
         count(spec.name.as_str(), "no_backend");
         return Some(Reply::refuse(req.id, Status::NoBackend, generation));
     };

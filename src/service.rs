@@ -135,10 +135,12 @@ pub enum LbPolicy {
     P2c,
     /// Fewest established connections from this host (the kernel's socket table).
     LeastConn,
+    /// Maglev consistent hashing of the caller's key (its uid): affinity that survives backend changes.
+    Maglev,
 }
 
 impl LbPolicy {
-    pub const NAMES: &'static [&'static str] = &["round-robin", "weighted-round-robin", "random", "p2c", "least-conn"];
+    pub const NAMES: &'static [&'static str] = &["round-robin", "weighted-round-robin", "random", "p2c", "least-conn", "maglev"];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -147,6 +149,7 @@ impl LbPolicy {
             Self::Random => "random",
             Self::P2c => "p2c",
             Self::LeastConn => "least-conn",
+            Self::Maglev => "maglev",
         }
     }
 }
@@ -173,6 +176,7 @@ impl FromStr for LbPolicy {
             "random" => Ok(Self::Random),
             "p2c" => Ok(Self::P2c),
             "least-conn" => Ok(Self::LeastConn),
+            "maglev" => Ok(Self::Maglev),
             other => Err(format!(
                 "unknown lb {other:?}, expected one of {}",
                 Self::NAMES.join(", ")

@@ -673,3 +673,102 @@ fn least_conn_over_a_large_set_uses_two_choices_and_avoids_the_loaded() {
         "{loaded} of 1000 went to loaded backends"
     );
 }
+
+fn maglev_owner(table: &[u32], names: &[SocketAddr], key: u64) -> SocketAddr {
+    names[table[(mix(key) % table.len() as u64) as usize] as usize]
+}
+
+#[test]
+fn maglev_spreads_keys_evenly_and_moves_few_when_backends_change() {
+    let five: Vec<SocketAddr> = (2..7).map(|i| a(&format!("127.0.0.{i}:80"))).collect();
+    let t5 = maglev_table(&five, MAGLEV_SIZE);
+    let mut per: HashMap<SocketAddr, usize> = HashMap::new();
+    for k in 0..20_000u64 {
+        *per.entry(maglev_owner(&t5, &five, k)).or_insert(0) += 1;
+    }
+    // 4000 each expected; binomial sd about 57, plus Maglev's slot imbalance (under 1%).
+    assert!(per.values().all(|&n| (3700..=4300).contains(&n)), "{per:?}");
+
+    // Remove one: keys it did not own keep their backend (Maglev moves a few percent at most).
+    let four: Vec<SocketAddr> = five.iter().copied().filter(|x| *x != five[2]).collect();
+    let t4 = maglev_table(&four, MAGLEV_SIZE);
+    let (mut kept, mut others) = (0, 0);
+    for k in 0..20_000u64 {
+        let before = maglev_owner(&t5, &five, k);
+        if before != five[2] {
+            others += 1;
+            kept += usize::from(maglev_owner(&t4, &four, k) == before);
+        }
+    }
+    assert!(
+        kept * 100 >= others * 97,
+        "{kept} of {others} kept their backend"
+    );
+
+    // Add one: about 1/6 of the keys move (to the new backend), not more.
+    let mut six = five.clone();
+    six.push(a("127.0.0.7:80"));
+    let t6 = maglev_table(&six, MAGLEV_SIZE);
+    let moved = (0..20_000u64)
+        .filter(|&k| maglev_owner(&t6, &six, k) != maglev_owner(&t5, &five, k))
+        .count();
+    assert!(moved <= 20_000 / 6 + 600, "{moved} of 20000 moved");
+    assert!(maglev_table(&[], 7).is_empty());
+    assert_eq!(
+        maglev_table(&five, 3).len(),
+        3,
+        "more backends than slots still terminates"
+    );
+}
+
+#[test]
+fn maglev_picks_follow_the_key_and_survive_an_ejection_elsewhere() {
+    let mut s = spec(
+        LbPolicy::Maglev,
+        &[
+            ("127.0.0.2:80", 1),
+            ("127.0.0.3:80", 1),
+            ("127.0.0.4:80", 1),
+            ("127.0.0.5:80", 1),
+        ],
+    );
+    s.outlier = Some(outlier(1, 30, 50));
+    let mut b = Balancer::new(Duration::ZERO);
+    let mut rng = StdRng::seed_from_u64(1);
+    let t0 = Instant::now();
+    let owners: Vec<SocketAddr> = (0..200u64)
+        .map(|k| b.pick_keyed(&s, 80, true, t0, &mut rng, k).unwrap().backend)
+        .collect();
+    for (k, o) in owners.iter().enumerate() {
+        assert_eq!(
+            b.pick_keyed(&s, 80, true, t0, &mut rng, k as u64)
+                .unwrap()
+                .backend,
+            *o,
+            "same key, same backend"
+        );
+    }
+    let distinct: std::collections::HashSet<_> = owners.iter().collect();
+    assert_eq!(distinct.len(), 4);
+    // Eject one: only its keys move.
+    let gone = a("127.0.0.3:80");
+    assert!(matches!(
+        b.report_failure(&s, gone, t0),
+        FailureOutcome::Ejected { .. }
+    ));
+    let mut moved_others = 0;
+    for (k, o) in owners.iter().enumerate() {
+        let now = b
+            .pick_keyed(&s, 80, true, t0, &mut rng, k as u64)
+            .unwrap()
+            .backend;
+        assert_ne!(now, gone);
+        if *o != gone && now != *o {
+            moved_others += 1;
+        }
+    }
+    assert!(
+        moved_others <= 10,
+        "{moved_others} keys of surviving backends moved"
+    );
+}

@@ -209,7 +209,7 @@ fn p2c_picks_ask_for_done_and_done_releases_them() {
     let mut outstanding = Vec::new();
     let now = Instant::now();
     let req = pick(1, WEB.into(), 80);
-    let r = answer(&mut balancer, &mut rng, &snap, &req, &mut outstanding, now).unwrap();
+    let r = answer(&mut balancer, &mut rng, &snap, &req, &mut outstanding, now, 0).unwrap();
     assert_eq!(r.flags & FLAG_REPORT_DONE, FLAG_REPORT_DONE);
     let name: ServiceName = "web".parse().unwrap();
     assert_eq!(balancer.outstanding(&name, r.backend_addr()), 1);
@@ -219,14 +219,14 @@ fn p2c_picks_ask_for_done_and_done_releases_them() {
     done.backend = r.backend;
     done.backend_port = r.backend_port;
     assert_eq!(
-        answer(&mut balancer, &mut rng, &snap, &done, &mut outstanding, now),
+        answer(&mut balancer, &mut rng, &snap, &done, &mut outstanding, now, 0),
         None,
         "done has no reply"
     );
     assert_eq!(balancer.outstanding(&name, r.backend_addr()), 0);
     assert!(outstanding.is_empty());
     // A second done for the same pick does not go negative or touch other picks.
-    answer(&mut balancer, &mut rng, &snap, &done, &mut outstanding, now);
+    answer(&mut balancer, &mut rng, &snap, &done, &mut outstanding, now, 0);
     assert_eq!(balancer.outstanding(&name, r.backend_addr()), 0);
 }
 
@@ -243,6 +243,7 @@ fn v4_socket_with_only_v6_backends_gets_no_backend() {
         &pick(1, WEB.into(), 80),
         &mut Vec::new(),
         Instant::now(),
+        0,
     );
     assert_eq!(r.unwrap().status, Status::NoBackend);
 }
@@ -342,7 +343,7 @@ fn balancing_state_of_removed_services_is_dropped_on_the_next_generation() {
     let mut outstanding = Vec::new();
     let bytes = pick(1, WEB.into(), 80).encode();
     let reply = Reply::decode(
-        &handle(&shared_state, &bytes, &mut outstanding, Instant::now())
+        &handle(&shared_state, &bytes, &mut outstanding, Instant::now(), 0)
             .unwrap()
             .unwrap(),
     )
@@ -359,7 +360,7 @@ fn balancing_state_of_removed_services_is_dropped_on_the_next_generation() {
     );
     snapshot.store(Arc::new(Snapshot::new(2, [])));
     let gone = Reply::decode(
-        &handle(&shared_state, &bytes, &mut outstanding, Instant::now())
+        &handle(&shared_state, &bytes, &mut outstanding, Instant::now(), 0)
             .unwrap()
             .unwrap(),
     )
