@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use discotech_wire::fallback::{self, Header, Record};
 use discotech_wire::{
-    DecodeError, FLAG_INET6, FLAG_REPORT_DONE, Kind, MSG_LEN, Reply, Request, Status, to_mapped,
+    DecodeError, FLAG_HASH_KEY, FLAG_INET6, FLAG_REPORT_DONE, Kind, MSG_LEN, Reply, Request, Status, to_mapped,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use rand::SeedableRng;
@@ -287,6 +287,8 @@ fn answer(
         }
     }
     let v6_ok = req.flags & FLAG_INET6 != 0;
+    // A key the caller set (DISCOTECH_HASH_KEY) wins over its uid.
+    let key = if req.flags & FLAG_HASH_KEY != 0 { req.hash_key } else { key };
     if spec.lb == LbPolicy::LeastConn && balancer.connections_stale(now, conn_count::REFRESH) {
         let (counts, error) = conn_count::read();
         if let Some(error) = error {

@@ -30,6 +30,8 @@ pub struct Config {
     pub timeout_ms: i64,
     /// A privileged (AT_SECURE) process: only root or its effective uid may answer it.
     pub secure: bool,
+    /// DISCOTECH_HASH_KEY, hashed at load time: the affinity key for maglev services.
+    pub hash_key: Option<u64>,
 }
 
 impl Config {
@@ -48,6 +50,7 @@ impl Config {
             daemon_uid: None,
             timeout_ms: DEFAULT_TIMEOUT_MS,
             secure: false,
+            hash_key: None,
         };
         copy(&mut cfg.socket, path);
         // The directory part, including its trailing '/', then the fallback file name.
@@ -84,6 +87,11 @@ impl Config {
         self.daemon_uid = env
             .and_then(|b| core::str::from_utf8(b).ok())
             .and_then(|s| s.trim().parse().ok());
+    }
+
+    /// An empty DISCOTECH_HASH_KEY is as if unset (the daemon keys on the uid).
+    pub fn set_hash_key(&mut self, env: Option<&[u8]>) {
+        self.hash_key = env.filter(|b| !b.is_empty()).map(discotech_wire::hash_key);
     }
 
     pub fn set_timeout(&mut self, env: Option<&[u8]>) {

@@ -99,6 +99,7 @@ extern "C" fn init() {
     });
     sys::with_env(c"DISCOTECH_DAEMON_UID", |uid| cfg.set_daemon_uid(uid));
     sys::with_env(c"DISCOTECH_HOOK_TIMEOUT_MS", |ms| cfg.set_timeout(ms));
+    sys::with_env(c"DISCOTECH_HASH_KEY", |key| cfg.set_hash_key(key));
     cfg.secure = sys::secure();
     let _ = CONFIG.set(cfg);
     sys::set_errno(saved);

@@ -30,6 +30,10 @@ pub struct RealOs {
 impl Os for RealOs {
     type Session = DaemonSession;
 
+    fn hash_key(&self) -> Option<u64> {
+        self.cfg.hash_key
+    }
+
     fn sock_info(&self, fd: c_int) -> Option<SockInfo> {
         sys::sock_info(fd, self.family)
     }

@@ -9,7 +9,7 @@
 use core::net::SocketAddr;
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use discotech_wire::{FLAG_INET6, FLAG_REPORT_DONE, Kind, Reply, Request, Status, to_mapped};
+use discotech_wire::{FLAG_HASH_KEY, FLAG_INET6, FLAG_REPORT_DONE, Kind, Reply, Request, Status, to_mapped};
 use libc::c_int;
 
 use crate::choose::choose;
@@ -38,6 +38,10 @@ pub trait Os {
         turn: u32,
     ) -> Option<SocketAddr>;
     fn pid(&self) -> u32;
+    /// The caller's affinity key (DISCOTECH_HASH_KEY, hashed at load time), if it set one.
+    fn hash_key(&self) -> Option<u64> {
+        None
+    }
 }
 
 pub trait Session {
@@ -123,6 +127,10 @@ impl<O: Os> Ctx<'_, O> {
             self.os.pid(),
         );
         req.kind = kind;
+        if let Some(key) = self.os.hash_key() {
+            req.flags |= FLAG_HASH_KEY;
+            req.hash_key = key;
+        }
         req
     }
 

@@ -5,7 +5,8 @@
 //! share that grows, window by window, from the floor to its full weight. Weighted random
 //! holds its weights within a stated tolerance. Least-conn: long-lived connections held open to
 //! one backend (seen in the kernel's socket table) send new connects to the other. Maglev: each
-//! caller uid sticks to one backend, uids spread, and killing another backend moves nobody.
+//! caller uid (or DISCOTECH_HASH_KEY) sticks to one backend, they spread, and killing another
+//! backend moves nobody.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -212,6 +213,20 @@ fn maglev_keeps_each_uid_on_one_backend_and_spreads_uids() {
     let distinct: std::collections::HashSet<&String> = owner.iter().collect();
     // Deterministic (the hashes are fixed): with these uids and addresses all three are used.
     assert_eq!(distinct.len(), 3, "12 uids over 3 backends spread: {owner:?}");
+
+    // One uid, different DISCOTECH_HASH_KEY values: the key the caller sets wins over its uid.
+    let magic = d.short("sticky.disco", "A").remove(0);
+    let mut by_key = Vec::new();
+    for k in 0..12 {
+        let key = format!("DISCOTECH_HASH_KEY=tenant-{k}");
+        let out = ns.run("env", &[&key, DISCOTECH, "run", "--config", d.config.to_str().expect("utf-8"), "--", &c_program("hookclient"), "many", &magic, "7001", "5"]);
+        let got: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().trim_start_matches("OK ").to_owned()).collect();
+        assert_eq!(got.len(), 5, "{key}: {got:?}");
+        assert!(got.iter().all(|g| *g == got[0]), "{key} sticks to one backend: {got:?}");
+        by_key.push(got[0].clone());
+    }
+    let distinct: std::collections::HashSet<&String> = by_key.iter().collect();
+    assert!(distinct.len() >= 2, "keys spread even though the uid is the same: {by_key:?}");
 
     // Kill c: uids on a and b stay where they were; c's uids move (refused, then ejected).
     ns.kill(c);

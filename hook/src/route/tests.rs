@@ -31,6 +31,7 @@ struct Fake {
     file: Vec<Record>,
     /// The inode behind the fd the tests use.
     ino: RefCell<u64>,
+    hash_key: Option<u64>,
 }
 
 struct FakeSession<'a>(&'a Fake);
@@ -108,6 +109,10 @@ impl<'a> Os for &'a Fake {
     fn pid(&self) -> u32 {
         42
     }
+
+    fn hash_key(&self) -> Option<u64> {
+        self.hash_key
+    }
 }
 
 fn tcp(domain: c_int) -> Option<SockInfo> {
@@ -122,6 +127,7 @@ fn fake(backends: &[&str]) -> Fake {
         info: tcp(libc::AF_INET),
         daemon_up: true,
         ino: RefCell::new(777),
+        hash_key: None,
         daemon_backends: backends.iter().map(|b| a(b)).collect(),
         ..Fake::default()
     }
@@ -405,4 +411,18 @@ fn a_reused_fd_number_is_a_new_socket_and_gets_a_new_pick() {
     let connects: Vec<SocketAddr> = f.connects.borrow().iter().map(|c| c.0).collect();
     assert_eq!(connects, [a("127.0.0.2:8080"), a("127.0.0.3:8080")]);
     assert_eq!(f.requests.borrow().len(), 2, "asked again");
+}
+
+#[test]
+fn a_hash_key_rides_on_every_request_with_its_flag() {
+    let mut f = fake(&["127.0.0.2:8080"]);
+    assert_eq!(on_connect(&&f, &State::new(), 3, a(WEB)), Verdict::Return(Ok(())));
+    assert!(f.requests.borrow().iter().all(|r| r.flags & FLAG_HASH_KEY == 0 && r.hash_key == 0));
+    f.requests.borrow_mut().clear();
+    f.hash_key = Some(discotech_wire::hash_key(b"tenant-a"));
+    f.report_done = true;
+    assert_eq!(on_connect(&&f, &State::new(), 3, a(WEB)), Verdict::Return(Ok(())));
+    let reqs = f.requests.borrow();
+    assert!(!reqs.is_empty());
+    assert!(reqs.iter().all(|r| r.flags & FLAG_HASH_KEY != 0 && r.hash_key == discotech_wire::hash_key(b"tenant-a")), "{reqs:?}");
 }

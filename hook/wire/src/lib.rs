@@ -96,6 +96,9 @@ impl Kind {
 pub const FLAG_INET6: u8 = 1;
 /// Request flag: the caller's socket is non-blocking (informational; may be left unset).
 pub const FLAG_NONBLOCK: u8 = 2;
+/// Request flag: `hash_key` carries the caller's affinity key (DISCOTECH_HASH_KEY); without it
+/// the daemon keys on the caller's uid.
+pub const FLAG_HASH_KEY: u8 = 4;
 /// Reply flag: send a [`Kind::Done`] message once the connect to the backend returns.
 pub const FLAG_REPORT_DONE: u8 = 1;
 
@@ -128,6 +131,9 @@ pub struct Request {
     pub backend_port: u16,
     /// For [`Kind::Failed`]: the errno of the failed connect.
     pub errno: u16,
+    /// With [`FLAG_HASH_KEY`]: the affinity key for hashing balancers. Bytes 52..60, zero in
+    /// messages from hooks that predate it, so the version did not change.
+    pub hash_key: u64,
 }
 
 impl Request {
@@ -144,6 +150,7 @@ impl Request {
             backend: Ipv6Addr::UNSPECIFIED,
             backend_port: 0,
             errno: 0,
+            hash_key: 0,
         }
     }
 
@@ -167,6 +174,7 @@ impl Request {
         put(&mut b, 32, &self.backend.octets());
         put(&mut b, 48, &self.backend_port.to_be_bytes());
         put(&mut b, 50, &self.errno.to_be_bytes());
+        put(&mut b, 52, &self.hash_key.to_be_bytes());
         b
     }
 
@@ -186,6 +194,7 @@ impl Request {
             backend: Ipv6Addr::from(take16(b, 32)),
             backend_port: u16::from_be_bytes(take(b, 48)),
             errno: u16::from_be_bytes(take(b, 50)),
+            hash_key: u64::from_be_bytes(take(b, 52)),
         })
     }
 }
@@ -385,3 +394,9 @@ pub(crate) fn byte(b: &[u8], at: usize) -> u8 {
 
 #[cfg(test)]
 mod tests;
+
+/// The 64-bit affinity key for a `DISCOTECH_HASH_KEY` value: FNV-1a of its bytes, stable across
+/// builds so a key keeps its backend across upgrades of either side.
+pub fn hash_key(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}

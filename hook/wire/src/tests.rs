@@ -204,3 +204,16 @@ fn corrupt_fallback_headers_are_rejected() {
         Err(FallbackError::TooManyRecords(_))
     ));
 }
+
+#[test]
+fn hash_key_sits_in_bytes_52_to_60_and_old_requests_carry_zero() {
+    let mut req = Request::pick(7, "127.77.0.1".parse().unwrap(), 80, FLAG_HASH_KEY, 42);
+    req.hash_key = 0x0102_0304_0506_0708;
+    let b = req.encode();
+    assert_eq!(&b[52..60], &[1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(&b[60..], &[0, 0, 0, 0]);
+    assert_eq!(Request::decode(&b), Ok(req));
+    assert_eq!(Request::decode(&PICK_GOLDEN).map(|r| r.hash_key), Ok(0));
+    assert_eq!(hash_key(b"tenant-a"), hash_key(b"tenant-a"));
+    assert_ne!(hash_key(b"tenant-a"), hash_key(b"tenant-b"));
+}
