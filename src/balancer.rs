@@ -71,6 +71,8 @@ pub struct Balancer {
     /// Established connections per remote address (least-conn), and when they were counted.
     connections: HashMap<SocketAddr, u32>,
     connections_at: Option<Instant>,
+    /// This host's zone, and the share (per mille) of capacity it must hold to be preferred.
+    zone: Option<(String, u64)>,
 }
 
 impl Default for Balancer {
@@ -178,7 +180,16 @@ impl Balancer {
             fail_hold,
             connections: HashMap::new(),
             connections_at: None,
+            zone: None,
         }
+    }
+
+    /// Prefers backends in `zone` while they hold at least `min_share` of the eligible capacity
+    /// (see [`prefer_zone`]).
+    #[must_use]
+    pub fn with_zone(mut self, zone: Option<String>, min_share: f64) -> Self {
+        self.zone = zone.map(|z| (z, (min_share.clamp(0.0, 1.0) * 1000.0).round() as u64));
+        self
     }
 
     /// Chooses a backend of `spec` for a connect on `client_port`. `v6_ok` says whether the
@@ -206,9 +217,12 @@ impl Balancer {
     ) -> Option<Pick> {
         let state = self.services.entry(spec.name.clone()).or_default();
         state.sync(spec, now);
-        let candidates = eligible(spec, state, v6_ok, now);
+        let mut candidates = eligible(spec, state, v6_ok, now);
         if candidates.is_empty() {
             return None;
+        }
+        if let Some((zone, share)) = &self.zone {
+            candidates = prefer_zone(spec, candidates, zone, *share);
         }
         let weights = effective_weights(spec, state, &candidates, now);
         let chosen = match spec.lb {
@@ -403,6 +417,33 @@ impl Balancer {
     /// accumulate).
     pub fn retain(&mut self, mut keep: impl FnMut(&ServiceName) -> bool) {
         self.services.retain(|name, _| keep(name));
+    }
+}
+
+/// Zone preference, applied after health, ejection and tiers: of the eligible candidates, those
+/// in the host's `zone` alone, while there is at least one and they hold at least `share` per
+/// mille of the candidates' weight; otherwise all of them (spill over). Weights count as 1 when
+/// all are zero, as elsewhere.
+fn prefer_zone(spec: &ServiceSpec, candidates: Vec<usize>, zone: &str, share: u64) -> Vec<usize> {
+    let weight = |i: usize| {
+        let w = spec.backends.get(i).map_or(0, |b| u64::from(b.weight));
+        if w == 0 { 1 } else { w }
+    };
+    let local: Vec<usize> = candidates
+        .iter()
+        .copied()
+        .filter(|&i| {
+            spec.backends
+                .get(i)
+                .is_some_and(|b| b.zone.as_deref() == Some(zone))
+        })
+        .collect();
+    let local_w: u64 = local.iter().map(|&i| weight(i)).sum();
+    let total_w: u64 = candidates.iter().map(|&i| weight(i)).sum();
+    if !local.is_empty() && local_w * 1000 >= share * total_w {
+        local
+    } else {
+        candidates
     }
 }
 

@@ -231,7 +231,7 @@ pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> 
     if let Some(hook) = listeners.hook {
         hook.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
         let hook = tokio::net::UnixListener::from_std(hook).map_err(|e| DaemonError::Server(e.to_string()))?;
-        let cfg = HookServerConfig { socket: config.hook.socket.clone(), fallback_file: Some(fallback), ..HookServerConfig::default() };
+        let cfg = HookServerConfig { socket: config.hook.socket.clone(), fallback_file: Some(fallback), zone: config.balance.zone.clone(), local_min_share: config.balance.local_min_share, ..HookServerConfig::default() };
         let (snapshot, stop) = (shared.clone(), shutdown.clone());
         tracker.spawn(async move {
             if let Err(e) = hook_server::serve(hook, snapshot, cfg, stop).await {

@@ -55,6 +55,9 @@ pub struct HookServerConfig {
     pub max_peers: usize,
     /// How long a backend reported as refusing is skipped.
     pub fail_hold: Duration,
+    /// This host's zone and the capacity share it must keep to be preferred (`[balance]`).
+    pub zone: Option<String>,
+    pub local_min_share: f64,
 }
 
 impl Default for HookServerConfig {
@@ -65,6 +68,8 @@ impl Default for HookServerConfig {
             idle_timeout: Duration::from_secs(60),
             max_peers: 4096,
             fail_hold: DEFAULT_FAIL_HOLD,
+            zone: None,
+            local_min_share: 0.3,
         }
     }
 }
@@ -91,7 +96,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let shared = Arc::new(Shared {
         snapshot,
-        balance: Mutex::new((Balancer::new(cfg.fail_hold), SmallRng::from_os_rng(), 0)),
+        balance: Mutex::new((
+            Balancer::new(cfg.fail_hold).with_zone(cfg.zone.clone(), cfg.local_min_share),
+            SmallRng::from_os_rng(),
+            0,
+        )),
     });
     let peers = Arc::new(Semaphore::new(cfg.max_peers.max(1)));
     let tracker = TaskTracker::new();

@@ -193,11 +193,14 @@ pub struct Backend {
     pub weight: u16,
     pub priority: u16,
     pub ports: BTreeMap<PortName, u16>,
+    /// The zone the backend runs in; the host's zone is preferred (`[balance] zone`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 impl Backend {
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, weight: 1, priority: 0, ports: BTreeMap::new() }
+        Self { addr, weight: 1, priority: 0, ports: BTreeMap::new(), zone: None }
     }
 
     /// The port this backend serves `name` on, falling back to its default port.

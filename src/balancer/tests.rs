@@ -772,3 +772,58 @@ fn maglev_picks_follow_the_key_and_survive_an_ejection_elsewhere() {
         "{moved_others} keys of surviving backends moved"
     );
 }
+
+#[test]
+fn the_local_zone_is_preferred_while_it_holds_enough_capacity_then_spills_over() {
+    let mut s = spec(
+        LbPolicy::RoundRobin,
+        &[
+            ("127.0.0.2:80", 1),
+            ("127.0.0.3:80", 1),
+            ("127.0.0.4:80", 1),
+            ("127.0.0.5:80", 1),
+        ],
+    );
+    for (b, z) in s.backends.iter_mut().zip(["a", "a", "b", "b"]) {
+        b.zone = Some(z.into());
+    }
+    s.outlier = Some(outlier(1, 30, 50));
+    let mut b = Balancer::new(Duration::ZERO).with_zone(Some("a".into()), 0.3);
+    let c = counts(&mut b, &s, 40, 1);
+    assert_eq!(
+        (
+            c.get(&a("127.0.0.2:80")),
+            c.get(&a("127.0.0.3:80")),
+            c.len()
+        ),
+        (Some(&20), Some(&20), 2),
+        "{c:?}"
+    );
+    // One of two local backends ejected: 1 of 3 eligible (33%) is still >= 30%: local only.
+    let t0 = Instant::now();
+    let mut rng = StdRng::seed_from_u64(1);
+    assert!(matches!(
+        b.report_failure(&s, a("127.0.0.2:80"), t0),
+        FailureOutcome::Ejected { .. }
+    ));
+    let now: std::collections::HashSet<_> = (0..10)
+        .map(|_| b.pick(&s, 80, true, t0, &mut rng).unwrap().backend)
+        .collect();
+    assert_eq!(now.into_iter().collect::<Vec<_>>(), vec![a("127.0.0.3:80")]);
+    // With a 40% threshold the same state spills over to every eligible backend.
+    let mut b = Balancer::new(Duration::ZERO).with_zone(Some("a".into()), 0.4);
+    b.pick(&s, 80, true, t0, &mut rng);
+    b.report_failure(&s, a("127.0.0.2:80"), t0);
+    let spill: std::collections::HashSet<_> = (0..12)
+        .map(|_| b.pick(&s, 80, true, t0, &mut rng).unwrap().backend)
+        .collect();
+    assert_eq!(spill.len(), 3, "{spill:?}");
+    // A zone with no backends at all: everyone.
+    let c = counts(
+        &mut Balancer::default().with_zone(Some("c".into()), 0.3),
+        &s,
+        40,
+        1,
+    );
+    assert_eq!(c.len(), 4);
+}

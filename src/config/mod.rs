@@ -40,7 +40,24 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     pub guard: GuardConfig,
     pub health: HealthConfig,
+    pub balance: BalanceConfig,
     pub registrations: Vec<Registration>,
+}
+
+/// `[balance]`: what the balancer knows about this host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalanceConfig {
+    /// This host's zone: backends with the same `zone` are preferred (see the balancer).
+    pub zone: Option<String>,
+    /// The local zone is preferred while its eligible backends hold at least this share of the
+    /// eligible capacity (weight).
+    pub local_min_share: f64,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        Self { zone: None, local_min_share: 0.3 }
+    }
 }
 
 /// `[health]`: what active and passive health may do to a service.
@@ -412,6 +429,17 @@ impl Validator<'_> {
                 None => 0.5,
             },
         };
+        let balance = BalanceConfig {
+            zone: raw.balance.zone.as_ref().and_then(|z| {
+                self.check(z, "balance.zone", |s: &String| s.parse::<crate::service::PortName>().map(|_| s.to_ascii_lowercase()).map_err(|e| format!("invalid zone {s:?}: {e}")))
+            }),
+            local_min_share: match &raw.balance.local_min_share {
+                Some(v) => self
+                    .check(v, "balance.local_min_share", |f| if (0.0..=1.0).contains(f) { Ok(*f) } else { Err("must be a share between 0.0 and 1.0") })
+                    .unwrap_or(0.3),
+                None => 0.3,
+            },
+        };
         Config {
             path: Some(self.path.to_path_buf()),
             dns: DnsConfig { listen, domains, magic_v4, magic_v6, upstreams, forward, allow, ttl, srv_ttl, negative_ttl, timeout, cache_size, stale_max },
@@ -422,6 +450,7 @@ impl Validator<'_> {
             sources,
             guard,
             health,
+            balance,
             registrations,
         }
     }

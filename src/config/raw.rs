@@ -25,6 +25,8 @@ pub struct RawConfig {
     pub guard: RawGuard,
     #[serde(default)]
     pub health: RawHealth,
+    #[serde(default)]
+    pub balance: RawBalance,
     #[serde(default, rename = "register")]
     pub registrations: Vec<S<RawRegister>>,
 }
@@ -33,6 +35,13 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawHealth {
     pub panic_threshold: Option<S<f64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBalance {
+    pub zone: Option<S<String>>,
+    pub local_min_share: Option<S<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

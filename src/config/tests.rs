@@ -181,3 +181,17 @@ max_drop = 1.5
         assert!(errs.iter().any(|e| e.contains(w)), "missing {w:?} in {errs:#?}");
     }
 }
+
+#[test]
+fn balance_zone_and_share_are_validated_with_their_position() {
+    let c = parse("[balance]\nzone = \"EU-1\"\nlocal_min_share = 0.5\n").unwrap();
+    assert_eq!((c.balance.zone.as_deref(), c.balance.local_min_share), (Some("eu-1"), 0.5));
+    let c = parse("").unwrap();
+    assert_eq!((c.balance.zone, c.balance.local_min_share), (None, 0.3));
+    let errs = errors("[balance]\nzone = \"a b\"\nlocal_min_share = 2.0\nzones = 1\n");
+    assert!(errs.iter().any(|e| e.contains(":4:1: unknown field `zones`")), "{errs:?}");
+    let errs = errors("[balance]\nzone = \"a b\"\nlocal_min_share = 2.0\n");
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(errs[0].contains(":2:8: balance.zone: invalid zone"), "{errs:?}");
+    assert!(errs[1].contains(":3:19: balance.local_min_share: must be a share"), "{errs:?}");
+}

@@ -228,6 +228,11 @@ fn backend(v: &Value) -> Result<Backend, (&'static str, String)> {
                 match key.as_str() {
                     "addr" => {}
                     "weight" => b.weight = int(value, 1, 10_000).ok_or(("weight", "must be a whole number from 1 to 10000".into()))?,
+                    "zone" => {
+                        let z = value.as_str().ok_or(("zone", "must be a string such as \"a\"".to_string()))?;
+                        z.parse::<PortName>().map_err(|e| ("zone", format!("invalid zone {z:?}: {e}")))?;
+                        b.zone = Some(z.to_ascii_lowercase());
+                    }
                     "priority" => b.priority = int(value, 0, 65_535).ok_or(("priority", "must be a whole number from 0 to 65535".into()))?,
                     "ports" => {
                         let Some(ports) = value.as_table() else {
@@ -239,7 +244,7 @@ fn backend(v: &Value) -> Result<Backend, (&'static str, String)> {
                             b.ports.insert(name, port);
                         }
                     }
-                    _ => return Err(("", format!("unknown key {key:?}, expected addr, weight, priority or ports"))),
+                    _ => return Err(("", format!("unknown key {key:?}, expected addr, weight, priority, ports or zone"))),
                 }
             }
             Ok(b)
@@ -320,6 +325,10 @@ backends = ["[::1]:9000"]
         assert!(e.iter().any(|e| e.contains("services.web.outlier.base_ejection:")), "{e:#?}");
         assert!(e.iter().any(|e| e.contains("services.web.outlier.max_ejected: must be a share")), "{e:#?}");
         assert!(e.iter().any(|e| e.starts_with("zones/a.toml:4:14: services.web.slow_start:")), "{e:#?}");
+        let s = ok("[services.web]\nbackends = [{ addr = \"127.0.0.2:80\", zone = \"EU-1\" }]\n");
+        assert_eq!(s[0].backends[0].zone.as_deref(), Some("eu-1"));
+        let e = errs("[services.web]\nbackends = [{ addr = \"127.0.0.2:80\", zone = \"a b\" }]\n");
+        assert!(e[0].starts_with("zones/a.toml:2:13: services.web.backends[0].zone: invalid zone"), "{e:?}");
         let e = errs("[services.web]\nbackends = []\noutlier = { consecutive = 3 }\n");
         assert!(e[0].starts_with("zones/a.toml:3:"), "{e:?}");
     }
