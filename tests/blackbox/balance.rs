@@ -6,7 +6,8 @@
 //! holds its weights within a stated tolerance. Least-conn: long-lived connections held open to
 //! one backend (seen in the kernel's socket table) send new connects to the other. Maglev: each
 //! caller uid (or DISCOTECH_HASH_KEY) sticks to one backend, they spread, and killing another
-//! backend moves nobody.
+//! backend moves nobody. Zones: the host's zone gets every connect while it has capacity, and
+//! traffic spills to the other zone when its backend dies.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -239,4 +240,30 @@ fn maglev_keeps_each_uid_on_one_backend_and_spreads_uids() {
             assert!(got.iter().all(|g| g == "a" || g == "b"), "uid {uid} moved off the dead backend: {got:?}");
         }
     }
+}
+
+#[test]
+fn the_local_zone_gets_the_traffic_until_it_loses_its_backend() {
+    let ns = Netns::new();
+    let local = greeter(&ns, "a1", "127.0.0.2");
+    greeter(&ns, "b1", "127.0.0.3");
+    greeter(&ns, "b2", "127.0.0.4");
+    ensure_hook_library();
+    let mut d = Daemon::configure(&ns, "127.0.0.53:53", "upstreams = []\n[balance]\nzone = \"a\"");
+    d.zone(
+        "balance.toml",
+        "[services.zoned]\nlb = \"round-robin\"\noutlier = { consecutive_failures = 1, base_ejection = \"30s\" }\n\
+         backends = [{ addr = \"127.0.0.2:7001\", zone = \"a\" }, { addr = \"127.0.0.3:7001\", zone = \"b\" }, { addr = \"127.0.0.4:7001\", zone = \"b\" }]\n",
+    );
+    d.start();
+    ns.resolv_conf("127.0.0.53");
+    let got = connects(&ns, &d, "zoned", 12);
+    assert_eq!(count(&got, "a1"), 12, "the local zone (1 of 3 backends, above the 30% share) takes all: {got:?}");
+
+    ns.kill(local);
+    let got = connects(&ns, &d, "zoned", 12);
+    assert_eq!(got.len(), 12, "{got:?}");
+    assert_eq!(count(&got, "b1") + count(&got, "b2"), 12, "spilled over to zone b: {got:?}");
+    let later = connects(&ns, &d, "zoned", 12);
+    assert_eq!((count(&later, "b1"), count(&later, "b2")), (6, 6), "zone b shares evenly once a1 is ejected: {later:?}");
 }
