@@ -108,6 +108,16 @@ pub struct Resolution {
     /// Too few backends are healthy: connects go to all of them.
     #[serde(default)]
     pub panic: bool,
+    /// Where the next hooked connect (as root) would go and why, if the balancer was asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<NextPick>,
+}
+
+/// The balancer's dry-run answer for the next connect.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NextPick {
+    pub target: SocketAddr,
+    pub why: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -134,6 +144,8 @@ pub struct AdminContext {
     pub reload: mpsc::Sender<ReloadRequest>,
     pub started: Instant,
     pub config: Option<String>,
+    /// The hook server's balancer, for "which backend next and why" (dry run).
+    pub balance: Option<crate::hook_server::BalanceHandle>,
 }
 
 /// Serves the admin socket until `shutdown`.
@@ -331,6 +343,7 @@ fn resolve(
         lb: spec.lb,
         client_port: port,
         port_name: port_name.map(ToString::to_string),
+        next: cx.balance.as_ref().and_then(|b| b.explain(spec, port.unwrap_or(0), 0)).map(|(target, why)| NextPick { target, why }),
         candidates,
         excluded,
         panic: in_panic,

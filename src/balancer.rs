@@ -120,7 +120,7 @@ impl BackendState {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct ServiceState {
     /// The backend list this state was built for: (default address, weight, priority).
     shape: Vec<(SocketAddr, u16, u16)>,
@@ -394,6 +394,50 @@ impl Balancer {
                 b.pending = 0;
             }
         }
+    }
+
+    /// What the next pick for `spec` would be and why, without advancing any state: the pick runs
+    /// on a copy of this service's state. For `random` and `p2c` it is one possible draw. `key`
+    /// stands for the caller (maglev).
+    pub fn explain(
+        &self,
+        spec: &ServiceSpec,
+        client_port: u16,
+        v6_ok: bool,
+        now: Instant,
+        key: u64,
+    ) -> Option<(SocketAddr, String)> {
+        let mut scratch = Balancer {
+            services: HashMap::new(),
+            fail_hold: self.fail_hold,
+            connections: self.connections.clone(),
+            connections_at: self.connections_at,
+            zone: self.zone.clone(),
+        };
+        if let Some(state) = self.services.get(&spec.name) {
+            scratch.services.insert(spec.name.clone(), state.clone());
+        }
+        let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(key);
+        let pick = scratch.pick_keyed(spec, client_port, v6_ok, now, &mut rng, key)?;
+        let b = spec.backends.get(pick.index)?;
+        let why = match spec.lb {
+            LbPolicy::RoundRobin => "round robin: next in turn".to_string(),
+            LbPolicy::WeightedRoundRobin => format!(
+                "smooth weighted round robin: highest current weight (weight {})",
+                b.weight
+            ),
+            LbPolicy::Random => format!("weighted random: one draw (weight {})", b.weight),
+            LbPolicy::P2c => format!(
+                "p2c: {} outstanding, the fewer of two random candidates",
+                self.outstanding(&spec.name, pick.backend)
+            ),
+            LbPolicy::LeastConn => format!(
+                "least-conn: {} connections, the fewest",
+                self.connections.get(&pick.addr).copied().unwrap_or(0)
+            ),
+            LbPolicy::Maglev => format!("maglev: owner of key {key}"),
+        };
+        Some((pick.addr, why))
     }
 
     /// Outstanding picks for a backend (what p2c compares).

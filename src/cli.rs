@@ -166,6 +166,9 @@ fn resolution(r: &Resolution) -> String {
         out += "\n";
         out += &table(&["CONNECTS GO TO", "WEIGHT", "PRIORITY"], r.candidates.iter().map(|c| vec![c.target.to_string(), c.weight.to_string(), c.priority.to_string()]).collect());
     }
+    if let Some(next) = &r.next {
+        out += &format!("\nnext connect goes to {} ({})\n", next.target, next.why);
+    }
     if !r.excluded.is_empty() {
         out += "\n";
         out += &table(&["LEFT OUT", "WHY"], r.excluded.iter().map(|e| vec![e.addr.to_string(), e.reason.clone()]).collect());

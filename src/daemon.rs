@@ -228,10 +228,14 @@ pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> 
     let handler = Arc::new(DnsHandler::new(dns_state(d, None), shared.clone()));
     let mut server = Server::new(SharedHandler(handler.clone()));
     let addrs = listeners.dns_addrs();
+    // The hook server's balancer, shared with the admin server for dry-run explanations.
+    let mut balance = None;
     if let Some(hook) = listeners.hook {
         hook.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
         let hook = tokio::net::UnixListener::from_std(hook).map_err(|e| DaemonError::Server(e.to_string()))?;
         let cfg = HookServerConfig { socket: config.hook.socket.clone(), fallback_file: Some(fallback), zone: config.balance.zone.clone(), local_min_share: config.balance.local_min_share, ..HookServerConfig::default() };
+        let cfg = HookServerConfig { balance: Some(hook_server::BalanceHandle::new(&cfg)), ..cfg };
+        balance = cfg.balance.clone();
         let (snapshot, stop) = (shared.clone(), shutdown.clone());
         tracker.spawn(async move {
             if let Err(e) = hook_server::serve(hook, snapshot, cfg, stop).await {
@@ -248,6 +252,7 @@ pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> 
             reload: reload_tx.clone(),
             started,
             config: config.path.as_ref().map(|p| p.display().to_string()),
+            balance: balance.clone(),
         };
         tracker.spawn(admin::serve(admin, cx, shutdown.clone()));
     }

@@ -58,6 +58,8 @@ pub struct HookServerConfig {
     /// This host's zone and the capacity share it must keep to be preferred (`[balance]`).
     pub zone: Option<String>,
     pub local_min_share: f64,
+    /// The balancer to use (shared with the admin server); `None`: a new one from this config.
+    pub balance: Option<BalanceHandle>,
 }
 
 impl Default for HookServerConfig {
@@ -70,6 +72,7 @@ impl Default for HookServerConfig {
             fail_hold: DEFAULT_FAIL_HOLD,
             zone: None,
             local_min_share: 0.3,
+            balance: None,
         }
     }
 }
@@ -77,10 +80,35 @@ impl Default for HookServerConfig {
 /// Picks not yet reported done by one peer, bounded so a misbehaving peer cannot grow it.
 const MAX_OUTSTANDING_PER_PEER: usize = 1024;
 
+/// The balancer, its RNG, and the snapshot generation it last pruned removed services at.
+type BalanceState = Mutex<(Balancer, SmallRng, u64)>;
+
 struct Shared {
     snapshot: SharedSnapshot,
-    /// The balancer, its RNG, and the snapshot generation it last pruned removed services at.
-    balance: Mutex<(Balancer, SmallRng, u64)>,
+    balance: Arc<BalanceState>,
+}
+
+/// A shared handle on the hook server's balancer, for the admin server's dry-run explanations.
+#[derive(Clone, Debug)]
+pub struct BalanceHandle(Arc<BalanceState>);
+
+impl BalanceHandle {
+    /// A balancer configured from `cfg` (fail hold, zone), to pass to [`serve`] in
+    /// [`HookServerConfig::balance`] and to the admin server.
+    pub fn new(cfg: &HookServerConfig) -> Self {
+        Self(Arc::new(Mutex::new((
+            Balancer::new(cfg.fail_hold).with_zone(cfg.zone.clone(), cfg.local_min_share),
+            SmallRng::from_os_rng(),
+            0,
+        ))))
+    }
+
+    /// The backend the next pick for `spec` would reach and why; nothing advances. `None` when
+    /// no backend is usable or the balancer's lock is poisoned.
+    pub fn explain(&self, spec: &ServiceSpec, client_port: u16, key: u64) -> Option<(SocketAddr, String)> {
+        let guard = self.0.lock().ok()?;
+        guard.0.explain(spec, client_port, true, Instant::now(), key)
+    }
 }
 
 /// Serve hook requests on an already-bound listener until `shutdown` is cancelled.
@@ -96,11 +124,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let shared = Arc::new(Shared {
         snapshot,
-        balance: Mutex::new((
-            Balancer::new(cfg.fail_hold).with_zone(cfg.zone.clone(), cfg.local_min_share),
-            SmallRng::from_os_rng(),
-            0,
-        )),
+        balance: cfg.balance.clone().unwrap_or_else(|| BalanceHandle::new(&cfg)).0,
     });
     let peers = Arc::new(Semaphore::new(cfg.max_peers.max(1)));
     let tracker = TaskTracker::new();

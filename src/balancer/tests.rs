@@ -827,3 +827,22 @@ fn the_local_zone_is_preferred_while_it_holds_enough_capacity_then_spills_over()
     );
     assert_eq!(c.len(), 4);
 }
+
+#[test]
+fn explain_names_the_next_pick_without_taking_it() {
+    let s = spec(LbPolicy::RoundRobin, &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)]);
+    let mut b = Balancer::default();
+    let mut rng = StdRng::seed_from_u64(1);
+    let t0 = Instant::now();
+    let first = b.pick(&s, 80, true, t0, &mut rng).unwrap().addr;
+    for _ in 0..3 {
+        let (next, why) = b.explain(&s, 80, true, t0, 0).unwrap();
+        assert_ne!(next, first);
+        assert_eq!(why, "round robin: next in turn");
+    }
+    let (next, _) = b.explain(&s, 80, true, t0, 0).unwrap();
+    assert_eq!(b.pick(&s, 80, true, t0, &mut rng).unwrap().addr, next, "the explained pick is the next one");
+    let lc = spec(LbPolicy::LeastConn, &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)]);
+    b.set_connections([(a("127.0.0.2:80"), 2), (a("127.0.0.3:80"), 5)].into_iter().collect(), t0);
+    assert_eq!(b.explain(&lc, 80, true, t0, 0), Some((a("127.0.0.2:80"), "least-conn: 2 connections, the fewest".into())));
+}

@@ -338,7 +338,7 @@ fn balancing_state_of_removed_services_is_dropped_on_the_next_generation() {
     let snapshot = shared(Snapshot::new(1, [web(LbPolicy::P2c)]));
     let shared_state = Shared {
         snapshot: snapshot.clone(),
-        balance: Mutex::new((Balancer::default(), SmallRng::seed_from_u64(1), 0)),
+        balance: std::sync::Arc::new(Mutex::new((Balancer::default(), SmallRng::seed_from_u64(1), 0))),
     };
     let mut outstanding = Vec::new();
     let bytes = pick(1, WEB.into(), 80).encode();

@@ -79,6 +79,9 @@ fn a_refusing_backend_is_ejected_after_consecutive_failures_and_returns_after_th
     );
     let all = connects(&ns, &d, "web", 30);
     assert_eq!((count(&all, "a"), count(&all, "b"), count(&all, "c")), (10, 10, 10), "{all:?}");
+    let admin = ns.path("admin.sock");
+    let said = ns.ok(DISCOTECH, &["resolve", "web", "--socket", admin.to_str().expect("utf-8")]);
+    assert!(said.contains("next connect goes to 127.0.0.") && said.contains("(round robin: next in turn)"), "{said}");
 
     ns.kill(c);
     // The hook retries a refused connect on another backend, so clients never see the failures;
@@ -168,6 +171,12 @@ fn least_conn_follows_real_long_lived_connections() {
     std::thread::sleep(Duration::from_millis(150)); // one refresh of the counts
     let loaded = hooked_who(&ns, &d, "least.disco", 8080, 8);
     assert_eq!(count(&loaded, "b"), 8, "new connects avoid the backend with 10 established: {loaded:?}");
+    // The admin explains the next pick from the same counts, without taking it.
+    let admin = ns.path("admin.sock");
+    let resolve = || ns.ok(DISCOTECH, &["resolve", "least", "--socket", admin.to_str().expect("utf-8")]);
+    let said = resolve();
+    assert!(said.contains("next connect goes to 127.0.0.3:8080 (least-conn: 0 connections, the fewest)"), "{said}");
+    assert_eq!(resolve(), said, "explaining does not advance the balancer");
 
     ns.kill(holder);
     let back = eventually(Duration::from_secs(5), || {
