@@ -304,7 +304,7 @@ impl Balancer {
         let Some(i) = state.index_of(backend) else {
             return FailureOutcome::Unknown;
         };
-        let outlier = spec.outlier.unwrap_or_default();
+        let outlier = spec.outlier.as_deref().copied().unwrap_or_default();
         let total = state.backends.len();
         let ejected_now = state.backends.iter().filter(|b| b.ejected(now)).count();
         let Some(b) = state.backends.get_mut(i) else {
@@ -518,6 +518,8 @@ fn effective_weights(
             let w = if all_zero { 1 } else { w } * WEIGHT_SCALE;
             let ramp = spec
                 .slow_start
+                .as_deref()
+                .copied()
                 .zip(state.backends.get(i).and_then(|b| b.ramp_start(now)));
             match ramp {
                 Some((slow, since)) => {

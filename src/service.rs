@@ -223,10 +223,11 @@ pub struct ServiceSpec {
     pub health: Option<crate::config::HealthCheck>,
     /// Passive health from the hook's failure reports; `None` means [`Outlier::default`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outlier: Option<Outlier>,
+    /// Boxed, as is `slow_start`: rarely set, and the spec travels in enums (source events).
+    pub outlier: Option<Box<Outlier>>,
     /// Weight ramp for new and recovered backends; `None` means no ramp.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub slow_start: Option<SlowStart>,
+    pub slow_start: Option<Box<SlowStart>>,
 }
 
 /// Outlier detection (Envoy's, for connects): eject a backend after `consecutive_failures`

@@ -322,7 +322,7 @@ fn consecutive_failures_eject_for_growing_times_capped() {
         LbPolicy::RoundRobin,
         &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)],
     );
-    s.outlier = Some(outlier(3, 30, 50));
+    s.outlier = Some(Box::new(outlier(3, 30, 50)));
     let mut b = Balancer::new(Duration::from_secs(2));
     let mut rng = StdRng::seed_from_u64(1);
     let t0 = Instant::now();
@@ -407,7 +407,7 @@ fn successes_between_failures_reset_the_count() {
         LbPolicy::RoundRobin,
         &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)],
     );
-    s.outlier = Some(outlier(3, 30, 50));
+    s.outlier = Some(Box::new(outlier(3, 30, 50)));
     let mut b = Balancer::new(Duration::ZERO);
     let mut rng = StdRng::seed_from_u64(1);
     let t0 = Instant::now();
@@ -450,7 +450,7 @@ fn never_more_than_the_max_share_is_ejected() {
             ("127.0.0.5:80", 1),
         ],
     );
-    s.outlier = Some(outlier(1, 30, 50));
+    s.outlier = Some(Box::new(outlier(1, 30, 50)));
     let mut b = Balancer::new(Duration::ZERO);
     let mut rng = StdRng::seed_from_u64(1);
     let t0 = Instant::now();
@@ -473,7 +473,7 @@ fn never_more_than_the_max_share_is_ejected() {
     // A lone backend is never ejected.
     let mut one = spec(LbPolicy::RoundRobin, &[("127.0.0.2:80", 1)]);
     one.name = "one".parse().unwrap();
-    one.outlier = Some(outlier(1, 30, 100));
+    one.outlier = Some(Box::new(outlier(1, 30, 100)));
     b.pick(&one, 80, true, t0, &mut rng);
     assert!(matches!(
         b.report_failure(&one, a("127.0.0.2:80"), t0),
@@ -485,10 +485,10 @@ fn never_more_than_the_max_share_is_ejected() {
 #[test]
 fn slow_start_ramps_a_new_backend_from_the_floor() {
     let mut s = spec(LbPolicy::WeightedRoundRobin, &[("127.0.0.2:80", 1)]);
-    s.slow_start = Some(crate::service::SlowStart {
+    s.slow_start = Some(Box::new(crate::service::SlowStart {
         window: Duration::from_secs(30),
         floor_percent: 10,
-    });
+    }));
     let mut b = Balancer::default();
     let mut rng = StdRng::seed_from_u64(1);
     let t0 = Instant::now();
@@ -529,11 +529,11 @@ fn backends_present_at_start_do_not_ramp_but_an_ejected_one_does_on_return() {
         LbPolicy::WeightedRoundRobin,
         &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)],
     );
-    s.slow_start = Some(crate::service::SlowStart {
+    s.slow_start = Some(Box::new(crate::service::SlowStart {
         window: Duration::from_secs(30),
         floor_percent: 10,
-    });
-    s.outlier = Some(outlier(1, 10, 50));
+    }));
+    s.outlier = Some(Box::new(outlier(1, 10, 50)));
     let c = counts(&mut Balancer::default(), &s, 100, 1);
     assert_eq!(c.values().copied().collect::<Vec<_>>(), vec![50, 50]);
     let mut b = Balancer::new(Duration::ZERO);
@@ -732,7 +732,7 @@ fn maglev_picks_follow_the_key_and_survive_an_ejection_elsewhere() {
             ("127.0.0.5:80", 1),
         ],
     );
-    s.outlier = Some(outlier(1, 30, 50));
+    s.outlier = Some(Box::new(outlier(1, 30, 50)));
     let mut b = Balancer::new(Duration::ZERO);
     let mut rng = StdRng::seed_from_u64(1);
     let t0 = Instant::now();
@@ -787,7 +787,7 @@ fn the_local_zone_is_preferred_while_it_holds_enough_capacity_then_spills_over()
     for (b, z) in s.backends.iter_mut().zip(["a", "a", "b", "b"]) {
         b.zone = Some(z.into());
     }
-    s.outlier = Some(outlier(1, 30, 50));
+    s.outlier = Some(Box::new(outlier(1, 30, 50)));
     let mut b = Balancer::new(Duration::ZERO).with_zone(Some("a".into()), 0.3);
     let c = counts(&mut b, &s, 40, 1);
     assert_eq!(
@@ -830,7 +830,10 @@ fn the_local_zone_is_preferred_while_it_holds_enough_capacity_then_spills_over()
 
 #[test]
 fn explain_names_the_next_pick_without_taking_it() {
-    let s = spec(LbPolicy::RoundRobin, &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)]);
+    let s = spec(
+        LbPolicy::RoundRobin,
+        &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)],
+    );
     let mut b = Balancer::default();
     let mut rng = StdRng::seed_from_u64(1);
     let t0 = Instant::now();
@@ -841,8 +844,26 @@ fn explain_names_the_next_pick_without_taking_it() {
         assert_eq!(why, "round robin: next in turn");
     }
     let (next, _) = b.explain(&s, 80, true, t0, 0).unwrap();
-    assert_eq!(b.pick(&s, 80, true, t0, &mut rng).unwrap().addr, next, "the explained pick is the next one");
-    let lc = spec(LbPolicy::LeastConn, &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)]);
-    b.set_connections([(a("127.0.0.2:80"), 2), (a("127.0.0.3:80"), 5)].into_iter().collect(), t0);
-    assert_eq!(b.explain(&lc, 80, true, t0, 0), Some((a("127.0.0.2:80"), "least-conn: 2 connections, the fewest".into())));
+    assert_eq!(
+        b.pick(&s, 80, true, t0, &mut rng).unwrap().addr,
+        next,
+        "the explained pick is the next one"
+    );
+    let lc = spec(
+        LbPolicy::LeastConn,
+        &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)],
+    );
+    b.set_connections(
+        [(a("127.0.0.2:80"), 2), (a("127.0.0.3:80"), 5)]
+            .into_iter()
+            .collect(),
+        t0,
+    );
+    assert_eq!(
+        b.explain(&lc, 80, true, t0, 0),
+        Some((
+            a("127.0.0.2:80"),
+            "least-conn: 2 connections, the fewest".into()
+        ))
+    );
 }

@@ -106,11 +106,11 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
             }
         }
         if let Some(o) = &svc.outlier {
-            spec.outlier = outlier(o.get_ref(), &field, &mut problem);
+            spec.outlier = outlier(o.get_ref(), &field, &mut problem).map(Box::new);
         }
         if let Some(v) = &svc.slow_start {
             match slow_start(v.get_ref()) {
-                Ok(s) => spec.slow_start = Some(s),
+                Ok(s) => spec.slow_start = Some(Box::new(s)),
                 Err(e) => problem(v.span(), format!("{field}.slow_start"), e),
             }
         }
@@ -313,11 +313,11 @@ backends = ["[::1]:9000"]
     #[test]
     fn outlier_and_slow_start_parse_and_bad_values_are_located() {
         let s = ok("[services.web]\nbackends = [\"127.0.0.2:80\"]\noutlier = { consecutive_failures = 2, base_ejection = \"1s\", max_ejected = 1 }\nslow_start = { window = \"10s\", floor = 0.25 }\n");
-        let o = s[0].outlier.unwrap();
+        let o = *s[0].outlier.clone().unwrap();
         assert_eq!((o.consecutive_failures, o.base_ejection, o.max_ejection, o.max_ejected_percent), (2, std::time::Duration::from_secs(1), std::time::Duration::from_secs(300), 100));
-        assert_eq!(s[0].slow_start, Some(SlowStart { window: std::time::Duration::from_secs(10), floor_percent: 25 }));
+        assert_eq!(s[0].slow_start.as_deref(), Some(&SlowStart { window: std::time::Duration::from_secs(10), floor_percent: 25 }));
         let s = ok("[services.web]\nbackends = []\nslow_start = \"30s\"\noutlier = { consecutive_failures = 3 }\n");
-        assert_eq!(s[0].slow_start, Some(SlowStart::default()));
+        assert_eq!(s[0].slow_start.as_deref(), Some(&SlowStart::default()));
         assert_eq!(s[0].outlier, None, "an explicit default is the default");
         let e = errs("[services.web]\nbackends = []\noutlier = { consecutive_failures = -1, base_ejection = \"soon\", max_ejected = 2.0 }\nslow_start = 5\n");
         assert_eq!(e.len(), 4, "{e:#?}");
