@@ -30,7 +30,12 @@ fn main() -> ExitCode {
         eprintln!("usage: zkprop HOSTS SERVICE_PATH TARGET PORT_A PORT_B UPDATES");
         return ExitCode::from(64);
     };
-    let (Ok(target), Ok(a), Ok(b), Ok(updates)) = (target.parse::<SocketAddr>(), a.parse::<u16>(), b.parse::<u16>(), updates.parse::<usize>()) else {
+    let (Ok(target), Ok(a), Ok(b), Ok(updates)) = (
+        target.parse::<SocketAddr>(),
+        a.parse::<u16>(),
+        b.parse::<u16>(),
+        updates.parse::<usize>(),
+    ) else {
         eprintln!("zkprop: bad arguments");
         return ExitCode::from(64);
     };
@@ -54,10 +59,12 @@ fn main() -> ExitCode {
         let stop = stop.clone();
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let id = TcpStream::connect_timeout(&target, Duration::from_secs(1)).ok().and_then(|mut s| {
-                    let mut b = [0u8; 1];
-                    s.read_exact(&mut b).ok().map(|()| b[0])
-                });
+                let id = TcpStream::connect_timeout(&target, Duration::from_secs(1))
+                    .ok()
+                    .and_then(|mut s| {
+                        let mut b = [0u8; 1];
+                        s.read_exact(&mut b).ok().map(|()| b[0])
+                    });
                 if probe_tx.send((Instant::now(), id.unwrap_or(0))).is_err() {
                     return;
                 }
@@ -65,7 +72,10 @@ fn main() -> ExitCode {
             }
         })
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("zkprop: {e}");
@@ -85,18 +95,25 @@ fn main() -> ExitCode {
 }
 
 async fn connect(hosts: &str) -> Result<ZooKeeper, String> {
-    ZooKeeper::connect(hosts, Duration::from_secs(10), |_| {}).await.map_err(|e| format!("connect: {e}"))
+    ZooKeeper::connect(hosts, Duration::from_secs(10), |_| {})
+        .await
+        .map_err(|e| format!("connect: {e}"))
 }
 
 /// The baseline: re-list the service's children whenever the watch fires, report each listing.
-async fn watch_client(zk: ZooKeeper, path: String, out: mpsc::UnboundedSender<(Instant, Vec<String>)>) {
+async fn watch_client(
+    zk: ZooKeeper,
+    path: String,
+    out: mpsc::UnboundedSender<(Instant, Vec<String>)>,
+) {
     let (fired_tx, mut fired) = mpsc::unbounded_channel::<()>();
     loop {
         let tx = fired_tx.clone();
-        let Ok(children) = zk.get_children_w(&path, move |_| {
-            let _ = tx.send(());
-        })
-        .await
+        let Ok(children) = zk
+            .get_children_w(&path, move |_| {
+                let _ = tx.send(());
+            })
+            .await
         else {
             return;
         };
@@ -109,10 +126,20 @@ async fn watch_client(zk: ZooKeeper, path: String, out: mpsc::UnboundedSender<(I
     }
 }
 
-async fn run(hosts: &str, path: &str, ports: [u16; 2], updates: usize, probes: std_mpsc::Receiver<(Instant, u8)>) -> Result<(), String> {
+async fn run(
+    hosts: &str,
+    path: &str,
+    ports: [u16; 2],
+    updates: usize,
+    probes: std_mpsc::Receiver<(Instant, u8)>,
+) -> Result<(), String> {
     let writer = connect(hosts).await?;
     let (watch_tx, mut watched) = mpsc::unbounded_channel();
-    tokio::spawn(watch_client(connect(hosts).await?, path.to_string(), watch_tx));
+    tokio::spawn(watch_client(
+        connect(hosts).await?,
+        path.to_string(),
+        watch_tx,
+    ));
     let node = |i: usize| format!("{path}/127.0.0.1:{}", ports[i]);
     let mut hooked = Vec::with_capacity(updates);
     let mut watch = Vec::with_capacity(updates);
@@ -125,7 +152,15 @@ async fn run(hosts: &str, path: &str, ports: [u16; 2], updates: usize, probes: s
         while watched.try_recv().is_ok() {}
         while probes.try_recv().is_ok() {}
         let t0 = Instant::now();
-        writer.create(&node(next), Vec::new(), Acl::open_unsafe().clone(), CreateMode::Ephemeral).await.map_err(|e| format!("create: {e}"))?;
+        writer
+            .create(
+                &node(next),
+                Vec::new(),
+                Acl::open_unsafe().clone(),
+                CreateMode::Ephemeral,
+            )
+            .await
+            .map_err(|e| format!("create: {e}"))?;
         let name = format!("127.0.0.1:{}", ports[next]);
         let (mut t_hook, mut t_watch) = (None, None);
         let deadline = Instant::now() + WAIT;
@@ -143,11 +178,16 @@ async fn run(hosts: &str, path: &str, ports: [u16; 2], updates: usize, probes: s
             tokio::time::sleep(Duration::from_micros(50)).await;
         }
         let (Some(th), Some(tw)) = (t_hook, t_watch) else {
-            return Err(format!("update to {name} not seen within {WAIT:?} (hooked {t_hook:?}, watch {t_watch:?})"));
+            return Err(format!(
+                "update to {name} not seen within {WAIT:?} (hooked {t_hook:?}, watch {t_watch:?})"
+            ));
         };
         hooked.push(th.saturating_duration_since(t0));
         watch.push(tw.saturating_duration_since(t0));
-        writer.delete(&node(current), None).await.map_err(|e| format!("delete: {e}"))?;
+        writer
+            .delete(&node(current), None)
+            .await
+            .map_err(|e| format!("delete: {e}"))?;
         settle(&probes, want).await?;
         current = next;
     }
@@ -176,6 +216,16 @@ async fn settle(probes: &std_mpsc::Receiver<(Instant, u8)>, id: u8) -> Result<()
 
 fn report(what: &str, d: &mut [Duration]) {
     d.sort();
-    let p = |q: f64| d.get(((d.len() as f64 - 1.0) * q).round() as usize).map_or(0.0, |x| x.as_secs_f64() * 1000.0);
-    println!("{what}: n={} p50={:.2}ms p90={:.2}ms p99={:.2}ms max={:.2}ms", d.len(), p(0.5), p(0.9), p(0.99), p(1.0));
+    let p = |q: f64| {
+        d.get(((d.len() as f64 - 1.0) * q).round() as usize)
+            .map_or(0.0, |x| x.as_secs_f64() * 1000.0)
+    };
+    println!(
+        "{what}: n={} p50={:.2}ms p90={:.2}ms p99={:.2}ms max={:.2}ms",
+        d.len(),
+        p(0.5),
+        p(0.9),
+        p(0.99),
+        p(1.0)
+    );
 }

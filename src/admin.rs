@@ -50,13 +50,21 @@ pub struct Reply {
 impl Reply {
     fn data(v: impl Serialize) -> Self {
         match serde_json::to_value(v) {
-            Ok(data) => Self { ok: true, data: Some(data), error: None },
+            Ok(data) => Self {
+                ok: true,
+                data: Some(data),
+                error: None,
+            },
             Err(e) => Self::error(format!("cannot encode the reply: {e}")),
         }
     }
 
     fn error(e: impl Into<String>) -> Self {
-        Self { ok: false, data: None, error: Some(e.into()) }
+        Self {
+            ok: false,
+            data: None,
+            error: Some(e.into()),
+        }
     }
 }
 
@@ -181,7 +189,9 @@ async fn session(stream: UnixStream, cx: &AdminContext) -> std::io::Result<()> {
     loop {
         line.clear();
         let limit = u64::try_from(MAX_REQUEST).unwrap_or(u64::MAX) + 1;
-        let n = match tokio::time::timeout(IDLE, (&mut reader).take(limit).read_line(&mut line)).await {
+        let n = match tokio::time::timeout(IDLE, (&mut reader).take(limit).read_line(&mut line))
+            .await
+        {
             Err(_) => return Ok(()),
             Ok(r) => r?,
         };
@@ -209,11 +219,19 @@ async fn session(stream: UnixStream, cx: &AdminContext) -> std::io::Result<()> {
 async fn handle(req: Request, cx: &AdminContext) -> Reply {
     match req {
         Request::Status => match registry_status(cx).await {
-            Some(registry) => Reply::data(Status { version: env!("CARGO_PKG_VERSION").into(), uptime: cx.started.elapsed().as_secs(), config: cx.config.clone(), registry }),
+            Some(registry) => Reply::data(Status {
+                version: env!("CARGO_PKG_VERSION").into(),
+                uptime: cx.started.elapsed().as_secs(),
+                config: cx.config.clone(),
+                registry,
+            }),
             None => Reply::error("the registry is not answering"),
         },
         Request::Services => {
-            let drained = registry_status(cx).await.map(|s| s.drained).unwrap_or_default();
+            let drained = registry_status(cx)
+                .await
+                .map(|s| s.drained)
+                .unwrap_or_default();
             let snap = cx.snapshot.load();
             let rows: Vec<ServiceRow> = snap
                 .services()
@@ -232,26 +250,51 @@ async fn handle(req: Request, cx: &AdminContext) -> Reply {
             let name = service_label(&service);
             let status = registry_status(cx).await;
             let snap = cx.snapshot.load();
-            let Some(s) = snap.service(&name) else { return Reply::error(format!("no service {service}")) };
-            let gone = status.as_ref().and_then(|st| st.drained.get(s.name()).cloned()).unwrap_or_default();
-            let sick = status.as_ref().and_then(|st| st.unhealthy.get(s.name()).cloned()).unwrap_or_default();
-            let mut rows: Vec<BackendRow> = s.spec.backends.iter().map(|b| row(b, false, sick.get(&b.addr).cloned())).collect();
+            let Some(s) = snap.service(&name) else {
+                return Reply::error(format!("no service {service}"));
+            };
+            let gone = status
+                .as_ref()
+                .and_then(|st| st.drained.get(s.name()).cloned())
+                .unwrap_or_default();
+            let sick = status
+                .as_ref()
+                .and_then(|st| st.unhealthy.get(s.name()).cloned())
+                .unwrap_or_default();
+            let mut rows: Vec<BackendRow> = s
+                .spec
+                .backends
+                .iter()
+                .map(|b| row(b, false, sick.get(&b.addr).cloned()))
+                .collect();
             // In panic mode unhealthy backends are in the snapshot already; otherwise list them too.
-            rows.extend(sick.iter().filter(|(a, _)| !s.spec.backends.iter().any(|b| b.addr == **a)).map(|(a, why)| row(&Backend::new(*a), false, Some(why.clone()))));
+            rows.extend(
+                sick.iter()
+                    .filter(|(a, _)| !s.spec.backends.iter().any(|b| b.addr == **a))
+                    .map(|(a, why)| row(&Backend::new(*a), false, Some(why.clone()))),
+            );
             rows.extend(gone.iter().map(|a| row(&Backend::new(*a), true, None)));
             Reply::data(rows)
         }
         Request::Resolve { name, port } => {
             let status = registry_status(cx).await;
-            let drained = status.as_ref().map(|s| s.drained.clone()).unwrap_or_default();
-            let sick = status.as_ref().map(|s| s.unhealthy.clone()).unwrap_or_default();
+            let drained = status
+                .as_ref()
+                .map(|s| s.drained.clone())
+                .unwrap_or_default();
+            let sick = status
+                .as_ref()
+                .map(|s| s.unhealthy.clone())
+                .unwrap_or_default();
             let panicking = status.map(|s| s.panicking).unwrap_or_default();
             match resolve(cx, &name, port, &drained, &sick, &panicking) {
                 Ok(r) => Reply::data(r),
                 Err(e) => Reply::error(e),
             }
         }
-        Request::Drain { service, addr } | Request::Undrain { service, addr } if service_label(&service).parse::<ServiceName>().is_err() => {
+        Request::Drain { service, addr } | Request::Undrain { service, addr }
+            if service_label(&service).parse::<ServiceName>().is_err() =>
+        {
             let _ = addr;
             Reply::error(format!("{service:?} is not a service name"))
         }
@@ -272,19 +315,41 @@ async fn handle(req: Request, cx: &AdminContext) -> Reply {
 }
 
 fn row(b: &Backend, drained: bool, unhealthy: Option<String>) -> BackendRow {
-    BackendRow { addr: b.addr, weight: b.weight, priority: b.priority, ports: b.ports.iter().map(|(n, p)| (n.to_string(), *p)).collect(), drained, unhealthy }
+    BackendRow {
+        addr: b.addr,
+        weight: b.weight,
+        priority: b.priority,
+        ports: b.ports.iter().map(|(n, p)| (n.to_string(), *p)).collect(),
+        drained,
+        unhealthy,
+    }
 }
 
 async fn registry_status(cx: &AdminContext) -> Option<RegistryStatus> {
     let (tx, rx) = oneshot::channel();
     cx.registry.send(Command::Status(tx)).await.ok()?;
-    tokio::time::timeout(Duration::from_secs(2), rx).await.ok()?.ok()
+    tokio::time::timeout(Duration::from_secs(2), rx)
+        .await
+        .ok()?
+        .ok()
 }
 
 async fn drain(cx: &AdminContext, service: &str, addr: SocketAddr, drain: bool) -> Reply {
-    let Ok(service) = service_label(service).parse::<ServiceName>() else { return Reply::error(format!("{service:?} is not a service name")) };
+    let Ok(service) = service_label(service).parse::<ServiceName>() else {
+        return Reply::error(format!("{service:?} is not a service name"));
+    };
     let (reply, rx) = oneshot::channel();
-    if cx.registry.send(Command::Drain { service, addr, drain, reply }).await.is_err() {
+    if cx
+        .registry
+        .send(Command::Drain {
+            service,
+            addr,
+            drain,
+            reply,
+        })
+        .await
+        .is_err()
+    {
         return Reply::error("the registry is not answering");
     }
     match rx.await {
@@ -296,7 +361,10 @@ async fn drain(cx: &AdminContext, service: &str, addr: SocketAddr, drain: bool) 
 
 /// `web`, `web.disco`, `web.disco.` -> `web` (the first label, lowercased).
 fn service_label(name: &str) -> String {
-    name.split('.').next().unwrap_or_default().to_ascii_lowercase()
+    name.split('.')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
 }
 
 /// What a connect to `name` (a service name or a magic address) on `port` would reach.
@@ -310,8 +378,12 @@ fn resolve(
 ) -> Result<Resolution, String> {
     let snap = cx.snapshot.load();
     let service = match name.parse::<IpAddr>() {
-        Ok(ip) => snap.by_addr(ip).ok_or_else(|| format!("{ip} is not a magic address"))?,
-        Err(_) => snap.service(&service_label(name)).ok_or_else(|| format!("no service {name}"))?,
+        Ok(ip) => snap
+            .by_addr(ip)
+            .ok_or_else(|| format!("{ip} is not a magic address"))?,
+        Err(_) => snap
+            .service(&service_label(name))
+            .ok_or_else(|| format!("no service {name}"))?,
     };
     let spec = &service.spec;
     let port_name = port.and_then(|p| spec.port_name_for(p));
@@ -319,22 +391,39 @@ fn resolve(
         .get(service.name())
         .into_iter()
         .flatten()
-        .map(|a| Excluded { addr: *a, reason: "drained by an operator".into() })
+        .map(|a| Excluded {
+            addr: *a,
+            reason: "drained by an operator".into(),
+        })
         .collect();
     let in_panic = panicking.contains(service.name());
     for (addr, why) in sick.get(service.name()).into_iter().flatten() {
         if !in_panic {
-            excluded.push(Excluded { addr: *addr, reason: format!("unhealthy: {why}") });
+            excluded.push(Excluded {
+                addr: *addr,
+                reason: format!("unhealthy: {why}"),
+            });
         }
     }
     let best = spec.backends.iter().map(|b| b.priority).min();
     let mut candidates = Vec::new();
     for b in &spec.backends {
         if Some(b.priority) != best {
-            excluded.push(Excluded { addr: b.addr, reason: format!("priority {} is a backup tier (best is {})", b.priority, best.unwrap_or(0)) });
+            excluded.push(Excluded {
+                addr: b.addr,
+                reason: format!(
+                    "priority {} is a backup tier (best is {})",
+                    b.priority,
+                    best.unwrap_or(0)
+                ),
+            });
             continue;
         }
-        candidates.push(Candidate { target: SocketAddr::new(b.addr.ip(), b.port_for(port_name)), weight: b.weight, priority: b.priority });
+        candidates.push(Candidate {
+            target: SocketAddr::new(b.addr.ip(), b.port_for(port_name)),
+            weight: b.weight,
+            priority: b.priority,
+        });
     }
     Ok(Resolution {
         service: service.name().clone(),
@@ -343,7 +432,11 @@ fn resolve(
         lb: spec.lb,
         client_port: port,
         port_name: port_name.map(ToString::to_string),
-        next: cx.balance.as_ref().and_then(|b| b.explain(spec, port.unwrap_or(0), 0)).map(|(target, why)| NextPick { target, why }),
+        next: cx
+            .balance
+            .as_ref()
+            .and_then(|b| b.explain(spec, port.unwrap_or(0), 0))
+            .map(|(target, why)| NextPick { target, why }),
         candidates,
         excluded,
         panic: in_panic,
@@ -364,9 +457,12 @@ pub async fn call(socket: &Path, req: &Request) -> std::io::Result<Reply> {
     write.write_all(&line).await?;
     let mut reply = String::new();
     // Reload may take a moment (it re-reads every file); everything else is instant.
-    tokio::time::timeout(Duration::from_secs(30), BufReader::new(read).read_line(&mut reply))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no reply"))??;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        BufReader::new(read).read_line(&mut reply),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no reply"))??;
     serde_json::from_str(&reply).map_err(std::io::Error::other)
 }
 
@@ -376,9 +472,20 @@ mod tests {
 
     #[test]
     fn requests_are_tagged_json() {
-        let r: Request = serde_json::from_str(r#"{"cmd":"drain","service":"web","addr":"127.0.0.2:80"}"#).unwrap();
-        assert_eq!(r, Request::Drain { service: "web".into(), addr: "127.0.0.2:80".parse().unwrap() });
-        assert_eq!(serde_json::to_string(&Request::Status).unwrap(), r#"{"cmd":"status"}"#);
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"drain","service":"web","addr":"127.0.0.2:80"}"#)
+                .unwrap();
+        assert_eq!(
+            r,
+            Request::Drain {
+                service: "web".into(),
+                addr: "127.0.0.2:80".parse().unwrap()
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"cmd":"status"}"#
+        );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"format-disk"}"#).is_err());
     }
 

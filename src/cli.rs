@@ -37,7 +37,10 @@ pub fn admin(args: &AdminArgs, req: &Request) -> ExitCode {
         },
         (None, None) => PathBuf::from(DEFAULT_ADMIN_SOCKET),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("discotech: {e}");
@@ -47,27 +50,50 @@ pub fn admin(args: &AdminArgs, req: &Request) -> ExitCode {
     let reply = match runtime.block_on(admin::call(&socket, req)) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("discotech: cannot reach the daemon at {}: {e}", socket.display());
+            eprintln!(
+                "discotech: cannot reach the daemon at {}: {e}",
+                socket.display()
+            );
             return ExitCode::from(EX_UNAVAILABLE);
         }
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reply).unwrap_or_default()
+        );
     }
-    let Reply { ok: true, data: Some(data), .. } = reply else {
+    let Reply {
+        ok: true,
+        data: Some(data),
+        ..
+    } = reply
+    else {
         if !args.json {
-            eprintln!("discotech: {}", reply.error.as_deref().unwrap_or("the daemon refused the request"));
+            eprintln!(
+                "discotech: {}",
+                reply
+                    .error
+                    .as_deref()
+                    .unwrap_or("the daemon refused the request")
+            );
         }
         return ExitCode::from(EX_REFUSED);
     };
     let degraded = match req {
-        Request::Status => serde_json::from_value::<Status>(data.clone()).map(|s| status_degraded(&s)).unwrap_or(false),
+        Request::Status => serde_json::from_value::<Status>(data.clone())
+            .map(|s| status_degraded(&s))
+            .unwrap_or(false),
         _ => false,
     };
     if !args.json {
         print!("{}", render(req, data));
     }
-    if degraded { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if degraded {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn status_degraded(s: &Status) -> bool {
@@ -79,9 +105,20 @@ fn render(req: &Request, data: serde_json::Value) -> String {
         Request::Status => serde_json::from_value::<Status>(data).map(|s| status(&s)),
         Request::Services => serde_json::from_value::<Vec<ServiceRow>>(data).map(|rows| {
             table(
-                &["SERVICE", "MAGIC V4", "MAGIC V6", "LB", "BACKENDS", "DRAINED"],
+                &[
+                    "SERVICE", "MAGIC V4", "MAGIC V6", "LB", "BACKENDS", "DRAINED",
+                ],
                 rows.iter()
-                    .map(|r| vec![r.name.to_string(), r.magic_v4.to_string(), r.magic_v6.map_or("-".into(), |a| a.to_string()), r.lb.as_str().into(), r.backends.to_string(), r.drained.to_string()])
+                    .map(|r| {
+                        vec![
+                            r.name.to_string(),
+                            r.magic_v4.to_string(),
+                            r.magic_v6.map_or("-".into(), |a| a.to_string()),
+                            r.lb.as_str().into(),
+                            r.backends.to_string(),
+                            r.drained.to_string(),
+                        ]
+                    })
                     .collect(),
             )
         }),
@@ -90,26 +127,48 @@ fn render(req: &Request, data: serde_json::Value) -> String {
                 &["BACKEND", "WEIGHT", "PRIORITY", "PORTS", "STATE"],
                 rows.iter()
                     .map(|r| {
-                        let ports = if r.ports.is_empty() { "-".to_string() } else { r.ports.iter().map(|(n, p)| format!("{n}={p}")).collect::<Vec<_>>().join(",") };
+                        let ports = if r.ports.is_empty() {
+                            "-".to_string()
+                        } else {
+                            r.ports
+                                .iter()
+                                .map(|(n, p)| format!("{n}={p}"))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        };
                         let state = match (&r.unhealthy, r.drained) {
                             (_, true) => "drained".to_string(),
                             (Some(why), _) => format!("unhealthy ({why})"),
                             (None, false) => "serving".to_string(),
                         };
-                        vec![r.addr.to_string(), r.weight.to_string(), r.priority.to_string(), ports, state]
+                        vec![
+                            r.addr.to_string(),
+                            r.weight.to_string(),
+                            r.priority.to_string(),
+                            ports,
+                            state,
+                        ]
                     })
                     .collect(),
             )
         }),
-        Request::Resolve { .. } => serde_json::from_value::<Resolution>(data).map(|r| resolution(&r)),
+        Request::Resolve { .. } => {
+            serde_json::from_value::<Resolution>(data).map(|r| resolution(&r))
+        }
         _ => serde_json::from_value::<String>(data).map(|s| format!("{s}\n")),
     };
     result.unwrap_or_else(|e| format!("(unexpected reply: {e})\n"))
 }
 
 fn status(s: &Status) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let ago = |t: Option<u64>| t.map_or("never".to_string(), |t| format!("{} ago", human(now.saturating_sub(t))));
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let ago = |t: Option<u64>| {
+        t.map_or("never".to_string(), |t| {
+            format!("{} ago", human(now.saturating_sub(t)))
+        })
+    };
     let mut out = format!(
         "discotech {}, up {}, config {}\nservices: {} (generation {})\n\n",
         s.version,
@@ -119,23 +178,51 @@ fn status(s: &Status) -> String {
         s.registry.generation
     );
     out += &table(
-        &["SOURCE", "STATE", "SERVICES", "LAST UPDATE", "LAST FAILURE", "ERROR"],
+        &[
+            "SOURCE",
+            "STATE",
+            "SERVICES",
+            "LAST UPDATE",
+            "LAST FAILURE",
+            "ERROR",
+        ],
         s.registry
             .sources
             .iter()
-            .map(|src| vec![src.name.clone(), src.state.clone(), src.services.to_string(), ago(src.last_update), ago(src.last_failure), src.error.clone().unwrap_or_else(|| "-".into())])
+            .map(|src| {
+                vec![
+                    src.name.clone(),
+                    src.state.clone(),
+                    src.services.to_string(),
+                    ago(src.last_update),
+                    ago(src.last_failure),
+                    src.error.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
             .collect(),
     );
     if !s.registry.held.is_empty() {
         out += "\nHELD UPDATES (guard)\n";
         out += &table(
-            &["SERVICE", "REASON", "HELD FOR", "APPLIES IN", "KEPT BACKENDS"],
+            &[
+                "SERVICE",
+                "REASON",
+                "HELD FOR",
+                "APPLIES IN",
+                "KEPT BACKENDS",
+            ],
             s.registry
                 .held
                 .iter()
                 .map(|h| {
                     let kept: Vec<String> = h.kept.iter().map(ToString::to_string).collect();
-                    vec![h.service.to_string(), h.reason.clone(), human(h.age), h.applies_in.map_or("never".into(), human), kept.join(",")]
+                    vec![
+                        h.service.to_string(),
+                        h.reason.clone(),
+                        human(h.age),
+                        h.applies_in.map_or("never".into(), human),
+                        kept.join(","),
+                    ]
                 })
                 .collect(),
         );
@@ -144,18 +231,35 @@ fn status(s: &Status) -> String {
         out += "\nDRAINED\n";
         out += &table(
             &["SERVICE", "BACKEND"],
-            s.registry.drained.iter().flat_map(|(svc, addrs)| addrs.iter().map(move |a| vec![svc.to_string(), a.to_string()])).collect(),
+            s.registry
+                .drained
+                .iter()
+                .flat_map(|(svc, addrs)| {
+                    addrs
+                        .iter()
+                        .map(move |a| vec![svc.to_string(), a.to_string()])
+                })
+                .collect(),
         );
     }
     out
 }
 
 fn resolution(r: &Resolution) -> String {
-    let mut out = format!("service {} ({}{}), lb {}\n", r.service, r.magic_v4, r.magic_v6.map_or(String::new(), |v6| format!(", {v6}")), r.lb.as_str());
+    let mut out = format!(
+        "service {} ({}{}), lb {}\n",
+        r.service,
+        r.magic_v4,
+        r.magic_v6.map_or(String::new(), |v6| format!(", {v6}")),
+        r.lb.as_str()
+    );
     out += &match (r.client_port, &r.port_name) {
         (Some(p), Some(name)) => format!("client port {p} maps to named port {name}\n"),
         (Some(p), None) => format!("client port {p} is not mapped: each backend's default port\n"),
-        (None, _) => "any client port not mapped to a named port goes to each backend's default port\n".to_string(),
+        (None, _) => {
+            "any client port not mapped to a named port goes to each backend's default port\n"
+                .to_string()
+        }
     };
     if r.panic {
         out += "panic mode: too few backends are healthy, so connects go to all of them\n";
@@ -164,14 +268,32 @@ fn resolution(r: &Resolution) -> String {
         out += "no backend can take a connect: it would fail with ECONNREFUSED\n";
     } else {
         out += "\n";
-        out += &table(&["CONNECTS GO TO", "WEIGHT", "PRIORITY"], r.candidates.iter().map(|c| vec![c.target.to_string(), c.weight.to_string(), c.priority.to_string()]).collect());
+        out += &table(
+            &["CONNECTS GO TO", "WEIGHT", "PRIORITY"],
+            r.candidates
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.target.to_string(),
+                        c.weight.to_string(),
+                        c.priority.to_string(),
+                    ]
+                })
+                .collect(),
+        );
     }
     if let Some(next) = &r.next {
         out += &format!("\nnext connect goes to {} ({})\n", next.target, next.why);
     }
     if !r.excluded.is_empty() {
         out += "\n";
-        out += &table(&["LEFT OUT", "WHY"], r.excluded.iter().map(|e| vec![e.addr.to_string(), e.reason.clone()]).collect());
+        out += &table(
+            &["LEFT OUT", "WHY"],
+            r.excluded
+                .iter()
+                .map(|e| vec![e.addr.to_string(), e.reason.clone()])
+                .collect(),
+        );
     }
     out
 }

@@ -20,9 +20,9 @@ use crate::dns::answer::Zones;
 use crate::dns::forward::{ForwardConfig, Forwarder};
 use crate::dns::server::{DnsHandler, DnsState};
 use crate::dns::udp;
-use crate::magic::MagicMap;
 use crate::guard::Guard;
 use crate::hook_server::{self, HookServerConfig};
+use crate::magic::MagicMap;
 use crate::registry::{Command, Registry, StatePaths, unix_now};
 use crate::snapshot::{self, Snapshot};
 use crate::source::SourceEvent;
@@ -37,13 +37,23 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("cannot bind {proto} {addr}: {source}")]
-    Bind { proto: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        proto: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot create the state directory {path}: {source}")]
-    StateDir { path: PathBuf, source: std::io::Error },
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("DNS server: {0}")]
     Server(String),
     #[error("cannot bind {path}: {source}")]
-    Socket { path: PathBuf, source: std::io::Error },
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// hickory-server wants to own its handler; ours is shared with the UDP workers.
@@ -51,7 +61,10 @@ struct SharedHandler(Arc<DnsHandler>);
 
 #[async_trait::async_trait]
 impl hickory_server::server::RequestHandler for SharedHandler {
-    async fn handle_request<R: hickory_server::server::ResponseHandler, T: hickory_server::net::runtime::Time>(
+    async fn handle_request<
+        R: hickory_server::server::ResponseHandler,
+        T: hickory_server::net::runtime::Time,
+    >(
         &self,
         request: &hickory_server::server::Request,
         response: R,
@@ -64,18 +77,25 @@ impl hickory_server::server::RequestHandler for SharedHandler {
 /// The hook socket is 0666 (every user's hooked programs may ask; the hook checks who owns the
 /// daemon end); the admin socket 0660 (root and the socket's group).
 fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
-    let err = |source| DaemonError::Socket { path: path.to_path_buf(), source };
+    let err = |source| DaemonError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(err(std::io::Error::new(std::io::ErrorKind::AddrInUse, "another daemon is listening on it")));
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another daemon is listening on it",
+            )));
         }
         std::fs::remove_file(path).map_err(err)?;
     }
     let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(err)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .map_err(err)?;
     Ok(listener)
 }
 
@@ -106,13 +126,26 @@ impl Listeners {
             http: Vec::new(),
         };
         for addr in &config.metrics_listen {
-            l.http.push(TcpListener::bind(addr).map_err(|source| DaemonError::Bind { proto: "tcp (metrics)", addr: *addr, source })?);
+            l.http
+                .push(TcpListener::bind(addr).map_err(|source| DaemonError::Bind {
+                    proto: "tcp (metrics)",
+                    addr: *addr,
+                    source,
+                })?);
         }
         for addr in &config.dns.listen {
-            let udp = UdpSocket::bind(addr).map_err(|source| DaemonError::Bind { proto: "udp", addr: *addr, source })?;
+            let udp = UdpSocket::bind(addr).map_err(|source| DaemonError::Bind {
+                proto: "udp",
+                addr: *addr,
+                source,
+            })?;
             // Port 0 means "any": TCP must then share the port UDP got.
             let tcp_addr = udp.local_addr().unwrap_or(*addr);
-            let tcp = TcpListener::bind(tcp_addr).map_err(|source| DaemonError::Bind { proto: "tcp", addr: tcp_addr, source })?;
+            let tcp = TcpListener::bind(tcp_addr).map_err(|source| DaemonError::Bind {
+                proto: "tcp",
+                addr: tcp_addr,
+                source,
+            })?;
             l.dns_udp.push(udp);
             l.dns_tcp.push(tcp);
         }
@@ -120,7 +153,10 @@ impl Listeners {
     }
 
     pub fn dns_addrs(&self) -> Vec<SocketAddr> {
-        self.dns_udp.iter().filter_map(|s| s.local_addr().ok()).collect()
+        self.dns_udp
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .collect()
     }
 }
 
@@ -135,7 +171,11 @@ pub struct Control {
 impl Default for Control {
     fn default() -> Self {
         let (reload_tx, reload_rx) = mpsc::channel(4);
-        Self { shutdown: CancellationToken::new(), reload_tx, reload_rx }
+        Self {
+            shutdown: CancellationToken::new(),
+            reload_tx,
+            reload_rx,
+        }
     }
 }
 
@@ -150,13 +190,28 @@ impl Control {
 ///
 /// # Errors
 /// The state directory cannot be created, or the DNS server fails to start.
-pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> Result<(), DaemonError> {
-    let Control { shutdown, reload_tx, mut reload_rx } = control;
+pub async fn run(
+    mut config: Config,
+    listeners: Listeners,
+    control: Control,
+) -> Result<(), DaemonError> {
+    let Control {
+        shutdown,
+        reload_tx,
+        mut reload_rx,
+    } = control;
     let started = std::time::Instant::now();
     let dir = &config.state.dir;
-    std::fs::create_dir_all(dir).map_err(|source| DaemonError::StateDir { path: dir.clone(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| DaemonError::StateDir {
+        path: dir.clone(),
+        source,
+    })?;
 
-    let mut magic = MagicMap::new(config.dns.magic_v4, config.dns.magic_v6, config.state.quarantine);
+    let mut magic = MagicMap::new(
+        config.dns.magic_v4,
+        config.dns.magic_v6,
+        config.state.quarantine,
+    );
     let magic_path = dir.join("magic.json");
     match std::fs::read(&magic_path) {
         Ok(bytes) => match magic.restore(&bytes) {
@@ -167,14 +222,29 @@ pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> 
             }
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => warn!(path = %magic_path.display(), error = %e, "cannot read the magic address map"),
+        Err(e) => {
+            warn!(path = %magic_path.display(), error = %e, "cannot read the magic address map")
+        }
     }
 
     let shared = snapshot::shared(Snapshot::default());
-    let names = config.sources.iter().map(|s| s.name().to_string()).collect();
+    let names = config
+        .sources
+        .iter()
+        .map(|s| s.name().to_string())
+        .collect();
     let backends_path = dir.join("backends.json");
-    let paths = StatePaths { magic: Some(magic_path), backends: Some(backends_path.clone()) };
-    let mut registry = Registry::new(names, Guard::new(config.guard), magic, paths, shared.clone());
+    let paths = StatePaths {
+        magic: Some(magic_path),
+        backends: Some(backends_path.clone()),
+    };
+    let mut registry = Registry::new(
+        names,
+        Guard::new(config.guard),
+        magic,
+        paths,
+        shared.clone(),
+    );
     registry.set_health(config.health);
     let health_targets = registry.targets();
     let fallback = hook_server::fallback_path_for(&config.hook.socket);
@@ -191,14 +261,18 @@ pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> 
     // start-up must not mean an empty service domain.
     match std::fs::read(&backends_path) {
         Ok(bytes) => match registry.restore(&bytes, unix_now()) {
-            Ok(n) => info!(services = n, path = %backends_path.display(), "restored last-known-good state"),
+            Ok(n) => {
+                info!(services = n, path = %backends_path.display(), "restored last-known-good state")
+            }
             Err(e) => {
                 let aside = state::set_aside(&backends_path);
                 warn!(path = %backends_path.display(), error = %e, aside = ?aside.ok(), "last-known-good state is corrupt; set aside, starting from the sources alone");
             }
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => warn!(path = %backends_path.display(), error = %e, "cannot read the last-known-good state"),
+        Err(e) => {
+            warn!(path = %backends_path.display(), error = %e, "cannot read the last-known-good state")
+        }
     }
     // Scan file sources once before answering, so the first query already sees every service.
     for (index, source) in config.sources.iter().enumerate() {
@@ -208,7 +282,13 @@ pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> 
                 warn!(source = %source.name(), "{p}");
             }
             if scan.readable {
-                registry.apply(SourceEvent::Reset { source: index, services: scan.services }, unix_now());
+                registry.apply(
+                    SourceEvent::Reset {
+                        source: index,
+                        services: scan.services,
+                    },
+                    unix_now(),
+                );
             }
         }
     }
@@ -217,13 +297,19 @@ pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> 
     let (events, events_rx) = mpsc::channel::<SourceEvent>(64);
     let (commands, commands_rx) = mpsc::channel::<Command>(16);
     tracker.spawn(registry.run(events_rx, commands_rx, shutdown.clone()));
-    tracker.spawn(crate::health::run(health_targets, commands.clone(), shutdown.clone()));
+    tracker.spawn(crate::health::run(
+        health_targets,
+        commands.clone(),
+        shutdown.clone(),
+    ));
     let mut sources_token = shutdown.child_token();
     start_sources(&config, &events, &sources_token, &tracker);
 
     let d = &config.dns;
     if d.upstreams.is_empty() {
-        warn!("no upstream resolvers: names outside the service domains will get SERVFAIL (set dns.upstreams)");
+        warn!(
+            "no upstream resolvers: names outside the service domains will get SERVFAIL (set dns.upstreams)"
+        );
     }
     let handler = Arc::new(DnsHandler::new(dns_state(d, None), shared.clone()));
     let mut server = Server::new(SharedHandler(handler.clone()));
@@ -231,10 +317,21 @@ pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> 
     // The hook server's balancer, shared with the admin server for dry-run explanations.
     let mut balance = None;
     if let Some(hook) = listeners.hook {
-        hook.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
-        let hook = tokio::net::UnixListener::from_std(hook).map_err(|e| DaemonError::Server(e.to_string()))?;
-        let cfg = HookServerConfig { socket: config.hook.socket.clone(), fallback_file: Some(fallback), zone: config.balance.zone.clone(), local_min_share: config.balance.local_min_share, ..HookServerConfig::default() };
-        let cfg = HookServerConfig { balance: Some(hook_server::BalanceHandle::new(&cfg)), ..cfg };
+        hook.set_nonblocking(true)
+            .map_err(|e| DaemonError::Server(e.to_string()))?;
+        let hook = tokio::net::UnixListener::from_std(hook)
+            .map_err(|e| DaemonError::Server(e.to_string()))?;
+        let cfg = HookServerConfig {
+            socket: config.hook.socket.clone(),
+            fallback_file: Some(fallback),
+            zone: config.balance.zone.clone(),
+            local_min_share: config.balance.local_min_share,
+            ..HookServerConfig::default()
+        };
+        let cfg = HookServerConfig {
+            balance: Some(hook_server::BalanceHandle::new(&cfg)),
+            ..cfg
+        };
         balance = cfg.balance.clone();
         let (snapshot, stop) = (shared.clone(), shutdown.clone());
         tracker.spawn(async move {
@@ -244,8 +341,11 @@ pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> 
         });
     }
     if let Some(admin) = listeners.admin {
-        admin.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
-        let admin = tokio::net::UnixListener::from_std(admin).map_err(|e| DaemonError::Server(e.to_string()))?;
+        admin
+            .set_nonblocking(true)
+            .map_err(|e| DaemonError::Server(e.to_string()))?;
+        let admin = tokio::net::UnixListener::from_std(admin)
+            .map_err(|e| DaemonError::Server(e.to_string()))?;
         let cx = AdminContext {
             snapshot: shared.clone(),
             registry: commands.clone(),
@@ -257,16 +357,33 @@ pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> 
         tracker.spawn(admin::serve(admin, cx, shutdown.clone()));
     }
     for http in listeners.http {
-        http.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
-        let http = tokio::net::TcpListener::from_std(http).map_err(|e| DaemonError::Server(e.to_string()))?;
-        let cx = crate::http::HttpContext { snapshot: shared.clone(), registry: commands.clone(), started };
+        http.set_nonblocking(true)
+            .map_err(|e| DaemonError::Server(e.to_string()))?;
+        let http = tokio::net::TcpListener::from_std(http)
+            .map_err(|e| DaemonError::Server(e.to_string()))?;
+        let cx = crate::http::HttpContext {
+            snapshot: shared.clone(),
+            registry: commands.clone(),
+            started,
+        };
         tracker.spawn(crate::http::serve(http, cx, shutdown.clone()));
     }
-    let udp_threads = udp::spawn(listeners.dns_udp, handler.clone(), tokio::runtime::Handle::current(), shutdown.clone())
-        .map_err(|e| DaemonError::Server(e.to_string()))?;
+    let udp_threads = udp::spawn(
+        listeners.dns_udp,
+        handler.clone(),
+        tokio::runtime::Handle::current(),
+        shutdown.clone(),
+    )
+    .map_err(|e| DaemonError::Server(e.to_string()))?;
     for tcp in listeners.dns_tcp {
-        tcp.set_nonblocking(true).map_err(|e| DaemonError::Server(e.to_string()))?;
-        server.register_listener(tokio::net::TcpListener::from_std(tcp).map_err(|e| DaemonError::Server(e.to_string()))?, TCP_IDLE, 64);
+        tcp.set_nonblocking(true)
+            .map_err(|e| DaemonError::Server(e.to_string()))?;
+        server.register_listener(
+            tokio::net::TcpListener::from_std(tcp)
+                .map_err(|e| DaemonError::Server(e.to_string()))?,
+            TCP_IDLE,
+            64,
+        );
     }
     info!(listen = ?addrs, domains = ?d.domains.iter().map(ToString::to_string).collect::<Vec<_>>(), services = shared.load().len(), "serving");
 
@@ -310,17 +427,32 @@ pub async fn run(mut config: Config, listeners: Listeners, control: Control) -> 
 }
 
 /// Starts every source and registration of `config` under `token`.
-fn start_sources(config: &Config, events: &mpsc::Sender<SourceEvent>, token: &CancellationToken, tracker: &TaskTracker) {
+fn start_sources(
+    config: &Config,
+    events: &mpsc::Sender<SourceEvent>,
+    token: &CancellationToken,
+    tracker: &TaskTracker,
+) {
     for (index, source) in config.sources.iter().enumerate() {
         match source {
             SourceConfig::File { path, .. } => {
                 tracker.spawn(FileSource::new(path).run(index, events.clone(), token.clone()));
             }
             SourceConfig::DnsSrv(srv) => {
-                tracker.spawn(crate::source::dns_srv::run(srv.clone(), index, events.clone(), token.clone()));
+                tracker.spawn(crate::source::dns_srv::run(
+                    srv.clone(),
+                    index,
+                    events.clone(),
+                    token.clone(),
+                ));
             }
             SourceConfig::Zookeeper(zk) => {
-                tracker.spawn(crate::source::zookeeper::run(zk.clone(), index, events.clone(), token.clone()));
+                tracker.spawn(crate::source::zookeeper::run(
+                    zk.clone(),
+                    index,
+                    events.clone(),
+                    token.clone(),
+                ));
             }
         }
     }
@@ -332,19 +464,35 @@ fn start_sources(config: &Config, events: &mpsc::Sender<SourceEvent>, token: &Ca
 
 /// The reloadable DNS state; keeps `old`'s forwarder (and its cache) when forwarding is unchanged.
 fn dns_state(d: &DnsConfig, old: Option<(&DnsConfig, Arc<Forwarder>)>) -> DnsState {
-    let forwarding = |c: &DnsConfig| (c.upstreams.clone(), c.forward.clone(), c.timeout, c.cache_size, c.stale_max);
+    let forwarding = |c: &DnsConfig| {
+        (
+            c.upstreams.clone(),
+            c.forward.clone(),
+            c.timeout,
+            c.cache_size,
+            c.stale_max,
+        )
+    };
     let forwarder = match old {
         Some((old, fwd)) if forwarding(old) == forwarding(d) => fwd,
         _ => Arc::new(Forwarder::new(ForwardConfig {
             default_upstreams: d.upstreams.clone(),
-            zones: d.forward.iter().map(|f| (f.zone.clone(), f.upstreams.clone())).collect(),
+            zones: d
+                .forward
+                .iter()
+                .map(|f| (f.zone.clone(), f.upstreams.clone()))
+                .collect(),
             timeout: d.timeout,
             cache_size: d.cache_size,
             stale_max: d.stale_max,
             ..ForwardConfig::default()
         })),
     };
-    DnsState { zones: Zones::from_config(d), forwarder, allow: d.allow.clone() }
+    DnsState {
+        zones: Zones::from_config(d),
+        forwarder,
+        allow: d.allow.clone(),
+    }
 }
 
 /// One reload: applies what can change live, and says what needs a restart.
@@ -379,16 +527,34 @@ impl Reload<'_> {
         keep!(admin.socket, "admin.socket");
         keep!(metrics_listen, "metrics.listen");
         if new.dns != running.dns {
-            self.handler.replace(dns_state(&new.dns, Some((&running.dns, self.handler.forwarder()))));
+            self.handler.replace(dns_state(
+                &new.dns,
+                Some((&running.dns, self.handler.forwarder())),
+            ));
             changed.push("dns");
         }
-        if new.sources != running.sources || new.registrations != running.registrations || new.guard != running.guard || new.health != running.health {
+        if new.sources != running.sources
+            || new.registrations != running.registrations
+            || new.guard != running.guard
+            || new.health != running.health
+        {
             self.sources_token.cancel();
             *self.sources_token = self.shutdown.child_token();
             let (reply, done) = oneshot::channel();
             let names = new.sources.iter().map(|s| s.name().to_string()).collect();
-            if self.commands.send(Command::Reconfigure { names, guard: new.guard, health: new.health, reply }).await.is_ok()
-                && tokio::time::timeout(Duration::from_secs(5), done).await.is_err()
+            if self
+                .commands
+                .send(Command::Reconfigure {
+                    names,
+                    guard: new.guard,
+                    health: new.health,
+                    reply,
+                })
+                .await
+                .is_ok()
+                && tokio::time::timeout(Duration::from_secs(5), done)
+                    .await
+                    .is_err()
             {
                 // Never let a reload wedge the control loop (and with it, shutdown).
                 warn!("the registry took more than 5s to take the new sources; carrying on");
@@ -398,12 +564,23 @@ impl Reload<'_> {
         }
         *running = new;
         for r in &restart {
-            warn!(key = r, "changed in the config file; takes effect at the next restart");
+            warn!(
+                key = r,
+                "changed in the config file; takes effect at the next restart"
+            );
         }
         match (changed.is_empty(), restart.is_empty()) {
             (true, true) => "nothing changed".to_string(),
             (_, true) => format!("applied: {}", changed.join(", ")),
-            (_, false) => format!("applied: {}; needs a restart: {}", if changed.is_empty() { "nothing".to_string() } else { changed.join(", ") }, restart.join(", ")),
+            (_, false) => format!(
+                "applied: {}; needs a restart: {}",
+                if changed.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    changed.join(", ")
+                },
+                restart.join(", ")
+            ),
         }
     }
 }

@@ -20,14 +20,32 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     /// A problem located by a byte span of `source`.
-    pub fn at(path: &Path, source: &str, span: Option<Range<usize>>, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn at(
+        path: &Path,
+        source: &str,
+        span: Option<Range<usize>>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         let (line, column) = span.map_or((0, 0), |s| line_column(source, s.start));
-        Self { path: path.to_path_buf(), line, column, field: field.into(), message: message.into() }
+        Self {
+            path: path.to_path_buf(),
+            line,
+            column,
+            field: field.into(),
+            message: message.into(),
+        }
     }
 
     /// A problem with the file as a whole.
     pub fn file(path: &Path, message: impl Into<String>) -> Self {
-        Self { path: path.to_path_buf(), line: 0, column: 0, field: String::new(), message: message.into() }
+        Self {
+            path: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message: message.into(),
+        }
     }
 
     /// A TOML syntax or shape error, located by the parser's span.
@@ -91,8 +109,20 @@ mod tests {
 
     #[test]
     fn display_names_path_line_column_and_field() {
-        let d = Diagnostic::at(Path::new("zones/web.toml"), "x\n  y", Some(4..5), "services.web.lb", "unknown lb");
-        assert_eq!(d.to_string(), "zones/web.toml:2:3: services.web.lb: unknown lb");
-        assert_eq!(Diagnostic::file(Path::new("a.toml"), "missing").to_string(), "a.toml: missing");
+        let d = Diagnostic::at(
+            Path::new("zones/web.toml"),
+            "x\n  y",
+            Some(4..5),
+            "services.web.lb",
+            "unknown lb",
+        );
+        assert_eq!(
+            d.to_string(),
+            "zones/web.toml:2:3: services.web.lb: unknown lb"
+        );
+        assert_eq!(
+            Diagnostic::file(Path::new("a.toml"), "missing").to_string(),
+            "a.toml: missing"
+        );
     }
 }

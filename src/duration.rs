@@ -10,9 +10,9 @@ pub fn parse(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\", \"24h\", \"7d\""))?;
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("{s:?} is not a duration; write e.g. \"500ms\", \"30s\", \"5m\", \"24h\", \"7d\"")
+    })?;
     let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs);
     let d = match unit {
         "ms" => Some(Duration::from_millis(n)),

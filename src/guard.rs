@@ -79,7 +79,11 @@ pub struct Decision {
 
 impl Guard {
     pub fn new(cfg: GuardConfig) -> Self {
-        Self { cfg, held: BTreeMap::new(), windows: BTreeMap::new() }
+        Self {
+            cfg,
+            held: BTreeMap::new(),
+            windows: BTreeMap::new(),
+        }
     }
 
     /// A reload may change the thresholds; running holds keep their start time.
@@ -93,11 +97,22 @@ impl Guard {
 
     /// Decides what to publish given what is published now and what the sources propose, for
     /// every service at once (a full refresh, and the tests' view).
-    pub fn apply(&mut self, published: &BTreeMap<ServiceName, ServiceSpec>, mut proposed: BTreeMap<ServiceName, ServiceSpec>, now: Instant) -> Decision {
+    pub fn apply(
+        &mut self,
+        published: &BTreeMap<ServiceName, ServiceSpec>,
+        mut proposed: BTreeMap<ServiceName, ServiceSpec>,
+        now: Instant,
+    ) -> Decision {
         let mut d = Decision::default();
         self.held.retain(|n, _| published.contains_key(n));
         self.windows.retain(|n, _| published.contains_key(n));
-        let names: Vec<ServiceName> = published.keys().chain(proposed.keys()).cloned().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let names: Vec<ServiceName> = published
+            .keys()
+            .chain(proposed.keys())
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
         for name in names {
             let next = proposed.remove(&name);
             let step = self.step(&name, published.get(&name), next, now);
@@ -115,12 +130,21 @@ impl Guard {
 
     /// Decides what to publish for one service: `current` is what is published, `next` what the
     /// sources say now (`None`: no source names it).
-    pub fn step(&mut self, name: &ServiceName, current: Option<&ServiceSpec>, next: Option<ServiceSpec>, now: Instant) -> Step {
+    pub fn step(
+        &mut self,
+        name: &ServiceName,
+        current: Option<&ServiceSpec>,
+        next: Option<ServiceSpec>,
+        now: Instant,
+    ) -> Step {
         let Some(current) = current else {
             // New to the published set: apply at once.
             self.held.remove(name);
             self.windows.remove(name);
-            return Step { publish: next, ..Step::default() };
+            return Step {
+                publish: next,
+                ..Step::default()
+            };
         };
         let max_drop = self.cfg.max_drop;
         let window = self.window(name, current, now);
@@ -128,11 +152,28 @@ impl Guard {
             None if current.backends.is_empty() => (None, Vec::new()),
             None => (Some(HoldReason::Vanished), current.backends.clone()),
             Some(_) if current.backends.is_empty() => (None, Vec::new()),
-            Some(next) if next.backends.is_empty() => (Some(HoldReason::WouldEmpty), current.backends.clone()),
+            Some(next) if next.backends.is_empty() => {
+                (Some(HoldReason::WouldEmpty), current.backends.clone())
+            }
             Some(next) => {
-                let removed: Vec<crate::service::Backend> = window.backends.iter().filter(|b| !next.backends.iter().any(|n| n.addr == b.addr)).cloned().collect();
+                let removed: Vec<crate::service::Backend> = window
+                    .backends
+                    .iter()
+                    .filter(|b| !next.backends.iter().any(|n| n.addr == b.addr))
+                    .cloned()
+                    .collect();
                 let share = removed.len() as f64 / window.backends.len().max(1) as f64;
-                if share > max_drop { (Some(HoldReason::SharpDrop { removed: removed.len(), of: window.backends.len() }), removed) } else { (None, Vec::new()) }
+                if share > max_drop {
+                    (
+                        Some(HoldReason::SharpDrop {
+                            removed: removed.len(),
+                            of: window.backends.len(),
+                        }),
+                        removed,
+                    )
+                } else {
+                    (None, Vec::new())
+                }
             }
         };
         let Some(reason) = reason else {
@@ -140,7 +181,10 @@ impl Guard {
             if next.is_none() {
                 self.windows.remove(name);
             }
-            return Step { publish: next, ..Step::default() };
+            return Step {
+                publish: next,
+                ..Step::default()
+            };
         };
         let kept_addrs: Vec<SocketAddr> = kept.iter().map(|b| b.addr).collect();
         let mut step = Step::default();
@@ -149,7 +193,12 @@ impl Guard {
         let since = match self.held.remove(name) {
             Some(h) if same_kind(&h.reason, &reason) => h.since,
             _ => {
-                step.new_hold = Some(Held { service: name.clone(), reason: reason.clone(), since: now, kept: kept_addrs.clone() });
+                step.new_hold = Some(Held {
+                    service: name.clone(),
+                    reason: reason.clone(),
+                    since: now,
+                    kept: kept_addrs.clone(),
+                });
                 now
             }
         };
@@ -162,20 +211,35 @@ impl Guard {
             return step;
         }
         step.publish = Some(kept_spec(current, next, &kept));
-        self.held.insert(name.clone(), Held { service: name.clone(), reason, since, kept: kept_addrs });
+        self.held.insert(
+            name.clone(),
+            Held {
+                service: name.clone(),
+                reason,
+                since,
+                kept: kept_addrs,
+            },
+        );
         step
     }
 
     /// When the earliest running hold matures.
     pub fn next_wake(&self) -> Option<Instant> {
-        self.held.values().filter(|h| h.reason != HoldReason::WouldEmpty).map(|h| h.since.checked_add(self.cfg.hold_down).unwrap_or(h.since)).min()
+        self.held
+            .values()
+            .filter(|h| h.reason != HoldReason::WouldEmpty)
+            .map(|h| h.since.checked_add(self.cfg.hold_down).unwrap_or(h.since))
+            .min()
     }
 
     /// Services whose hold has run its course by `now`.
     pub fn due(&self, now: Instant) -> Vec<ServiceName> {
         self.held
             .values()
-            .filter(|h| h.reason != HoldReason::WouldEmpty && now >= h.since.checked_add(self.cfg.hold_down).unwrap_or(h.since))
+            .filter(|h| {
+                h.reason != HoldReason::WouldEmpty
+                    && now >= h.since.checked_add(self.cfg.hold_down).unwrap_or(h.since)
+            })
             .map(|h| h.service.clone())
             .collect()
     }
@@ -190,9 +254,15 @@ impl Guard {
     fn window(&mut self, name: &ServiceName, current: &ServiceSpec, now: Instant) -> &Window {
         let hold_down = self.cfg.hold_down;
         let held = self.held.contains_key(name);
-        let w = self.windows.entry(name.clone()).or_insert_with(|| Window { since: now, backends: Vec::new() });
+        let w = self.windows.entry(name.clone()).or_insert_with(|| Window {
+            since: now,
+            backends: Vec::new(),
+        });
         if !held && now.saturating_duration_since(w.since) >= hold_down {
-            *w = Window { since: now, backends: Vec::new() };
+            *w = Window {
+                since: now,
+                backends: Vec::new(),
+            };
         }
         for b in &current.backends {
             if !w.backends.iter().any(|o| o.addr == b.addr) {
@@ -208,8 +278,14 @@ fn same_kind(a: &HoldReason, b: &HoldReason) -> bool {
 }
 
 /// The proposed spec (or the current one if the service vanished) plus the kept backends.
-fn kept_spec(current: &ServiceSpec, next: Option<ServiceSpec>, kept: &[crate::service::Backend]) -> ServiceSpec {
-    let Some(mut spec) = next else { return current.clone() };
+fn kept_spec(
+    current: &ServiceSpec,
+    next: Option<ServiceSpec>,
+    kept: &[crate::service::Backend],
+) -> ServiceSpec {
+    let Some(mut spec) = next else {
+        return current.clone();
+    };
     for b in kept {
         if !spec.backends.iter().any(|n| n.addr == b.addr) {
             spec.backends.push(b.clone());
@@ -231,7 +307,9 @@ mod tests {
 
     fn spec_from(name: &str, range: impl Iterator<Item = u8>) -> ServiceSpec {
         let mut s = ServiceSpec::new(name.parse().unwrap());
-        s.backends = range.map(|i| Backend::new(SocketAddr::from(([127, 0, 1, i], 80)))).collect();
+        s.backends = range
+            .map(|i| Backend::new(SocketAddr::from(([127, 0, 1, i], 80))))
+            .collect();
         s
     }
 
@@ -244,7 +322,10 @@ mod tests {
     }
 
     fn guard() -> Guard {
-        Guard::new(GuardConfig { max_drop: 0.5, hold_down: HOLD })
+        Guard::new(GuardConfig {
+            max_drop: 0.5,
+            hold_down: HOLD,
+        })
     }
 
     #[test]
@@ -266,7 +347,10 @@ mod tests {
         let published = map([spec("web", 10)]);
         let d = g.apply(&published, map([spec("web", 1)]), t);
         assert_eq!(count(&d, "web"), Some(10), "90% drop held");
-        assert_eq!(d.new_holds[0].reason, HoldReason::SharpDrop { removed: 9, of: 10 });
+        assert_eq!(
+            d.new_holds[0].reason,
+            HoldReason::SharpDrop { removed: 9, of: 10 }
+        );
         assert_eq!(d.wake_at, Some(t + HOLD));
         let d = g.apply(&d.services, map([spec("web", 1)]), t + HOLD / 2);
         assert_eq!(count(&d, "web"), Some(10));
@@ -282,10 +366,14 @@ mod tests {
         let mut g = guard();
         let t = Instant::now();
         let d = g.apply(&map([spec("web", 4)]), map([spec_from("web", 10..=11)]), t);
-        let addrs: Vec<u8> = d.services["web"].backends.iter().map(|b| match b.addr.ip() {
-            std::net::IpAddr::V4(v4) => v4.octets()[3],
-            std::net::IpAddr::V6(_) => 0,
-        }).collect();
+        let addrs: Vec<u8> = d.services["web"]
+            .backends
+            .iter()
+            .map(|b| match b.addr.ip() {
+                std::net::IpAddr::V4(v4) => v4.octets()[3],
+                std::net::IpAddr::V6(_) => 0,
+            })
+            .collect();
         assert_eq!(addrs, [10, 11, 1, 2, 3, 4]);
     }
 
@@ -296,13 +384,28 @@ mod tests {
         let mut published = map([spec("web", 10)]);
         // Ten instances expire one by one, a second apart: each step alone removes little.
         for (step, left) in (1..=9u8).rev().enumerate() {
-            let d = g.apply(&published, map([spec("web", left)]), t + Duration::from_secs(step as u64));
+            let d = g.apply(
+                &published,
+                map([spec("web", left)]),
+                t + Duration::from_secs(step as u64),
+            );
             published = d.services;
         }
-        assert_eq!(published["web"].backends.len(), 10, "once past max_drop of the window, all ten serve again");
-        assert!(matches!(g.held().next().unwrap().reason, HoldReason::SharpDrop { removed: 9, of: 10 }));
+        assert_eq!(
+            published["web"].backends.len(),
+            10,
+            "once past max_drop of the window, all ten serve again"
+        );
+        assert!(matches!(
+            g.held().next().unwrap().reason,
+            HoldReason::SharpDrop { removed: 9, of: 10 }
+        ));
         // The hold runs its course; then the drop applies.
-        let d = g.apply(&published, map([spec("web", 1)]), t + Duration::from_secs(8) + HOLD);
+        let d = g.apply(
+            &published,
+            map([spec("web", 1)]),
+            t + Duration::from_secs(8) + HOLD,
+        );
         assert_eq!(d.services["web"].backends.len(), 1);
     }
 
@@ -313,7 +416,11 @@ mod tests {
         let mut published = map([spec("web", 10)]);
         for (step, left) in (1..=9u8).rev().enumerate() {
             // One removal per hold-down: never more than max_drop within a window.
-            let d = g.apply(&published, map([spec("web", left)]), t + HOLD * (step as u32 + 1));
+            let d = g.apply(
+                &published,
+                map([spec("web", left)]),
+                t + HOLD * (step as u32 + 1),
+            );
             published = d.services;
         }
         assert_eq!(published["web"].backends.len(), 1);
@@ -326,8 +433,16 @@ mod tests {
         let t = Instant::now();
         let old = map([spec_from("web", 1..=4)]);
         let both = g.apply(&old, map([spec_from("web", 1..=8)]), t).services;
-        let d = g.apply(&both, map([spec_from("web", 5..=8)]), t + Duration::from_secs(1));
-        assert_eq!(d.services["web"].backends.len(), 4, "4 of 8 seen in the window is not more than half");
+        let d = g.apply(
+            &both,
+            map([spec_from("web", 5..=8)]),
+            t + Duration::from_secs(1),
+        );
+        assert_eq!(
+            d.services["web"].backends.len(),
+            4,
+            "4 of 8 seen in the window is not more than half"
+        );
         assert!(d.new_holds.is_empty());
     }
 
@@ -337,7 +452,11 @@ mod tests {
         let t = Instant::now();
         let mut published = map([spec("web", 3)]);
         for hours in [0, 1, 24, 24 * 30] {
-            let d = g.apply(&published, map([spec("web", 0)]), t + Duration::from_secs(3600 * hours));
+            let d = g.apply(
+                &published,
+                map([spec("web", 0)]),
+                t + Duration::from_secs(3600 * hours),
+            );
             assert_eq!(count(&d, "web"), Some(3), "after {hours} h");
             assert_eq!(d.wake_at, None);
             published = d.services;

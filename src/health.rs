@@ -32,9 +32,14 @@ pub type SharedTargets = Arc<ArcSwap<Targets>>;
 const RESYNC: Duration = Duration::from_millis(200);
 
 /// Runs probes for the current targets until `shutdown`.
-pub async fn run(targets: SharedTargets, registry: mpsc::Sender<Command>, shutdown: CancellationToken) {
+pub async fn run(
+    targets: SharedTargets,
+    registry: mpsc::Sender<Command>,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
-    let mut running: HashMap<(ServiceName, SocketAddr), (HealthCheck, CancellationToken)> = HashMap::new();
+    let mut running: HashMap<(ServiceName, SocketAddr), (HealthCheck, CancellationToken)> =
+        HashMap::new();
     let mut tick = tokio::time::interval(RESYNC);
     loop {
         tokio::select! {
@@ -43,7 +48,9 @@ pub async fn run(targets: SharedTargets, registry: mpsc::Sender<Command>, shutdo
         }
         let want = targets.load();
         running.retain(|(service, addr), (check, token)| {
-            let keep = want.get(service).is_some_and(|list| list.iter().any(|(a, c, _)| a == addr && c == check));
+            let keep = want
+                .get(service)
+                .is_some_and(|list| list.iter().any(|(a, c, _)| a == addr && c == check));
             if !keep {
                 token.cancel();
             }
@@ -56,7 +63,14 @@ pub async fn run(targets: SharedTargets, registry: mpsc::Sender<Command>, shutdo
                     continue;
                 }
                 let token = shutdown.child_token();
-                tracker.spawn(probe(service.clone(), *addr, check.clone(), *healthy, registry.clone(), token.clone()));
+                tracker.spawn(probe(
+                    service.clone(),
+                    *addr,
+                    check.clone(),
+                    *healthy,
+                    registry.clone(),
+                    token.clone(),
+                ));
                 running.insert(key, (check.clone(), token));
             }
         }
@@ -65,12 +79,23 @@ pub async fn run(targets: SharedTargets, registry: mpsc::Sender<Command>, shutdo
     tracker.wait().await;
 }
 
-async fn probe(service: ServiceName, addr: SocketAddr, hc: HealthCheck, healthy: bool, registry: mpsc::Sender<Command>, stop: CancellationToken) {
+async fn probe(
+    service: ServiceName,
+    addr: SocketAddr,
+    hc: HealthCheck,
+    healthy: bool,
+    registry: mpsc::Sender<Command>,
+    stop: CancellationToken,
+) {
     let first = random_up_to(hc.interval);
     if sleep_or_stop(first, &stop).await {
         return;
     }
-    let mut health = if healthy { Health::starting_healthy(hc.rise, hc.fall) } else { Health::new(hc.rise, hc.fall) };
+    let mut health = if healthy {
+        Health::starting_healthy(hc.rise, hc.fall)
+    } else {
+        Health::new(hc.rise, hc.fall)
+    };
     loop {
         let result = tokio::select! {
             () = stop.cancelled() => return,
@@ -80,8 +105,19 @@ async fn probe(service: ServiceName, addr: SocketAddr, hc: HealthCheck, healthy:
             debug!(%service, %addr, error = %e, "health check failed");
         }
         if let Some(now) = health.observe(result.is_ok()) {
-            let reason = result.err().map_or_else(|| "checks pass".to_string(), |e| e.to_string());
-            if registry.send(Command::Health { service: service.clone(), addr, healthy: now, reason }).await.is_err() {
+            let reason = result
+                .err()
+                .map_or_else(|| "checks pass".to_string(), |e| e.to_string());
+            if registry
+                .send(Command::Health {
+                    service: service.clone(),
+                    addr,
+                    healthy: now,
+                    reason,
+                })
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -92,7 +128,11 @@ async fn probe(service: ServiceName, addr: SocketAddr, hc: HealthCheck, healthy:
 }
 
 fn random_up_to(d: Duration) -> Duration {
-    if d.is_zero() { d } else { d.mul_f64(rand::rng().random::<f64>()) }
+    if d.is_zero() {
+        d
+    } else {
+        d.mul_f64(rand::rng().random::<f64>())
+    }
 }
 
 /// True when stopped.
@@ -115,9 +155,17 @@ async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
 ///   balances over all its backends, healthy or not: answers never go empty.
 ///
 /// Returns the spec to publish and whether the service is in panic mode.
-pub fn effective(spec: &crate::service::ServiceSpec, unhealthy: Option<&BTreeMap<SocketAddr, String>>, panic_threshold: f64) -> (crate::service::ServiceSpec, bool) {
-    let Some(unhealthy) = unhealthy.filter(|u| !u.is_empty()) else { return (spec.clone(), false) };
-    let Some(best) = spec.backends.iter().map(|b| b.priority).min() else { return (spec.clone(), false) };
+pub fn effective(
+    spec: &crate::service::ServiceSpec,
+    unhealthy: Option<&BTreeMap<SocketAddr, String>>,
+    panic_threshold: f64,
+) -> (crate::service::ServiceSpec, bool) {
+    let Some(unhealthy) = unhealthy.filter(|u| !u.is_empty()) else {
+        return (spec.clone(), false);
+    };
+    let Some(best) = spec.backends.iter().map(|b| b.priority).min() else {
+        return (spec.clone(), false);
+    };
     let best_size = spec.backends.iter().filter(|b| b.priority == best).count();
     let needed = (panic_threshold * best_size as f64).ceil() as usize;
     let mut tiers: Vec<u16> = spec.backends.iter().map(|b| b.priority).collect();
@@ -133,7 +181,12 @@ pub fn effective(spec: &crate::service::ServiceSpec, unhealthy: Option<&BTreeMap
         if active >= needed.max(1) {
             break;
         }
-        for b in spec.backends.iter().filter(|b| b.priority == *tier).filter(healthy) {
+        for b in spec
+            .backends
+            .iter()
+            .filter(|b| b.priority == *tier)
+            .filter(healthy)
+        {
             let mut b = b.clone();
             b.priority = best;
             out.backends.push(b);
@@ -145,7 +198,13 @@ pub fn effective(spec: &crate::service::ServiceSpec, unhealthy: Option<&BTreeMap
         return (spec.clone(), true);
     }
     // Tiers that did not have to join stay behind as backups, healthy members only.
-    out.backends.extend(spec.backends.iter().filter(|b| !joined.contains(&b.priority)).filter(healthy).cloned());
+    out.backends.extend(
+        spec.backends
+            .iter()
+            .filter(|b| !joined.contains(&b.priority))
+            .filter(healthy)
+            .cloned(),
+    );
     (out, false)
 }
 
@@ -169,7 +228,15 @@ mod tests {
     }
 
     fn down(last_octets: &[u8]) -> BTreeMap<SocketAddr, String> {
-        last_octets.iter().map(|n| (SocketAddr::from(([127, 0, 1, *n], 80)), "refused".to_string())).collect()
+        last_octets
+            .iter()
+            .map(|n| {
+                (
+                    SocketAddr::from(([127, 0, 1, *n], 80)),
+                    "refused".to_string(),
+                )
+            })
+            .collect()
     }
 
     fn shape(s: &ServiceSpec) -> Vec<(u8, u16)> {
@@ -203,7 +270,11 @@ mod tests {
     #[test]
     fn healthy_primaries_keep_backups_behind() {
         let (s, _) = effective(&spec(&[(0, 2), (1, 2)]), Some(&down(&[4])), 0.5);
-        assert_eq!(shape(&s), [(1, 0), (2, 0), (3, 1)], "the unhealthy backup leaves, the healthy one waits");
+        assert_eq!(
+            shape(&s),
+            [(1, 0), (2, 0), (3, 1)],
+            "the unhealthy backup leaves, the healthy one waits"
+        );
     }
 
     #[test]

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use discotech_wire::fallback::{self, Header, Record};
 use discotech_wire::{
-    DecodeError, FLAG_HASH_KEY, FLAG_INET6, FLAG_REPORT_DONE, Kind, MSG_LEN, Reply, Request, Status, to_mapped,
+    DecodeError, FLAG_HASH_KEY, FLAG_INET6, FLAG_REPORT_DONE, Kind, MSG_LEN, Reply, Request,
+    Status, to_mapped,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use rand::SeedableRng;
@@ -30,8 +31,8 @@ use tracing::{debug, info, warn};
 
 use crate::balancer::{Balancer, DEFAULT_FAIL_HOLD, FailureOutcome};
 use crate::conn_count;
-use crate::service::{LbPolicy, ServiceName, ServiceSpec};
 use crate::metrics::{HookLabels, METRICS};
+use crate::service::{LbPolicy, ServiceName, ServiceSpec};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
 /// The hook library's file name, as cargo builds it and as packages install it.
@@ -105,9 +106,16 @@ impl BalanceHandle {
 
     /// The backend the next pick for `spec` would reach and why; nothing advances. `None` when
     /// no backend is usable or the balancer's lock is poisoned.
-    pub fn explain(&self, spec: &ServiceSpec, client_port: u16, key: u64) -> Option<(SocketAddr, String)> {
+    pub fn explain(
+        &self,
+        spec: &ServiceSpec,
+        client_port: u16,
+        key: u64,
+    ) -> Option<(SocketAddr, String)> {
         let guard = self.0.lock().ok()?;
-        guard.0.explain(spec, client_port, true, Instant::now(), key)
+        guard
+            .0
+            .explain(spec, client_port, true, Instant::now(), key)
     }
 }
 
@@ -124,7 +132,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let shared = Arc::new(Shared {
         snapshot,
-        balance: cfg.balance.clone().unwrap_or_else(|| BalanceHandle::new(&cfg)).0,
+        balance: cfg
+            .balance
+            .clone()
+            .unwrap_or_else(|| BalanceHandle::new(&cfg))
+            .0,
     });
     let peers = Arc::new(Semaphore::new(cfg.max_peers.max(1)));
     let tracker = TaskTracker::new();
@@ -254,13 +266,21 @@ fn handle(
         *pruned_at = snap.generation;
     }
     let reply = answer(balancer, rng, &snap, &req, outstanding, now, key)?.encode();
-    METRICS.hook_duration.observe(started.elapsed().as_secs_f64());
+    METRICS
+        .hook_duration
+        .observe(started.elapsed().as_secs_f64());
     Some(Ok(reply))
 }
 
 /// Counts one hook request by service (bounded: services in the snapshot, or "-") and result.
 fn count(service: &str, result: &'static str) {
-    METRICS.hook_requests.get_or_create(&HookLabels { service: service.to_string(), result }).inc();
+    METRICS
+        .hook_requests
+        .get_or_create(&HookLabels {
+            service: service.to_string(),
+            result,
+        })
+        .inc();
 }
 
 /// The id of a message that did not decode, so the refusal still matches its request.
@@ -321,7 +341,11 @@ fn answer(
     }
     let v6_ok = req.flags & FLAG_INET6 != 0;
     // A key the caller set (DISCOTECH_HASH_KEY) wins over its uid.
-    let key = if req.flags & FLAG_HASH_KEY != 0 { req.hash_key } else { key };
+    let key = if req.flags & FLAG_HASH_KEY != 0 {
+        req.hash_key
+    } else {
+        key
+    };
     if spec.lb == LbPolicy::LeastConn && balancer.connections_stale(now, conn_count::REFRESH) {
         let (counts, error) = conn_count::read();
         if let Some(error) = error {

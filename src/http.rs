@@ -72,38 +72,79 @@ async fn handle(mut stream: TcpStream, cx: &HttpContext) -> std::io::Result<()> 
         }
     })
     .await;
-    let Ok(Ok(Some(()))) = head else { return respond(&mut stream, 400, "text/plain", "bad request\n").await };
+    let Ok(Ok(Some(()))) = head else {
+        return respond(&mut stream, 400, "text/plain", "bad request\n").await;
+    };
     let line = String::from_utf8_lossy(&buf);
     let mut words = line.split_whitespace();
-    let (method, target) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
+    let (method, target) = (
+        words.next().unwrap_or_default(),
+        words.next().unwrap_or_default(),
+    );
     if method != "GET" && method != "HEAD" {
         return respond(&mut stream, 405, "text/plain", "only GET\n").await;
     }
     let path = target.split('?').next().unwrap_or_default();
     match path {
-        "/metrics" => respond(&mut stream, 200, "text/plain; version=0.0.4; charset=utf-8", &METRICS.encode()).await,
+        "/metrics" => {
+            respond(
+                &mut stream,
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                &METRICS.encode(),
+            )
+            .await
+        }
         "/" | "/status.json" => {
             let Some(status) = registry_status(cx).await else {
-                return respond(&mut stream, 503, "text/plain", "the registry is not answering\n").await;
+                return respond(
+                    &mut stream,
+                    503,
+                    "text/plain",
+                    "the registry is not answering\n",
+                )
+                .await;
             };
             if path == "/" {
-                respond(&mut stream, 200, "text/html; charset=utf-8", &page(cx, &status)).await
+                respond(
+                    &mut stream,
+                    200,
+                    "text/html; charset=utf-8",
+                    &page(cx, &status),
+                )
+                .await
             } else {
                 let body = serde_json::to_string_pretty(&status).unwrap_or_default();
                 respond(&mut stream, 200, "application/json", &body).await
             }
         }
-        _ => respond(&mut stream, 404, "text/plain", "not found: try /, /metrics or /status.json\n").await,
+        _ => {
+            respond(
+                &mut stream,
+                404,
+                "text/plain",
+                "not found: try /, /metrics or /status.json\n",
+            )
+            .await
+        }
     }
 }
 
 async fn registry_status(cx: &HttpContext) -> Option<RegistryStatus> {
     let (tx, rx) = oneshot::channel();
     cx.registry.send(Command::Status(tx)).await.ok()?;
-    tokio::time::timeout(Duration::from_secs(2), rx).await.ok()?.ok()
+    tokio::time::timeout(Duration::from_secs(2), rx)
+        .await
+        .ok()?
+        .ok()
 }
 
-async fn respond(stream: &mut TcpStream, code: u16, content_type: &str, body: &str) -> std::io::Result<()> {
+async fn respond(
+    stream: &mut TcpStream,
+    code: u16,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
         400 => "Bad Request",
@@ -111,23 +152,33 @@ async fn respond(stream: &mut TcpStream, code: u16, content_type: &str, body: &s
         405 => "Method Not Allowed",
         _ => "Service Unavailable",
     };
-    let head = format!("HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n", body.len());
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn ago(now: u64, t: Option<u64>) -> String {
-    t.map_or("never".into(), |t| format!("{}s ago", now.saturating_sub(t)))
+    t.map_or("never".into(), |t| {
+        format!("{}s ago", now.saturating_sub(t))
+    })
 }
 
 /// The status page: plain HTML that refreshes itself, readable without JavaScript.
 fn page(cx: &HttpContext, st: &RegistryStatus) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let snap = cx.snapshot.load();
     let degraded = !st.held.is_empty() || st.sources.iter().any(|s| s.state == "failed");
     let mut h = String::with_capacity(16 * 1024);
@@ -190,10 +241,26 @@ table{{border-collapse:collapse;margin-bottom:.5em}} th,td{{border:1px solid #cc
         }
         for b in &s.spec.backends {
             let bad = sick.and_then(|m| m.get(&b.addr));
-            let _ = write!(rows, r#"<div class="{}"><code>{}</code> w{} p{}{}</div>"#, if bad.is_some() { "bad" } else { "ok" }, b.addr, b.weight, b.priority, bad.map_or(String::new(), |w| format!(" unhealthy: {}", esc(w))));
+            let _ = write!(
+                rows,
+                r#"<div class="{}"><code>{}</code> w{} p{}{}</div>"#,
+                if bad.is_some() { "bad" } else { "ok" },
+                b.addr,
+                b.weight,
+                b.priority,
+                bad.map_or(String::new(), |w| format!(" unhealthy: {}", esc(w)))
+            );
         }
-        for (a, why) in sick.into_iter().flatten().filter(|(a, _)| !s.spec.backends.iter().any(|b| b.addr == **a)) {
-            let _ = write!(rows, r#"<div class="bad"><code>{a}</code> unhealthy: {}</div>"#, esc(why));
+        for (a, why) in sick
+            .into_iter()
+            .flatten()
+            .filter(|(a, _)| !s.spec.backends.iter().any(|b| b.addr == **a))
+        {
+            let _ = write!(
+                rows,
+                r#"<div class="bad"><code>{a}</code> unhealthy: {}</div>"#,
+                esc(why)
+            );
         }
         for a in drained.into_iter().flatten() {
             let _ = write!(rows, r#"<div class="muted"><code>{a}</code> drained</div>"#);
@@ -206,14 +273,20 @@ table{{border-collapse:collapse;margin-bottom:.5em}} th,td{{border:1px solid #cc
             "<tr><td><b>{}</b></td><td><code>{}</code>{}</td><td>{}</td><td>{}</td></tr>",
             s.name(),
             s.magic_v4,
-            s.magic_v6.map_or(String::new(), |v6| format!("<br><code>{v6}</code>")),
+            s.magic_v6
+                .map_or(String::new(), |v6| format!("<br><code>{v6}</code>")),
             s.spec.lb.as_str(),
             rows
         );
     }
     h += "</table><h2>Recent events</h2><table><tr><th>when</th><th>what</th></tr>";
     for e in st.events.iter().rev() {
-        let _ = write!(h, "<tr><td>{}s ago</td><td>{}</td></tr>", now.saturating_sub(e.at), esc(&e.message));
+        let _ = write!(
+            h,
+            "<tr><td>{}s ago</td><td>{}</td></tr>",
+            now.saturating_sub(e.at),
+            esc(&e.message)
+        );
     }
     h += "</table></body></html>\n";
     h

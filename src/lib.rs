@@ -4,17 +4,17 @@
 //! [`snapshot::Snapshot`] swapped atomically -> read by the DNS server and the hook server.
 #![forbid(unsafe_code)]
 
-pub mod balancer;
 pub mod admin;
+pub mod balancer;
 pub mod config;
 pub mod conn_count;
 pub mod daemon;
 pub mod diagnostic;
 pub mod dns;
 pub mod duration;
-pub mod hook_server;
 pub mod guard;
 pub mod health;
+pub mod hook_server;
 pub mod http;
 pub mod magic;
 pub mod metrics;

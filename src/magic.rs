@@ -36,7 +36,9 @@ pub struct Freed {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MagicError {
-    #[error("magic range {range} is exhausted: no address left for service {service} (addresses of removed services stay quarantined)")]
+    #[error(
+        "magic range {range} is exhausted: no address left for service {service} (addresses of removed services stay quarantined)"
+    )]
     Exhausted { range: String, service: ServiceName },
 }
 
@@ -70,7 +72,14 @@ pub struct SyncOutcome {
 
 impl MagicMap {
     pub fn new(v4: Ipv4Net, v6: Option<Ipv6Net>, quarantine: Duration) -> Self {
-        Self { v4, v6, quarantine, assigned: BTreeMap::new(), freed: Vec::new(), taken: HashSet::new() }
+        Self {
+            v4,
+            v6,
+            quarantine,
+            assigned: BTreeMap::new(),
+            freed: Vec::new(),
+            taken: HashSet::new(),
+        }
     }
 
     /// Restores a persisted map. Entries outside the current ranges are dropped (the range was changed
@@ -83,7 +92,10 @@ impl MagicMap {
         let mut warnings = Vec::new();
         let mut fits = |name: &ServiceName, a: &mut Assignment| {
             if !self.v4.contains(&a.v4) {
-                warnings.push(format!("{name}: persisted address {} is outside magic_v4 {}; a new one will be given", a.v4, self.v4));
+                warnings.push(format!(
+                    "{name}: persisted address {} is outside magic_v4 {}; a new one will be given",
+                    a.v4, self.v4
+                ));
                 return false;
             }
             match (self.v6, a.v6) {
@@ -96,14 +108,31 @@ impl MagicMap {
             }
             true
         };
-        self.assigned = file.services.into_iter().filter_map(|(n, mut a)| fits(&n, &mut a).then_some((n, a))).collect();
-        self.freed = file.quarantine.into_iter().filter_map(|mut f| fits(&f.service.clone(), &mut f.addrs).then_some(f)).collect();
-        self.taken = self.assigned.values().chain(self.freed.iter().map(|f| &f.addrs)).flat_map(addrs).collect();
+        self.assigned = file
+            .services
+            .into_iter()
+            .filter_map(|(n, mut a)| fits(&n, &mut a).then_some((n, a)))
+            .collect();
+        self.freed = file
+            .quarantine
+            .into_iter()
+            .filter_map(|mut f| fits(&f.service.clone(), &mut f.addrs).then_some(f))
+            .collect();
+        self.taken = self
+            .assigned
+            .values()
+            .chain(self.freed.iter().map(|f| &f.addrs))
+            .flat_map(addrs)
+            .collect();
         Ok(warnings)
     }
 
     pub fn to_json(&self) -> Vec<u8> {
-        let file = MagicFile { version: 1, services: self.assigned.clone(), quarantine: self.freed.clone() };
+        let file = MagicFile {
+            version: 1,
+            services: self.assigned.clone(),
+            quarantine: self.freed.clone(),
+        };
         serde_json::to_vec_pretty(&file).unwrap_or_default()
     }
 
@@ -118,8 +147,16 @@ impl MagicMap {
     /// Makes the map match the set of live services at time `now` (unix seconds): new services get
     /// addresses, gone services move to quarantine, expired quarantine is released.
     pub fn sync(&mut self, live: &BTreeSet<ServiceName>, now: u64) -> SyncOutcome {
-        let mut out = SyncOutcome { changed: self.expire(now), errors: Vec::new() };
-        let gone: Vec<ServiceName> = self.assigned.keys().filter(|n| !live.contains(*n)).cloned().collect();
+        let mut out = SyncOutcome {
+            changed: self.expire(now),
+            errors: Vec::new(),
+        };
+        let gone: Vec<ServiceName> = self
+            .assigned
+            .keys()
+            .filter(|n| !live.contains(*n))
+            .cloned()
+            .collect();
         for service in gone {
             out.changed |= self.release(&service, now);
         }
@@ -136,7 +173,9 @@ impl MagicMap {
     pub fn expire(&mut self, now: u64) -> bool {
         let quarantine = self.quarantine.as_secs();
         let before = self.freed.len();
-        let (keep, done): (Vec<Freed>, Vec<Freed>) = std::mem::take(&mut self.freed).into_iter().partition(|f| now < f.freed_at.saturating_add(quarantine));
+        let (keep, done): (Vec<Freed>, Vec<Freed>) = std::mem::take(&mut self.freed)
+            .into_iter()
+            .partition(|f| now < f.freed_at.saturating_add(quarantine));
         self.freed = keep;
         for f in &done {
             for a in addrs(&f.addrs) {
@@ -150,7 +189,11 @@ impl MagicMap {
     pub fn release(&mut self, service: &ServiceName, now: u64) -> bool {
         match self.assigned.remove(service) {
             Some(addrs) => {
-                self.freed.push(Freed { service: service.clone(), addrs, freed_at: now });
+                self.freed.push(Freed {
+                    service: service.clone(),
+                    addrs,
+                    freed_at: now,
+                });
                 true
             }
             None => false,
@@ -174,13 +217,25 @@ impl MagicMap {
             return Ok(false);
         }
         // A service that comes back within its quarantine gets its old addresses back.
-        let reclaimed = self.freed.iter().position(|f| &f.service == service).map(|i| self.freed.swap_remove(i).addrs);
+        let reclaimed = self
+            .freed
+            .iter()
+            .position(|f| &f.service == service)
+            .map(|i| self.freed.swap_remove(i).addrs);
         let a = match reclaimed {
             Some(a) => a,
             None => {
-                let v4 = probe_v4(self.v4, service, &self.taken).ok_or_else(|| MagicError::Exhausted { range: self.v4.to_string(), service: service.clone() })?;
+                let v4 = probe_v4(self.v4, service, &self.taken).ok_or_else(|| {
+                    MagicError::Exhausted {
+                        range: self.v4.to_string(),
+                        service: service.clone(),
+                    }
+                })?;
                 self.taken.insert(IpAddr::V4(v4));
-                Assignment { v4, v6: probe_v6(self.v6, service, &self.taken) }
+                Assignment {
+                    v4,
+                    v6: probe_v6(self.v6, service, &self.taken),
+                }
             }
         };
         self.taken.extend(addrs(&a));
@@ -190,12 +245,16 @@ impl MagicMap {
 }
 
 fn addrs(a: &Assignment) -> impl Iterator<Item = IpAddr> {
-    [Some(IpAddr::V4(a.v4)), a.v6.map(IpAddr::V6)].into_iter().flatten()
+    [Some(IpAddr::V4(a.v4)), a.v6.map(IpAddr::V6)]
+        .into_iter()
+        .flatten()
 }
 
 /// FNV-1a, 64 bit: tiny, and its output never changes between Rust versions (unlike `DefaultHasher`).
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// First free address from the name's hash, probing forward. Skips the range's first and last
@@ -209,14 +268,24 @@ fn probe_v4(net: Ipv4Net, service: &ServiceName, taken: &HashSet<IpAddr>) -> Opt
         .find(|a| !taken.contains(&IpAddr::V4(*a)))
 }
 
-fn probe_v6(net: Option<Ipv6Net>, service: &ServiceName, taken: &HashSet<IpAddr>) -> Option<Ipv6Addr> {
+fn probe_v6(
+    net: Option<Ipv6Net>,
+    service: &ServiceName,
+    taken: &HashSet<IpAddr>,
+) -> Option<Ipv6Addr> {
     let net = net?;
     let base = u128::from(net.network());
     let host_bits = 128 - u32::from(net.prefix_len());
-    let usable = if host_bits >= 64 { u128::from(u64::MAX) } else { (1u128 << host_bits) - 2 };
+    let usable = if host_bits >= 64 {
+        u128::from(u64::MAX)
+    } else {
+        (1u128 << host_bits) - 2
+    };
     let start = u128::from(fnv1a(service.as_str().as_bytes())) % usable;
     // The space is vast; a bounded probe finds a hole long before this runs out.
-    (0..usable.min(1 << 20)).map(|i| Ipv6Addr::from(base + 1 + (start + i) % usable)).find(|a| !taken.contains(&IpAddr::V6(*a)))
+    (0..usable.min(1 << 20))
+        .map(|i| Ipv6Addr::from(base + 1 + (start + i) % usable))
+        .find(|a| !taken.contains(&IpAddr::V6(*a)))
 }
 
 #[cfg(test)]
@@ -226,7 +295,11 @@ mod tests {
     const DAY: u64 = 86_400;
 
     fn map(v4: &str) -> MagicMap {
-        MagicMap::new(v4.parse().unwrap(), Some("fd64:d15c::/64".parse().unwrap()), Duration::from_secs(DAY))
+        MagicMap::new(
+            v4.parse().unwrap(),
+            Some("fd64:d15c::/64".parse().unwrap()),
+            Duration::from_secs(DAY),
+        )
     }
 
     fn names(list: &[&str]) -> BTreeSet<ServiceName> {
@@ -246,7 +319,12 @@ mod tests {
         assert_eq!(a.get(&svc("web")), b.get(&svc("web")));
         assert_eq!(a.get(&svc("api")), b.get(&svc("api")));
         let web = a.get(&svc("web")).unwrap();
-        assert!("127.77.0.0/16".parse::<Ipv4Net>().unwrap().contains(&web.v4));
+        assert!(
+            "127.77.0.0/16"
+                .parse::<Ipv4Net>()
+                .unwrap()
+                .contains(&web.v4)
+        );
         assert!(web.v6.is_some());
     }
 
@@ -269,13 +347,24 @@ mod tests {
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
         let out = m.sync(&names(&refs), 0);
         assert_eq!(out.errors.len(), 6);
-        let given: HashSet<Ipv4Addr> = refs.iter().filter_map(|n| m.get(&svc(n))).map(|a| a.v4).collect();
+        let given: HashSet<Ipv4Addr> = refs
+            .iter()
+            .filter_map(|n| m.get(&svc(n)))
+            .map(|a| a.v4)
+            .collect();
         assert_eq!(given.len(), 14, "every address distinct");
-        assert!(!given.contains(&"127.77.0.0".parse().unwrap()) && !given.contains(&"127.77.0.15".parse().unwrap()));
+        assert!(
+            !given.contains(&"127.77.0.0".parse().unwrap())
+                && !given.contains(&"127.77.0.15".parse().unwrap())
+        );
         let mut again = map("127.77.0.0/28");
         again.sync(&names(&refs), 0);
         for n in &refs {
-            assert_eq!(m.get(&svc(n)), again.get(&svc(n)), "same order of probing gives the same result");
+            assert_eq!(
+                m.get(&svc(n)),
+                again.get(&svc(n)),
+                "same order of probing gives the same result"
+            );
         }
     }
 
@@ -290,12 +379,18 @@ mod tests {
         let all: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
         m.sync(&names(&refs), 200);
-        assert!(refs.iter().all(|n| m.get(&svc(n)).is_none_or(|a| a.v4 != web.v4)));
+        assert!(
+            refs.iter()
+                .all(|n| m.get(&svc(n)).is_none_or(|a| a.v4 != web.v4))
+        );
         // After the quarantine, the address may be given again.
         let out = m.sync(&names(&refs), 100 + DAY);
         assert!(m.quarantined().is_empty());
         assert!(out.changed);
-        assert!(refs.iter().any(|n| m.get(&svc(n)).is_some_and(|a| a.v4 == web.v4)));
+        assert!(
+            refs.iter()
+                .any(|n| m.get(&svc(n)).is_some_and(|a| a.v4 == web.v4))
+        );
     }
 
     #[test]
@@ -313,12 +408,22 @@ mod tests {
     fn a_changed_range_reassigns_and_says_so() {
         let mut a = map("127.77.0.0/16");
         a.sync(&names(&["web"]), 0);
-        let mut b = MagicMap::new("127.88.0.0/16".parse().unwrap(), None, Duration::from_secs(DAY));
+        let mut b = MagicMap::new(
+            "127.88.0.0/16".parse().unwrap(),
+            None,
+            Duration::from_secs(DAY),
+        );
         let warnings = b.restore(&a.to_json()).unwrap();
         assert_eq!(warnings.len(), 1);
         assert!(warnings[0].contains("outside magic_v4"));
         b.sync(&names(&["web"]), 1);
-        assert!(b.get(&svc("web")).unwrap().v4.to_string().starts_with("127.88."));
+        assert!(
+            b.get(&svc("web"))
+                .unwrap()
+                .v4
+                .to_string()
+                .starts_with("127.88.")
+        );
     }
 
     #[test]

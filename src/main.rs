@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use discotech::config::{Config, SourceConfig};
 use discotech::admin::Request;
+use discotech::config::{Config, SourceConfig};
 use discotech::daemon::{self, Control, Listeners};
 use discotech::hook_server;
 use discotech::source::file::FileSource;
@@ -24,7 +24,11 @@ const EX_USAGE: u8 = 64;
 const EX_OSERR: u8 = 71;
 
 #[derive(Parser)]
-#[command(name = "discotech", version, about = "Host-local service discovery: a stub DNS resolver with stable magic addresses, and connect-time load balancing")]
+#[command(
+    name = "discotech",
+    version,
+    about = "Host-local service discovery: a stub DNS resolver with stable magic addresses, and connect-time load balancing"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -98,18 +102,36 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(config),
         Command::Check { config } => check(config),
-        Command::Run { socket, config, command } => run(socket, config, &command),
+        Command::Run {
+            socket,
+            config,
+            command,
+        } => run(socket, config, &command),
         Command::Status(a) => cli::admin(&a, &Request::Status),
         Command::Services(a) => cli::admin(&a, &Request::Services),
         Command::Backends { service, admin } => cli::admin(&admin, &Request::Backends { service }),
-        Command::Resolve { name, port, admin } => cli::admin(&admin, &Request::Resolve { name, port }),
-        Command::Drain { service, addr, admin } => cli::admin(&admin, &Request::Drain { service, addr }),
-        Command::Undrain { service, addr, admin } => cli::admin(&admin, &Request::Undrain { service, addr }),
+        Command::Resolve { name, port, admin } => {
+            cli::admin(&admin, &Request::Resolve { name, port })
+        }
+        Command::Drain {
+            service,
+            addr,
+            admin,
+        } => cli::admin(&admin, &Request::Drain { service, addr }),
+        Command::Undrain {
+            service,
+            addr,
+            admin,
+        } => cli::admin(&admin, &Request::Undrain { service, addr }),
         Command::Reload(a) => cli::admin(&a, &Request::Reload),
     }
 }
 
-fn run(socket: Option<PathBuf>, config: Option<PathBuf>, command: &[std::ffi::OsString]) -> ExitCode {
+fn run(
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+    command: &[std::ffi::OsString],
+) -> ExitCode {
     use std::os::unix::process::CommandExt;
     let Some(lib) = hook_server::find_hook_library() else {
         eprintln!(
@@ -124,13 +146,17 @@ fn run(socket: Option<PathBuf>, config: Option<PathBuf>, command: &[std::ffi::Os
         return ExitCode::from(EX_USAGE);
     };
     let mut cmd = std::process::Command::new(program);
-    cmd.args(args).env("LD_PRELOAD", hook_server::preload_env(&lib, std::env::var_os("LD_PRELOAD").as_deref()));
+    cmd.args(args).env(
+        "LD_PRELOAD",
+        hook_server::preload_env(&lib, std::env::var_os("LD_PRELOAD").as_deref()),
+    );
     if let Some(path) = &config {
         let config = match load(Some(path.clone())) {
             Ok(c) => c,
             Err(code) => return code,
         };
-        cmd.env("DISCOTECH_SOCKET", &config.hook.socket).env("DISCOTECH_MAGIC_V4", config.dns.magic_v4.to_string());
+        cmd.env("DISCOTECH_SOCKET", &config.hook.socket)
+            .env("DISCOTECH_MAGIC_V4", config.dns.magic_v4.to_string());
         if let Some(v6) = config.dns.magic_v6 {
             cmd.env("DISCOTECH_MAGIC_V6", v6.to_string());
         }
@@ -140,14 +166,24 @@ fn run(socket: Option<PathBuf>, config: Option<PathBuf>, command: &[std::ffi::Os
     }
     // exec only returns on failure.
     let error = cmd.exec();
-    eprintln!("discotech: cannot run {}: {error}", program.to_string_lossy());
-    ExitCode::from(if error.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 })
+    eprintln!(
+        "discotech: cannot run {}: {error}",
+        program.to_string_lossy()
+    );
+    ExitCode::from(if error.kind() == std::io::ErrorKind::NotFound {
+        127
+    } else {
+        126
+    })
 }
 
 fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
     Config::load(path.as_deref()).map_err(|errors| {
         eprintln!("{errors}");
-        eprintln!("discotech: the configuration has {} problem(s)", errors.0.len());
+        eprintln!(
+            "discotech: the configuration has {} problem(s)",
+            errors.0.len()
+        );
         ExitCode::from(EX_USAGE)
     })
 }
@@ -177,7 +213,10 @@ fn check(path: Option<PathBuf>) -> ExitCode {
         eprintln!("discotech: {problems} problem(s) in zone files");
         return ExitCode::from(EX_USAGE);
     }
-    println!("ok: {} source(s), {services} service(s)", config.sources.len());
+    println!(
+        "ok: {} source(s), {services} service(s)",
+        config.sources.len()
+    );
     ExitCode::SUCCESS
 }
 
@@ -201,7 +240,10 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(EX_OSERR);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("cannot start the runtime: {e}");
@@ -226,9 +268,16 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT; asks for a reload on SIGHUP.
-async fn on_signal(shutdown: CancellationToken, reload: tokio::sync::mpsc::Sender<discotech::admin::ReloadRequest>) {
+async fn on_signal(
+    shutdown: CancellationToken,
+    reload: tokio::sync::mpsc::Sender<discotech::admin::ReloadRequest>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return;
     };

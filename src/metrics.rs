@@ -89,21 +89,73 @@ impl Metrics {
             generation: Gauge::default(),
         };
         let r = &mut m.registry;
-        r.register("dns_queries", "DNS queries answered, by type, response code and how they were answered", m.dns_queries.clone());
+        r.register(
+            "dns_queries",
+            "DNS queries answered, by type, response code and how they were answered",
+            m.dns_queries.clone(),
+        );
         r.register("dns_query_duration_seconds", "Time to answer a DNS query (answers served from the UDP answer cache are sampled 1 in 64)", m.dns_duration.clone());
-        r.register("forward_cache", "Forwarded questions by cache outcome", m.forward_cache.clone());
-        r.register("forward_upstream_failures", "Forwarded questions that no upstream answered", m.forward_failures.clone());
-        r.register("hook_requests", "Backend picks asked for by hooked connects, by service and result", m.hook_requests.clone());
-        r.register("hook_request_duration_seconds", "Time the daemon took to answer a hook request", m.hook_duration.clone());
-        r.register("backend_healthy", "1 when a backend is in the pick set, 0 when out (unhealthy or ejected)", m.backend_healthy.clone());
-        r.register("guard_held_updates", "Updates the guard is holding now", m.guard_held.clone());
-        r.register("guard_holds", "Updates the guard has held", m.guard_holds.clone());
-        r.register("source_up", "1 when a source's last word was a good update, 0 when it is failing or has not spoken", m.source_up.clone());
-        r.register("source_last_update_timestamp_seconds", "Unix time of a source's last good update", m.source_last_update.clone());
-        r.register("zookeeper_connected", "1 while a ZooKeeper source has a live session", m.zookeeper_connected.clone());
-        r.register("publish_duration_seconds", "Time to merge, guard and publish one change", m.publish_duration.clone());
+        r.register(
+            "forward_cache",
+            "Forwarded questions by cache outcome",
+            m.forward_cache.clone(),
+        );
+        r.register(
+            "forward_upstream_failures",
+            "Forwarded questions that no upstream answered",
+            m.forward_failures.clone(),
+        );
+        r.register(
+            "hook_requests",
+            "Backend picks asked for by hooked connects, by service and result",
+            m.hook_requests.clone(),
+        );
+        r.register(
+            "hook_request_duration_seconds",
+            "Time the daemon took to answer a hook request",
+            m.hook_duration.clone(),
+        );
+        r.register(
+            "backend_healthy",
+            "1 when a backend is in the pick set, 0 when out (unhealthy or ejected)",
+            m.backend_healthy.clone(),
+        );
+        r.register(
+            "guard_held_updates",
+            "Updates the guard is holding now",
+            m.guard_held.clone(),
+        );
+        r.register(
+            "guard_holds",
+            "Updates the guard has held",
+            m.guard_holds.clone(),
+        );
+        r.register(
+            "source_up",
+            "1 when a source's last word was a good update, 0 when it is failing or has not spoken",
+            m.source_up.clone(),
+        );
+        r.register(
+            "source_last_update_timestamp_seconds",
+            "Unix time of a source's last good update",
+            m.source_last_update.clone(),
+        );
+        r.register(
+            "zookeeper_connected",
+            "1 while a ZooKeeper source has a live session",
+            m.zookeeper_connected.clone(),
+        );
+        r.register(
+            "publish_duration_seconds",
+            "Time to merge, guard and publish one change",
+            m.publish_duration.clone(),
+        );
         r.register("services", "Services published", m.services.clone());
-        r.register("snapshot_generation", "Generation of the published snapshot", m.generation.clone());
+        r.register(
+            "snapshot_generation",
+            "Generation of the published snapshot",
+            m.generation.clone(),
+        );
         m
     }
 
@@ -114,8 +166,17 @@ impl Metrics {
         out
     }
 
-    pub fn dns_counter(&self, qtype: RecordType, rcode: ResponseCode, answer: &'static str) -> Counter {
-        self.dns_queries.get_or_create_owned(&DnsLabels { qtype: qtype_label(qtype), rcode: rcode_label(rcode), answer })
+    pub fn dns_counter(
+        &self,
+        qtype: RecordType,
+        rcode: ResponseCode,
+        answer: &'static str,
+    ) -> Counter {
+        self.dns_queries.get_or_create_owned(&DnsLabels {
+            qtype: qtype_label(qtype),
+            rcode: rcode_label(rcode),
+            answer,
+        })
     }
 }
 
@@ -155,12 +216,29 @@ mod tests {
 
     #[test]
     fn exposition_has_the_documented_families() {
-        METRICS.dns_counter(RecordType::A, ResponseCode::NoError, "local").inc();
-        METRICS.source_up.get_or_create(&SourceLabels { source: "file:zones".into() }).set(1);
+        METRICS
+            .dns_counter(RecordType::A, ResponseCode::NoError, "local")
+            .inc();
+        METRICS
+            .source_up
+            .get_or_create(&SourceLabels {
+                source: "file:zones".into(),
+            })
+            .set(1);
         let text = METRICS.encode();
-        for family in ["discotech_dns_queries_total", "discotech_dns_query_duration_seconds_bucket", "discotech_source_up", "discotech_guard_held_updates"] {
+        for family in [
+            "discotech_dns_queries_total",
+            "discotech_dns_query_duration_seconds_bucket",
+            "discotech_source_up",
+            "discotech_guard_held_updates",
+        ] {
             assert!(text.contains(family), "{family} missing from:\n{text}");
         }
-        assert!(text.contains(r#"discotech_dns_queries_total{qtype="A",rcode="NOERROR",answer="local"}"#), "{text}");
+        assert!(
+            text.contains(
+                r#"discotech_dns_queries_total{qtype="A",rcode="NOERROR",answer="local"}"#
+            ),
+            "{text}"
+        );
     }
 }

@@ -63,7 +63,10 @@ impl Health {
     /// Hysteresis that starts healthy: a newly discovered backend gets traffic at once and
     /// leaves the pick set only after `fall` failures.
     pub fn starting_healthy(rise: u32, fall: u32) -> Self {
-        Self { healthy: true, ..Self::new(rise, fall) }
+        Self {
+            healthy: true,
+            ..Self::new(rise, fall)
+        }
     }
 
     pub fn healthy(&self) -> bool {

@@ -12,15 +12,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use imbl::OrdMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use imbl::OrdMap;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{GuardConfig, HealthConfig};
-use crate::health::SharedTargets;
 use crate::guard::{Guard, Held, HoldReason};
+use crate::health::SharedTargets;
 use crate::magic::MagicMap;
 use crate::metrics::{METRICS, SourceLabels};
 use crate::service::{ServiceName, ServiceSpec};
@@ -58,11 +58,26 @@ struct LastKnownGood {
 pub enum Command {
     Status(oneshot::Sender<RegistryStatus>),
     /// Drain (or undrain) one backend of a service: it leaves SRV answers and connect picks.
-    Drain { service: ServiceName, addr: SocketAddr, drain: bool, reply: oneshot::Sender<Result<(), String>> },
+    Drain {
+        service: ServiceName,
+        addr: SocketAddr,
+        drain: bool,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     /// A reload changed the sources, the guard or the health settings. Sources keep their sets by name.
-    Reconfigure { names: Vec<String>, guard: GuardConfig, health: HealthConfig, reply: oneshot::Sender<()> },
+    Reconfigure {
+        names: Vec<String>,
+        guard: GuardConfig,
+        health: HealthConfig,
+        reply: oneshot::Sender<()>,
+    },
     /// An active health check changed its mind about a backend.
-    Health { service: ServiceName, addr: SocketAddr, healthy: bool, reason: String },
+    Health {
+        service: ServiceName,
+        addr: SocketAddr,
+        healthy: bool,
+        reason: String,
+    },
 }
 
 /// What the registry knows about its sources, holds and drains.
@@ -162,7 +177,13 @@ pub struct StatePaths {
 
 impl Registry {
     /// `source_names`: one per configured source, in config order (events carry the index).
-    pub fn new(source_names: Vec<String>, guard: Guard, magic: MagicMap, paths: StatePaths, shared: SharedSnapshot) -> Self {
+    pub fn new(
+        source_names: Vec<String>,
+        guard: Guard,
+        magic: MagicMap,
+        paths: StatePaths,
+        shared: SharedSnapshot,
+    ) -> Self {
         Self {
             sources: vec![None; source_names.len()],
             health: vec![Health::default(); source_names.len()],
@@ -205,12 +226,23 @@ impl Registry {
     /// What one save needs, copied cheaply (the maps are persistent) so that encoding and
     /// writing, which grow with the number of services, happen off the registry task.
     fn save_job(&mut self) -> Option<SaveJob> {
-        let announce = std::mem::take(&mut self.unannounced).then(|| (self.shared.load_full(), self.on_publish.clone()));
+        let announce = std::mem::take(&mut self.unannounced)
+            .then(|| (self.shared.load_full(), self.on_publish.clone()));
         let state = match (std::mem::take(&mut self.dirty), &self.lkg_path) {
-            (true, Some(path)) => Some((path.clone(), self.names.clone(), self.sources.clone(), self.published.clone(), self.drained.clone())),
+            (true, Some(path)) => Some(StateCopy {
+                path: path.clone(),
+                names: self.names.clone(),
+                sources: self.sources.clone(),
+                published: self.published.clone(),
+                drained: self.drained.clone(),
+            }),
             _ => None,
         };
-        (announce.is_some() || state.is_some()).then_some(SaveJob { announce, state, failed: self.save_failed.clone() })
+        (announce.is_some() || state.is_some()).then_some(SaveJob {
+            announce,
+            state,
+            failed: self.save_failed.clone(),
+        })
     }
 
     pub fn snapshot(&self) -> SharedSnapshot {
@@ -239,7 +271,11 @@ impl Registry {
             }
         }
         self.drained = lkg.drained;
-        self.published = lkg.published.into_iter().map(|s| (s.name.clone(), s)).collect();
+        self.published = lkg
+            .published
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
         let count = self.published.len();
         self.refresh_all(now, Instant::now());
         Ok(count)
@@ -248,10 +284,14 @@ impl Registry {
     /// Applies one source event at `now` (unix seconds); publishes when anything changed.
     pub fn apply(&mut self, event: SourceEvent, now: u64) {
         let index = match &event {
-            SourceEvent::Reset { source, .. } | SourceEvent::Update { source, .. } | SourceEvent::Failed { source, .. } => *source,
+            SourceEvent::Reset { source, .. }
+            | SourceEvent::Update { source, .. }
+            | SourceEvent::Failed { source, .. } => *source,
         };
         let name = self.names.get(index).cloned().unwrap_or_default();
-        let labels = SourceLabels { source: name.clone() };
+        let labels = SourceLabels {
+            source: name.clone(),
+        };
         let mut note = None;
         if let Some(h) = self.health.get_mut(index) {
             match &event {
@@ -271,7 +311,10 @@ impl Registry {
                     h.last_update = Some(now);
                     h.error = None;
                     METRICS.source_up.get_or_create(&labels).set(1);
-                    METRICS.source_last_update.get_or_create(&labels).set(i64::try_from(now).unwrap_or(i64::MAX));
+                    METRICS
+                        .source_last_update
+                        .get_or_create(&labels)
+                        .set(i64::try_from(now).unwrap_or(i64::MAX));
                 }
             }
         }
@@ -284,11 +327,17 @@ impl Registry {
                     error!(source, "event from an unknown source");
                     return;
                 };
-                let new: OrdMap<ServiceName, ServiceSpec> = services.into_iter().map(|s| (s.name.clone(), s)).collect();
+                let new: OrdMap<ServiceName, ServiceSpec> =
+                    services.into_iter().map(|s| (s.name.clone(), s)).collect();
                 // Only the services this source changed need a look.
                 let changed: BTreeSet<ServiceName> = match slot.as_ref() {
                     None => new.keys().cloned().collect(),
-                    Some(old) => old.keys().chain(new.keys()).filter(|n| old.get(*n) != new.get(*n)).cloned().collect(),
+                    Some(old) => old
+                        .keys()
+                        .chain(new.keys())
+                        .filter(|n| old.get(*n) != new.get(*n))
+                        .cloned()
+                        .collect(),
                 };
                 let first = slot.is_none();
                 *slot = Some(new);
@@ -330,7 +379,12 @@ impl Registry {
     /// source that names the service decides its balancing policy and port map.
     fn merged_one(&self, name: &ServiceName) -> Option<ServiceSpec> {
         let mut out: Option<ServiceSpec> = None;
-        for spec in self.sources.iter().flatten().filter_map(|slot| slot.get(name)) {
+        for spec in self
+            .sources
+            .iter()
+            .flatten()
+            .filter_map(|slot| slot.get(name))
+        {
             match &mut out {
                 None => out = Some(spec.clone()),
                 Some(existing) => {
@@ -340,7 +394,10 @@ impl Registry {
                         }
                     }
                     for (port, pname) in &spec.client_ports {
-                        existing.client_ports.entry(*port).or_insert_with(|| pname.clone());
+                        existing
+                            .client_ports
+                            .entry(*port)
+                            .or_insert_with(|| pname.clone());
                     }
                 }
             }
@@ -379,13 +436,18 @@ impl Registry {
             let publish = if nothing_heard {
                 current.clone()
             } else {
-                let step = self.guard.step(&name, current.as_ref(), self.merged_one(&name), clock);
+                let step = self
+                    .guard
+                    .step(&name, current.as_ref(), self.merged_one(&name), clock);
                 if let Some(h) = &step.new_hold {
                     self.note_hold(h, now);
                 }
                 if step.matured {
                     info!(service = %name, "held update applied after the hold-down");
-                    self.event(now, format!("guard: held update to {name} applied after the hold-down"));
+                    self.event(
+                        now,
+                        format!("guard: held update to {name} applied after the hold-down"),
+                    );
                 }
                 step.publish
             };
@@ -423,7 +485,9 @@ impl Registry {
             }
         }
         self.wake_at = self.guard.next_wake();
-        METRICS.guard_held.set(i64::try_from(self.guard.held().count()).unwrap_or(i64::MAX));
+        METRICS
+            .guard_held
+            .set(i64::try_from(self.guard.held().count()).unwrap_or(i64::MAX));
         match added.len() {
             0 => {}
             1..=20 => self.event(now, format!("services added: {}", added.join(", "))),
@@ -440,12 +504,22 @@ impl Registry {
             return;
         }
         let snapshot = old.with_changes(old.generation + 1, changes);
-        debug!(generation = snapshot.generation, services = snapshot.len(), "published");
-        METRICS.generation.set(i64::try_from(snapshot.generation).unwrap_or(i64::MAX));
-        METRICS.services.set(i64::try_from(snapshot.len()).unwrap_or(i64::MAX));
+        debug!(
+            generation = snapshot.generation,
+            services = snapshot.len(),
+            "published"
+        );
+        METRICS
+            .generation
+            .set(i64::try_from(snapshot.generation).unwrap_or(i64::MAX));
+        METRICS
+            .services
+            .set(i64::try_from(snapshot.len()).unwrap_or(i64::MAX));
         self.shared.store(Arc::new(snapshot));
         self.unannounced = true;
-        METRICS.publish_duration.observe(clock.elapsed().as_secs_f64());
+        METRICS
+            .publish_duration
+            .observe(clock.elapsed().as_secs_f64());
     }
 
     /// The published form of one service: drains and health applied; keeps the health checker's
@@ -466,22 +540,40 @@ impl Registry {
         let unhealthy = self.unhealthy.get(name);
         match &spec.health {
             Some(check) => {
-                let targets = spec.backends.iter().map(|b| (b.addr, check.clone(), !unhealthy.is_some_and(|u| u.contains_key(&b.addr)))).collect();
+                let targets = spec
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        (
+                            b.addr,
+                            check.clone(),
+                            !unhealthy.is_some_and(|u| u.contains_key(&b.addr)),
+                        )
+                    })
+                    .collect();
                 self.target_map.insert(name.clone(), targets);
             }
             None => {
                 self.target_map.remove(name);
             }
         }
-        let (spec, panic) = crate::health::effective(&spec, unhealthy, self.health_cfg.panic_threshold);
+        let (spec, panic) =
+            crate::health::effective(&spec, unhealthy, self.health_cfg.panic_threshold);
         if panic && self.panicking.insert(name.clone()) {
             warn!(service = %name, "too few healthy backends: panic mode, balancing over all of them");
-            self.event(now, format!("{name}: panic mode, too few healthy backends; balancing over all"));
+            self.event(
+                now,
+                format!("{name}: panic mode, too few healthy backends; balancing over all"),
+            );
         } else if !panic && self.panicking.remove(name) {
             info!(service = %name, "enough healthy backends again: panic mode ends");
             self.event(now, format!("{name}: panic mode ends"));
         }
-        Some(Service { spec, magic_v4: a.v4, magic_v6: a.v6 })
+        Some(Service {
+            spec,
+            magic_v4: a.v4,
+            magic_v6: a.v6,
+        })
     }
 
     /// Drops what is kept about a service that is gone.
@@ -496,14 +588,22 @@ impl Registry {
         let kept: Vec<String> = h.kept.iter().map(ToString::to_string).collect();
         let what = match h.reason {
             HoldReason::WouldEmpty => "would leave no backends: not applied".to_string(),
-            HoldReason::SharpDrop { removed, of } => format!("removes {removed} of {of} backends: held"),
+            HoldReason::SharpDrop { removed, of } => {
+                format!("removes {removed} of {of} backends: held")
+            }
             HoldReason::Vanished => "service gone from every source: removal held".to_string(),
         };
         self.event(now, format!("guard: update to {} {what}", h.service));
         match h.reason {
-            HoldReason::WouldEmpty => warn!(service = %h.service, kept = ?kept, "update would leave no backends: not applied, the current backends keep serving"),
-            HoldReason::SharpDrop { removed, of } => warn!(service = %h.service, removed, of, hold_down = ?self.guard.hold_down(), kept = ?kept, "update removes too many backends at once: removal held"),
-            HoldReason::Vanished => warn!(service = %h.service, hold_down = ?self.guard.hold_down(), "service gone from every source: removal held"),
+            HoldReason::WouldEmpty => {
+                warn!(service = %h.service, kept = ?kept, "update would leave no backends: not applied, the current backends keep serving")
+            }
+            HoldReason::SharpDrop { removed, of } => {
+                warn!(service = %h.service, removed, of, hold_down = ?self.guard.hold_down(), kept = ?kept, "update removes too many backends at once: removal held")
+            }
+            HoldReason::Vanished => {
+                warn!(service = %h.service, hold_down = ?self.guard.hold_down(), "service gone from every source: removal held")
+            }
         }
     }
 
@@ -520,7 +620,10 @@ impl Registry {
         if self.saving.as_ref().is_some_and(|h| !h.is_finished()) {
             return;
         }
-        if self.save_failed.swap(false, std::sync::atomic::Ordering::AcqRel) {
+        if self
+            .save_failed
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
             self.dirty = true;
         }
         if let Some(job) = self.save_job() {
@@ -552,7 +655,12 @@ impl Registry {
                     state: match (set, h) {
                         (None, _) => "waiting",
                         (Some(_), h) if h.restored => "restored",
-                        (Some(_), h) if h.last_failure > h.last_update || (h.error.is_some() && h.last_update.is_none()) => "failed",
+                        (Some(_), h)
+                            if h.last_failure > h.last_update
+                                || (h.error.is_some() && h.last_update.is_none()) =>
+                        {
+                            "failed"
+                        }
                         _ => "ok",
                     }
                     .to_string(),
@@ -571,11 +679,14 @@ impl Registry {
                         service: h.service.clone(),
                         reason: match h.reason {
                             HoldReason::WouldEmpty => "update would leave no backends".to_string(),
-                            HoldReason::SharpDrop { removed, of } => format!("update removes {removed} of {of} backends"),
+                            HoldReason::SharpDrop { removed, of } => {
+                                format!("update removes {removed} of {of} backends")
+                            }
                             HoldReason::Vanished => "gone from every source".to_string(),
                         },
                         age: age.as_secs(),
-                        applies_in: (h.reason != HoldReason::WouldEmpty).then(|| self.guard.hold_down().saturating_sub(age).as_secs()),
+                        applies_in: (h.reason != HoldReason::WouldEmpty)
+                            .then(|| self.guard.hold_down().saturating_sub(age).as_secs()),
                         kept: h.kept.clone(),
                     }
                 })
@@ -595,29 +706,58 @@ impl Registry {
         for name in &names {
             let old = self.names.iter().position(|n| n == name);
             sources.push(old.and_then(|i| self.sources.get_mut(i).and_then(Option::take)));
-            health.push(old.and_then(|i| self.health.get(i).cloned()).unwrap_or_default());
+            health.push(
+                old.and_then(|i| self.health.get(i).cloned())
+                    .unwrap_or_default(),
+            );
         }
         self.names = names;
         self.sources = sources;
         self.health = health;
         self.guard.set_config(guard);
-        self.event(now, format!("sources reconfigured: {}", self.names.join(", ")));
+        self.event(
+            now,
+            format!("sources reconfigured: {}", self.names.join(", ")),
+        );
         self.dirty = true;
         self.refresh_all(now, Instant::now());
     }
 
     /// Records a health check's verdict on one backend and republishes.
-    pub fn set_health_of(&mut self, service: &ServiceName, addr: SocketAddr, healthy: bool, reason: &str, now: u64) {
-        let known = self.published.get(service).is_some_and(|s| s.backends.iter().any(|b| b.addr == addr));
+    pub fn set_health_of(
+        &mut self,
+        service: &ServiceName,
+        addr: SocketAddr,
+        healthy: bool,
+        reason: &str,
+        now: u64,
+    ) {
+        let known = self
+            .published
+            .get(service)
+            .is_some_and(|s| s.backends.iter().any(|b| b.addr == addr));
         if !known {
             return;
         }
-        let labels = crate::metrics::BackendLabels { service: service.to_string(), backend: addr.to_string() };
-        METRICS.backend_healthy.get_or_create(&labels).set(i64::from(healthy));
+        let labels = crate::metrics::BackendLabels {
+            service: service.to_string(),
+            backend: addr.to_string(),
+        };
+        METRICS
+            .backend_healthy
+            .get_or_create(&labels)
+            .set(i64::from(healthy));
         let changed = if healthy {
-            self.unhealthy.get_mut(service).and_then(|m| m.remove(&addr)).is_some()
+            self.unhealthy
+                .get_mut(service)
+                .and_then(|m| m.remove(&addr))
+                .is_some()
         } else {
-            self.unhealthy.entry(service.clone()).or_default().insert(addr, reason.to_string()).is_none()
+            self.unhealthy
+                .entry(service.clone())
+                .or_default()
+                .insert(addr, reason.to_string())
+                .is_none()
         };
         if changed {
             if healthy {
@@ -635,19 +775,38 @@ impl Registry {
     ///
     /// # Errors
     /// The service or the backend is unknown.
-    pub fn drain(&mut self, service: &ServiceName, addr: SocketAddr, drain: bool, now: u64) -> Result<(), String> {
-        let spec = self.published.get(service).ok_or_else(|| format!("no service {service}"))?;
+    pub fn drain(
+        &mut self,
+        service: &ServiceName,
+        addr: SocketAddr,
+        drain: bool,
+        now: u64,
+    ) -> Result<(), String> {
+        let spec = self
+            .published
+            .get(service)
+            .ok_or_else(|| format!("no service {service}"))?;
         if drain && !spec.backends.iter().any(|b| b.addr == addr) {
             return Err(format!("{addr} is not a backend of {service}"));
         }
         let set = self.drained.entry(service.clone()).or_default();
-        let changed = if drain { set.insert(addr) } else { set.remove(&addr) };
+        let changed = if drain {
+            set.insert(addr)
+        } else {
+            set.remove(&addr)
+        };
         if set.is_empty() {
             self.drained.remove(service);
         }
         if changed {
             info!(%service, %addr, drain, "drain changed");
-            self.event(now, format!("{} {addr} of {service}", if drain { "drained" } else { "undrained" }));
+            self.event(
+                now,
+                format!(
+                    "{} {addr} of {service}",
+                    if drain { "drained" } else { "undrained" }
+                ),
+            );
             self.dirty = true;
             self.refresh([service.clone()], now, Instant::now());
         }
@@ -659,25 +818,48 @@ impl Registry {
             Command::Status(reply) => {
                 let _ = reply.send(self.status());
             }
-            Command::Drain { service, addr, drain, reply } => {
+            Command::Drain {
+                service,
+                addr,
+                drain,
+                reply,
+            } => {
                 let _ = reply.send(self.drain(&service, addr, drain, unix_now()));
             }
-            Command::Reconfigure { names, guard, health, reply } => {
+            Command::Reconfigure {
+                names,
+                guard,
+                health,
+                reply,
+            } => {
                 self.health_cfg = health;
                 self.reconfigure(names, guard, unix_now());
                 let _ = reply.send(());
             }
-            Command::Health { service, addr, healthy, reason } => self.set_health_of(&service, addr, healthy, &reason, unix_now()),
+            Command::Health {
+                service,
+                addr,
+                healthy,
+                reason,
+            } => self.set_health_of(&service, addr, healthy, &reason, unix_now()),
         }
     }
 
     /// Applies events and commands until every source is gone or `shutdown`; persists before returning.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<SourceEvent>, mut commands: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<SourceEvent>,
+        mut commands: mpsc::Receiver<Command>,
+        shutdown: CancellationToken,
+    ) {
         let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
         let mut next_persist = tokio::time::Instant::now();
         let far = Duration::from_secs(86_400);
         loop {
-            let wake = self.wake_at.map_or_else(|| tokio::time::Instant::now() + far, tokio::time::Instant::from_std);
+            let wake = self.wake_at.map_or_else(
+                || tokio::time::Instant::now() + far,
+                tokio::time::Instant::from_std,
+            );
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 event = rx.recv() => match event {
@@ -707,8 +889,17 @@ impl Registry {
 /// One save: the `on_publish` hooks for a snapshot and the last-known-good file.
 struct SaveJob {
     announce: Option<(Arc<Snapshot>, Vec<OnPublish>)>,
-    state: Option<(PathBuf, Vec<String>, Vec<Option<OrdMap<ServiceName, ServiceSpec>>>, OrdMap<ServiceName, ServiceSpec>, BTreeMap<ServiceName, BTreeSet<SocketAddr>>)>,
+    state: Option<StateCopy>,
     failed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What `backends.json` is made of, copied in O(1) from the registry's persistent maps.
+struct StateCopy {
+    path: PathBuf,
+    names: Vec<String>,
+    sources: Vec<Option<OrdMap<ServiceName, ServiceSpec>>>,
+    published: OrdMap<ServiceName, ServiceSpec>,
+    drained: BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
 }
 
 impl SaveJob {
@@ -719,20 +910,37 @@ impl SaveJob {
                 f(&snapshot);
             }
         }
-        if let Some((path, names, sources, published, drained)) = self.state {
+        if let Some(StateCopy {
+            path,
+            names,
+            sources,
+            published,
+            drained,
+        }) = self.state
+        {
             let lkg = LastKnownGood {
                 version: 1,
-                sources: names.iter().zip(&sources).filter_map(|(n, s)| Some((n.clone(), s.as_ref()?.values().cloned().collect()))).collect(),
+                sources: names
+                    .iter()
+                    .zip(&sources)
+                    .filter_map(|(n, s)| Some((n.clone(), s.as_ref()?.values().cloned().collect())))
+                    .collect(),
                 published: published.values().cloned().collect(),
                 drained,
             };
-            let written = serde_json::to_vec(&lkg).map_err(std::io::Error::other).and_then(|bytes| state::write_atomic(&path, &bytes));
+            let written = serde_json::to_vec(&lkg)
+                .map_err(std::io::Error::other)
+                .and_then(|bytes| state::write_atomic(&path, &bytes));
             if let Err(e) = written {
                 error!(path = %path.display(), error = %e, "cannot persist the last-known-good state; will retry");
-                self.failed.store(true, std::sync::atomic::Ordering::Release);
+                self.failed
+                    .store(true, std::sync::atomic::Ordering::Release);
             }
         }
-        LAST_SAVE_NANOS.store(u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed);
+        LAST_SAVE_NANOS.store(
+            u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 }
 
@@ -744,7 +952,9 @@ fn last_save() -> Duration {
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -755,22 +965,53 @@ mod tests {
 
     fn spec(name: &str, backends: &[&str]) -> ServiceSpec {
         let mut s = ServiceSpec::new(name.parse().unwrap());
-        s.backends = backends.iter().map(|b| Backend::new(b.parse().unwrap())).collect();
+        s.backends = backends
+            .iter()
+            .map(|b| Backend::new(b.parse().unwrap()))
+            .collect();
         s
     }
 
     fn registry(sources: usize, dir: Option<&std::path::Path>) -> Registry {
-        let magic = MagicMap::new("127.77.0.0/16".parse().unwrap(), None, Duration::from_secs(86_400));
-        let paths = StatePaths { magic: dir.map(|d| d.join("magic.json")), backends: dir.map(|d| d.join("backends.json")) };
+        let magic = MagicMap::new(
+            "127.77.0.0/16".parse().unwrap(),
+            None,
+            Duration::from_secs(86_400),
+        );
+        let paths = StatePaths {
+            magic: dir.map(|d| d.join("magic.json")),
+            backends: dir.map(|d| d.join("backends.json")),
+        };
         let names = (0..sources).map(|i| format!("s{i}")).collect();
-        Registry::new(names, Guard::new(GuardConfig::default()), magic, paths, snapshot::shared(Snapshot::default()))
+        Registry::new(
+            names,
+            Guard::new(GuardConfig::default()),
+            magic,
+            paths,
+            snapshot::shared(Snapshot::default()),
+        )
     }
 
     #[test]
     fn sources_merge_by_service_and_backend() {
         let mut r = registry(2, None);
-        r.apply(SourceEvent::Reset { source: 0, services: vec![spec("web", &["127.0.0.2:80"])] }, 0);
-        r.apply(SourceEvent::Reset { source: 1, services: vec![spec("web", &["127.0.0.2:80", "127.0.0.3:80"]), spec("api", &[])] }, 0);
+        r.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: vec![spec("web", &["127.0.0.2:80"])],
+            },
+            0,
+        );
+        r.apply(
+            SourceEvent::Reset {
+                source: 1,
+                services: vec![
+                    spec("web", &["127.0.0.2:80", "127.0.0.3:80"]),
+                    spec("api", &[]),
+                ],
+            },
+            0,
+        );
         let snap = r.snapshot().load_full();
         assert_eq!(snap.generation, 2);
         assert_eq!(snap.service("web").unwrap().spec.backends.len(), 2);
@@ -780,9 +1021,30 @@ mod tests {
     #[test]
     fn updates_replace_one_service_of_a_source() {
         let mut r = registry(1, None);
-        r.apply(SourceEvent::Reset { source: 0, services: vec![spec("web", &["127.0.0.2:80"]), spec("api", &["127.0.0.5:80"])] }, 0);
-        r.apply(SourceEvent::Update { source: 0, service: spec("web", &["127.0.0.2:80", "127.0.0.3:80"]) }, 0);
-        r.apply(SourceEvent::Update { source: 0, service: spec("db", &["127.0.0.4:80"]) }, 0);
+        r.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: vec![
+                    spec("web", &["127.0.0.2:80"]),
+                    spec("api", &["127.0.0.5:80"]),
+                ],
+            },
+            0,
+        );
+        r.apply(
+            SourceEvent::Update {
+                source: 0,
+                service: spec("web", &["127.0.0.2:80", "127.0.0.3:80"]),
+            },
+            0,
+        );
+        r.apply(
+            SourceEvent::Update {
+                source: 0,
+                service: spec("db", &["127.0.0.4:80"]),
+            },
+            0,
+        );
         let snap = r.snapshot().load_full();
         assert_eq!(snap.service("web").unwrap().spec.backends.len(), 2);
         assert!(snap.service("api").is_some() && snap.service("db").is_some());
@@ -791,53 +1053,177 @@ mod tests {
     #[test]
     fn drained_backends_leave_the_snapshot_and_status_tells_about_sources_and_holds() {
         let mut r = registry(2, None);
-        r.apply(SourceEvent::Reset { source: 0, services: vec![spec("web", &["127.0.0.2:80", "127.0.0.3:80"])] }, 5);
-        r.apply(SourceEvent::Failed { source: 1, error: "connection refused".into() }, 6);
+        r.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: vec![spec("web", &["127.0.0.2:80", "127.0.0.3:80"])],
+            },
+            5,
+        );
+        r.apply(
+            SourceEvent::Failed {
+                source: 1,
+                error: "connection refused".into(),
+            },
+            6,
+        );
         let web: ServiceName = "web".parse().unwrap();
-        r.drain(&web, "127.0.0.3:80".parse().unwrap(), true, 7).unwrap();
-        assert_eq!(r.snapshot().load().service("web").unwrap().spec.backends.len(), 1);
-        assert!(r.drain(&web, "127.0.0.9:80".parse().unwrap(), true, 7).unwrap_err().contains("not a backend"));
-        r.apply(SourceEvent::Reset { source: 0, services: vec![spec("web", &[])] }, 8);
+        r.drain(&web, "127.0.0.3:80".parse().unwrap(), true, 7)
+            .unwrap();
+        assert_eq!(
+            r.snapshot()
+                .load()
+                .service("web")
+                .unwrap()
+                .spec
+                .backends
+                .len(),
+            1
+        );
+        assert!(
+            r.drain(&web, "127.0.0.9:80".parse().unwrap(), true, 7)
+                .unwrap_err()
+                .contains("not a backend")
+        );
+        r.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: vec![spec("web", &[])],
+            },
+            8,
+        );
         let st = r.status();
         assert_eq!(st.sources[0].state, "ok");
         assert_eq!(st.sources[0].last_update, Some(8));
-        assert_eq!((st.sources[1].state.as_str(), st.sources[1].error.as_deref()), ("waiting", Some("connection refused")));
+        assert_eq!(
+            (st.sources[1].state.as_str(), st.sources[1].error.as_deref()),
+            ("waiting", Some("connection refused"))
+        );
         assert_eq!(st.held.len(), 1);
-        assert_eq!(st.held[0].applies_in, None, "an emptying update never applies");
+        assert_eq!(
+            st.held[0].applies_in, None,
+            "an emptying update never applies"
+        );
         assert_eq!(st.drained[&web].len(), 1);
-        r.drain(&web, "127.0.0.3:80".parse().unwrap(), false, 10).unwrap();
-        assert_eq!(r.snapshot().load().service("web").unwrap().spec.backends.len(), 2);
+        r.drain(&web, "127.0.0.3:80".parse().unwrap(), false, 10)
+            .unwrap();
+        assert_eq!(
+            r.snapshot()
+                .load()
+                .service("web")
+                .unwrap()
+                .spec
+                .backends
+                .len(),
+            2
+        );
     }
 
     #[test]
     fn reconfiguring_keeps_sets_by_source_name() {
         let mut r = registry(2, None);
-        r.apply(SourceEvent::Reset { source: 0, services: vec![spec("web", &["127.0.0.2:80"])] }, 0);
-        r.apply(SourceEvent::Reset { source: 1, services: vec![spec("api", &["127.0.0.3:80"])] }, 0);
+        r.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: vec![spec("web", &["127.0.0.2:80"])],
+            },
+            0,
+        );
+        r.apply(
+            SourceEvent::Reset {
+                source: 1,
+                services: vec![spec("api", &["127.0.0.3:80"])],
+            },
+            0,
+        );
         // s1 moves to the front, s0 is removed, s9 is new.
-        r.reconfigure(vec!["s1".into(), "s9".into()], GuardConfig { max_drop: 0.5, hold_down: Duration::ZERO }, 1);
+        r.reconfigure(
+            vec!["s1".into(), "s9".into()],
+            GuardConfig {
+                max_drop: 0.5,
+                hold_down: Duration::ZERO,
+            },
+            1,
+        );
         let snap = r.snapshot().load_full();
         assert!(snap.service("api").is_some());
-        assert!(snap.service("web").is_none(), "a removed source's services go after the (zero) hold-down");
-        r.apply(SourceEvent::Reset { source: 0, services: vec![spec("api", &["127.0.0.3:80", "127.0.0.4:80"])] }, 2);
-        assert_eq!(r.snapshot().load().service("api").unwrap().spec.backends.len(), 2, "index 0 is now s1");
+        assert!(
+            snap.service("web").is_none(),
+            "a removed source's services go after the (zero) hold-down"
+        );
+        r.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: vec![spec("api", &["127.0.0.3:80", "127.0.0.4:80"])],
+            },
+            2,
+        );
+        assert_eq!(
+            r.snapshot()
+                .load()
+                .service("api")
+                .unwrap()
+                .spec
+                .backends
+                .len(),
+            2,
+            "index 0 is now s1"
+        );
     }
 
     #[test]
     fn a_failing_source_keeps_its_services() {
         let mut r = registry(1, None);
-        r.apply(SourceEvent::Reset { source: 0, services: vec![spec("web", &["127.0.0.2:80"])] }, 0);
-        r.apply(SourceEvent::Failed { source: 0, error: "unreadable".into() }, 1);
+        r.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: vec![spec("web", &["127.0.0.2:80"])],
+            },
+            0,
+        );
+        r.apply(
+            SourceEvent::Failed {
+                source: 0,
+                error: "unreadable".into(),
+            },
+            1,
+        );
         assert!(r.snapshot().load().service("web").is_some());
-        assert_eq!(r.snapshot().load().generation, 1, "a failure publishes nothing");
+        assert_eq!(
+            r.snapshot().load().generation,
+            1,
+            "a failure publishes nothing"
+        );
     }
 
     #[test]
     fn the_guard_sits_between_sources_and_the_snapshot() {
         let mut r = registry(1, None);
-        r.apply(SourceEvent::Reset { source: 0, services: vec![spec("web", &["127.0.0.2:80", "127.0.0.3:80"])] }, 0);
-        r.apply(SourceEvent::Reset { source: 0, services: vec![spec("web", &[])] }, 1);
-        assert_eq!(r.snapshot().load().service("web").unwrap().spec.backends.len(), 2, "never emptied");
+        r.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: vec![spec("web", &["127.0.0.2:80", "127.0.0.3:80"])],
+            },
+            0,
+        );
+        r.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: vec![spec("web", &[])],
+            },
+            1,
+        );
+        assert_eq!(
+            r.snapshot()
+                .load()
+                .service("web")
+                .unwrap()
+                .spec
+                .backends
+                .len(),
+            2,
+            "never emptied"
+        );
         assert_eq!(r.held().count(), 1);
     }
 
@@ -845,9 +1231,27 @@ mod tests {
     fn last_known_good_state_restores_sources_and_holds() {
         let dir = tempfile::tempdir().unwrap();
         let mut r = registry(2, Some(dir.path()));
-        r.apply(SourceEvent::Reset { source: 0, services: vec![spec("web", &["127.0.0.2:80"])] }, 0);
-        r.apply(SourceEvent::Reset { source: 1, services: vec![spec("api", &["127.0.0.3:80", "127.0.0.4:80"])] }, 0);
-        r.apply(SourceEvent::Reset { source: 1, services: vec![spec("api", &[])] }, 0);
+        r.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: vec![spec("web", &["127.0.0.2:80"])],
+            },
+            0,
+        );
+        r.apply(
+            SourceEvent::Reset {
+                source: 1,
+                services: vec![spec("api", &["127.0.0.3:80", "127.0.0.4:80"])],
+            },
+            0,
+        );
+        r.apply(
+            SourceEvent::Reset {
+                source: 1,
+                services: vec![spec("api", &[])],
+            },
+            0,
+        );
         r.persist();
         let web = r.snapshot().load().service("web").unwrap().magic_v4;
 
@@ -855,9 +1259,19 @@ mod tests {
         let bytes = std::fs::read(dir.path().join("backends.json")).unwrap();
         assert_eq!(restarted.restore(&bytes, 10).unwrap(), 2);
         let snap = restarted.snapshot().load_full();
-        assert_eq!(snap.service("api").unwrap().spec.backends.len(), 2, "the held state is what was published");
+        assert_eq!(
+            snap.service("api").unwrap().spec.backends.len(),
+            2,
+            "the held state is what was published"
+        );
         // Source 0 comes back; source 1 is still down and keeps what it said before.
-        restarted.apply(SourceEvent::Reset { source: 0, services: vec![spec("web", &["127.0.0.2:80"])] }, 11);
+        restarted.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: vec![spec("web", &["127.0.0.2:80"])],
+            },
+            11,
+        );
         let snap = restarted.snapshot().load_full();
         assert!(snap.service("api").is_some());
         assert_eq!(snap.service("web").unwrap().magic_v4, web);
@@ -868,12 +1282,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut r = registry(1, Some(dir.path()));
         let set = vec![spec("web", &["127.0.0.2:80"])];
-        r.apply(SourceEvent::Reset { source: 0, services: set.clone() }, 0);
-        r.apply(SourceEvent::Reset { source: 0, services: set }, 0);
+        r.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: set.clone(),
+            },
+            0,
+        );
+        r.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: set,
+            },
+            0,
+        );
         assert_eq!(r.snapshot().load().generation, 1);
         let web = r.snapshot().load().service("web").unwrap().magic_v4;
-        let mut restored = MagicMap::new("127.77.0.0/16".parse().unwrap(), None, Duration::from_secs(86_400));
-        restored.restore(&std::fs::read(dir.path().join("magic.json")).unwrap()).unwrap();
+        let mut restored = MagicMap::new(
+            "127.77.0.0/16".parse().unwrap(),
+            None,
+            Duration::from_secs(86_400),
+        );
+        restored
+            .restore(&std::fs::read(dir.path().join("magic.json")).unwrap())
+            .unwrap();
         assert_eq!(restored.get(&"web".parse().unwrap()).unwrap().v4, web);
     }
 }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 /// A service name: one DNS label, lowercase letters, digits and inner hyphens, at most 63 bytes.
 /// Stored lowercase so lookups are case-insensitive.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct ServiceName(String);
 
@@ -47,7 +49,10 @@ fn check_label(s: &str) -> Result<(), NameError> {
     if s.len() > 63 {
         return Err(NameError::TooLong);
     }
-    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-')) {
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+    {
         return Err(NameError::BadChar(c));
     }
     if s.starts_with('-') || s.ends_with('-') {
@@ -83,7 +88,9 @@ impl fmt::Display for ServiceName {
 }
 
 /// A named port ("http", "grpc"): the same label rules as a service name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct PortName(String);
 
@@ -121,7 +128,9 @@ impl fmt::Display for PortName {
 }
 
 /// How a service spreads connects over its backends.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "&'static str")]
 pub enum LbPolicy {
     /// Each backend in turn, ignoring weights.
@@ -140,7 +149,14 @@ pub enum LbPolicy {
 }
 
 impl LbPolicy {
-    pub const NAMES: &'static [&'static str] = &["round-robin", "weighted-round-robin", "random", "p2c", "least-conn", "maglev"];
+    pub const NAMES: &'static [&'static str] = &[
+        "round-robin",
+        "weighted-round-robin",
+        "random",
+        "p2c",
+        "least-conn",
+        "maglev",
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -200,12 +216,19 @@ pub struct Backend {
 
 impl Backend {
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, weight: 1, priority: 0, ports: BTreeMap::new(), zone: None }
+        Self {
+            addr,
+            weight: 1,
+            priority: 0,
+            ports: BTreeMap::new(),
+            zone: None,
+        }
     }
 
     /// The port this backend serves `name` on, falling back to its default port.
     pub fn port_for(&self, name: Option<&PortName>) -> u16 {
-        name.and_then(|n| self.ports.get(n).copied()).unwrap_or(self.addr.port())
+        name.and_then(|n| self.ports.get(n).copied())
+            .unwrap_or(self.addr.port())
     }
 }
 
@@ -264,13 +287,24 @@ pub struct SlowStart {
 
 impl Default for SlowStart {
     fn default() -> Self {
-        Self { window: Duration::from_secs(30), floor_percent: 10 }
+        Self {
+            window: Duration::from_secs(30),
+            floor_percent: 10,
+        }
     }
 }
 
 impl ServiceSpec {
     pub fn new(name: ServiceName) -> Self {
-        Self { name, lb: LbPolicy::default(), client_ports: BTreeMap::new(), backends: Vec::new(), health: None, outlier: None, slow_start: None }
+        Self {
+            name,
+            lb: LbPolicy::default(),
+            client_ports: BTreeMap::new(),
+            backends: Vec::new(),
+            health: None,
+            outlier: None,
+            slow_start: None,
+        }
     }
 
     /// Every port name this service knows: those mapped from client ports and those any backend declares.
@@ -302,7 +336,10 @@ mod tests {
         assert_eq!("-web".parse::<ServiceName>(), Err(NameError::EdgeHyphen));
         assert_eq!("we_b".parse::<ServiceName>(), Err(NameError::BadChar('_')));
         assert_eq!("a.b".parse::<ServiceName>(), Err(NameError::BadChar('.')));
-        assert_eq!("x".repeat(64).parse::<ServiceName>(), Err(NameError::TooLong));
+        assert_eq!(
+            "x".repeat(64).parse::<ServiceName>(),
+            Err(NameError::TooLong)
+        );
     }
 
     #[test]
@@ -321,6 +358,11 @@ mod tests {
         for name in LbPolicy::NAMES {
             assert_eq!(name.parse::<LbPolicy>().unwrap().as_str(), *name);
         }
-        assert!("fastest".parse::<LbPolicy>().unwrap_err().contains("least-conn"));
+        assert!(
+            "fastest"
+                .parse::<LbPolicy>()
+                .unwrap_err()
+                .contains("least-conn")
+        );
     }
 }

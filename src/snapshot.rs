@@ -37,12 +37,22 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn new(generation: u64, services: impl IntoIterator<Item = Service>) -> Self {
-        Self::default().with_changes(generation, services.into_iter().map(|s| (s.name().clone(), Some(s))))
+        Self::default().with_changes(
+            generation,
+            services.into_iter().map(|s| (s.name().clone(), Some(s))),
+        )
     }
 
     /// The next generation: `changes` upsert (`Some`) or remove (`None`) services by name.
-    pub fn with_changes(&self, generation: u64, changes: impl IntoIterator<Item = (ServiceName, Option<Service>)>) -> Self {
-        let mut next = Self { generation, ..self.clone() };
+    pub fn with_changes(
+        &self,
+        generation: u64,
+        changes: impl IntoIterator<Item = (ServiceName, Option<Service>)>,
+    ) -> Self {
+        let mut next = Self {
+            generation,
+            ..self.clone()
+        };
         for (name, service) in changes {
             if let Some(old) = next.services.remove(&name) {
                 next.by_addr.remove(&IpAddr::V4(old.magic_v4));
@@ -52,7 +62,8 @@ impl Snapshot {
             }
             let Some(service) = service else { continue };
             let service = Arc::new(service);
-            next.by_addr.insert(IpAddr::V4(service.magic_v4), service.clone());
+            next.by_addr
+                .insert(IpAddr::V4(service.magic_v4), service.clone());
             if let Some(v6) = service.magic_v6 {
                 next.by_addr.insert(IpAddr::V6(v6), service.clone());
             }
@@ -100,28 +111,60 @@ mod tests {
 
     #[test]
     fn changes_make_a_new_generation_and_leave_the_old_one_alone() {
-        let svc = |name: &str, last: u8| Service { spec: ServiceSpec::new(name.parse().unwrap()), magic_v4: Ipv4Addr::new(127, 77, 0, last), magic_v6: None };
+        let svc = |name: &str, last: u8| Service {
+            spec: ServiceSpec::new(name.parse().unwrap()),
+            magic_v4: Ipv4Addr::new(127, 77, 0, last),
+            magic_v6: None,
+        };
         let one = Snapshot::new(1, [svc("web", 1), svc("api", 2)]);
-        let two = one.with_changes(2, [("api".parse().unwrap(), None), ("db".parse().unwrap(), Some(svc("db", 3)))]);
-        assert!(two.service("api").is_none() && two.by_addr("127.77.0.2".parse().unwrap()).is_none());
-        assert_eq!(two.service("db").unwrap().magic_v4, Ipv4Addr::new(127, 77, 0, 3));
+        let two = one.with_changes(
+            2,
+            [
+                ("api".parse().unwrap(), None),
+                ("db".parse().unwrap(), Some(svc("db", 3))),
+            ],
+        );
+        assert!(
+            two.service("api").is_none() && two.by_addr("127.77.0.2".parse().unwrap()).is_none()
+        );
+        assert_eq!(
+            two.service("db").unwrap().magic_v4,
+            Ipv4Addr::new(127, 77, 0, 3)
+        );
         assert_eq!((one.len(), two.len(), two.generation), (2, 2, 2));
-        assert!(one.service("api").is_some(), "readers of the old generation are undisturbed");
+        assert!(
+            one.service("api").is_some(),
+            "readers of the old generation are undisturbed"
+        );
     }
 
     #[test]
     fn services_are_found_by_name_and_by_any_form_of_their_address() {
         let mut spec = ServiceSpec::new("web".parse().unwrap());
-        spec.backends.push(Backend::new("127.0.0.2:80".parse().unwrap()));
+        spec.backends
+            .push(Backend::new("127.0.0.2:80".parse().unwrap()));
         let snap = Snapshot::new(
             7,
-            [Service { spec, magic_v4: Ipv4Addr::new(127, 77, 0, 9), magic_v6: Some("fd64::9".parse().unwrap()) }],
+            [Service {
+                spec,
+                magic_v4: Ipv4Addr::new(127, 77, 0, 9),
+                magic_v6: Some("fd64::9".parse().unwrap()),
+            }],
         );
-        assert_eq!(snap.service("web").unwrap().magic_v4, Ipv4Addr::new(127, 77, 0, 9));
+        assert_eq!(
+            snap.service("web").unwrap().magic_v4,
+            Ipv4Addr::new(127, 77, 0, 9)
+        );
         assert!(snap.service("api").is_none());
         let mapped: IpAddr = "::ffff:127.77.0.9".parse().unwrap();
         assert_eq!(snap.by_addr(mapped).unwrap().name().as_str(), "web");
-        assert_eq!(snap.by_addr("fd64::9".parse().unwrap()).unwrap().name().as_str(), "web");
+        assert_eq!(
+            snap.by_addr("fd64::9".parse().unwrap())
+                .unwrap()
+                .name()
+                .as_str(),
+            "web"
+        );
         assert!(snap.by_addr("127.77.0.10".parse().unwrap()).is_none());
     }
 }

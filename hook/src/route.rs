@@ -9,7 +9,9 @@
 use core::net::SocketAddr;
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use discotech_wire::{FLAG_HASH_KEY, FLAG_INET6, FLAG_REPORT_DONE, Kind, Reply, Request, Status, to_mapped};
+use discotech_wire::{
+    FLAG_HASH_KEY, FLAG_INET6, FLAG_REPORT_DONE, Kind, Reply, Request, Status, to_mapped,
+};
 use libc::c_int;
 
 use crate::choose::choose;

@@ -56,7 +56,10 @@ pub struct BalanceConfig {
 
 impl Default for BalanceConfig {
     fn default() -> Self {
-        Self { zone: None, local_min_share: 0.3 }
+        Self {
+            zone: None,
+            local_min_share: 0.3,
+        }
     }
 }
 
@@ -70,7 +73,9 @@ pub struct HealthConfig {
 
 impl Default for HealthConfig {
     fn default() -> Self {
-        Self { panic_threshold: 0.5 }
+        Self {
+            panic_threshold: 0.5,
+        }
     }
 }
 
@@ -119,7 +124,10 @@ pub struct AdminConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SourceConfig {
     /// A directory of `*.toml` zone files, or one file.
-    File { name: String, path: PathBuf },
+    File {
+        name: String,
+        path: PathBuf,
+    },
     Zookeeper(ZookeeperSource),
     DnsSrv(DnsSrvSource),
 }
@@ -151,7 +159,8 @@ pub enum ZkFormat {
 }
 
 impl ZkFormat {
-    pub const NAMES: &'static [&'static str] = &["auto", "serverset", "curator", "nerve", "host-port"];
+    pub const NAMES: &'static [&'static str] =
+        &["auto", "serverset", "curator", "nerve", "host-port"];
 
     fn parse(s: &str) -> Result<Self, String> {
         match s {
@@ -160,7 +169,10 @@ impl ZkFormat {
             "curator" => Ok(Self::Curator),
             "nerve" => Ok(Self::Nerve),
             "host-port" => Ok(Self::HostPort),
-            other => Err(format!("unknown format {other:?}, expected one of {}", Self::NAMES.join(", "))),
+            other => Err(format!(
+                "unknown format {other:?}, expected one of {}",
+                Self::NAMES.join(", ")
+            )),
         }
     }
 }
@@ -202,7 +214,10 @@ pub struct GuardConfig {
 
 impl Default for GuardConfig {
     fn default() -> Self {
-        Self { max_drop: 0.5, hold_down: Duration::from_secs(60) }
+        Self {
+            max_drop: 0.5,
+            hold_down: Duration::from_secs(60),
+        }
     }
 }
 
@@ -240,7 +255,10 @@ pub struct HealthCheck {
 pub enum CheckKind {
     Tcp,
     /// HTTP GET of `path`; healthy when the status is within `expect`.
-    Http { path: String, expect: (u16, u16) },
+    Http {
+        path: String,
+        expect: (u16, u16),
+    },
 }
 
 /// Why a config could not be loaded: every problem found.
@@ -254,15 +272,22 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         match path {
             Some(path) => {
-                let source = std::fs::read_to_string(path)
-                    .map_err(|e| Diagnostics(vec![Diagnostic::file(path, format!("cannot read config: {e}"))]))?;
+                let source = std::fs::read_to_string(path).map_err(|e| {
+                    Diagnostics(vec![Diagnostic::file(
+                        path,
+                        format!("cannot read config: {e}"),
+                    )])
+                })?;
                 Self::parse(path, &source, &system_nameservers())
             }
             None => {
                 let mut config = Self::parse(Path::new("(defaults)"), "", &system_nameservers())?;
                 let zones = Path::new(DEFAULT_ZONES_DIR);
                 if zones.exists() {
-                    config.sources.push(SourceConfig::File { name: "file:zones".into(), path: zones.to_path_buf() });
+                    config.sources.push(SourceConfig::File {
+                        name: "file:zones".into(),
+                        path: zones.to_path_buf(),
+                    });
                 }
                 config.path = None;
                 Ok(config)
@@ -275,11 +300,20 @@ impl Config {
     /// # Errors
     /// Every problem found, each with path:line:column.
     pub fn parse(path: &Path, source: &str, nameservers: &[IpAddr]) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(source).map_err(|e| Diagnostics(vec![Diagnostic::from_toml(path, source, &e)]))?;
-        let mut v = Validator { path, source, problems: Vec::new() };
+        let raw: RawConfig = toml::from_str(source)
+            .map_err(|e| Diagnostics(vec![Diagnostic::from_toml(path, source, &e)]))?;
+        let mut v = Validator {
+            path,
+            source,
+            problems: Vec::new(),
+        };
         let base = path.parent().unwrap_or(Path::new("."));
         let config = v.config(raw, base, nameservers);
-        if v.problems.is_empty() { Ok(config) } else { Err(Diagnostics(v.problems)) }
+        if v.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(Diagnostics(v.problems))
+        }
     }
 }
 
@@ -291,10 +325,21 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn problem<T>(&mut self, at: &S<T>, field: &str, message: impl Into<String>) {
-        self.problems.push(Diagnostic::at(self.path, self.source, Some(at.span()), field, message));
+        self.problems.push(Diagnostic::at(
+            self.path,
+            self.source,
+            Some(at.span()),
+            field,
+            message,
+        ));
     }
 
-    fn check<T, U, E: std::fmt::Display>(&mut self, v: &S<T>, field: &str, f: impl FnOnce(&T) -> Result<U, E>) -> Option<U> {
+    fn check<T, U, E: std::fmt::Display>(
+        &mut self,
+        v: &S<T>,
+        field: &str,
+        f: impl FnOnce(&T) -> Result<U, E>,
+    ) -> Option<U> {
         match f(v.get_ref()) {
             Ok(u) => Some(u),
             Err(e) => {
@@ -308,24 +353,45 @@ impl Validator<'_> {
         let d = raw.dns;
         let listen = match &d.listen {
             Some(list) => {
-                let addrs: Vec<_> = list.iter().filter_map(|a| self.check(a, "dns.listen", |s| parse_addr(s, 53))).collect();
+                let addrs: Vec<_> = list
+                    .iter()
+                    .filter_map(|a| self.check(a, "dns.listen", |s| parse_addr(s, 53)))
+                    .collect();
                 if list.is_empty() {
-                    self.problems.push(Diagnostic::file(self.path, "dns.listen: at least one address is needed"));
+                    self.problems.push(Diagnostic::file(
+                        self.path,
+                        "dns.listen: at least one address is needed",
+                    ));
                 }
                 addrs
             }
-            None => vec![DEFAULT_LISTEN.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 53], 53)))],
+            None => vec![
+                DEFAULT_LISTEN
+                    .parse()
+                    .unwrap_or(SocketAddr::from(([127, 0, 0, 53], 53))),
+            ],
         };
         let domains = match &d.domains {
             Some(list) => {
-                let names: Vec<Name> = list.iter().filter_map(|n| self.check(n, "dns.domains", |s| parse_zone(s))).collect();
+                let names: Vec<Name> = list
+                    .iter()
+                    .filter_map(|n| self.check(n, "dns.domains", |s| parse_zone(s)))
+                    .collect();
                 if list.is_empty() {
-                    self.problems.push(Diagnostic::file(self.path, "dns.domains: at least one domain is needed"));
+                    self.problems.push(Diagnostic::file(
+                        self.path,
+                        "dns.domains: at least one domain is needed",
+                    ));
                 }
                 for (i, n) in names.iter().enumerate() {
-                    if let Some(other) = names.iter().take(i).find(|o| o.zone_of(n) || n.zone_of(o)) {
+                    if let Some(other) = names.iter().take(i).find(|o| o.zone_of(n) || n.zone_of(o))
+                    {
                         let at = &list[i];
-                        self.problem(at, "dns.domains", format!("{n} overlaps {other}; service domains must be disjoint"));
+                        self.problem(
+                            at,
+                            "dns.domains",
+                            format!("{n} overlaps {other}; service domains must be disjoint"),
+                        );
                     }
                 }
                 names
@@ -333,13 +399,21 @@ impl Validator<'_> {
             None => vec![parse_zone(DEFAULT_DOMAIN).unwrap_or_else(|_| Name::root())],
         };
         let magic_v4 = match &d.magic_v4 {
-            Some(r) => self.check(r, "dns.magic_v4", |s| parse_magic_v4(s)).unwrap_or_else(default_magic_v4),
+            Some(r) => self
+                .check(r, "dns.magic_v4", |s| parse_magic_v4(s))
+                .unwrap_or_else(default_magic_v4),
             None => default_magic_v4(),
         };
-        let magic_v6 = d.magic_v6.as_ref().and_then(|r| self.check(r, "dns.magic_v6", |s| parse_magic_v6(s)));
+        let magic_v6 = d
+            .magic_v6
+            .as_ref()
+            .and_then(|r| self.check(r, "dns.magic_v6", |s| parse_magic_v6(s)));
 
         let upstreams: Vec<SocketAddr> = match &d.upstreams {
-            Some(list) => list.iter().filter_map(|a| self.check(a, "dns.upstreams", |s| parse_addr(s, 53))).collect(),
+            Some(list) => list
+                .iter()
+                .filter_map(|a| self.check(a, "dns.upstreams", |s| parse_addr(s, 53)))
+                .collect(),
             None => nameservers
                 .iter()
                 .map(|ip| SocketAddr::new(*ip, 53))
@@ -355,58 +429,114 @@ impl Validator<'_> {
         }
         let mut forward = Vec::new();
         for f in &d.forward {
-            let Some(zone) = self.check(&f.get_ref().zone, "dns.forward.zone", |s| parse_zone(s)) else { continue };
-            if let Some(ours) = domains.iter().find(|dom| dom.zone_of(&zone) || zone.zone_of(dom)) {
-                self.problem(&f.get_ref().zone, "dns.forward.zone", format!("{zone} overlaps the service domain {ours}"));
+            let Some(zone) = self.check(&f.get_ref().zone, "dns.forward.zone", |s| parse_zone(s))
+            else {
+                continue;
+            };
+            if let Some(ours) = domains
+                .iter()
+                .find(|dom| dom.zone_of(&zone) || zone.zone_of(dom))
+            {
+                self.problem(
+                    &f.get_ref().zone,
+                    "dns.forward.zone",
+                    format!("{zone} overlaps the service domain {ours}"),
+                );
             }
-            let ups: Vec<SocketAddr> = f.get_ref().upstreams.iter().filter_map(|a| self.check(a, "dns.forward.upstreams", |s| parse_addr(s, 53))).collect();
+            let ups: Vec<SocketAddr> = f
+                .get_ref()
+                .upstreams
+                .iter()
+                .filter_map(|a| self.check(a, "dns.forward.upstreams", |s| parse_addr(s, 53)))
+                .collect();
             for (a, raw) in ups.iter().zip(&f.get_ref().upstreams) {
                 if is_ours(a, &listen) {
                     self.problem(raw, "dns.forward.upstreams", format!("{a} is one of our own listen addresses: that would be a forwarding loop"));
                 }
             }
             if f.get_ref().upstreams.is_empty() {
-                self.problem(f, "dns.forward.upstreams", "a forward zone needs at least one upstream");
+                self.problem(
+                    f,
+                    "dns.forward.upstreams",
+                    "a forward zone needs at least one upstream",
+                );
             }
-            forward.push(ForwardZone { zone, upstreams: ups });
+            forward.push(ForwardZone {
+                zone,
+                upstreams: ups,
+            });
         }
         let allow = match &d.allow {
-            Some(list) => list.iter().filter_map(|n| self.check(n, "dns.allow", |s| parse_net(s))).collect(),
-            None => vec![IpNet::from(Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)), IpNet::from(Ipv6Net::new_assert(std::net::Ipv6Addr::LOCALHOST, 128))],
+            Some(list) => list
+                .iter()
+                .filter_map(|n| self.check(n, "dns.allow", |s| parse_net(s)))
+                .collect(),
+            None => vec![
+                IpNet::from(Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
+                IpNet::from(Ipv6Net::new_assert(std::net::Ipv6Addr::LOCALHOST, 128)),
+            ],
         };
         let ttl = self.ttl(&d.ttl, "dns.ttl", 60);
         let srv_ttl = self.ttl(&d.srv_ttl, "dns.srv_ttl", 5);
         let negative_ttl = self.ttl(&d.negative_ttl, "dns.negative_ttl", 5);
         let timeout = self.duration(&d.timeout, "dns.timeout", Duration::from_secs(2));
         if (timeout.is_zero() || timeout > Duration::from_secs(30))
-            && let Some(t) = &d.timeout {
-                self.problem(t, "dns.timeout", "must be between 1ms and 30s");
-            }
+            && let Some(t) = &d.timeout
+        {
+            self.problem(t, "dns.timeout", "must be between 1ms and 30s");
+        }
         let cache_size = match &d.cache_size {
-            Some(n) => self.check(n, "dns.cache_size", |n| usize::try_from(*n).map_err(|_| "must be 0 or more")).unwrap_or(10_000),
+            Some(n) => self
+                .check(n, "dns.cache_size", |n| {
+                    usize::try_from(*n).map_err(|_| "must be 0 or more")
+                })
+                .unwrap_or(10_000),
             None => 10_000,
         };
         let stale_max = self.duration(&d.stale_max, "dns.stale_max", Duration::from_secs(86_400));
 
         let state = StateConfig {
-            dir: raw.state.dir.as_ref().map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), |p| base.join(p.get_ref())),
-            quarantine: self.duration(&raw.state.quarantine, "state.quarantine", Duration::from_secs(86_400)),
+            dir: raw.state.dir.as_ref().map_or_else(
+                || PathBuf::from(DEFAULT_STATE_DIR),
+                |p| base.join(p.get_ref()),
+            ),
+            quarantine: self.duration(
+                &raw.state.quarantine,
+                "state.quarantine",
+                Duration::from_secs(86_400),
+            ),
         };
         let hook = HookConfig {
-            socket: raw.hook.socket.as_ref().map_or_else(|| PathBuf::from(DEFAULT_HOOK_SOCKET), |p| base.join(p.get_ref())),
+            socket: raw.hook.socket.as_ref().map_or_else(
+                || PathBuf::from(DEFAULT_HOOK_SOCKET),
+                |p| base.join(p.get_ref()),
+            ),
         };
         let admin = AdminConfig {
-            socket: raw.admin.socket.as_ref().map_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET), |p| base.join(p.get_ref())),
+            socket: raw.admin.socket.as_ref().map_or_else(
+                || PathBuf::from(DEFAULT_ADMIN_SOCKET),
+                |p| base.join(p.get_ref()),
+            ),
         };
         let metrics_listen = match &raw.metrics.listen {
-            Some(list) => list.iter().filter_map(|a| self.check(a, "metrics.listen", |s| parse_addr(s, 9253))).collect(),
+            Some(list) => list
+                .iter()
+                .filter_map(|a| self.check(a, "metrics.listen", |s| parse_addr(s, 9253)))
+                .collect(),
             None => vec![SocketAddr::from(([127, 0, 0, 1], 9253))],
         };
         let mut sources = Vec::new();
         for s in &raw.sources {
             if let Some(source) = self.source(s, base, &upstreams) {
-                if sources.iter().any(|o: &SourceConfig| o.name() == source.name()) {
-                    self.problem(s, "source.name", format!("two sources are named {:?}", source.name()));
+                if sources
+                    .iter()
+                    .any(|o: &SourceConfig| o.name() == source.name())
+                {
+                    self.problem(
+                        s,
+                        "source.name",
+                        format!("two sources are named {:?}", source.name()),
+                    );
                 }
                 sources.push(source);
             }
@@ -414,35 +544,79 @@ impl Validator<'_> {
         let guard = GuardConfig {
             max_drop: match &raw.guard.max_drop {
                 Some(v) => self
-                    .check(v, "guard.max_drop", |f| if (0.0..=1.0).contains(f) { Ok(*f) } else { Err("must be a share between 0.0 and 1.0") })
+                    .check(v, "guard.max_drop", |f| {
+                        if (0.0..=1.0).contains(f) {
+                            Ok(*f)
+                        } else {
+                            Err("must be a share between 0.0 and 1.0")
+                        }
+                    })
                     .unwrap_or(0.5),
                 None => 0.5,
             },
-            hold_down: self.duration(&raw.guard.hold_down, "guard.hold_down", Duration::from_secs(60)),
+            hold_down: self.duration(
+                &raw.guard.hold_down,
+                "guard.hold_down",
+                Duration::from_secs(60),
+            ),
         };
-        let registrations = raw.registrations.iter().filter_map(|r| self.registration(r)).collect();
+        let registrations = raw
+            .registrations
+            .iter()
+            .filter_map(|r| self.registration(r))
+            .collect();
         let health = HealthConfig {
             panic_threshold: match &raw.health.panic_threshold {
                 Some(v) => self
-                    .check(v, "health.panic_threshold", |f| if (0.0..=1.0).contains(f) { Ok(*f) } else { Err("must be a share between 0.0 and 1.0") })
+                    .check(v, "health.panic_threshold", |f| {
+                        if (0.0..=1.0).contains(f) {
+                            Ok(*f)
+                        } else {
+                            Err("must be a share between 0.0 and 1.0")
+                        }
+                    })
                     .unwrap_or(0.5),
                 None => 0.5,
             },
         };
         let balance = BalanceConfig {
             zone: raw.balance.zone.as_ref().and_then(|z| {
-                self.check(z, "balance.zone", |s: &String| s.parse::<crate::service::PortName>().map(|_| s.to_ascii_lowercase()).map_err(|e| format!("invalid zone {s:?}: {e}")))
+                self.check(z, "balance.zone", |s: &String| {
+                    s.parse::<crate::service::PortName>()
+                        .map(|_| s.to_ascii_lowercase())
+                        .map_err(|e| format!("invalid zone {s:?}: {e}"))
+                })
             }),
             local_min_share: match &raw.balance.local_min_share {
                 Some(v) => self
-                    .check(v, "balance.local_min_share", |f| if (0.0..=1.0).contains(f) { Ok(*f) } else { Err("must be a share between 0.0 and 1.0") })
+                    .check(v, "balance.local_min_share", |f| {
+                        if (0.0..=1.0).contains(f) {
+                            Ok(*f)
+                        } else {
+                            Err("must be a share between 0.0 and 1.0")
+                        }
+                    })
                     .unwrap_or(0.3),
                 None => 0.3,
             },
         };
         Config {
             path: Some(self.path.to_path_buf()),
-            dns: DnsConfig { listen, domains, magic_v4, magic_v6, upstreams, forward, allow, ttl, srv_ttl, negative_ttl, timeout, cache_size, stale_max },
+            dns: DnsConfig {
+                listen,
+                domains,
+                magic_v4,
+                magic_v6,
+                upstreams,
+                forward,
+                allow,
+                ttl,
+                srv_ttl,
+                negative_ttl,
+                timeout,
+                cache_size,
+                stale_max,
+            },
             state,
             hook,
             admin,
@@ -455,7 +629,12 @@ impl Validator<'_> {
         }
     }
 
-    fn source(&mut self, s: &S<RawSource>, base: &Path, upstreams: &[SocketAddr]) -> Option<SourceConfig> {
+    fn source(
+        &mut self,
+        s: &S<RawSource>,
+        base: &Path,
+        upstreams: &[SocketAddr],
+    ) -> Option<SourceConfig> {
         let raw = s.get_ref();
         let kind = raw.kind.get_ref().as_str();
         // Each kind accepts only its own keys.
@@ -481,7 +660,11 @@ impl Validator<'_> {
             ("max_ttl", raw.max_ttl.is_some()),
         ];
         for (key, _) in present.iter().filter(|(k, p)| *p && !allowed.contains(k)) {
-            self.problem(s, &format!("source.{key}"), format!("`{key}` does not apply to a {kind} source"));
+            self.problem(
+                s,
+                &format!("source.{key}"),
+                format!("`{key}` does not apply to a {kind} source"),
+            );
         }
         let name = |default: String| raw.name.as_ref().map_or(default, |n| n.get_ref().clone());
         match kind {
@@ -490,12 +673,19 @@ impl Validator<'_> {
                     self.problem(s, "source.path", "a file source needs `path` (a directory of *.toml zone files, or one file)");
                     return None;
                 };
-                Some(SourceConfig::File { name: name(format!("file:{}", path.get_ref())), path: base.join(path.get_ref()) })
+                Some(SourceConfig::File {
+                    name: name(format!("file:{}", path.get_ref())),
+                    path: base.join(path.get_ref()),
+                })
             }
             "zookeeper" => {
                 let hosts = self.zk_hosts(s, raw.hosts.as_deref(), "source.hosts")?;
                 let Some(root) = &raw.root else {
-                    self.problem(s, "source.root", "a zookeeper source needs `root`, the path whose children are services");
+                    self.problem(
+                        s,
+                        "source.root",
+                        "a zookeeper source needs `root`, the path whose children are services",
+                    );
                     return None;
                 };
                 let root_path = self.check(root, "source.root", |p| zk_path(p))?;
@@ -507,23 +697,39 @@ impl Validator<'_> {
                     name: name(format!("zookeeper:{root_path}")),
                     hosts,
                     root: root_path,
-                    session_timeout: self.duration(&raw.session_timeout, "source.session_timeout", Duration::from_secs(10)),
+                    session_timeout: self.duration(
+                        &raw.session_timeout,
+                        "source.session_timeout",
+                        Duration::from_secs(10),
+                    ),
                     auth: self.zk_auth(raw.auth.as_ref()),
                     format,
                 }))
             }
             _ => {
                 let resolvers = match &raw.resolvers {
-                    Some(list) => list.iter().filter_map(|a| self.check(a, "source.resolvers", |s| parse_addr(s, 53))).collect(),
+                    Some(list) => list
+                        .iter()
+                        .filter_map(|a| self.check(a, "source.resolvers", |s| parse_addr(s, 53)))
+                        .collect(),
                     None => upstreams.to_vec(),
                 };
                 if resolvers.is_empty() {
-                    self.problem(s, "source.resolvers", "a dns-srv source needs resolvers (or dns.upstreams)");
+                    self.problem(
+                        s,
+                        "source.resolvers",
+                        "a dns-srv source needs resolvers (or dns.upstreams)",
+                    );
                 }
                 let mut services = BTreeMap::new();
                 for (svc, srv) in raw.services.iter().flatten() {
                     let field = format!("source.services.{svc}");
-                    let Some(svc_name) = self.check(srv, &field, |_| svc.parse::<ServiceName>().map_err(|e| format!("invalid service name {svc:?}: {e}"))) else { continue };
+                    let Some(svc_name) = self.check(srv, &field, |_| {
+                        svc.parse::<ServiceName>()
+                            .map_err(|e| format!("invalid service name {svc:?}: {e}"))
+                    }) else {
+                        continue;
+                    };
                     if let Some(srv_name) = self.check(srv, &field, |n| parse_zone(n)) {
                         services.insert(svc_name, srv_name);
                     }
@@ -532,25 +738,49 @@ impl Validator<'_> {
                     self.problem(s, "source.services", "a dns-srv source needs services = { name = \"_http._tcp.web.example.com\" }");
                 }
                 let min_ttl = self.duration(&raw.min_ttl, "source.min_ttl", Duration::from_secs(5));
-                let max_ttl = self.duration(&raw.max_ttl, "source.max_ttl", Duration::from_secs(300));
+                let max_ttl =
+                    self.duration(&raw.max_ttl, "source.max_ttl", Duration::from_secs(300));
                 if min_ttl > max_ttl || min_ttl.is_zero() {
-                    self.problem(s, "source.min_ttl", "min_ttl must be above zero and at most max_ttl");
+                    self.problem(
+                        s,
+                        "source.min_ttl",
+                        "min_ttl must be above zero and at most max_ttl",
+                    );
                 }
-                Some(SourceConfig::DnsSrv(DnsSrvSource { name: name("dns-srv".into()), resolvers, services, min_ttl, max_ttl }))
+                Some(SourceConfig::DnsSrv(DnsSrvSource {
+                    name: name("dns-srv".into()),
+                    resolvers,
+                    services,
+                    min_ttl,
+                    max_ttl,
+                }))
             }
         }
     }
 
-    fn zk_hosts(&mut self, at: &S<impl Sized>, hosts: Option<&[S<String>]>, field: &str) -> Option<Vec<String>> {
+    fn zk_hosts(
+        &mut self,
+        at: &S<impl Sized>,
+        hosts: Option<&[S<String>]>,
+        field: &str,
+    ) -> Option<Vec<String>> {
         let Some(hosts) = hosts.filter(|h| !h.is_empty()) else {
-            self.problem(at, field, "needs at least one ZooKeeper host, e.g. hosts = [\"127.0.0.1:2181\"]");
+            self.problem(
+                at,
+                field,
+                "needs at least one ZooKeeper host, e.g. hosts = [\"127.0.0.1:2181\"]",
+            );
             return None;
         };
         let ok: Vec<String> = hosts
             .iter()
             .filter_map(|h| {
                 self.check(h, field, |h| match h.rsplit_once(':') {
-                    Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(h.clone()),
+                    Some((host, port))
+                        if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) =>
+                    {
+                        Ok(h.clone())
+                    }
                     _ => Err(format!("{h:?} is not host:port")),
                 })
             })
@@ -560,20 +790,38 @@ impl Validator<'_> {
 
     fn zk_auth(&mut self, auth: Option<&S<String>>) -> Option<String> {
         let auth = auth?;
-        self.check(auth, "auth", |a| if a.contains(':') { Ok(a.clone()) } else { Err("digest auth is \"user:password\"") })
+        self.check(auth, "auth", |a| {
+            if a.contains(':') {
+                Ok(a.clone())
+            } else {
+                Err("digest auth is \"user:password\"")
+            }
+        })
     }
 
     fn registration(&mut self, r: &S<RawRegister>) -> Option<Registration> {
         let raw = r.get_ref();
-        let service = self.check(&raw.service, "register.service", |s| s.parse::<ServiceName>().map_err(|e| format!("invalid service name {s:?}: {e}")));
+        let service = self.check(&raw.service, "register.service", |s| {
+            s.parse::<ServiceName>()
+                .map_err(|e| format!("invalid service name {s:?}: {e}"))
+        });
         let addr = self.check(&raw.addr, "register.addr", |s| {
-            parse_addr(s, 0).and_then(|a| if a.port() == 0 { Err(format!("{s:?} needs a port")) } else { Ok(a) })
+            parse_addr(s, 0).and_then(|a| {
+                if a.port() == 0 {
+                    Err(format!("{s:?} needs a port"))
+                } else {
+                    Ok(a)
+                }
+            })
         });
         let hosts = self.zk_hosts(r, Some(&raw.hosts), "register.hosts");
         let path = self.check(&raw.path, "register.path", |p| zk_path(p));
         let format = match &raw.format {
             Some(f) => self.check(f, "register.format", |f| match ZkFormat::parse(f)? {
-                ZkFormat::Auto => Err("registration needs a concrete format: serverset, curator, nerve or host-port".to_string()),
+                ZkFormat::Auto => Err(
+                    "registration needs a concrete format: serverset, curator, nerve or host-port"
+                        .to_string(),
+                ),
                 other => Ok(other),
             }),
             None => Some(ZkFormat::Serverset),
@@ -581,8 +829,15 @@ impl Validator<'_> {
         let mut ports = BTreeMap::new();
         for (name, port) in raw.ports.iter().flatten() {
             let field = format!("register.ports.{name}");
-            let pname = self.check(port, &field, |_| name.parse::<PortName>().map_err(|e| e.to_string()));
-            let number = self.check(port, &field, |p| u16::try_from(*p).ok().filter(|p| *p > 0).ok_or("must be a port number (1-65535)"));
+            let pname = self.check(port, &field, |_| {
+                name.parse::<PortName>().map_err(|e| e.to_string())
+            });
+            let number = self.check(port, &field, |p| {
+                u16::try_from(*p)
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or("must be a port number (1-65535)")
+            });
             if let (Some(n), Some(p)) = (pname, number) {
                 ports.insert(n, p);
             }
@@ -598,9 +853,23 @@ impl Validator<'_> {
                 fall: 2,
             },
         };
-        let session_timeout = self.duration(&raw.session_timeout, "register.session_timeout", Duration::from_secs(10));
+        let session_timeout = self.duration(
+            &raw.session_timeout,
+            "register.session_timeout",
+            Duration::from_secs(10),
+        );
         let auth = self.zk_auth(raw.auth.as_ref());
-        Some(Registration { service: service?, addr: addr?, hosts: hosts?, path: path?, format: format?, session_timeout, auth, ports, check })
+        Some(Registration {
+            service: service?,
+            addr: addr?,
+            hosts: hosts?,
+            path: path?,
+            format: format?,
+            session_timeout,
+            auth,
+            ports,
+            check,
+        })
     }
 
     fn health_check(&mut self, c: &S<RawCheck>) -> Option<HealthCheck> {
@@ -608,7 +877,10 @@ impl Validator<'_> {
         let kind = match raw.kind.get_ref().as_str() {
             "tcp" => CheckKind::Tcp,
             "http" => {
-                let path = raw.path.as_ref().map_or_else(|| "/".to_string(), |p| p.get_ref().clone());
+                let path = raw
+                    .path
+                    .as_ref()
+                    .map_or_else(|| "/".to_string(), |p| p.get_ref().clone());
                 let expect = match &raw.expect {
                     Some(e) => self.check(e, "check.expect", |e| parse_status_range(e))?,
                     None => (200, 399),
@@ -616,12 +888,21 @@ impl Validator<'_> {
                 CheckKind::Http { path, expect }
             }
             other => {
-                self.problem(&raw.kind, "check.kind", format!("unknown check kind {other:?}, expected \"tcp\" or \"http\""));
+                self.problem(
+                    &raw.kind,
+                    "check.kind",
+                    format!("unknown check kind {other:?}, expected \"tcp\" or \"http\""),
+                );
                 return None;
             }
         };
         let count = |v: &Option<S<i64>>, field: &str, this: &mut Self| match v {
-            Some(n) => this.check(n, field, |n| u32::try_from(*n).ok().filter(|n| (1..=100).contains(n)).ok_or("must be from 1 to 100")),
+            Some(n) => this.check(n, field, |n| {
+                u32::try_from(*n)
+                    .ok()
+                    .filter(|n| (1..=100).contains(n))
+                    .ok_or("must be from 1 to 100")
+            }),
             None => Some(2),
         };
         let rise = count(&raw.rise, "check.rise", self)?;
@@ -629,16 +910,29 @@ impl Validator<'_> {
         let interval = self.duration(&raw.interval, "check.interval", Duration::from_secs(2));
         let timeout = self.duration(&raw.timeout, "check.timeout", Duration::from_secs(1));
         if interval.is_zero()
-            && let Some(i) = &raw.interval {
-                self.problem(i, "check.interval", "must be above zero");
-            }
-        Some(HealthCheck { kind, interval, timeout, jitter: self.duration(&raw.jitter, "check.jitter", interval / 10), rise, fall })
+            && let Some(i) = &raw.interval
+        {
+            self.problem(i, "check.interval", "must be above zero");
+        }
+        Some(HealthCheck {
+            kind,
+            interval,
+            timeout,
+            jitter: self.duration(&raw.jitter, "check.jitter", interval / 10),
+            rise,
+            fall,
+        })
     }
 
     fn ttl(&mut self, v: &Option<S<i64>>, field: &str, default: u32) -> u32 {
         match v {
             Some(n) => self
-                .check(n, field, |n| u32::try_from(*n).ok().filter(|n| *n <= 604_800).ok_or("must be between 0 and 604800 seconds"))
+                .check(n, field, |n| {
+                    u32::try_from(*n)
+                        .ok()
+                        .filter(|n| *n <= 604_800)
+                        .ok_or("must be between 0 and 604800 seconds")
+                })
                 .unwrap_or(default),
             None => default,
         }
@@ -646,7 +940,9 @@ impl Validator<'_> {
 
     fn duration(&mut self, v: &Option<S<String>>, field: &str, default: Duration) -> Duration {
         match v {
-            Some(s) => self.check(s, field, |s| duration::parse(s)).unwrap_or(default),
+            Some(s) => self
+                .check(s, field, |s| duration::parse(s))
+                .unwrap_or(default),
             None => default,
         }
     }
@@ -656,8 +952,16 @@ impl Validator<'_> {
 ///
 /// # Errors
 /// Every problem, located in `source`.
-pub fn health_check(path: &Path, source: &str, raw: &S<RawCheck>) -> Result<HealthCheck, Vec<Diagnostic>> {
-    let mut v = Validator { path, source, problems: Vec::new() };
+pub fn health_check(
+    path: &Path,
+    source: &str,
+    raw: &S<RawCheck>,
+) -> Result<HealthCheck, Vec<Diagnostic>> {
+    let mut v = Validator {
+        path,
+        source,
+        problems: Vec::new(),
+    };
     match v.health_check(raw) {
         Some(c) if v.problems.is_empty() => Ok(c),
         _ => Err(v.problems),
@@ -670,7 +974,9 @@ fn zk_path(p: &str) -> Result<String, String> {
         return Ok(p.to_string());
     }
     if !p.starts_with('/') || p.ends_with('/') || p.contains("//") {
-        return Err(format!("{p:?} is not a ZooKeeper path; write e.g. \"/discovery\""));
+        return Err(format!(
+            "{p:?} is not a ZooKeeper path; write e.g. \"/discovery\""
+        ));
     }
     Ok(p.to_string())
 }
@@ -707,7 +1013,8 @@ pub fn parse_zone(s: &str) -> Result<Name, String> {
     if trimmed.is_empty() {
         return Err("the root zone cannot be a service domain or forward zone".into());
     }
-    let mut name = Name::from_ascii(trimmed).map_err(|e| format!("{s:?} is not a domain name: {e}"))?;
+    let mut name =
+        Name::from_ascii(trimmed).map_err(|e| format!("{s:?} is not a domain name: {e}"))?;
     name.set_fqdn(true);
     if name.iter().any(|l| l.is_empty() || l.len() > 63) {
         return Err(format!("{s:?} is not a domain name"));
@@ -722,15 +1029,21 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
 }
 
 fn parse_magic_v4(s: &str) -> Result<Ipv4Net, String> {
-    let net: Ipv4Net = s.parse().map_err(|_| format!("{s:?} is not an IPv4 network; write e.g. \"127.77.0.0/16\""))?;
+    let net: Ipv4Net = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv4 network; write e.g. \"127.77.0.0/16\""))?;
     if net.prefix_len() > 28 {
-        return Err(format!("{s:?} is too small: use at most /28 so there is room for services"));
+        return Err(format!(
+            "{s:?} is too small: use at most /28 so there is room for services"
+        ));
     }
     Ok(net.trunc())
 }
 
 fn parse_magic_v6(s: &str) -> Result<Ipv6Net, String> {
-    let net: Ipv6Net = s.parse().map_err(|_| format!("{s:?} is not an IPv6 network; write e.g. \"fd64:d15c::/64\""))?;
+    let net: Ipv6Net = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv6 network; write e.g. \"fd64:d15c::/64\""))?;
     if net.prefix_len() > 120 {
         return Err(format!("{s:?} is too small: use at most /120"));
     }
@@ -740,20 +1053,26 @@ fn parse_magic_v6(s: &str) -> Result<Ipv6Net, String> {
 /// True when queries sent to `a` would reach one of our own listeners.
 fn is_ours(a: &SocketAddr, listen: &[SocketAddr]) -> bool {
     listen.iter().any(|l| {
-        l.port() == a.port() && (l.ip() == a.ip() || (l.ip().is_unspecified() && (a.ip().is_loopback() || a.ip().is_unspecified())))
+        l.port() == a.port()
+            && (l.ip() == a.ip()
+                || (l.ip().is_unspecified() && (a.ip().is_loopback() || a.ip().is_unspecified())))
     })
 }
 
 /// The `nameserver` lines of /etc/resolv.conf.
 fn system_nameservers() -> Vec<IpAddr> {
-    std::fs::read_to_string(RESOLV_CONF).map(|s| parse_resolv_conf(&s)).unwrap_or_default()
+    std::fs::read_to_string(RESOLV_CONF)
+        .map(|s| parse_resolv_conf(&s))
+        .unwrap_or_default()
 }
 
 pub fn parse_resolv_conf(text: &str) -> Vec<IpAddr> {
     text.lines()
         .filter_map(|l| {
             let mut words = l.split_whitespace();
-            (words.next() == Some("nameserver")).then(|| words.next()).flatten()
+            (words.next() == Some("nameserver"))
+                .then(|| words.next())
+                .flatten()
         })
         .filter_map(|w| w.split('%').next().and_then(|a| a.parse().ok()))
         .collect()

@@ -34,12 +34,35 @@ pub struct Zones {
 }
 
 impl Zones {
-    pub fn new(domains: Vec<Name>, magic_v4: Ipv4Net, magic_v6: Option<Ipv6Net>, ttl: u32, srv_ttl: u32, negative_ttl: u32) -> Self {
-        Self { reverse_v4: reverse_zone_v4(magic_v4), reverse_v6: magic_v6.map(reverse_zone_v6), domains, magic_v4, magic_v6, ttl, srv_ttl, negative_ttl }
+    pub fn new(
+        domains: Vec<Name>,
+        magic_v4: Ipv4Net,
+        magic_v6: Option<Ipv6Net>,
+        ttl: u32,
+        srv_ttl: u32,
+        negative_ttl: u32,
+    ) -> Self {
+        Self {
+            reverse_v4: reverse_zone_v4(magic_v4),
+            reverse_v6: magic_v6.map(reverse_zone_v6),
+            domains,
+            magic_v4,
+            magic_v6,
+            ttl,
+            srv_ttl,
+            negative_ttl,
+        }
     }
 
     pub fn from_config(c: &DnsConfig) -> Self {
-        Self::new(c.domains.clone(), c.magic_v4, c.magic_v6, c.ttl, c.srv_ttl, c.negative_ttl)
+        Self::new(
+            c.domains.clone(),
+            c.magic_v4,
+            c.magic_v6,
+            c.ttl,
+            c.srv_ttl,
+            c.negative_ttl,
+        )
     }
 }
 
@@ -69,8 +92,17 @@ pub fn answer(zones: &Zones, snap: &Snapshot, query: &Query) -> Outcome {
         if query.query_class() != DNSClass::IN && query.query_class() != DNSClass::ANY {
             return Outcome::Local(Answer::empty(ResponseCode::Refused));
         }
-        let relative: Vec<&[u8]> = lower.iter().take(lower.num_labels().saturating_sub(domain.num_labels()) as usize).collect();
-        let mut b = Builder { zones, snap, owner: qname, apex: domain, answer: Answer::empty(ResponseCode::NoError) };
+        let relative: Vec<&[u8]> = lower
+            .iter()
+            .take(lower.num_labels().saturating_sub(domain.num_labels()) as usize)
+            .collect();
+        let mut b = Builder {
+            zones,
+            snap,
+            owner: qname,
+            apex: domain,
+            answer: Answer::empty(ResponseCode::NoError),
+        };
         b.service_domain(&relative, qtype);
         return Outcome::Local(b.answer);
     }
@@ -78,7 +110,13 @@ pub fn answer(zones: &Zones, snap: &Snapshot, query: &Query) -> Outcome {
         if query.query_class() != DNSClass::IN && query.query_class() != DNSClass::ANY {
             return Outcome::Local(Answer::empty(ResponseCode::Refused));
         }
-        let mut b = Builder { zones, snap, owner: qname, apex: &apex, answer: Answer::empty(ResponseCode::NoError) };
+        let mut b = Builder {
+            zones,
+            snap,
+            owner: qname,
+            apex: &apex,
+            answer: Answer::empty(ResponseCode::NoError),
+        };
         b.reverse(ip, qtype);
         return Outcome::Local(b.answer);
     }
@@ -87,7 +125,12 @@ pub fn answer(zones: &Zones, snap: &Snapshot, query: &Query) -> Outcome {
 
 impl Answer {
     fn empty(response_code: ResponseCode) -> Self {
-        Self { response_code, answers: Vec::new(), authorities: Vec::new(), additionals: Vec::new() }
+        Self {
+            response_code,
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+        }
     }
 }
 
@@ -113,7 +156,10 @@ impl Builder<'_> {
                 _ => self.nxdomain(),
             },
             [port, tcp, svc] if *tcp == b"_tcp" && port.first() == Some(&b'_') => {
-                let port = std::str::from_utf8(port).ok().and_then(|p| p.get(1..)).and_then(|p| p.parse::<PortName>().ok());
+                let port = std::str::from_utf8(port)
+                    .ok()
+                    .and_then(|p| p.get(1..))
+                    .and_then(|p| p.parse::<PortName>().ok());
                 match (self.service(svc), port) {
                     (Some(s), Some(port)) if s.spec.port_names().any(|p| *p == port) => {
                         if matches!(qtype, RecordType::SRV | RecordType::ANY) {
@@ -139,7 +185,10 @@ impl Builder<'_> {
     }
 
     fn service(&self, label: &[u8]) -> Option<std::sync::Arc<Service>> {
-        std::str::from_utf8(label).ok().and_then(|l| self.snap.service(l)).cloned()
+        std::str::from_utf8(label)
+            .ok()
+            .and_then(|l| self.snap.service(l))
+            .cloned()
     }
 
     fn apex(&mut self, qtype: RecordType) {
@@ -149,11 +198,19 @@ impl Builder<'_> {
                 let soa = self.soa(ttl);
                 self.answer.answers.push(soa);
             }
-            RecordType::NS => self.answer.answers.push(Record::from_rdata(self.owner.clone(), ttl, RData::NS(NS(Name::from_ascii("localhost.").unwrap_or_default())))),
+            RecordType::NS => self.answer.answers.push(Record::from_rdata(
+                self.owner.clone(),
+                ttl,
+                RData::NS(NS(Name::from_ascii("localhost.").unwrap_or_default())),
+            )),
             RecordType::ANY => {
                 let soa = self.soa(ttl);
                 self.answer.answers.push(soa);
-                self.answer.answers.push(Record::from_rdata(self.owner.clone(), ttl, RData::NS(NS(Name::from_ascii("localhost.").unwrap_or_default()))));
+                self.answer.answers.push(Record::from_rdata(
+                    self.owner.clone(),
+                    ttl,
+                    RData::NS(NS(Name::from_ascii("localhost.").unwrap_or_default())),
+                ));
             }
             _ => self.nodata(),
         }
@@ -163,16 +220,30 @@ impl Builder<'_> {
         let owner = self.owner.clone();
         let ttl = self.zones.ttl;
         match qtype {
-            RecordType::A => self.answer.answers.push(Record::from_rdata(owner, ttl, RData::A(A(s.magic_v4)))),
+            RecordType::A => {
+                self.answer
+                    .answers
+                    .push(Record::from_rdata(owner, ttl, RData::A(A(s.magic_v4))))
+            }
             RecordType::AAAA => match s.magic_v6 {
-                Some(v6) => self.answer.answers.push(Record::from_rdata(owner, ttl, RData::AAAA(AAAA(v6)))),
+                Some(v6) => {
+                    self.answer
+                        .answers
+                        .push(Record::from_rdata(owner, ttl, RData::AAAA(AAAA(v6))))
+                }
                 None => self.nodata(),
             },
             RecordType::SRV => self.srv(s, None),
             RecordType::ANY => {
-                self.answer.answers.push(Record::from_rdata(owner.clone(), ttl, RData::A(A(s.magic_v4))));
+                self.answer.answers.push(Record::from_rdata(
+                    owner.clone(),
+                    ttl,
+                    RData::A(A(s.magic_v4)),
+                ));
                 if let Some(v6) = s.magic_v6 {
-                    self.answer.answers.push(Record::from_rdata(owner, ttl, RData::AAAA(AAAA(v6))));
+                    self.answer
+                        .answers
+                        .push(Record::from_rdata(owner, ttl, RData::AAAA(AAAA(v6))));
                 }
             }
             _ => self.nodata(),
@@ -183,13 +254,27 @@ impl Builder<'_> {
         if s.spec.backends.is_empty() {
             return self.nodata();
         }
-        let service_name = Name::from_labels([s.name().as_str().as_bytes()]).ok().and_then(|n| n.append_domain(self.apex).ok());
-        let Some(service_name) = service_name else { return self.nodata() };
+        let service_name = Name::from_labels([s.name().as_str().as_bytes()])
+            .ok()
+            .and_then(|n| n.append_domain(self.apex).ok());
+        let Some(service_name) = service_name else {
+            return self.nodata();
+        };
         for b in &s.spec.backends {
-            let Some(target) = target_name(b, &service_name) else { continue };
+            let Some(target) = target_name(b, &service_name) else {
+                continue;
+            };
             let rdata = SRV::new(b.priority, b.weight, b.port_for(port), target.clone());
-            self.answer.answers.push(Record::from_rdata(self.owner.clone(), self.zones.srv_ttl, RData::SRV(rdata)));
-            let qtype = if b.addr.is_ipv4() { RecordType::A } else { RecordType::AAAA };
+            self.answer.answers.push(Record::from_rdata(
+                self.owner.clone(),
+                self.zones.srv_ttl,
+                RData::SRV(rdata),
+            ));
+            let qtype = if b.addr.is_ipv4() {
+                RecordType::A
+            } else {
+                RecordType::AAAA
+            };
             if let Some(glue) = address_record(target, self.zones.srv_ttl, b.addr.ip(), qtype) {
                 self.answer.additionals.push(glue);
             }
@@ -197,23 +282,46 @@ impl Builder<'_> {
     }
 
     fn reverse(&mut self, ip: IpAddr, qtype: RecordType) {
-        let Some(s) = self.snap.by_addr(ip).filter(|s| s.magic_v4 == ip.to_canonical() || s.magic_v6.map(IpAddr::V6) == Some(ip)) else {
+        let Some(s) = self
+            .snap
+            .by_addr(ip)
+            .filter(|s| s.magic_v4 == ip.to_canonical() || s.magic_v6.map(IpAddr::V6) == Some(ip))
+        else {
             return self.nxdomain();
         };
-        let Some(domain) = self.zones.domains.first() else { return self.nxdomain() };
-        let target = Name::from_labels([s.name().as_str().as_bytes()]).ok().and_then(|n| n.append_domain(domain).ok());
+        let Some(domain) = self.zones.domains.first() else {
+            return self.nxdomain();
+        };
+        let target = Name::from_labels([s.name().as_str().as_bytes()])
+            .ok()
+            .and_then(|n| n.append_domain(domain).ok());
         match (qtype, target) {
             (RecordType::PTR | RecordType::ANY, Some(target)) => {
-                self.answer.answers.push(Record::from_rdata(self.owner.clone(), self.zones.ttl, RData::PTR(PTR(target))));
+                self.answer.answers.push(Record::from_rdata(
+                    self.owner.clone(),
+                    self.zones.ttl,
+                    RData::PTR(PTR(target)),
+                ));
             }
             _ => self.nodata(),
         }
     }
 
     fn soa(&self, ttl: u32) -> Record {
-        let rname = Name::from_ascii("hostmaster").ok().and_then(|h| h.append_domain(self.apex).ok()).unwrap_or_default();
+        let rname = Name::from_ascii("hostmaster")
+            .ok()
+            .and_then(|h| h.append_domain(self.apex).ok())
+            .unwrap_or_default();
         let serial = u32::try_from(self.snap.generation % (1 << 32)).unwrap_or(0);
-        let soa = SOA::new(Name::from_ascii("localhost.").unwrap_or_default(), rname, serial, 3600, 600, 86_400, self.zones.negative_ttl);
+        let soa = SOA::new(
+            Name::from_ascii("localhost.").unwrap_or_default(),
+            rname,
+            serial,
+            3600,
+            600,
+            86_400,
+            self.zones.negative_ttl,
+        );
         Record::from_rdata(self.apex.clone(), ttl, RData::SOA(soa))
     }
 
@@ -236,7 +344,10 @@ fn target_name(b: &Backend, service: &Name) -> Option<Name> {
         IpAddr::V4(v4) => v4.octets().map(|o| o.to_string()).join("-"),
         IpAddr::V6(v6) => v6.segments().map(|s| format!("{s:x}")).join("-"),
     };
-    Name::from_labels([label.as_bytes()]).ok()?.append_domain(service).ok()
+    Name::from_labels([label.as_bytes()])
+        .ok()?
+        .append_domain(service)
+        .ok()
 }
 
 fn parse_dashed(label: &[u8]) -> Option<IpAddr> {
@@ -263,8 +374,12 @@ fn parse_dashed(label: &[u8]) -> Option<IpAddr> {
 
 fn address_record(owner: Name, ttl: u32, ip: IpAddr, qtype: RecordType) -> Option<Record> {
     match (ip, qtype) {
-        (IpAddr::V4(v4), RecordType::A | RecordType::ANY) => Some(Record::from_rdata(owner, ttl, RData::A(A(v4)))),
-        (IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => Some(Record::from_rdata(owner, ttl, RData::AAAA(AAAA(v6)))),
+        (IpAddr::V4(v4), RecordType::A | RecordType::ANY) => {
+            Some(Record::from_rdata(owner, ttl, RData::A(A(v4))))
+        }
+        (IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => {
+            Some(Record::from_rdata(owner, ttl, RData::AAAA(AAAA(v6))))
+        }
         _ => None,
     }
 }
@@ -276,7 +391,10 @@ fn reverse(zones: &Zones, lower: &Name) -> Option<(Name, IpAddr)> {
         if let [d, c, b, a, _, _] = labels.as_slice() {
             let octet = |l: &[u8]| std::str::from_utf8(l).ok()?.parse::<u8>().ok();
             let ip = Ipv4Addr::new(octet(a)?, octet(b)?, octet(c)?, octet(d)?);
-            return zones.magic_v4.contains(&ip).then(|| (zones.reverse_v4.clone(), IpAddr::V4(ip)));
+            return zones
+                .magic_v4
+                .contains(&ip)
+                .then(|| (zones.reverse_v4.clone(), IpAddr::V4(ip)));
         }
         return None;
     }
@@ -286,7 +404,10 @@ fn reverse(zones: &Zones, lower: &Name) -> Option<(Name, IpAddr)> {
     }
     let mut bits: u128 = 0;
     for l in lower.iter().take(32).collect::<Vec<_>>().iter().rev() {
-        let nibble = std::str::from_utf8(l).ok().and_then(|s| u8::from_str_radix(s, 16).ok()).filter(|n| *n < 16 && l.len() == 1)?;
+        let nibble = std::str::from_utf8(l)
+            .ok()
+            .and_then(|s| u8::from_str_radix(s, 16).ok())
+            .filter(|n| *n < 16 && l.len() == 1)?;
         bits = (bits << 4) | u128::from(nibble);
     }
     let ip = Ipv6Addr::from(bits);
@@ -297,7 +418,12 @@ fn reverse(zones: &Zones, lower: &Name) -> Option<(Name, IpAddr)> {
 fn reverse_zone_v4(net: Ipv4Net) -> Name {
     let octets = net.network().octets();
     let whole = usize::from(net.prefix_len() / 8);
-    let mut labels: Vec<String> = octets.iter().take(whole).rev().map(ToString::to_string).collect();
+    let mut labels: Vec<String> = octets
+        .iter()
+        .take(whole)
+        .rev()
+        .map(ToString::to_string)
+        .collect();
     labels.extend(["in-addr".to_string(), "arpa".to_string()]);
     Name::from_labels(labels.iter().map(String::as_bytes)).unwrap_or_default()
 }
@@ -305,7 +431,10 @@ fn reverse_zone_v4(net: Ipv4Net) -> Name {
 fn reverse_zone_v6(net: Ipv6Net) -> Name {
     let bits = u128::from(net.network());
     let nibbles = usize::from(net.prefix_len() / 4);
-    let mut labels: Vec<String> = (0..nibbles).rev().map(|i| format!("{:x}", (bits >> (124 - 4 * i)) & 0xf)).collect();
+    let mut labels: Vec<String> = (0..nibbles)
+        .rev()
+        .map(|i| format!("{:x}", (bits >> (124 - 4 * i)) & 0xf))
+        .collect();
     labels.extend(["ip6".to_string(), "arpa".to_string()]);
     Name::from_labels(labels.iter().map(String::as_bytes)).unwrap_or_default()
 }

@@ -250,9 +250,12 @@ impl Forwarder {
             return false;
         }
         let key = (normal_name(&query.name), query.query_type);
-        let Some(sent) = self.in_flight.get(&key) else { return false };
+        let Some(sent) = self.in_flight.get(&key) else {
+            return false;
+        };
         let cased = query.name.to_ascii();
-        sent.iter().any(|s| s.id == id || (s.cased == cased && has_letters(&cased)))
+        sent.iter()
+            .any(|s| s.id == id || (s.cased == cased && has_letters(&cased)))
     }
 
     /// One upstream: UDP, then TCP on truncation. Each leg gets `attempt_timeout`,
@@ -410,18 +413,26 @@ fn random_case(name: &str, bits: u64) -> String {
             }
             let upper = *bits & 1 == 1;
             *bits = bits.rotate_right(1);
-            Some(if upper { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() })
+            Some(if upper {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            })
         })
         .collect();
     if !out.chars().any(|c| c.is_ascii_uppercase())
-        && let Some(i) = out.find(|c: char| c.is_ascii_alphabetic()) {
-            out.replace_range(i..=i, &out[i..=i].to_ascii_uppercase());
-        }
+        && let Some(i) = out.find(|c: char| c.is_ascii_alphabetic())
+    {
+        out.replace_range(i..=i, &out[i..=i].to_ascii_uppercase());
+    }
     out
 }
 
 fn cache_metric(result: &'static str) {
-    METRICS.forward_cache.get_or_create(&CacheLabels { result }).inc();
+    METRICS
+        .forward_cache
+        .get_or_create(&CacheLabels { result })
+        .inc();
 }
 
 fn has_letters(name: &str) -> bool {
@@ -430,7 +441,12 @@ fn has_letters(name: &str) -> bool {
 
 /// Answers come back in the random case we sent; the client gets its own spelling back.
 fn restore_case(answer: &mut Answer, name: &Name) {
-    for r in answer.answers.iter_mut().chain(answer.authorities.iter_mut()).chain(answer.additionals.iter_mut()) {
+    for r in answer
+        .answers
+        .iter_mut()
+        .chain(answer.authorities.iter_mut())
+        .chain(answer.additionals.iter_mut())
+    {
         // Name equality ignores case.
         if r.name == *name {
             r.name = name.clone();

@@ -3,6 +3,6 @@
 
 pub mod answer;
 pub mod cache;
+pub mod forward;
 pub mod server;
 pub mod udp;
-pub mod forward;

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 
-use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, Query, ResponseCode};
+use hickory_proto::op::{
+    Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, Query, ResponseCode,
+};
 use hickory_proto::rr::Record;
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 use hickory_server::net::runtime::Time;
@@ -64,8 +66,19 @@ struct Sections {
 
 impl Sections {
     fn error(response_code: ResponseCode) -> Self {
-        let answered = if response_code == ResponseCode::Refused { "refused" } else { "error" };
-        Self { answered, response_code, authoritative: false, answers: Vec::new(), authorities: Vec::new(), additionals: Vec::new() }
+        let answered = if response_code == ResponseCode::Refused {
+            "refused"
+        } else {
+            "error"
+        };
+        Self {
+            answered,
+            response_code,
+            authoritative: false,
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+        }
     }
 }
 
@@ -77,7 +90,11 @@ enum Plan<'r> {
 
 impl DnsHandler {
     pub fn new(state: DnsState, snapshot: SharedSnapshot) -> Self {
-        Self { state: ArcSwap::from_pointee(state), snapshot, reloads: AtomicU64::new(0) }
+        Self {
+            state: ArcSwap::from_pointee(state),
+            snapshot,
+            reloads: AtomicU64::new(0),
+        }
     }
 
     /// Swaps in reloaded zones, forwarder and access list; queries in flight finish with the old ones.
@@ -121,17 +138,19 @@ impl DnsHandler {
         };
         let query = q.original();
         let snapshot = self.snapshot.load();
-        Some(match answer::answer(&self.state.load().zones, &snapshot, query) {
-            Outcome::Local(a) => Plan::Done(Sections {
-                answered: "local",
-                response_code: a.response_code,
-                authoritative: true,
-                answers: a.answers,
-                authorities: a.authorities,
-                additionals: a.additionals,
-            }),
-            Outcome::Forward => Plan::Forward(query),
-        })
+        Some(
+            match answer::answer(&self.state.load().zones, &snapshot, query) {
+                Outcome::Local(a) => Plan::Done(Sections {
+                    answered: "local",
+                    response_code: a.response_code,
+                    authoritative: true,
+                    answers: a.answers,
+                    authorities: a.authorities,
+                    additionals: a.additionals,
+                }),
+                Outcome::Forward => Plan::Forward(query),
+            },
+        )
     }
 
     /// The response for a request that needs no forwarding, without awaiting anything;
@@ -149,7 +168,10 @@ impl DnsHandler {
     pub async fn respond(&self, request: &Request) -> Option<Response> {
         let sections = match self.plan(request)? {
             Plan::Done(s) => s,
-            Plan::Forward(query) => self.forward(request.src().ip(), request.metadata.id, query).await,
+            Plan::Forward(query) => {
+                self.forward(request.src().ip(), request.metadata.id, query)
+                    .await
+            }
         };
         Some(finish(request, sections))
     }
@@ -161,10 +183,20 @@ impl DnsHandler {
             return Sections::error(ResponseCode::Refused);
         }
         match forwarder.resolve(query).await {
-            Ok(f) => Sections { answered: "forwarded", response_code: f.response_code, authoritative: false, answers: f.answers, authorities: f.authorities, additionals: f.additionals },
+            Ok(f) => Sections {
+                answered: "forwarded",
+                response_code: f.response_code,
+                authoritative: false,
+                answers: f.answers,
+                authorities: f.authorities,
+                additionals: f.additionals,
+            },
             Err(error) => {
                 debug!(name = %query.name(), %error, "forwarding failed");
-                Sections { answered: "forwarded", ..Sections::error(ResponseCode::ServFail) }
+                Sections {
+                    answered: "forwarded",
+                    ..Sections::error(ResponseCode::ServFail)
+                }
             }
         }
     }
@@ -180,14 +212,29 @@ fn finish(request: &Request, s: Sections) -> Response {
         e.set_max_payload(client.max_payload().clamp(512, MAX_UDP_PAYLOAD));
         e
     });
-    Response { answered: s.answered, metadata, edns, answers: s.answers, authorities: s.authorities, additionals: s.additionals }
+    Response {
+        answered: s.answered,
+        metadata,
+        edns,
+        answers: s.answers,
+        authorities: s.authorities,
+        additionals: s.additionals,
+    }
 }
 
 /// Counts one answered query and its time.
 pub fn record(request: &Request, response: &Response, started: std::time::Instant) {
-    let qtype = request.queries.queries().first().map_or(hickory_proto::rr::RecordType::NULL, |q| q.query_type());
-    METRICS.dns_counter(qtype, response.metadata.response_code, response.answered).inc();
-    METRICS.dns_duration.observe(started.elapsed().as_secs_f64());
+    let qtype = request
+        .queries
+        .queries()
+        .first()
+        .map_or(hickory_proto::rr::RecordType::NULL, |q| q.query_type());
+    METRICS
+        .dns_counter(qtype, response.metadata.response_code, response.answered)
+        .inc();
+    METRICS
+        .dns_duration
+        .observe(started.elapsed().as_secs_f64());
 }
 
 /// Encodes `response` to `request` for UDP: at most the client's EDNS payload (512 without
@@ -197,7 +244,10 @@ pub fn encode_udp(request: &Request, response: &Response) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(512);
     let mut encoder = BinEncoder::new(&mut bytes);
     encoder.set_max_size(max);
-    if builder(request, response).destructive_emit(&mut encoder).is_ok() {
+    if builder(request, response)
+        .destructive_emit(&mut encoder)
+        .is_ok()
+    {
         return bytes;
     }
     // Could not encode at all: a bare SERVFAIL beats silence.
@@ -205,7 +255,11 @@ pub fn encode_udp(request: &Request, response: &Response) -> Vec<u8> {
     let mut metadata = Metadata::response_from_request(&request.metadata);
     metadata.response_code = ResponseCode::ServFail;
     let mut encoder = BinEncoder::new(&mut bytes);
-    let _ = Header { metadata, counts: HeaderCounts::default() }.emit(&mut encoder);
+    let _ = Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    }
+    .emit(&mut encoder);
     bytes
 }
 
@@ -227,14 +281,26 @@ where
     if let Some(e) = &response.edns {
         b.edns(e);
     }
-    b.build(response.metadata, response.answers.iter(), response.authorities.iter(), std::iter::empty(), response.additionals.iter())
+    b.build(
+        response.metadata,
+        response.answers.iter(),
+        response.authorities.iter(),
+        std::iter::empty(),
+        response.additionals.iter(),
+    )
 }
 
 #[async_trait::async_trait]
 impl RequestHandler for DnsHandler {
-    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut handle: R) -> ResponseInfo {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut handle: R,
+    ) -> ResponseInfo {
         let started = std::time::Instant::now();
-        let Some(response) = self.respond(request).await else { return dropped(&request.metadata) };
+        let Some(response) = self.respond(request).await else {
+            return dropped(&request.metadata);
+        };
         record(request, &response, started);
         match handle.send_response(builder(request, &response)).await {
             Ok(info) => info,
@@ -249,5 +315,8 @@ impl RequestHandler for DnsHandler {
 fn dropped(meta: &Metadata) -> ResponseInfo {
     let mut metadata = Metadata::response_from_request(meta);
     metadata.response_code = ResponseCode::ServFail;
-    ResponseInfo::from(Header { metadata, counts: HeaderCounts::default() })
+    ResponseInfo::from(Header {
+        metadata,
+        counts: HeaderCounts::default(),
+    })
 }

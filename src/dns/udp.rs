@@ -38,14 +38,30 @@ const MAX_QUERY: usize = 4096;
 ///
 /// # Errors
 /// A socket cannot be configured or a thread cannot be started.
-pub fn spawn(sockets: Vec<UdpSocket>, handler: Arc<DnsHandler>, runtime: Handle, shutdown: CancellationToken) -> std::io::Result<Vec<JoinHandle<()>>> {
+pub fn spawn(
+    sockets: Vec<UdpSocket>,
+    handler: Arc<DnsHandler>,
+    runtime: Handle,
+    shutdown: CancellationToken,
+) -> std::io::Result<Vec<JoinHandle<()>>> {
     let mut threads = Vec::new();
     for socket in sockets {
         socket.set_nonblocking(false)?;
         socket.set_read_timeout(Some(SHUTDOWN_POLL))?;
-        let worker = Worker { socket: Arc::new(socket), handler: handler.clone(), runtime: runtime.clone(), cache: HashMap::new(), epoch: u64::MAX, hits: 0 };
+        let worker = Worker {
+            socket: Arc::new(socket),
+            handler: handler.clone(),
+            runtime: runtime.clone(),
+            cache: HashMap::new(),
+            epoch: u64::MAX,
+            hits: 0,
+        };
         let stop = shutdown.clone();
-        threads.push(std::thread::Builder::new().name("dns-udp".into()).spawn(move || worker.run(&stop))?);
+        threads.push(
+            std::thread::Builder::new()
+                .name("dns-udp".into())
+                .spawn(move || worker.run(&stop))?,
+        );
     }
     Ok(threads)
 }
@@ -68,14 +84,23 @@ impl Worker {
         while !shutdown.is_cancelled() {
             let (len, src) = match self.socket.recv_from(&mut buf) {
                 Ok(r) => r,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue;
+                }
                 Err(e) => {
                     // ICMP errors from earlier sends surface here; nothing to do but go on.
                     debug!(error = %e, "udp receive");
                     continue;
                 }
             };
-            let Some(packet) = buf.get(..len) else { continue };
+            let Some(packet) = buf.get(..len) else {
+                continue;
+            };
             if cache_key(packet, &mut key) && self.handler.allowed(src.ip()) {
                 let epoch = self.handler.epoch();
                 if epoch != self.epoch {
@@ -84,7 +109,10 @@ impl Worker {
                 }
                 if let Some((cached, counter)) = self.cache.get(key.as_slice()) {
                     self.hits = self.hits.wrapping_add(1);
-                    let sampled = self.hits.is_multiple_of(SAMPLE_EVERY).then(std::time::Instant::now);
+                    let sampled = self
+                        .hits
+                        .is_multiple_of(SAMPLE_EVERY)
+                        .then(std::time::Instant::now);
                     out.clear();
                     out.extend_from_slice(cached);
                     if let (Some(dst), Some(id)) = (out.get_mut(..2), packet.get(..2)) {
@@ -125,8 +153,16 @@ impl Worker {
                     if self.cache.len() >= MAX_CACHED {
                         self.cache.clear();
                     }
-                    let qtype = request.queries.queries().first().map_or(hickory_proto::rr::RecordType::NULL, |q| q.query_type());
-                    let counter = METRICS.dns_counter(qtype, response.metadata.response_code, response.answered);
+                    let qtype = request
+                        .queries
+                        .queries()
+                        .first()
+                        .map_or(hickory_proto::rr::RecordType::NULL, |q| q.query_type());
+                    let counter = METRICS.dns_counter(
+                        qtype,
+                        response.metadata.response_code,
+                        response.answered,
+                    );
                     self.cache.insert(key.clone(), (bytes, counter));
                 }
             }
@@ -149,9 +185,10 @@ impl Worker {
 
     fn send(&self, bytes: &[u8], dst: SocketAddr) {
         if let Err(e) = self.socket.send_to(bytes, dst)
-            && e.kind() != ErrorKind::WouldBlock {
-                warn!(error = %e, %dst, "udp send");
-            }
+            && e.kind() != ErrorKind::WouldBlock
+        {
+            warn!(error = %e, %dst, "udp send");
+        }
     }
 }
 
@@ -180,7 +217,9 @@ pub fn cache_key(p: &[u8], key: &mut Vec<u8>) -> bool {
         i += 1 + usize::from(len);
     }
     i += 1 + 4;
-    let Some(question) = p.get(12..i) else { return false };
+    let Some(question) = p.get(12..i) else {
+        return false;
+    };
     key.extend_from_slice(question);
     key.push(h[2] & 0x01);
     key.push(h[3] & 0x10);
@@ -189,7 +228,9 @@ pub fn cache_key(p: &[u8], key: &mut Vec<u8>) -> bool {
         return i == p.len();
     }
     // OPT: root name, type 41, class = payload, TTL = ext-rcode, version, flags; then options.
-    let Some(opt) = p.get(i..i + 11) else { return false };
+    let Some(opt) = p.get(i..i + 11) else {
+        return false;
+    };
     if opt[0] != 0 || opt[1..3] != [0, 41] || opt[6] != 0 {
         return false;
     }
@@ -269,7 +310,10 @@ mod tests {
         let mut v1 = query("web.disco.", Some(1232));
         let opt = v1.len() - 11;
         v1[opt + 6] = 1;
-        assert!(!cache_key(&v1, &mut k), "EDNS version 1 gets BADVERS from the full path");
+        assert!(
+            !cache_key(&v1, &mut k),
+            "EDNS version 1 gets BADVERS from the full path"
+        );
         assert!(!cache_key(&[0u8; 5], &mut k));
     }
 

@@ -209,7 +209,16 @@ fn p2c_picks_ask_for_done_and_done_releases_them() {
     let mut outstanding = Vec::new();
     let now = Instant::now();
     let req = pick(1, WEB.into(), 80);
-    let r = answer(&mut balancer, &mut rng, &snap, &req, &mut outstanding, now, 0).unwrap();
+    let r = answer(
+        &mut balancer,
+        &mut rng,
+        &snap,
+        &req,
+        &mut outstanding,
+        now,
+        0,
+    )
+    .unwrap();
     assert_eq!(r.flags & FLAG_REPORT_DONE, FLAG_REPORT_DONE);
     let name: ServiceName = "web".parse().unwrap();
     assert_eq!(balancer.outstanding(&name, r.backend_addr()), 1);
@@ -219,14 +228,30 @@ fn p2c_picks_ask_for_done_and_done_releases_them() {
     done.backend = r.backend;
     done.backend_port = r.backend_port;
     assert_eq!(
-        answer(&mut balancer, &mut rng, &snap, &done, &mut outstanding, now, 0),
+        answer(
+            &mut balancer,
+            &mut rng,
+            &snap,
+            &done,
+            &mut outstanding,
+            now,
+            0
+        ),
         None,
         "done has no reply"
     );
     assert_eq!(balancer.outstanding(&name, r.backend_addr()), 0);
     assert!(outstanding.is_empty());
     // A second done for the same pick does not go negative or touch other picks.
-    answer(&mut balancer, &mut rng, &snap, &done, &mut outstanding, now, 0);
+    answer(
+        &mut balancer,
+        &mut rng,
+        &snap,
+        &done,
+        &mut outstanding,
+        now,
+        0,
+    );
     assert_eq!(balancer.outstanding(&name, r.backend_addr()), 0);
 }
 
@@ -338,7 +363,11 @@ fn balancing_state_of_removed_services_is_dropped_on_the_next_generation() {
     let snapshot = shared(Snapshot::new(1, [web(LbPolicy::P2c)]));
     let shared_state = Shared {
         snapshot: snapshot.clone(),
-        balance: std::sync::Arc::new(Mutex::new((Balancer::default(), SmallRng::seed_from_u64(1), 0))),
+        balance: std::sync::Arc::new(Mutex::new((
+            Balancer::default(),
+            SmallRng::seed_from_u64(1),
+            0,
+        ))),
     };
     let mut outstanding = Vec::new();
     let bytes = pick(1, WEB.into(), 80).encode();

@@ -21,30 +21,67 @@ use crate::dns::forward::{ForwardConfig, Forwarded, Forwarder};
 use crate::service::{Backend, ServiceName, ServiceSpec};
 
 /// Runs every service's poll loop until `shutdown`.
-pub async fn run(cfg: DnsSrvSource, index: usize, tx: mpsc::Sender<SourceEvent>, shutdown: CancellationToken) {
+pub async fn run(
+    cfg: DnsSrvSource,
+    index: usize,
+    tx: mpsc::Sender<SourceEvent>,
+    shutdown: CancellationToken,
+) {
     // No cache: the TTL decides when to ask again, and every poll must see the upstream's truth.
-    let fwd = Arc::new(Forwarder::new(ForwardConfig { default_upstreams: cfg.resolvers.clone(), cache_size: 0, ..ForwardConfig::default() }));
+    let fwd = Arc::new(Forwarder::new(ForwardConfig {
+        default_upstreams: cfg.resolvers.clone(),
+        cache_size: 0,
+        ..ForwardConfig::default()
+    }));
     let mut tasks = JoinSet::new();
     for (service, srv) in &cfg.services {
-        tasks.spawn(poll(service.clone(), srv.clone(), cfg.clone(), fwd.clone(), index, tx.clone(), shutdown.clone()));
+        tasks.spawn(poll(
+            service.clone(),
+            srv.clone(),
+            cfg.clone(),
+            fwd.clone(),
+            index,
+            tx.clone(),
+            shutdown.clone(),
+        ));
     }
     while tasks.join_next().await.is_some() {}
 }
 
-async fn poll(service: ServiceName, srv: Name, cfg: DnsSrvSource, fwd: Arc<Forwarder>, index: usize, tx: mpsc::Sender<SourceEvent>, shutdown: CancellationToken) {
+async fn poll(
+    service: ServiceName,
+    srv: Name,
+    cfg: DnsSrvSource,
+    fwd: Arc<Forwarder>,
+    index: usize,
+    tx: mpsc::Sender<SourceEvent>,
+    shutdown: CancellationToken,
+) {
     let mut retry = cfg.min_ttl;
     loop {
         let wait = match lookup(&fwd, &service, &srv).await {
             Ok((spec, ttl)) => {
                 retry = cfg.min_ttl;
-                if tx.send(SourceEvent::Update { source: index, service: spec }).await.is_err() {
+                if tx
+                    .send(SourceEvent::Update {
+                        source: index,
+                        service: spec,
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 Duration::from_secs(u64::from(ttl)).clamp(cfg.min_ttl, cfg.max_ttl)
             }
             Err(error) => {
                 warn!(%service, srv = %srv, %error, "SRV lookup failed; the service keeps its last good backends");
-                let _ = tx.send(SourceEvent::Failed { source: index, error: format!("{service}: {error}") }).await;
+                let _ = tx
+                    .send(SourceEvent::Failed {
+                        source: index,
+                        error: format!("{service}: {error}"),
+                    })
+                    .await;
                 // Back off up to max_ttl so a dead upstream is not hammered.
                 let wait = retry;
                 retry = (retry * 2).min(cfg.max_ttl);
@@ -59,9 +96,18 @@ async fn poll(service: ServiceName, srv: Name, cfg: DnsSrvSource, fwd: Arc<Forwa
 }
 
 /// Looks up `srv` and its targets: the service's backends and the TTL to poll again after.
-async fn lookup(fwd: &Forwarder, service: &ServiceName, srv: &Name) -> Result<(ServiceSpec, u32), String> {
-    let answer = fwd.resolve(&Query::query(srv.clone(), RecordType::SRV)).await.map_err(|e| e.to_string())?;
-    if answer.response_code != ResponseCode::NoError && answer.response_code != ResponseCode::NXDomain {
+async fn lookup(
+    fwd: &Forwarder,
+    service: &ServiceName,
+    srv: &Name,
+) -> Result<(ServiceSpec, u32), String> {
+    let answer = fwd
+        .resolve(&Query::query(srv.clone(), RecordType::SRV))
+        .await
+        .map_err(|e| e.to_string())?;
+    if answer.response_code != ResponseCode::NoError
+        && answer.response_code != ResponseCode::NXDomain
+    {
         return Err(format!("upstream answered {}", answer.response_code));
     }
     let mut targets = srv_targets(&answer);
@@ -150,17 +196,34 @@ mod tests {
 
     #[test]
     fn srv_records_pair_with_their_glue_and_dot_targets_are_skipped() {
-        let srv = |prio, weight, port, target: &str| Record::from_rdata(name("_http._tcp.web.example."), 30, RData::SRV(SRV::new(prio, weight, port, name(target))));
+        let srv = |prio, weight, port, target: &str| {
+            Record::from_rdata(
+                name("_http._tcp.web.example."),
+                30,
+                RData::SRV(SRV::new(prio, weight, port, name(target))),
+            )
+        };
         let answer = Forwarded {
             response_code: ResponseCode::NoError,
-            answers: vec![srv(0, 5, 8080, "a.example."), srv(1, 0, 8081, "b.example."), srv(0, 0, 0, ".")],
+            answers: vec![
+                srv(0, 5, 8080, "a.example."),
+                srv(1, 0, 8081, "b.example."),
+                srv(0, 0, 0, "."),
+            ],
             authorities: vec![],
-            additionals: vec![Record::from_rdata(name("A.example."), 30, RData::A(A::new(10, 0, 0, 1)))],
+            additionals: vec![Record::from_rdata(
+                name("A.example."),
+                30,
+                RData::A(A::new(10, 0, 0, 1)),
+            )],
             from: Origin::Upstream,
         };
         let t = srv_targets(&answer);
         assert_eq!(t.len(), 2);
-        assert_eq!((t[0].port, t[0].weight, t[0].addrs.clone()), (8080, 5, vec!["10.0.0.1".parse::<IpAddr>().unwrap()]));
+        assert_eq!(
+            (t[0].port, t[0].weight, t[0].addrs.clone()),
+            (8080, 5, vec!["10.0.0.1".parse::<IpAddr>().unwrap()])
+        );
         assert!(t[1].addrs.is_empty(), "no glue: looked up separately");
         assert_eq!(t[1].priority, 1);
     }

@@ -40,7 +40,10 @@ pub struct Scan {
 
 impl FileSource {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), good: BTreeMap::new() }
+        Self {
+            path: path.into(),
+            good: BTreeMap::new(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -54,8 +57,15 @@ impl FileSource {
             Ok(files) => files,
             Err(e) => {
                 // An unreadable directory is a source failure: keep everything as it was.
-                problems.push(Diagnostic::file(&self.path, format!("cannot list zone files: {e}")));
-                return Scan { services: self.merged(&mut problems), problems, readable: false };
+                problems.push(Diagnostic::file(
+                    &self.path,
+                    format!("cannot list zone files: {e}"),
+                ));
+                return Scan {
+                    services: self.merged(&mut problems),
+                    problems,
+                    readable: false,
+                };
             }
         };
         self.good.retain(|p, _| files.contains(p));
@@ -63,7 +73,10 @@ impl FileSource {
             let text = match std::fs::read_to_string(file) {
                 Ok(t) => t,
                 Err(e) => {
-                    problems.push(Diagnostic::file(file, format!("cannot read zone file: {e}")));
+                    problems.push(Diagnostic::file(
+                        file,
+                        format!("cannot read zone file: {e}"),
+                    ));
                     continue;
                 }
             };
@@ -76,14 +89,21 @@ impl FileSource {
                 }
                 Err(mut errs) => {
                     if self.good.contains_key(file)
-                        && let Some(first) = errs.first_mut() {
-                            first.message.push_str(" (the file's previous content keeps serving)");
-                        }
+                        && let Some(first) = errs.first_mut()
+                    {
+                        first
+                            .message
+                            .push_str(" (the file's previous content keeps serving)");
+                    }
                     problems.append(&mut errs);
                 }
             }
         }
-        Scan { services: self.merged(&mut problems), problems, readable: true }
+        Scan {
+            services: self.merged(&mut problems),
+            problems,
+            readable: true,
+        }
     }
 
     /// Union of every file's services; a service defined in two files keeps the first file's definition.
@@ -93,7 +113,14 @@ impl FileSource {
         for (file, (_, services)) in &self.good {
             for s in services {
                 if let Some(first) = seen.get(s.name.as_str()) {
-                    problems.push(Diagnostic::file(file, format!("service {} is already defined in {}; this definition is ignored", s.name, first.display())));
+                    problems.push(Diagnostic::file(
+                        file,
+                        format!(
+                            "service {} is already defined in {}; this definition is ignored",
+                            s.name,
+                            first.display()
+                        ),
+                    ));
                     continue;
                 }
                 seen.insert(s.name.as_str(), file);
@@ -104,9 +131,20 @@ impl FileSource {
     }
 
     /// Scans, reports to the registry, and rescans on every change until `shutdown`.
-    pub async fn run(mut self, index: usize, tx: mpsc::Sender<SourceEvent>, shutdown: CancellationToken) {
+    pub async fn run(
+        mut self,
+        index: usize,
+        tx: mpsc::Sender<SourceEvent>,
+        shutdown: CancellationToken,
+    ) {
         let (wake_tx, mut wake) = mpsc::channel::<()>(1);
-        let watch_dir = if self.path.is_dir() { self.path.clone() } else { self.path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf) };
+        let watch_dir = if self.path.is_dir() {
+            self.path.clone()
+        } else {
+            self.path
+                .parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        };
         let _watcher = notify::recommended_watcher(move |_event| {
             let _ = wake_tx.try_send(());
         })
@@ -126,14 +164,32 @@ impl FileSource {
             }
             if !scan.readable {
                 // Reported once per change of problem, not on every rescan.
-                let error = scan.problems.first().map_or_else(String::new, ToString::to_string);
-                if news && tx.send(SourceEvent::Failed { source: index, error }).await.is_err() {
+                let error = scan
+                    .problems
+                    .first()
+                    .map_or_else(String::new, ToString::to_string);
+                if news
+                    && tx
+                        .send(SourceEvent::Failed {
+                            source: index,
+                            error,
+                        })
+                        .await
+                        .is_err()
+                {
                     return;
                 }
             } else if last.as_ref() != Some(&scan.services) {
                 info!(path = %self.path.display(), services = scan.services.len(), "zone files loaded");
                 last = Some(scan.services.clone());
-                if tx.send(SourceEvent::Reset { source: index, services: scan.services }).await.is_err() {
+                if tx
+                    .send(SourceEvent::Reset {
+                        source: index,
+                        services: scan.services,
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -160,7 +216,11 @@ fn zone_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| {
-            p.extension().is_some_and(|e| e == "toml") && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| !n.starts_with('.')) && p.is_file()
+            p.extension().is_some_and(|e| e == "toml")
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| !n.starts_with('.'))
+                && p.is_file()
         })
         .collect();
     files.sort();
@@ -181,7 +241,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let web = dir.path().join("web.toml");
         fs::write(&web, "[services.web]\nbackends = [\"127.0.0.2:80\"]\n").unwrap();
-        fs::write(dir.path().join("api.toml"), "[services.api]\nbackends = [\"127.0.0.3:80\"]\n").unwrap();
+        fs::write(
+            dir.path().join("api.toml"),
+            "[services.api]\nbackends = [\"127.0.0.3:80\"]\n",
+        )
+        .unwrap();
         fs::write(dir.path().join("notes.txt"), "not a zone").unwrap();
         let mut src = FileSource::new(dir.path());
         let scan = src.scan();
@@ -194,38 +258,75 @@ mod tests {
         assert_eq!(scan.services[1].backends[0].addr.port(), 80);
         assert_eq!(scan.problems.len(), 1);
         let msg = scan.problems[0].to_string();
-        assert!(msg.contains("web.toml:2:") && msg.contains("previous content keeps serving"), "{msg}");
+        assert!(
+            msg.contains("web.toml:2:") && msg.contains("previous content keeps serving"),
+            "{msg}"
+        );
 
         fs::remove_file(&web).unwrap();
-        assert_eq!(names(&src.scan()), ["api"], "removing a file removes its services");
+        assert_eq!(
+            names(&src.scan()),
+            ["api"],
+            "removing a file removes its services"
+        );
 
         let gone = FileSource::new(dir.path().join("not-mounted")).scan();
-        assert!(!gone.readable, "a missing path is a failure, not an empty set");
+        assert!(
+            !gone.readable,
+            "a missing path is a failure, not an empty set"
+        );
     }
 
     #[test]
     fn a_service_defined_twice_keeps_the_first_file() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("a.toml"), "[services.web]\nbackends = [\"127.0.0.2:80\"]\n").unwrap();
-        fs::write(dir.path().join("b.toml"), "[services.web]\nbackends = [\"127.0.0.9:80\"]\n").unwrap();
+        fs::write(
+            dir.path().join("a.toml"),
+            "[services.web]\nbackends = [\"127.0.0.2:80\"]\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("b.toml"),
+            "[services.web]\nbackends = [\"127.0.0.9:80\"]\n",
+        )
+        .unwrap();
         let scan = FileSource::new(dir.path()).scan();
         assert_eq!(scan.services.len(), 1);
-        assert_eq!(scan.services[0].backends[0].addr.to_string(), "127.0.0.2:80");
+        assert_eq!(
+            scan.services[0].backends[0].addr.to_string(),
+            "127.0.0.2:80"
+        );
         assert!(scan.problems[0].to_string().contains("already defined in"));
     }
 
     #[tokio::test]
     async fn edits_are_picked_up_live() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("web.toml"), "[services.web]\nbackends = [\"127.0.0.2:80\"]\n").unwrap();
+        fs::write(
+            dir.path().join("web.toml"),
+            "[services.web]\nbackends = [\"127.0.0.2:80\"]\n",
+        )
+        .unwrap();
         let (tx, mut rx) = mpsc::channel(4);
         let stop = CancellationToken::new();
         let task = tokio::spawn(FileSource::new(dir.path()).run(3, tx, stop.clone()));
         let first = rx.recv().await.unwrap();
-        assert!(matches!(&first, SourceEvent::Reset { source: 3, services } if services.len() == 1));
-        fs::write(dir.path().join("api.toml"), "[services.api]\nbackends = [\"127.0.0.3:80\"]\n").unwrap();
-        let next = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await.expect("a change within 2 s").unwrap();
-        assert!(matches!(&next, SourceEvent::Reset { services, .. } if services.len() == 2), "{next:?}");
+        assert!(
+            matches!(&first, SourceEvent::Reset { source: 3, services } if services.len() == 1)
+        );
+        fs::write(
+            dir.path().join("api.toml"),
+            "[services.api]\nbackends = [\"127.0.0.3:80\"]\n",
+        )
+        .unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+            .await
+            .expect("a change within 2 s")
+            .unwrap();
+        assert!(
+            matches!(&next, SourceEvent::Reset { services, .. } if services.len() == 2),
+            "{next:?}"
+        );
         stop.cancel();
         task.await.unwrap();
     }

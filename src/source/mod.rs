@@ -13,7 +13,10 @@ use crate::service::ServiceSpec;
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceEvent {
     /// The complete current set of services from this source.
-    Reset { source: usize, services: Vec<ServiceSpec> },
+    Reset {
+        source: usize,
+        services: Vec<ServiceSpec>,
+    },
     /// One service of this source, the rest unchanged (sources that learn services one by one).
     Update { source: usize, service: ServiceSpec },
     /// The source could not be read; its last good set stays in force.

@@ -55,7 +55,8 @@ struct RawOutlier {
 /// # Errors
 /// Every problem found, each naming path, line, column and field.
 pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnostic>> {
-    let raw: RawZone = toml::from_str(source).map_err(|e| vec![Diagnostic::from_toml(path, source, &e)])?;
+    let raw: RawZone =
+        toml::from_str(source).map_err(|e| vec![Diagnostic::from_toml(path, source, &e)])?;
     let mut problems = Vec::new();
     let mut problem = |span: std::ops::Range<usize>, field: String, message: String| {
         problems.push(Diagnostic::at(path, source, Some(span), field, message));
@@ -65,15 +66,28 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
     for (name, svc) in &raw.services {
         let field = format!("services.{}", name.get_ref());
         let Ok(svc_name) = name.get_ref().parse::<ServiceName>().map_err(|e| {
-            problem(name.span(), field.clone(), format!("invalid service name {:?}: {e}", name.get_ref()));
+            problem(
+                name.span(),
+                field.clone(),
+                format!("invalid service name {:?}: {e}", name.get_ref()),
+            );
         }) else {
             continue;
         };
-        if let Some((prev, _)) = raw.services.iter().find(|(k, _)| k.get_ref() != name.get_ref() && k.get_ref().eq_ignore_ascii_case(name.get_ref()))
-            && prev.span().start < name.span().start {
-                problem(name.span(), field.clone(), format!("service names are case-insensitive and {:?} is already defined", prev.get_ref()));
-                continue;
-            }
+        if let Some((prev, _)) = raw.services.iter().find(|(k, _)| {
+            k.get_ref() != name.get_ref() && k.get_ref().eq_ignore_ascii_case(name.get_ref())
+        }) && prev.span().start < name.span().start
+        {
+            problem(
+                name.span(),
+                field.clone(),
+                format!(
+                    "service names are case-insensitive and {:?} is already defined",
+                    prev.get_ref()
+                ),
+            );
+            continue;
+        }
         let svc = svc.get_ref();
         let mut spec = ServiceSpec::new(svc_name);
         if let Some(lb) = &svc.lb {
@@ -90,8 +104,16 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
                 (Some(n), Ok(pn)) => {
                     spec.client_ports.insert(n, pn);
                 }
-                (None, _) => problem(port.span(), at, format!("{:?} is not a port number (1-65535)", port.get_ref())),
-                (_, Err(e)) => problem(port_name.span(), at, format!("invalid port name {:?}: {e}", port_name.get_ref())),
+                (None, _) => problem(
+                    port.span(),
+                    at,
+                    format!("{:?} is not a port number (1-65535)", port.get_ref()),
+                ),
+                (_, Err(e)) => problem(
+                    port_name.span(),
+                    at,
+                    format!("invalid port name {:?}: {e}", port_name.get_ref()),
+                ),
             }
         }
         if let Some(h) = &svc.health {
@@ -99,7 +121,8 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
                 Ok(check) => spec.health = Some(check),
                 Err(errs) => {
                     for mut e in errs {
-                        e.field = format!("{field}.health.{}", e.field.trim_start_matches("check."));
+                        e.field =
+                            format!("{field}.health.{}", e.field.trim_start_matches("check."));
                         problems_from_config.push(e);
                     }
                 }
@@ -119,19 +142,35 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
             match backend(b.get_ref()) {
                 Ok(backend) => {
                     if spec.backends.iter().any(|o| o.addr == backend.addr) {
-                        problem(b.span(), at, format!("backend {} is listed twice", backend.addr));
+                        problem(
+                            b.span(),
+                            at,
+                            format!("backend {} is listed twice", backend.addr),
+                        );
                     } else {
                         spec.backends.push(backend);
                     }
                 }
-                Err((key, e)) => problem(b.span(), if key.is_empty() { at } else { format!("{at}.{key}") }, e),
+                Err((key, e)) => problem(
+                    b.span(),
+                    if key.is_empty() {
+                        at
+                    } else {
+                        format!("{at}.{key}")
+                    },
+                    e,
+                ),
             }
         }
         services.push(spec);
     }
     problems.append(&mut problems_from_config);
     problems.sort_by_key(|d| (d.line, d.column));
-    if problems.is_empty() { Ok(services) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(services)
+    } else {
+        Err(problems)
+    }
 }
 
 /// `outlier = { consecutive_failures, base_ejection, max_ejection, max_ejected }`; missing keys
@@ -149,17 +188,28 @@ fn outlier(
             Some(n) => o.consecutive_failures = n,
             None => {
                 ok = false;
-                problem(n.span(), format!("{field}.outlier.consecutive_failures"), "must be a whole number from 0 (off) to 1000".into());
+                problem(
+                    n.span(),
+                    format!("{field}.outlier.consecutive_failures"),
+                    "must be a whole number from 0 (off) to 1000".into(),
+                );
             }
         }
     }
-    for (key, raw, slot) in [("base_ejection", &raw.base_ejection, &mut o.base_ejection), ("max_ejection", &raw.max_ejection, &mut o.max_ejection)] {
+    for (key, raw, slot) in [
+        ("base_ejection", &raw.base_ejection, &mut o.base_ejection),
+        ("max_ejection", &raw.max_ejection, &mut o.max_ejection),
+    ] {
         if let Some(d) = raw {
             match crate::duration::parse(d.get_ref()) {
                 Ok(v) if !v.is_zero() => *slot = v,
                 Ok(_) => {
                     ok = false;
-                    problem(d.span(), format!("{field}.outlier.{key}"), "must be longer than 0s".into());
+                    problem(
+                        d.span(),
+                        format!("{field}.outlier.{key}"),
+                        "must be longer than 0s".into(),
+                    );
                 }
                 Err(e) => {
                     ok = false;
@@ -169,17 +219,30 @@ fn outlier(
         }
     }
     if let Some(m) = &raw.max_ejected {
-        match m.get_ref().as_float().or_else(|| m.get_ref().as_integer().map(|i| i as f64)).filter(|f| (0.0..=1.0).contains(f)) {
+        match m
+            .get_ref()
+            .as_float()
+            .or_else(|| m.get_ref().as_integer().map(|i| i as f64))
+            .filter(|f| (0.0..=1.0).contains(f))
+        {
             Some(f) => o.max_ejected_percent = (f * 100.0).round() as u8,
             None => {
                 ok = false;
-                problem(m.span(), format!("{field}.outlier.max_ejected"), "must be a share from 0.0 to 1.0, e.g. 0.5".into());
+                problem(
+                    m.span(),
+                    format!("{field}.outlier.max_ejected"),
+                    "must be a share from 0.0 to 1.0, e.g. 0.5".into(),
+                );
             }
         }
     }
     if o.max_ejection < o.base_ejection && ok {
         ok = false;
-        problem(raw.max_ejection.as_ref().map_or(0..0, Spanned::span), format!("{field}.outlier.max_ejection"), "must not be shorter than base_ejection".into());
+        problem(
+            raw.max_ejection.as_ref().map_or(0..0, Spanned::span),
+            format!("{field}.outlier.max_ejection"),
+            "must not be shorter than base_ejection".into(),
+        );
     }
     // An explicit table equal to the defaults is stored as "defaults" so specs compare equal.
     (ok && o != before).then_some(o)
@@ -189,17 +252,33 @@ fn outlier(
 fn slow_start(v: &Value) -> Result<SlowStart, String> {
     let window = |s: &str| -> Result<std::time::Duration, String> {
         let d = crate::duration::parse(s)?;
-        if d.is_zero() { Err("the window must be longer than 0s".into()) } else { Ok(d) }
+        if d.is_zero() {
+            Err("the window must be longer than 0s".into())
+        } else {
+            Ok(d)
+        }
     };
     match v {
-        Value::String(s) => Ok(SlowStart { window: window(s)?, ..SlowStart::default() }),
+        Value::String(s) => Ok(SlowStart {
+            window: window(s)?,
+            ..SlowStart::default()
+        }),
         Value::Table(t) => {
             let mut out = SlowStart::default();
             for (key, value) in t {
                 match key.as_str() {
-                    "window" => out.window = window(value.as_str().ok_or("window must be a duration such as \"30s\"")?)?,
+                    "window" => {
+                        out.window = window(
+                            value
+                                .as_str()
+                                .ok_or("window must be a duration such as \"30s\"")?,
+                        )?
+                    }
                     "floor" => {
-                        let f = value.as_float().filter(|f| (0.0..=1.0).contains(f)).ok_or("floor must be a share from 0.0 to 1.0, e.g. 0.1")?;
+                        let f = value
+                            .as_float()
+                            .filter(|f| (0.0..=1.0).contains(f))
+                            .ok_or("floor must be a share from 0.0 to 1.0, e.g. 0.1")?;
                         out.floor_percent = (f * 100.0).round() as u8;
                     }
                     _ => return Err(format!("unknown key {key:?}, expected window or floor")),
@@ -207,7 +286,9 @@ fn slow_start(v: &Value) -> Result<SlowStart, String> {
             }
             Ok(out)
         }
-        _ => Err("slow_start is a duration such as \"30s\" or { window = \"30s\", floor = 0.1 }".into()),
+        _ => Err(
+            "slow_start is a duration such as \"30s\" or { window = \"30s\", floor = 0.1 }".into(),
+        ),
     }
 }
 
@@ -216,45 +297,77 @@ fn backend(v: &Value) -> Result<Backend, (&'static str, String)> {
     let addr = |s: &str| {
         let a = parse_addr(s, 0).map_err(|e| ("addr", e))?;
         if a.port() == 0 {
-            return Err(("addr", format!("{s:?} needs a port, e.g. \"{}:8080\"", a.ip())));
+            return Err((
+                "addr",
+                format!("{s:?} needs a port, e.g. \"{}:8080\"", a.ip()),
+            ));
         }
         Ok(a)
     };
     match v {
         Value::String(s) => Ok(Backend::new(addr(s)?)),
         Value::Table(t) => {
-            let mut b = Backend::new(addr(t.get("addr").and_then(Value::as_str).ok_or(("addr", "a backend table needs addr = \"ip:port\"".to_string()))?)?);
+            let mut b = Backend::new(addr(t.get("addr").and_then(Value::as_str).ok_or((
+                "addr",
+                "a backend table needs addr = \"ip:port\"".to_string(),
+            ))?)?);
             for (key, value) in t {
                 match key.as_str() {
                     "addr" => {}
-                    "weight" => b.weight = int(value, 1, 10_000).ok_or(("weight", "must be a whole number from 1 to 10000".into()))?,
+                    "weight" => {
+                        b.weight = int(value, 1, 10_000)
+                            .ok_or(("weight", "must be a whole number from 1 to 10000".into()))?
+                    }
                     "zone" => {
-                        let z = value.as_str().ok_or(("zone", "must be a string such as \"a\"".to_string()))?;
-                        z.parse::<PortName>().map_err(|e| ("zone", format!("invalid zone {z:?}: {e}")))?;
+                        let z = value
+                            .as_str()
+                            .ok_or(("zone", "must be a string such as \"a\"".to_string()))?;
+                        z.parse::<PortName>()
+                            .map_err(|e| ("zone", format!("invalid zone {z:?}: {e}")))?;
                         b.zone = Some(z.to_ascii_lowercase());
                     }
-                    "priority" => b.priority = int(value, 0, 65_535).ok_or(("priority", "must be a whole number from 0 to 65535".into()))?,
+                    "priority" => {
+                        b.priority = int(value, 0, 65_535)
+                            .ok_or(("priority", "must be a whole number from 0 to 65535".into()))?
+                    }
                     "ports" => {
                         let Some(ports) = value.as_table() else {
                             return Err(("ports", "must be a table of name = port".into()));
                         };
                         for (name, port) in ports {
-                            let name = name.parse::<PortName>().map_err(|e| ("ports", format!("invalid port name {name:?}: {e}")))?;
-                            let port = int(port, 1, 65_535).ok_or(("ports", format!("{name} must be a port number (1-65535)")))?;
+                            let name = name.parse::<PortName>().map_err(|e| {
+                                ("ports", format!("invalid port name {name:?}: {e}"))
+                            })?;
+                            let port = int(port, 1, 65_535).ok_or((
+                                "ports",
+                                format!("{name} must be a port number (1-65535)"),
+                            ))?;
                             b.ports.insert(name, port);
                         }
                     }
-                    _ => return Err(("", format!("unknown key {key:?}, expected addr, weight, priority, ports or zone"))),
+                    _ => {
+                        return Err((
+                            "",
+                            format!(
+                                "unknown key {key:?}, expected addr, weight, priority, ports or zone"
+                            ),
+                        ));
+                    }
                 }
             }
             Ok(b)
         }
-        _ => Err(("", "a backend is \"ip:port\" or { addr = \"ip:port\", weight = N }".into())),
+        _ => Err((
+            "",
+            "a backend is \"ip:port\" or { addr = \"ip:port\", weight = N }".into(),
+        )),
     }
 }
 
 fn int(v: &Value, min: i64, max: i64) -> Option<u16> {
-    v.as_integer().filter(|n| (min..=max).contains(n)).and_then(|n| u16::try_from(n).ok())
+    v.as_integer()
+        .filter(|n| (min..=max).contains(n))
+        .and_then(|n| u16::try_from(n).ok())
 }
 
 #[cfg(test)]
@@ -266,7 +379,11 @@ mod tests {
     }
 
     fn errs(src: &str) -> Vec<String> {
-        parse(Path::new("zones/a.toml"), src).unwrap_err().iter().map(ToString::to_string).collect()
+        parse(Path::new("zones/a.toml"), src)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
     }
 
     #[test]
@@ -293,11 +410,28 @@ backends = ["[::1]:9000"]
 
     #[test]
     fn problems_name_line_column_and_field() {
-        let e = errs("[services.web]\nbackends = [\"127.0.0.2:8080\", \"127.0.0.3\", { addr = \"127.0.0.4:1\", wieght = 2 }]\n[services.bad_name]\nbackends = []\n");
+        let e = errs(
+            "[services.web]\nbackends = [\"127.0.0.2:8080\", \"127.0.0.3\", { addr = \"127.0.0.4:1\", wieght = 2 }]\n[services.bad_name]\nbackends = []\n",
+        );
         assert_eq!(e.len(), 3, "{e:#?}");
-        assert!(e.iter().any(|e| e.starts_with("zones/a.toml:2:31: services.web.backends[1].addr: \"127.0.0.3\" needs a port")), "{e:#?}");
-        assert!(e.iter().any(|e| e.starts_with("zones/a.toml:2:44: services.web.backends[2]: unknown key \"wieght\"")), "{e:#?}");
-        assert!(e.iter().any(|e| e.starts_with("zones/a.toml:3:11: services.bad_name: invalid service name")), "{e:#?}");
+        assert!(
+            e.iter().any(|e| e.starts_with(
+                "zones/a.toml:2:31: services.web.backends[1].addr: \"127.0.0.3\" needs a port"
+            )),
+            "{e:#?}"
+        );
+        assert!(
+            e.iter().any(|e| e.starts_with(
+                "zones/a.toml:2:44: services.web.backends[2]: unknown key \"wieght\""
+            )),
+            "{e:#?}"
+        );
+        assert!(
+            e.iter().any(
+                |e| e.starts_with("zones/a.toml:3:11: services.bad_name: invalid service name")
+            ),
+            "{e:#?}"
+        );
     }
 
     #[test]
@@ -305,37 +439,90 @@ backends = ["[::1]:9000"]
         let e = errs("[services.web]\nbackends = [\"127.0.0.2:80\"\n");
         assert!(e[0].starts_with("zones/a.toml:2:"), "{e:?}");
         let e = errs("[services.web]\nbackends = []\nbalance = \"x\"\n");
-        assert!(e[0].starts_with("zones/a.toml:3:1: unknown field `balance`"), "{e:?}");
+        assert!(
+            e[0].starts_with("zones/a.toml:3:1: unknown field `balance`"),
+            "{e:?}"
+        );
         let e = errs("[services.web]\nlb = \"fastest\"\nbackends = []\n");
-        assert!(e[0].starts_with("zones/a.toml:2:6: services.web.lb: unknown lb \"fastest\""), "{e:?}");
+        assert!(
+            e[0].starts_with("zones/a.toml:2:6: services.web.lb: unknown lb \"fastest\""),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn outlier_and_slow_start_parse_and_bad_values_are_located() {
-        let s = ok("[services.web]\nbackends = [\"127.0.0.2:80\"]\noutlier = { consecutive_failures = 2, base_ejection = \"1s\", max_ejected = 1 }\nslow_start = { window = \"10s\", floor = 0.25 }\n");
+        let s = ok(
+            "[services.web]\nbackends = [\"127.0.0.2:80\"]\noutlier = { consecutive_failures = 2, base_ejection = \"1s\", max_ejected = 1 }\nslow_start = { window = \"10s\", floor = 0.25 }\n",
+        );
         let o = *s[0].outlier.clone().unwrap();
-        assert_eq!((o.consecutive_failures, o.base_ejection, o.max_ejection, o.max_ejected_percent), (2, std::time::Duration::from_secs(1), std::time::Duration::from_secs(300), 100));
-        assert_eq!(s[0].slow_start.as_deref(), Some(&SlowStart { window: std::time::Duration::from_secs(10), floor_percent: 25 }));
-        let s = ok("[services.web]\nbackends = []\nslow_start = \"30s\"\noutlier = { consecutive_failures = 3 }\n");
+        assert_eq!(
+            (
+                o.consecutive_failures,
+                o.base_ejection,
+                o.max_ejection,
+                o.max_ejected_percent
+            ),
+            (
+                2,
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(300),
+                100
+            )
+        );
+        assert_eq!(
+            s[0].slow_start.as_deref(),
+            Some(&SlowStart {
+                window: std::time::Duration::from_secs(10),
+                floor_percent: 25
+            })
+        );
+        let s = ok(
+            "[services.web]\nbackends = []\nslow_start = \"30s\"\noutlier = { consecutive_failures = 3 }\n",
+        );
         assert_eq!(s[0].slow_start.as_deref(), Some(&SlowStart::default()));
         assert_eq!(s[0].outlier, None, "an explicit default is the default");
-        let e = errs("[services.web]\nbackends = []\noutlier = { consecutive_failures = -1, base_ejection = \"soon\", max_ejected = 2.0 }\nslow_start = 5\n");
+        let e = errs(
+            "[services.web]\nbackends = []\noutlier = { consecutive_failures = -1, base_ejection = \"soon\", max_ejected = 2.0 }\nslow_start = 5\n",
+        );
         assert_eq!(e.len(), 4, "{e:#?}");
-        assert!(e[0].starts_with("zones/a.toml:3:36: services.web.outlier.consecutive_failures: must be"), "{e:#?}");
-        assert!(e.iter().any(|e| e.contains("services.web.outlier.base_ejection:")), "{e:#?}");
-        assert!(e.iter().any(|e| e.contains("services.web.outlier.max_ejected: must be a share")), "{e:#?}");
-        assert!(e.iter().any(|e| e.starts_with("zones/a.toml:4:14: services.web.slow_start:")), "{e:#?}");
+        assert!(
+            e[0].starts_with(
+                "zones/a.toml:3:36: services.web.outlier.consecutive_failures: must be"
+            ),
+            "{e:#?}"
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.contains("services.web.outlier.base_ejection:")),
+            "{e:#?}"
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.contains("services.web.outlier.max_ejected: must be a share")),
+            "{e:#?}"
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("zones/a.toml:4:14: services.web.slow_start:")),
+            "{e:#?}"
+        );
         let s = ok("[services.web]\nbackends = [{ addr = \"127.0.0.2:80\", zone = \"EU-1\" }]\n");
         assert_eq!(s[0].backends[0].zone.as_deref(), Some("eu-1"));
         let e = errs("[services.web]\nbackends = [{ addr = \"127.0.0.2:80\", zone = \"a b\" }]\n");
-        assert!(e[0].starts_with("zones/a.toml:2:13: services.web.backends[0].zone: invalid zone"), "{e:?}");
+        assert!(
+            e[0].starts_with("zones/a.toml:2:13: services.web.backends[0].zone: invalid zone"),
+            "{e:?}"
+        );
         let e = errs("[services.web]\nbackends = []\noutlier = { consecutive = 3 }\n");
         assert!(e[0].starts_with("zones/a.toml:3:"), "{e:?}");
     }
 
     #[test]
     fn duplicates_are_rejected() {
-        let e = errs("[services.web]\nbackends = [\"127.0.0.2:80\", \"127.0.0.2:80\"]\n[services.WEB]\nbackends = []\n");
+        let e = errs(
+            "[services.web]\nbackends = [\"127.0.0.2:80\", \"127.0.0.2:80\"]\n[services.WEB]\nbackends = []\n",
+        );
         assert_eq!(e.len(), 2, "{e:#?}");
         assert!(e.iter().any(|e| e.contains("listed twice")));
         assert!(e.iter().any(|e| e.contains("case-insensitive")));

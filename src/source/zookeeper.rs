@@ -22,8 +22,8 @@ use zookeeper_async::{ZkError, ZkState};
 use self::formats::FormatError;
 use self::session::{BACKOFF_MAX, BACKOFF_MIN, Session, SessionError, jitter};
 use super::SourceEvent;
-use crate::metrics::{METRICS, SourceLabels};
 use crate::config::{ZkFormat, ZookeeperSource};
+use crate::metrics::{METRICS, SourceLabels};
 use crate::service::{Backend, ServiceName, ServiceSpec};
 
 /// After a pass, further changes wait this long so a burst (a deploy restarting many instances)
@@ -124,7 +124,11 @@ pub async fn run(
         failing: None,
     };
     let what = w.cfg.name.clone();
-    let connected = METRICS.zookeeper_connected.get_or_create_owned(&SourceLabels { source: what.clone() });
+    let connected = METRICS
+        .zookeeper_connected
+        .get_or_create_owned(&SourceLabels {
+            source: what.clone(),
+        });
     'session: loop {
         connected.set(0);
         let mut s = match Session::connect(

@@ -25,7 +25,12 @@ fn c_program(name: &str) -> String {
         std::fs::create_dir_all(&dir).expect("clients dir");
         for prog in ["hookclient", "greeter"] {
             let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/clients/{prog}.c"));
-            let status = Command::new("cc").args(["-O2", "-pthread", "-o"]).arg(dir.join(prog)).arg(&src).status().expect("cc");
+            let status = Command::new("cc")
+                .args(["-O2", "-pthread", "-o"])
+                .arg(dir.join(prog))
+                .arg(&src)
+                .status()
+                .expect("cc");
             assert!(status.success(), "cannot compile {prog}.c");
         }
         dir
@@ -35,10 +40,16 @@ fn c_program(name: &str) -> String {
 
 /// A greeter named `name` on `ip:7001`, up before this returns.
 fn greeter(ns: &Netns, name: &str, ip: &str) -> u32 {
-    let pid = ns.spawn(&c_program("greeter"), &[name, ip, "7001", "300"], &ns.path(&format!("greeter-{name}.log")));
+    let pid = ns.spawn(
+        &c_program("greeter"),
+        &[name, ip, "7001", "300"],
+        &ns.path(&format!("greeter-{name}.log")),
+    );
     let up = eventually(Duration::from_secs(5), || {
         let out = ns.run(&c_program("hookclient"), &["block", ip, "7001"]);
-        String::from_utf8_lossy(&out.stdout).starts_with("OK ").then_some(())
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with("OK ")
+            .then_some(())
     });
     assert!(up.is_some(), "greeter {name} on {ip} did not start");
     pid
@@ -57,9 +68,28 @@ fn daemon<'a>(ns: &'a Netns, zone: &str) -> Daemon<'a> {
 /// connect that reached it.
 fn connects(ns: &Netns, d: &Daemon, service: &str, n: usize) -> Vec<String> {
     let magic = d.short(&format!("{service}.disco"), "A").remove(0);
-    let out = ns.run(DISCOTECH, &["run", "--config", d.config.to_str().expect("utf-8"), "--", &c_program("hookclient"), "many", &magic, "7001", &n.to_string()]);
+    let out = ns.run(
+        DISCOTECH,
+        &[
+            "run",
+            "--config",
+            d.config.to_str().expect("utf-8"),
+            "--",
+            &c_program("hookclient"),
+            "many",
+            &magic,
+            "7001",
+            &n.to_string(),
+        ],
+    );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.lines().map(|l| l.trim().strip_prefix("OK ").map_or_else(|| format!("!{l}"), str::to_owned)).collect()
+    text.lines()
+        .map(|l| {
+            l.trim()
+                .strip_prefix("OK ")
+                .map_or_else(|| format!("!{l}"), str::to_owned)
+        })
+        .collect()
 }
 
 fn count(got: &[String], who: &str) -> usize {
@@ -78,33 +108,64 @@ fn a_refusing_backend_is_ejected_after_consecutive_failures_and_returns_after_th
          backends = [\"127.0.0.2:7001\", \"127.0.0.3:7001\", \"127.0.0.4:7001\"]\n",
     );
     let all = connects(&ns, &d, "web", 30);
-    assert_eq!((count(&all, "a"), count(&all, "b"), count(&all, "c")), (10, 10, 10), "{all:?}");
+    assert_eq!(
+        (count(&all, "a"), count(&all, "b"), count(&all, "c")),
+        (10, 10, 10),
+        "{all:?}"
+    );
     let admin = ns.path("admin.sock");
-    let said = ns.ok(DISCOTECH, &["resolve", "web", "--socket", admin.to_str().expect("utf-8")]);
-    assert!(said.contains("next connect goes to 127.0.0.") && said.contains("(round robin: next in turn)"), "{said}");
+    let said = ns.ok(
+        DISCOTECH,
+        &["resolve", "web", "--socket", admin.to_str().expect("utf-8")],
+    );
+    assert!(
+        said.contains("next connect goes to 127.0.0.")
+            && said.contains("(round robin: next in turn)"),
+        "{said}"
+    );
 
     ns.kill(c);
     // The hook retries a refused connect on another backend, so clients never see the failures;
     // the daemon counts them. Keep connecting until the second failure in a row ejects c.
     let ejected = eventually(Duration::from_secs(15), || {
         let got = connects(&ns, &d, "web", 6);
-        assert!(got.iter().all(|g| g == "a" || g == "b"), "refusals are never surfaced: {got:?}");
-        d.log_text().contains("backend ejected after consecutive failures").then(Instant::now)
+        assert!(
+            got.iter().all(|g| g == "a" || g == "b"),
+            "refusals are never surfaced: {got:?}"
+        );
+        d.log_text()
+            .contains("backend ejected after consecutive failures")
+            .then(Instant::now)
     });
     let ejected = ejected.unwrap_or_else(|| panic!("c was never ejected; log:\n{}", d.log_text()));
-    assert!(d.log_text().contains("127.0.0.4:7001"), "the log names the ejected backend");
+    assert!(
+        d.log_text().contains("127.0.0.4:7001"),
+        "the log names the ejected backend"
+    );
 
     // c answers again, but stays ejected past the 2 s hold: no picks until 5 s after the ejection.
     greeter(&ns, "c", "127.0.0.4");
     std::thread::sleep(Duration::from_millis(2500).saturating_sub(ejected.elapsed()));
     let during = connects(&ns, &d, "web", 20);
-    assert!(ejected.elapsed() < Duration::from_millis(4500), "the check ran too late to mean anything");
-    assert_eq!(count(&during, "c"), 0, "ejected backends get no picks: {during:?}");
+    assert!(
+        ejected.elapsed() < Duration::from_millis(4500),
+        "the check ran too late to mean anything"
+    );
+    assert_eq!(
+        count(&during, "c"),
+        0,
+        "ejected backends get no picks: {during:?}"
+    );
     assert_eq!(during.len(), 20, "{during:?}");
 
-    let back = eventually(Duration::from_secs(10), || (count(&connects(&ns, &d, "web", 6), "c") > 0).then(|| ejected.elapsed()));
+    let back = eventually(Duration::from_secs(10), || {
+        (count(&connects(&ns, &d, "web", 6), "c") > 0).then(|| ejected.elapsed())
+    });
     let back = back.expect("c gets picks again after its ejection time");
-    assert!(back >= Duration::from_millis(4900), "returned after {back:?}, before the 5 s ejection ended");
+    assert!(
+        back >= Duration::from_millis(4900),
+        "returned after {back:?}, before the 5 s ejection ended"
+    );
 }
 
 #[test]
@@ -112,13 +173,22 @@ fn a_new_backend_ramps_up_over_the_slow_start_window() {
     let ns = Netns::new();
     greeter(&ns, "a", "127.0.0.2");
     greeter(&ns, "b", "127.0.0.3");
-    let zone = |backends: &str| format!("[services.ramp]\nslow_start = {{ window = \"8s\", floor = 0.1 }}\nbackends = [{backends}]\n");
+    let zone = |backends: &str| {
+        format!(
+            "[services.ramp]\nslow_start = {{ window = \"8s\", floor = 0.1 }}\nbackends = [{backends}]\n"
+        )
+    };
     let d = daemon(&ns, &zone("\"127.0.0.2:7001\""));
     // The first pick creates the service's balancing state: backends known then do not ramp.
     assert_eq!(count(&connects(&ns, &d, "ramp", 4), "a"), 4);
 
-    d.zone("balance.toml", &zone("\"127.0.0.2:7001\", \"127.0.0.3:7001\""));
-    let added = eventually(Duration::from_secs(10), || (d.short("ramp.disco", "SRV").len() == 2).then(Instant::now));
+    d.zone(
+        "balance.toml",
+        &zone("\"127.0.0.2:7001\", \"127.0.0.3:7001\""),
+    );
+    let added = eventually(Duration::from_secs(10), || {
+        (d.short("ramp.disco", "SRV").len() == 2).then(Instant::now)
+    });
     let added = added.expect("the new backend is published");
     // Equal weights 1:1: b's weight is 0.1 + 0.9 t / 8 of a's, so its share is w / (1 + w):
     // 0.09 at 0 s, 0.26 at 2 s, 0.39 at 5 s, 0.5 from 8 s. Each window is 60 connects; smooth
@@ -132,8 +202,14 @@ fn a_new_backend_ramps_up_over_the_slow_start_window() {
     }
     let s: Vec<f64> = shares.iter().map(|s| s.1).collect();
     assert!(s[0] < 0.25, "starts near the floor: {shares:?}");
-    assert!(s.windows(2).all(|w| w[1] >= w[0] - 0.03), "grows: {shares:?}");
-    assert!((0.45..=0.55).contains(&s[3]), "full weight after the window: {shares:?}");
+    assert!(
+        s.windows(2).all(|w| w[1] >= w[0] - 0.03),
+        "grows: {shares:?}"
+    );
+    assert!(
+        (0.45..=0.55).contains(&s[3]),
+        "full weight after the window: {shares:?}"
+    );
     assert!(s[3] - s[0] > 0.25, "the ramp is visible: {shares:?}");
 }
 
@@ -142,7 +218,10 @@ fn weighted_random_holds_its_weights_within_tolerance() {
     let ns = Netns::new();
     greeter(&ns, "a", "127.0.0.2");
     greeter(&ns, "b", "127.0.0.3");
-    let d = daemon(&ns, "[services.rnd]\nlb = \"random\"\nbackends = [{ addr = \"127.0.0.2:7001\", weight = 1 }, { addr = \"127.0.0.3:7001\", weight = 3 }]\n");
+    let d = daemon(
+        &ns,
+        "[services.rnd]\nlb = \"random\"\nbackends = [{ addr = \"127.0.0.2:7001\", weight = 1 }, { addr = \"127.0.0.3:7001\", weight = 3 }]\n",
+    );
     let got = connects(&ns, &d, "rnd", 400);
     assert_eq!(got.len(), 400, "{got:?}");
     // Expect 300 of 400 on b; binomial sd is about 8.7, so +-35 is four sd.
@@ -155,9 +234,16 @@ fn least_conn_follows_real_long_lived_connections() {
     let ns = Netns::new();
     backend(&ns, "127.0.0.2", 8080, "a");
     backend(&ns, "127.0.0.3", 8080, "b");
-    let d = daemon(&ns, "[services.least]\nlb = \"least-conn\"\nbackends = [\"127.0.0.2:8080\", \"127.0.0.3:8080\"]\n");
+    let d = daemon(
+        &ns,
+        "[services.least]\nlb = \"least-conn\"\nbackends = [\"127.0.0.2:8080\", \"127.0.0.3:8080\"]\n",
+    );
     let even = hooked_who(&ns, &d, "least.disco", 8080, 10);
-    assert_eq!((count(&even, "a"), count(&even, "b")), (5, 5), "no connections held: in turn: {even:?}");
+    assert_eq!(
+        (count(&even, "a"), count(&even, "b")),
+        (5, 5),
+        "no connections held: in turn: {even:?}"
+    );
 
     // Ten connections to a, held open by a process that is not hooked: the table is the truth.
     let held = ns.path("held.log");
@@ -166,16 +252,39 @@ fn least_conn_follows_real_long_lived_connections() {
         &["-c", "import socket, sys, time\ns = [socket.create_connection(('127.0.0.2', 8080)) for _ in range(10)]\nprint('held', flush=True)\ntime.sleep(60)"],
         &held,
     );
-    let up = eventually(Duration::from_secs(5), || std::fs::read_to_string(&held).ok().filter(|t| t.contains("held")));
+    let up = eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(&held)
+            .ok()
+            .filter(|t| t.contains("held"))
+    });
     assert!(up.is_some(), "the holder did not connect");
     std::thread::sleep(Duration::from_millis(150)); // one refresh of the counts
     let loaded = hooked_who(&ns, &d, "least.disco", 8080, 8);
-    assert_eq!(count(&loaded, "b"), 8, "new connects avoid the backend with 10 established: {loaded:?}");
+    assert_eq!(
+        count(&loaded, "b"),
+        8,
+        "new connects avoid the backend with 10 established: {loaded:?}"
+    );
     // The admin explains the next pick from the same counts, without taking it.
     let admin = ns.path("admin.sock");
-    let resolve = || ns.ok(DISCOTECH, &["resolve", "least", "--socket", admin.to_str().expect("utf-8")]);
+    let resolve = || {
+        ns.ok(
+            DISCOTECH,
+            &[
+                "resolve",
+                "least",
+                "--socket",
+                admin.to_str().expect("utf-8"),
+            ],
+        )
+    };
     let said = resolve();
-    assert!(said.contains("next connect goes to 127.0.0.3:8080 (least-conn: 0 connections, the fewest)"), "{said}");
+    assert!(
+        said.contains(
+            "next connect goes to 127.0.0.3:8080 (least-conn: 0 connections, the fewest)"
+        ),
+        "{said}"
+    );
     assert_eq!(resolve(), said, "explaining does not advance the balancer");
 
     ns.kill(holder);
@@ -183,7 +292,10 @@ fn least_conn_follows_real_long_lived_connections() {
         let got = hooked_who(&ns, &d, "least.disco", 8080, 10);
         (count(&got, "a") >= 4 && count(&got, "b") >= 4).then_some(got)
     });
-    assert!(back.is_some(), "once the connections close both backends share again");
+    assert!(
+        back.is_some(),
+        "once the connections close both backends share again"
+    );
 }
 
 /// `n` hooked connects to `service` as `uid` (setpriv), each answering backend's name.
@@ -192,12 +304,37 @@ fn connects_as(ns: &Netns, d: &Daemon, uid: u32, service: &str, n: usize) -> Vec
     let (uid, n) = (uid.to_string(), n.to_string());
     let out = ns.run(
         "setpriv",
-        &[&format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups", DISCOTECH, "run", "--config", d.config.to_str().expect("utf-8"), "--", &c_program("hookclient"), "many", &magic, "7001", &n],
+        &[
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            DISCOTECH,
+            "run",
+            "--config",
+            d.config.to_str().expect("utf-8"),
+            "--",
+            &c_program("hookclient"),
+            "many",
+            &magic,
+            "7001",
+            &n,
+        ],
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut got: Vec<String> = text.lines().map(|l| l.trim().strip_prefix("OK ").map_or_else(|| format!("!{l}"), str::to_owned)).collect();
+    let mut got: Vec<String> = text
+        .lines()
+        .map(|l| {
+            l.trim()
+                .strip_prefix("OK ")
+                .map_or_else(|| format!("!{l}"), str::to_owned)
+        })
+        .collect();
     if !out.status.success() {
-        got.push(format!("!{} {}", out.status, String::from_utf8_lossy(&out.stderr)));
+        got.push(format!(
+            "!{} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     got
 }
@@ -207,36 +344,74 @@ fn maglev_keeps_each_uid_on_one_backend_and_spreads_uids() {
     let ns = Netns::new();
     // Other uids must reach the config, the hook socket and the client binary.
     let dir = ns.path("x").parent().expect("ns dir").to_path_buf();
-    Command::new("chmod").arg("755").arg(&dir).status().expect("chmod");
+    Command::new("chmod")
+        .arg("755")
+        .arg(&dir)
+        .status()
+        .expect("chmod");
     greeter(&ns, "a", "127.0.0.2");
     greeter(&ns, "b", "127.0.0.3");
     let c = greeter(&ns, "c", "127.0.0.4");
-    let d = daemon(&ns, "[services.sticky]\nlb = \"maglev\"\nbackends = [\"127.0.0.2:7001\", \"127.0.0.3:7001\", \"127.0.0.4:7001\"]\n");
+    let d = daemon(
+        &ns,
+        "[services.sticky]\nlb = \"maglev\"\nbackends = [\"127.0.0.2:7001\", \"127.0.0.3:7001\", \"127.0.0.4:7001\"]\n",
+    );
     let uids: Vec<u32> = (1000..1012).collect();
     let mut owner = Vec::new();
     for &uid in &uids {
         let got = connects_as(&ns, &d, uid, "sticky", 6);
         assert_eq!(got.len(), 6, "uid {uid}: {got:?}");
-        assert!(got.iter().all(|g| *g == got[0]), "uid {uid} sticks to one backend: {got:?}");
+        assert!(
+            got.iter().all(|g| *g == got[0]),
+            "uid {uid} sticks to one backend: {got:?}"
+        );
         owner.push(got[0].clone());
     }
     let distinct: std::collections::HashSet<&String> = owner.iter().collect();
     // Deterministic (the hashes are fixed): with these uids and addresses all three are used.
-    assert_eq!(distinct.len(), 3, "12 uids over 3 backends spread: {owner:?}");
+    assert_eq!(
+        distinct.len(),
+        3,
+        "12 uids over 3 backends spread: {owner:?}"
+    );
 
     // One uid, different DISCOTECH_HASH_KEY values: the key the caller sets wins over its uid.
     let magic = d.short("sticky.disco", "A").remove(0);
     let mut by_key = Vec::new();
     for k in 0..12 {
         let key = format!("DISCOTECH_HASH_KEY=tenant-{k}");
-        let out = ns.run("env", &[&key, DISCOTECH, "run", "--config", d.config.to_str().expect("utf-8"), "--", &c_program("hookclient"), "many", &magic, "7001", "5"]);
-        let got: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().trim_start_matches("OK ").to_owned()).collect();
+        let out = ns.run(
+            "env",
+            &[
+                &key,
+                DISCOTECH,
+                "run",
+                "--config",
+                d.config.to_str().expect("utf-8"),
+                "--",
+                &c_program("hookclient"),
+                "many",
+                &magic,
+                "7001",
+                "5",
+            ],
+        );
+        let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().trim_start_matches("OK ").to_owned())
+            .collect();
         assert_eq!(got.len(), 5, "{key}: {got:?}");
-        assert!(got.iter().all(|g| *g == got[0]), "{key} sticks to one backend: {got:?}");
+        assert!(
+            got.iter().all(|g| *g == got[0]),
+            "{key} sticks to one backend: {got:?}"
+        );
         by_key.push(got[0].clone());
     }
     let distinct: std::collections::HashSet<&String> = by_key.iter().collect();
-    assert!(distinct.len() >= 2, "keys spread even though the uid is the same: {by_key:?}");
+    assert!(
+        distinct.len() >= 2,
+        "keys spread even though the uid is the same: {by_key:?}"
+    );
 
     // Kill c: uids on a and b stay where they were; c's uids move (refused, then ejected).
     ns.kill(c);
@@ -244,9 +419,15 @@ fn maglev_keeps_each_uid_on_one_backend_and_spreads_uids() {
         let got = connects_as(&ns, &d, uid, "sticky", 4);
         assert_eq!(got.len(), 4, "uid {uid}: {got:?}");
         if was != "c" {
-            assert!(got.iter().all(|g| g == was), "uid {uid} was on {was}: {got:?}");
+            assert!(
+                got.iter().all(|g| g == was),
+                "uid {uid} was on {was}: {got:?}"
+            );
         } else {
-            assert!(got.iter().all(|g| g == "a" || g == "b"), "uid {uid} moved off the dead backend: {got:?}");
+            assert!(
+                got.iter().all(|g| g == "a" || g == "b"),
+                "uid {uid} moved off the dead backend: {got:?}"
+            );
         }
     }
 }
@@ -258,7 +439,11 @@ fn the_local_zone_gets_the_traffic_until_it_loses_its_backend() {
     greeter(&ns, "b1", "127.0.0.3");
     greeter(&ns, "b2", "127.0.0.4");
     ensure_hook_library();
-    let mut d = Daemon::configure(&ns, "127.0.0.53:53", "upstreams = []\n[balance]\nzone = \"a\"");
+    let mut d = Daemon::configure(
+        &ns,
+        "127.0.0.53:53",
+        "upstreams = []\n[balance]\nzone = \"a\"",
+    );
     d.zone(
         "balance.toml",
         "[services.zoned]\nlb = \"round-robin\"\noutlier = { consecutive_failures = 1, base_ejection = \"30s\" }\n\
@@ -267,12 +452,24 @@ fn the_local_zone_gets_the_traffic_until_it_loses_its_backend() {
     d.start();
     ns.resolv_conf("127.0.0.53");
     let got = connects(&ns, &d, "zoned", 12);
-    assert_eq!(count(&got, "a1"), 12, "the local zone (1 of 3 backends, above the 30% share) takes all: {got:?}");
+    assert_eq!(
+        count(&got, "a1"),
+        12,
+        "the local zone (1 of 3 backends, above the 30% share) takes all: {got:?}"
+    );
 
     ns.kill(local);
     let got = connects(&ns, &d, "zoned", 12);
     assert_eq!(got.len(), 12, "{got:?}");
-    assert_eq!(count(&got, "b1") + count(&got, "b2"), 12, "spilled over to zone b: {got:?}");
+    assert_eq!(
+        count(&got, "b1") + count(&got, "b2"),
+        12,
+        "spilled over to zone b: {got:?}"
+    );
     let later = connects(&ns, &d, "zoned", 12);
-    assert_eq!((count(&later, "b1"), count(&later, "b2")), (6, 6), "zone b shares evenly once a1 is ejected: {later:?}");
+    assert_eq!(
+        (count(&later, "b1"), count(&later, "b2")),
+        (6, 6),
+        "zone b shares evenly once a1 is ejected: {later:?}"
+    );
 }

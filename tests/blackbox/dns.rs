@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use crate::harness::{Daemon, Netns, dnsmasq, eventually};
 
-const WEB: &str = "[services.web]\nbackends = [\"127.0.0.2:8080\", { addr = \"127.0.0.3:8081\", weight = 2 }]\n";
+const WEB: &str =
+    "[services.web]\nbackends = [\"127.0.0.2:8080\", { addr = \"127.0.0.3:8081\", weight = 2 }]\n";
 const API: &str = "[services.api]\nports = { 9090 = \"grpc\" }\nbackends = [{ addr = \"127.0.0.4:8000\", ports = { grpc = 9000 } }]\n";
 
 fn daemon<'a>(ns: &'a Netns, extra: &str) -> Daemon<'a> {
@@ -28,25 +29,60 @@ fn answers_a_aaaa_srv_ptr_soa_and_nxdomain_like_a_real_server() {
     assert_eq!(a.len(), 1);
     assert!(a[0].starts_with("127.77."), "{a:?}");
     let aaaa = d.short("WEB.disco", "AAAA");
-    assert!(aaaa.len() == 1 && aaaa[0].starts_with("fd64:d15c::"), "{aaaa:?}");
+    assert!(
+        aaaa.len() == 1 && aaaa[0].starts_with("fd64:d15c::"),
+        "{aaaa:?}"
+    );
 
     let srv = d.short("web.disco", "SRV");
-    assert_eq!(srv, ["0 1 8080 127-0-0-2.web.disco.", "0 2 8081 127-0-0-3.web.disco."]);
+    assert_eq!(
+        srv,
+        [
+            "0 1 8080 127-0-0-2.web.disco.",
+            "0 2 8081 127-0-0-3.web.disco."
+        ]
+    );
     let additional = d.dig(&["web.disco", "SRV", "+noall", "+additional"]);
-    assert!(additional.contains("127-0-0-2.web.disco.\t5\tIN\tA\t127.0.0.2"), "glue: {additional}");
-    assert_eq!(d.short("127-0-0-3.web.disco", "A"), ["127.0.0.3"], "SRV targets resolve");
-    assert_eq!(d.short("_grpc._tcp.api.disco", "SRV"), ["0 1 9000 127-0-0-4.api.disco."]);
+    assert!(
+        additional.contains("127-0-0-2.web.disco.\t5\tIN\tA\t127.0.0.2"),
+        "glue: {additional}"
+    );
+    assert_eq!(
+        d.short("127-0-0-3.web.disco", "A"),
+        ["127.0.0.3"],
+        "SRV targets resolve"
+    );
+    assert_eq!(
+        d.short("_grpc._tcp.api.disco", "SRV"),
+        ["0 1 9000 127-0-0-4.api.disco."]
+    );
 
-    assert_eq!(d.short(&a[0], "PTR"), Vec::<String>::new(), "a bare address is not a PTR name");
+    assert_eq!(
+        d.short(&a[0], "PTR"),
+        Vec::<String>::new(),
+        "a bare address is not a PTR name"
+    );
     assert_eq!(d.dig(&["-x", &a[0], "+short"]).trim(), "web.disco.");
 
     let soa = d.short("disco", "SOA");
-    assert!(soa[0].starts_with("localhost. hostmaster.disco. "), "{soa:?}");
+    assert!(
+        soa[0].starts_with("localhost. hostmaster.disco. "),
+        "{soa:?}"
+    );
     let nx = d.dig(&["nope.disco", "A"]);
-    assert!(nx.contains("status: NXDOMAIN") && nx.contains("flags: qr aa"), "{nx}");
-    assert!(nx.contains("disco.\t\t\t5\tIN\tSOA\tlocalhost."), "negative answers carry the SOA with the negative TTL: {nx}");
+    assert!(
+        nx.contains("status: NXDOMAIN") && nx.contains("flags: qr aa"),
+        "{nx}"
+    );
+    assert!(
+        nx.contains("disco.\t\t\t5\tIN\tSOA\tlocalhost."),
+        "negative answers carry the SOA with the negative TTL: {nx}"
+    );
     let nodata = d.dig(&["web.disco", "TXT"]);
-    assert!(nodata.contains("status: NOERROR") && nodata.contains("ANSWER: 0"), "{nodata}");
+    assert!(
+        nodata.contains("status: NOERROR") && nodata.contains("ANSWER: 0"),
+        "{nodata}"
+    );
 }
 
 #[test]
@@ -54,15 +90,27 @@ fn tcp_works_and_large_udp_answers_are_truncated_then_complete_over_tcp() {
     let ns = Netns::new();
     let d = daemon(&ns, "upstreams = []");
     let backends: Vec<String> = (1..=60).map(|i| format!("\"127.0.1.{i}:8080\"")).collect();
-    d.zone("big.toml", &format!("[services.big]\nbackends = [{}]\n", backends.join(", ")));
+    d.zone(
+        "big.toml",
+        &format!("[services.big]\nbackends = [{}]\n", backends.join(", ")),
+    );
     let mut d = d;
     d.start();
 
-    assert_eq!(d.dig(&["web.disco", "A", "+tcp", "+short"]).lines().count(), 1);
+    assert_eq!(
+        d.dig(&["web.disco", "A", "+tcp", "+short"]).lines().count(),
+        1
+    );
     let udp = d.dig(&["big.disco", "SRV", "+noedns", "+ignore"]);
-    assert!(udp.contains(" tc"), "512-byte UDP answer must set TC: {udp}");
+    assert!(
+        udp.contains(" tc"),
+        "512-byte UDP answer must set TC: {udp}"
+    );
     let small = d.dig(&["big.disco", "SRV", "+bufsize=1232", "+ignore"]);
-    assert!(small.contains(" tc"), "60 SRV records exceed 1232 bytes too: {small}");
+    assert!(
+        small.contains(" tc"),
+        "60 SRV records exceed 1232 bytes too: {small}"
+    );
     let tcp = d.dig(&["big.disco", "SRV", "+tcp", "+short"]);
     assert_eq!(tcp.lines().count(), 60, "complete over TCP");
     let retried = d.dig(&["big.disco", "SRV", "+noedns", "+short"]);
@@ -78,7 +126,10 @@ fn glibc_and_python_resolve_services_through_the_system_resolver() {
     let magic = d.short("web.disco", "A").remove(0);
 
     let getent = ns.ok("getent", &["ahosts", "web.disco"]);
-    assert!(getent.lines().any(|l| l.starts_with(&format!("{magic} "))), "getent: {getent}");
+    assert!(
+        getent.lines().any(|l| l.starts_with(&format!("{magic} "))),
+        "getent: {getent}"
+    );
     let py = ns.ok("python3", &["-c", "import socket; print(sorted({a[4][0] for a in socket.getaddrinfo('web.disco', 80, socket.AF_INET)}))"]);
     assert_eq!(py.trim(), format!("['{magic}']"));
     let missing = ns.run("getent", &["hosts", "nope.disco"]);
@@ -88,8 +139,23 @@ fn glibc_and_python_resolve_services_through_the_system_resolver() {
 #[test]
 fn other_names_are_forwarded_with_split_dns_and_served_stale_when_upstream_dies() {
     let ns = Netns::new();
-    let default_up = dnsmasq(&ns, "127.0.0.1", 5300, &[("www.example.test", "192.0.2.80"), ("short.example.test", "192.0.2.81")], 1);
-    dnsmasq(&ns, "127.0.0.1", 5301, &[("app.corp.example", "198.51.100.7")], 60);
+    let default_up = dnsmasq(
+        &ns,
+        "127.0.0.1",
+        5300,
+        &[
+            ("www.example.test", "192.0.2.80"),
+            ("short.example.test", "192.0.2.81"),
+        ],
+        1,
+    );
+    dnsmasq(
+        &ns,
+        "127.0.0.1",
+        5301,
+        &[("app.corp.example", "198.51.100.7")],
+        60,
+    );
     let mut d = daemon(
         &ns,
         "upstreams = [\"127.0.0.1:5300\"]\n[[dns.forward]]\nzone = \"corp.example\"\nupstreams = [\"127.0.0.1:5301\"]",
@@ -99,8 +165,15 @@ fn other_names_are_forwarded_with_split_dns_and_served_stale_when_upstream_dies(
 
     assert_eq!(d.short("www.example.test", "A"), ["192.0.2.80"]);
     let forwarded = d.dig(&["www.example.test", "A"]);
-    assert!(forwarded.contains("flags: qr rd ra;"), "forwarded answers are not authoritative: {forwarded}");
-    assert_eq!(d.short("app.corp.example", "A"), ["198.51.100.7"], "split DNS: corp.example goes to its own upstream");
+    assert!(
+        forwarded.contains("flags: qr rd ra;"),
+        "forwarded answers are not authoritative: {forwarded}"
+    );
+    assert_eq!(
+        d.short("app.corp.example", "A"),
+        ["198.51.100.7"],
+        "split DNS: corp.example goes to its own upstream"
+    );
     let getent = ns.ok("getent", &["hosts", "app.corp.example"]);
     assert!(getent.starts_with("198.51.100.7 "), "{getent}");
 
@@ -112,13 +185,21 @@ fn other_names_are_forwarded_with_split_dns_and_served_stale_when_upstream_dies(
         let out = d.dig(&["short.example.test", "A", "+noall", "+answer"]);
         out.contains("\t30\tIN\tA\t192.0.2.81").then_some(out)
     });
-    assert!(stale.is_some(), "stale answer with TTL 30 expected; log:\n{}", d.log_text());
+    assert!(
+        stale.is_some(),
+        "stale answer with TTL 30 expected; log:\n{}",
+        d.log_text()
+    );
 
     // A name never seen: SERVFAIL, and within the 2 s bound.
     let started = std::time::Instant::now();
     let fail = d.dig(&["never-seen.example.test", "A"]);
     assert!(fail.contains("status: SERVFAIL"), "{fail}");
-    assert!(started.elapsed() < Duration::from_secs(3), "SERVFAIL took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "SERVFAIL took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -128,7 +209,18 @@ fn a_forwarding_loop_through_another_resolver_is_refused_not_amplified() {
     let log = ns.path("loop-dnsmasq.log");
     ns.spawn(
         "dnsmasq",
-        &["--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--bind-interfaces", "--listen-address=127.0.0.1", "--port=5300", "--pid-file=", "--user=root", "--server=127.0.0.53"],
+        &[
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--conf-file=/dev/null",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--port=5300",
+            "--pid-file=",
+            "--user=root",
+            "--server=127.0.0.53",
+        ],
         &log,
     );
     // Nobody answers through dnsmasq before we run, so wait for its socket, not an answer.
@@ -140,9 +232,18 @@ fn a_forwarding_loop_through_another_resolver_is_refused_not_amplified() {
     let mut d = daemon(&ns, "upstreams = [\"127.0.0.1:5300\"]");
     d.start();
     let out = d.dig(&["loop.example.test", "A"]);
-    assert!(out.contains("status: SERVFAIL") || out.contains("status: REFUSED"), "{out}");
-    let warned = eventually(Duration::from_secs(5), || d.log_text().contains("forwarding loop").then_some(()));
-    assert!(warned.is_some(), "the loop is logged; log:\n{}", d.log_text());
+    assert!(
+        out.contains("status: SERVFAIL") || out.contains("status: REFUSED"),
+        "{out}"
+    );
+    let warned = eventually(Duration::from_secs(5), || {
+        d.log_text().contains("forwarding loop").then_some(())
+    });
+    assert!(
+        warned.is_some(),
+        "the loop is logged; log:\n{}",
+        d.log_text()
+    );
 }
 
 #[test]
@@ -150,7 +251,12 @@ fn only_allowed_clients_get_answers() {
     let ns = Netns::new();
     let mut d = daemon(&ns, "upstreams = []\nallow = [\"127.0.0.1/32\"]");
     d.start();
-    assert_eq!(d.dig(&["web.disco", "+short", "-b", "127.0.0.1"]).lines().count(), 1);
+    assert_eq!(
+        d.dig(&["web.disco", "+short", "-b", "127.0.0.1"])
+            .lines()
+            .count(),
+        1
+    );
     let refused = d.dig(&["web.disco", "-b", "127.0.0.9"]);
     assert!(refused.contains("status: REFUSED"), "{refused}");
 }
@@ -181,13 +287,25 @@ fn a_removed_service_keeps_its_address_quarantined() {
     d.start();
     let api = d.short("api.disco", "A");
     std::fs::remove_file(d.zones.join("api.toml")).expect("rm");
-    let gone = eventually(Duration::from_secs(5), || d.dig(&["api.disco", "A"]).contains("NXDOMAIN").then_some(()));
+    let gone = eventually(Duration::from_secs(5), || {
+        d.dig(&["api.disco", "A"])
+            .contains("NXDOMAIN")
+            .then_some(())
+    });
     assert!(gone.is_some(), "removed after the guard's hold-down");
     let persisted = std::fs::read_to_string(d.state.join("magic.json")).expect("magic.json");
-    assert!(persisted.contains("\"quarantine\"") && persisted.contains(&api[0]), "{persisted}");
+    assert!(
+        persisted.contains("\"quarantine\"") && persisted.contains(&api[0]),
+        "{persisted}"
+    );
     d.zone("api.toml", API);
-    let back = eventually(Duration::from_secs(3), || (d.short("api.disco", "A") == api).then_some(()));
-    assert!(back.is_some(), "a returning service gets its old address back");
+    let back = eventually(Duration::from_secs(3), || {
+        (d.short("api.disco", "A") == api).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "a returning service gets its old address back"
+    );
 }
 
 #[test]
@@ -197,29 +315,67 @@ fn zone_files_reload_live_and_a_broken_edit_keeps_the_old_content() {
     d.start();
 
     let started = std::time::Instant::now();
-    d.zone("db.toml", "[services.db]\nbackends = [\"127.0.0.7:5432\"]\n");
-    let seen = eventually(Duration::from_secs(3), || (d.short("db.disco", "SRV") == ["0 1 5432 127-0-0-7.db.disco."]).then_some(()));
+    d.zone(
+        "db.toml",
+        "[services.db]\nbackends = [\"127.0.0.7:5432\"]\n",
+    );
+    let seen = eventually(Duration::from_secs(3), || {
+        (d.short("db.disco", "SRV") == ["0 1 5432 127-0-0-7.db.disco."]).then_some(())
+    });
     assert!(seen.is_some(), "new zone file served");
-    assert!(started.elapsed() < Duration::from_secs(1), "within a second, took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "within a second, took {:?}",
+        started.elapsed()
+    );
 
     // Replacing every backend is a sharp drop: the new backend serves at once, the old one is
     // kept for the guard's hold-down, then goes.
-    d.zone("db.toml", "[services.db]\nbackends = [\"127.0.0.8:5432\"]\n");
-    let both = eventually(Duration::from_secs(3), || (d.short("db.disco", "SRV").len() == 2).then_some(()));
-    assert!(both.is_some(), "addition applied at once, removal held: {:?}", d.short("db.disco", "SRV"));
+    d.zone(
+        "db.toml",
+        "[services.db]\nbackends = [\"127.0.0.8:5432\"]\n",
+    );
+    let both = eventually(Duration::from_secs(3), || {
+        (d.short("db.disco", "SRV").len() == 2).then_some(())
+    });
+    assert!(
+        both.is_some(),
+        "addition applied at once, removal held: {:?}",
+        d.short("db.disco", "SRV")
+    );
     assert!(d.log_text().contains("removal held"), "the hold is logged");
-    let edited = eventually(Duration::from_secs(5), || (d.short("db.disco", "SRV") == ["0 1 5432 127-0-0-8.db.disco."]).then_some(()));
+    let edited = eventually(Duration::from_secs(5), || {
+        (d.short("db.disco", "SRV") == ["0 1 5432 127-0-0-8.db.disco."]).then_some(())
+    });
     assert!(edited.is_some(), "edit served after the hold-down");
 
     d.zone("db.toml", "[services.db]\nbackends = [\"127.0.0.9\"]\n");
-    let logged = eventually(Duration::from_secs(3), || d.log_text().contains("db.toml:2:13: services.db.backends[0].addr").then_some(()));
-    assert!(logged.is_some(), "error with path:line:column in the log:\n{}", d.log_text());
-    assert_eq!(d.short("db.disco", "SRV"), ["0 1 5432 127-0-0-8.db.disco."], "previous good content keeps serving");
+    let logged = eventually(Duration::from_secs(3), || {
+        d.log_text()
+            .contains("db.toml:2:13: services.db.backends[0].addr")
+            .then_some(())
+    });
+    assert!(
+        logged.is_some(),
+        "error with path:line:column in the log:\n{}",
+        d.log_text()
+    );
+    assert_eq!(
+        d.short("db.disco", "SRV"),
+        ["0 1 5432 127-0-0-8.db.disco."],
+        "previous good content keeps serving"
+    );
 
-    let check = ns.run(crate::harness::DISCOTECH, &["check", "--config", d.config.to_str().expect("utf-8")]);
+    let check = ns.run(
+        crate::harness::DISCOTECH,
+        &["check", "--config", d.config.to_str().expect("utf-8")],
+    );
     assert_eq!(check.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&check.stderr);
-    assert!(stderr.contains("db.toml:2:13: services.db.backends[0].addr: \"127.0.0.9\" needs a port"), "{stderr}");
+    assert!(
+        stderr.contains("db.toml:2:13: services.db.backends[0].addr: \"127.0.0.9\" needs a port"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -233,9 +389,21 @@ fn a_restart_with_the_zone_files_unreadable_serves_the_last_known_good_state() {
     // The zone directory disappears (an unmounted volume); the state file is all we have.
     std::fs::rename(&d.zones, ns.path("zones-away")).expect("move zones away");
     d.start();
-    assert_eq!(d.short("web.disco", "SRV"), web, "served from backends.json");
-    assert!(d.log_text().contains("restored last-known-good state"), "{}", d.log_text());
-    assert!(d.log_text().contains("cannot list zone files"), "the failure is reported: {}", d.log_text());
+    assert_eq!(
+        d.short("web.disco", "SRV"),
+        web,
+        "served from backends.json"
+    );
+    assert!(
+        d.log_text().contains("restored last-known-good state"),
+        "{}",
+        d.log_text()
+    );
+    assert!(
+        d.log_text().contains("cannot list zone files"),
+        "the failure is reported: {}",
+        d.log_text()
+    );
 }
 
 #[test]
@@ -243,11 +411,22 @@ fn a_corrupt_state_file_is_set_aside_not_fatal() {
     let ns = Netns::new();
     let mut d = daemon(&ns, "upstreams = []");
     std::fs::create_dir_all(&d.state).expect("state dir");
-    std::fs::write(d.state.join("backends.json"), b"{\"version\": 1, \"sources\": [").expect("write");
+    std::fs::write(
+        d.state.join("backends.json"),
+        b"{\"version\": 1, \"sources\": [",
+    )
+    .expect("write");
     std::fs::write(d.state.join("magic.json"), b"garbage").expect("write");
     d.start();
-    assert_eq!(d.short("web.disco", "SRV").len(), 2, "serving from the sources");
-    assert!(d.state.join("backends.json.corrupt").exists() && d.state.join("magic.json.corrupt").exists());
+    assert_eq!(
+        d.short("web.disco", "SRV").len(),
+        2,
+        "serving from the sources"
+    );
+    assert!(
+        d.state.join("backends.json.corrupt").exists()
+            && d.state.join("magic.json.corrupt").exists()
+    );
     assert!(d.log_text().contains("corrupt"), "{}", d.log_text());
 }
 
@@ -258,11 +437,22 @@ fn cached_answers_echo_each_clients_spelling_and_follow_changes() {
     d.start();
     for name in ["web.disco", "WeB.DiScO", "web.disco"] {
         let out = d.dig(&[name, "A", "+noall", "+question", "+answer"]);
-        assert!(out.contains(&format!(";{name}.\t")) && out.contains(&format!("\n{name}.\t")), "{out}");
+        assert!(
+            out.contains(&format!(";{name}.\t")) && out.contains(&format!("\n{name}.\t")),
+            "{out}"
+        );
     }
-    d.zone("web.toml", "[services.web]\nbackends = [\"127.0.0.2:8080\", \"127.0.0.3:8081\", \"127.0.0.4:8082\"]\n");
-    let grown = eventually(Duration::from_secs(3), || (d.short("web.disco", "SRV").len() == 3).then_some(()));
-    assert!(grown.is_some(), "a cached answer does not outlive its snapshot");
+    d.zone(
+        "web.toml",
+        "[services.web]\nbackends = [\"127.0.0.2:8080\", \"127.0.0.3:8081\", \"127.0.0.4:8082\"]\n",
+    );
+    let grown = eventually(Duration::from_secs(3), || {
+        (d.short("web.disco", "SRV").len() == 3).then_some(())
+    });
+    assert!(
+        grown.is_some(),
+        "a cached answer does not outlive its snapshot"
+    );
 }
 
 #[test]
@@ -290,9 +480,20 @@ for i in range(600):
 print(formerr, silent)
 "#;
     let out = ns.ok("python3", &["-c", script]);
-    let counts: Vec<u32> = out.split_whitespace().map(|n| n.parse().expect("count")).collect();
+    let counts: Vec<u32> = out
+        .split_whitespace()
+        .map(|n| n.parse().expect("count"))
+        .collect();
     assert!(counts[0] > 20, "malformed queries get FORMERR: {out}");
-    assert!(counts[1] > 100, "packets too short or marked as responses get nothing: {out}");
-    assert_eq!(d.short("web.disco", "SRV").len(), 2, "still answering; log:\n{}", d.log_text());
+    assert!(
+        counts[1] > 100,
+        "packets too short or marked as responses get nothing: {out}"
+    );
+    assert_eq!(
+        d.short("web.disco", "SRV").len(),
+        2,
+        "still answering; log:\n{}",
+        d.log_text()
+    );
     assert!(!d.log_text().contains("panicked"), "{}", d.log_text());
 }

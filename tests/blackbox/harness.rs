@@ -29,22 +29,41 @@ impl Netns {
             "the black-box tests need root (unshare -mn); run them as the README says"
         );
         let mut holder = Command::new("unshare")
-            .args(["--net", "--mount", "--propagation", "private", "--", "sh", "-c", "ip link set lo up && echo ready && exec sleep 3600"])
+            .args([
+                "--net",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                "ip link set lo up && echo ready && exec sleep 3600",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("unshare (util-linux) must be installed");
         let mut line = String::new();
-        BufReader::new(holder.stdout.take().expect("piped stdout")).read_line(&mut line).expect("namespace holder output");
+        BufReader::new(holder.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("namespace holder output");
         assert_eq!(line.trim(), "ready", "namespace setup failed");
         let pid = holder.id();
-        Self { holder, pid, dir: tempfile::tempdir().expect("tempdir"), children: Mutex::new(Vec::new()) }
+        Self {
+            holder,
+            pid,
+            dir: tempfile::tempdir().expect("tempdir"),
+            children: Mutex::new(Vec::new()),
+        }
     }
 
     /// A command that runs inside the namespace.
     pub fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg("-t").arg(self.pid.to_string()).args(["-n", "-m", "--"]).arg(program);
+        c.arg("-t")
+            .arg(self.pid.to_string())
+            .args(["-n", "-m", "--"])
+            .arg(program);
         c
     }
 
@@ -52,13 +71,19 @@ impl Netns {
     pub fn run(&self, program: &str, args: &[&str]) -> Output {
         let mut c = self.cmd("timeout");
         c.arg("20").arg(program).args(args);
-        c.output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+        c.output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
     }
 
     /// stdout of a command that must succeed.
     pub fn ok(&self, program: &str, args: &[&str]) -> String {
         let out = self.run(program, args);
-        assert!(out.status.success(), "{program} {args:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -82,7 +107,10 @@ impl Netns {
         let mut children = self.children.lock().expect("children");
         let i = children.iter().position(|c| c.id() == pid)?;
         let mut child = children.swap_remove(i);
-        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -110,8 +138,19 @@ impl Netns {
     /// Makes this namespace's /etc/resolv.conf point at `nameserver` (a bind mount private to it).
     pub fn resolv_conf(&self, nameserver: &str) {
         let path = self.dir.path().join("resolv.conf");
-        std::fs::write(&path, format!("nameserver {nameserver}\noptions timeout:2 attempts:1\n")).expect("write resolv.conf");
-        self.ok("mount", &["--bind", path.to_str().expect("utf-8 path"), "/etc/resolv.conf"]);
+        std::fs::write(
+            &path,
+            format!("nameserver {nameserver}\noptions timeout:2 attempts:1\n"),
+        )
+        .expect("write resolv.conf");
+        self.ok(
+            "mount",
+            &[
+                "--bind",
+                path.to_str().expect("utf-8 path"),
+                "/etc/resolv.conf",
+            ],
+        );
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -121,7 +160,12 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        for mut c in self.children.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default() {
+        for mut c in self
+            .children
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default()
+        {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -131,7 +175,11 @@ impl Drop for Netns {
 }
 
 fn unsafe_free_is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 /// Polls `f` every 20 ms until it returns Some or `timeout` passes.
@@ -177,7 +225,15 @@ impl<'a> Daemon<'a> {
             ),
         )
         .expect("config");
-        Self { ns, pid: 0, config, zones, state, log: ns.path("discotech.log"), listen: listen.parse().expect("listen addr") }
+        Self {
+            ns,
+            pid: 0,
+            config,
+            zones,
+            state,
+            log: ns.path("discotech.log"),
+            listen: listen.parse().expect("listen addr"),
+        }
     }
 
     pub fn zone(&self, file: &str, toml: &str) {
@@ -186,14 +242,27 @@ impl<'a> Daemon<'a> {
 
     /// Starts the daemon and waits until it answers over DNS.
     pub fn start(&mut self) {
-        self.pid = self.ns.spawn(DISCOTECH, &["serve", "--config", self.config.to_str().expect("utf-8")], &self.log);
+        self.pid = self.ns.spawn(
+            DISCOTECH,
+            &["serve", "--config", self.config.to_str().expect("utf-8")],
+            &self.log,
+        );
         let server = format!("@{}", self.listen.ip());
         let port = self.listen.port().to_string();
         let up = eventually(Duration::from_secs(10), || {
-            let out = self.ns.run("dig", &[&server, "-p", &port, "disco", "SOA", "+short", "+time=1", "+tries=1"]);
+            let out = self.ns.run(
+                "dig",
+                &[
+                    &server, "-p", &port, "disco", "SOA", "+short", "+time=1", "+tries=1",
+                ],
+            );
             (out.status.success() && !out.stdout.is_empty()).then_some(())
         });
-        assert!(up.is_some(), "discotech did not start answering; log:\n{}", self.log_text());
+        assert!(
+            up.is_some(),
+            "discotech did not start answering; log:\n{}",
+            self.log_text()
+        );
     }
 
     pub fn stop(&mut self) -> Option<i32> {
@@ -215,7 +284,10 @@ impl<'a> Daemon<'a> {
 
     /// `dig +short NAME TYPE`, one line per record.
     pub fn short(&self, name: &str, rtype: &str) -> Vec<String> {
-        self.dig(&[name, rtype, "+short"]).lines().map(str::to_owned).collect()
+        self.dig(&[name, rtype, "+short"])
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -243,9 +315,16 @@ pub fn dnsmasq(ns: &Netns, addr: &str, port: u16, records: &[(&str, &str)], ttl:
     let p = port.to_string();
     let probe = records.first().map_or("localhost", |r| r.0);
     let up = eventually(Duration::from_secs(10), || {
-        let out = ns.run("dig", &[&server, "-p", &p, probe, "+short", "+time=1", "+tries=1"]);
+        let out = ns.run(
+            "dig",
+            &[&server, "-p", &p, probe, "+short", "+time=1", "+tries=1"],
+        );
         (out.status.success() && !out.stdout.is_empty()).then_some(())
     });
-    assert!(up.is_some(), "dnsmasq did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(
+        up.is_some(),
+        "dnsmasq did not start: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     pid
 }

@@ -13,9 +13,32 @@ fn backend(ns: &Netns, ip: &str) -> u32 {
     let dir = ns.path(&format!("www-{ip}"));
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::write(dir.join("healthz"), "ok\n").expect("healthz");
-    let pid = ns.spawn("python3", &["-m", "http.server", "8080", "--bind", ip, "--directory", dir.to_str().expect("utf-8")], &ns.path(&format!("http-{ip}.log")));
+    let pid = ns.spawn(
+        "python3",
+        &[
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            ip,
+            "--directory",
+            dir.to_str().expect("utf-8"),
+        ],
+        &ns.path(&format!("http-{ip}.log")),
+    );
     let up = eventually(Duration::from_secs(10), || {
-        ns.run("curl", &["-sf", "--max-time", "1", &format!("http://{ip}:8080/healthz")]).status.success().then_some(())
+        ns.run(
+            "curl",
+            &[
+                "-sf",
+                "--max-time",
+                "1",
+                &format!("http://{ip}:8080/healthz"),
+            ],
+        )
+        .status
+        .success()
+        .then_some(())
     });
     assert!(up.is_some(), "backend {ip} did not start");
     pid
@@ -30,7 +53,10 @@ fn srv(d: &Daemon<'_>, name: &str) -> Vec<String> {
 #[test]
 fn a_killed_backend_leaves_within_fall_intervals_and_panic_mode_keeps_everyone() {
     let ns = Netns::new();
-    let mut pids: Vec<u32> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().map(|ip| backend(&ns, ip)).collect();
+    let mut pids: Vec<u32> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        .iter()
+        .map(|ip| backend(&ns, ip))
+        .collect();
     let mut d = Daemon::configure(&ns, "127.0.0.53:53", "upstreams = []");
     d.zone("web.toml", &format!("[services.web]\nbackends = [\"127.0.0.2:8080\", \"127.0.0.3:8080\", \"127.0.0.4:8080\"]\n{CHECK}\n"));
     d.start();
@@ -38,25 +64,68 @@ fn a_killed_backend_leaves_within_fall_intervals_and_panic_mode_keeps_everyone()
 
     ns.kill(pids.remove(1));
     let killed = Instant::now();
-    let gone = eventually(Duration::from_secs(5), || (srv(&d, "web.disco").len() == 2).then_some(killed.elapsed()));
+    let gone = eventually(Duration::from_secs(5), || {
+        (srv(&d, "web.disco").len() == 2).then_some(killed.elapsed())
+    });
     let took = gone.expect("the dead backend leaves the answer");
     // fall (2) x (interval 200 ms + jitter up to 50 ms) + one probe timeout, with room for a busy machine.
     assert!(took < Duration::from_millis(2000), "left after {took:?}");
     assert!(!srv(&d, "web.disco").iter().any(|r| r.contains("127-0-0-3")));
-    let backends = String::from_utf8_lossy(&ns.run(DISCOTECH, &["backends", "web", "--socket", ns.path("admin.sock").to_str().expect("utf-8")]).stdout).into_owned();
-    assert!(backends.contains("127.0.0.3:8080") && backends.contains("unhealthy (connect to 127.0.0.3:8080"), "{backends}");
+    let backends = String::from_utf8_lossy(
+        &ns.run(
+            DISCOTECH,
+            &[
+                "backends",
+                "web",
+                "--socket",
+                ns.path("admin.sock").to_str().expect("utf-8"),
+            ],
+        )
+        .stdout,
+    )
+    .into_owned();
+    assert!(
+        backends.contains("127.0.0.3:8080")
+            && backends.contains("unhealthy (connect to 127.0.0.3:8080"),
+        "{backends}"
+    );
 
     pids.insert(1, backend(&ns, "127.0.0.3"));
-    let back = eventually(Duration::from_secs(5), || (srv(&d, "web.disco").len() == 3).then_some(()));
-    assert!(back.is_some(), "a recovered backend returns after rise passes");
+    let back = eventually(Duration::from_secs(5), || {
+        (srv(&d, "web.disco").len() == 3).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "a recovered backend returns after rise passes"
+    );
 
     // Two of three down: 1/3 healthy is below the 50% panic threshold: balance over all three.
     ns.kill(pids[0]);
     ns.kill(pids[2]);
-    let panic = eventually(Duration::from_secs(5), || d.log_text().contains("panic mode, balancing over all").then_some(()));
+    let panic = eventually(Duration::from_secs(5), || {
+        d.log_text()
+            .contains("panic mode, balancing over all")
+            .then_some(())
+    });
     assert!(panic.is_some(), "log:\n{}", d.log_text());
-    assert_eq!(srv(&d, "web.disco").len(), 3, "SRV answers never go empty or crush the survivor");
-    let resolve = String::from_utf8_lossy(&ns.run(DISCOTECH, &["resolve", "web", "--socket", ns.path("admin.sock").to_str().expect("utf-8")]).stdout).into_owned();
+    assert_eq!(
+        srv(&d, "web.disco").len(),
+        3,
+        "SRV answers never go empty or crush the survivor"
+    );
+    let resolve = String::from_utf8_lossy(
+        &ns.run(
+            DISCOTECH,
+            &[
+                "resolve",
+                "web",
+                "--socket",
+                ns.path("admin.sock").to_str().expect("utf-8"),
+            ],
+        )
+        .stdout,
+    )
+    .into_owned();
     assert!(resolve.contains("panic mode"), "{resolve}");
 }
 
@@ -71,13 +140,36 @@ fn a_backup_tier_takes_over_while_the_primaries_are_down_and_hands_back() {
         &format!("[services.tiered]\nbackends = [\"127.0.0.5:8080\", {{ addr = \"127.0.0.6:8080\", priority = 1 }}]\n{CHECK}\n"),
     );
     d.start();
-    assert_eq!(srv(&d, "tiered.disco"), ["0 1 8080 127-0-0-5.tiered.disco.", "1 1 8080 127-0-0-6.tiered.disco."]);
+    assert_eq!(
+        srv(&d, "tiered.disco"),
+        [
+            "0 1 8080 127-0-0-5.tiered.disco.",
+            "1 1 8080 127-0-0-6.tiered.disco."
+        ]
+    );
 
     ns.kill(primary);
-    let failover = eventually(Duration::from_secs(5), || (srv(&d, "tiered.disco") == ["0 1 8080 127-0-0-6.tiered.disco."]).then_some(()));
-    assert!(failover.is_some(), "the backup serves at the best priority: {:?}", srv(&d, "tiered.disco"));
+    let failover = eventually(Duration::from_secs(5), || {
+        (srv(&d, "tiered.disco") == ["0 1 8080 127-0-0-6.tiered.disco."]).then_some(())
+    });
+    assert!(
+        failover.is_some(),
+        "the backup serves at the best priority: {:?}",
+        srv(&d, "tiered.disco")
+    );
 
     backend(&ns, "127.0.0.5");
-    let handback = eventually(Duration::from_secs(5), || (srv(&d, "tiered.disco") == ["0 1 8080 127-0-0-5.tiered.disco.", "1 1 8080 127-0-0-6.tiered.disco."]).then_some(()));
-    assert!(handback.is_some(), "traffic returns to the primary: {:?}", srv(&d, "tiered.disco"));
+    let handback = eventually(Duration::from_secs(5), || {
+        (srv(&d, "tiered.disco")
+            == [
+                "0 1 8080 127-0-0-5.tiered.disco.",
+                "1 1 8080 127-0-0-6.tiered.disco.",
+            ])
+        .then_some(())
+    });
+    assert!(
+        handback.is_some(),
+        "traffic returns to the primary: {:?}",
+        srv(&d, "tiered.disco")
+    );
 }

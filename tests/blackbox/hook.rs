@@ -19,7 +19,12 @@ fn c_program(name: &str) -> PathBuf {
         std::fs::create_dir_all(&dir).expect("clients dir");
         for prog in ["hookclient", "greeter"] {
             let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/clients/{prog}.c"));
-            let status = Command::new("cc").args(["-O2", "-pthread", "-o"]).arg(dir.join(prog)).arg(&src).status().expect("cc");
+            let status = Command::new("cc")
+                .args(["-O2", "-pthread", "-o"])
+                .arg(dir.join(prog))
+                .arg(&src)
+                .status()
+                .expect("cc");
             assert!(status.success(), "cannot compile {prog}.c");
         }
         dir
@@ -29,10 +34,19 @@ fn c_program(name: &str) -> PathBuf {
 
 fn greeter(ns: &Netns, name: &str, ip: &str, port: u16) {
     let bin = c_program("greeter");
-    ns.spawn(bin.to_str().expect("utf-8"), &[name, ip, &port.to_string(), "300"], &ns.path(&format!("greeter-{name}.log")));
+    ns.spawn(
+        bin.to_str().expect("utf-8"),
+        &[name, ip, &port.to_string(), "300"],
+        &ns.path(&format!("greeter-{name}.log")),
+    );
     let up = eventually(Duration::from_secs(5), || {
-        let out = ns.run(c_program("hookclient").to_str().expect("utf-8"), &["block", ip, &port.to_string()]);
-        String::from_utf8_lossy(&out.stdout).starts_with("OK ").then_some(())
+        let out = ns.run(
+            c_program("hookclient").to_str().expect("utf-8"),
+            &["block", ip, &port.to_string()],
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with("OK ")
+            .then_some(())
     });
     assert!(up.is_some(), "greeter {name} on {ip}:{port} did not start");
 }
@@ -47,7 +61,11 @@ fn setup(ns: &Netns) -> Daemon<'_> {
     backend(ns, "127.0.0.3", 8080, "b");
     greeter(ns, "a", "127.0.0.2", 7001);
     greeter(ns, "b", "127.0.0.3", 7001);
-    let mut d = Daemon::configure(ns, "127.0.0.53:53", "upstreams = []\n[metrics]\nlisten = [\"127.0.0.1:9253\"]");
+    let mut d = Daemon::configure(
+        ns,
+        "127.0.0.53:53",
+        "upstreams = []\n[metrics]\nlisten = [\"127.0.0.1:9253\"]",
+    );
     d.zone("web.toml", WEB);
     d.zone(
         "more.toml",
@@ -84,12 +102,35 @@ fn hookclient() -> String {
 fn curl_and_python_reach_the_backends_by_name_on_any_port() {
     let ns = Netns::new();
     let d = setup(&ns);
-    let who = out(&hooked(&ns, &d, &["curl", "-s", "--max-time", "3", "http://web.disco/who"]));
-    assert!(who == "a" || who == "b", "port 80 goes to a backend's default port: {who:?}");
-    let other = out(&hooked(&ns, &d, &["curl", "-s", "--max-time", "3", "http://web.disco:8080/who"]));
+    let who = out(&hooked(
+        &ns,
+        &d,
+        &["curl", "-s", "--max-time", "3", "http://web.disco/who"],
+    ));
+    assert!(
+        who == "a" || who == "b",
+        "port 80 goes to a backend's default port: {who:?}"
+    );
+    let other = out(&hooked(
+        &ns,
+        &d,
+        &["curl", "-s", "--max-time", "3", "http://web.disco:8080/who"],
+    ));
     assert!(other == "a" || other == "b", "{other:?}");
     // Without the hook a magic address is refused at once, not left hanging.
-    let bare = ns.run("curl", &["-s", "--max-time", "3", "-o", "/dev/null", "-w", "%{exitcode}", "http://web.disco/who"]);
+    let bare = ns.run(
+        "curl",
+        &[
+            "-s",
+            "--max-time",
+            "3",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{exitcode}",
+            "http://web.disco/who",
+        ],
+    );
     assert_eq!(out(&bare), "7", "curl exit 7: connection refused");
 
     let script = r#"
@@ -108,7 +149,10 @@ print(blocking, page, asyncio.run(nonblocking()))
     let py = out(&hooked(&ns, &d, &["python3", "-c", script]));
     let words: Vec<&str> = py.split_whitespace().collect();
     assert_eq!(words.len(), 3, "{py:?}");
-    assert!(words.iter().all(|w| *w == "a" || *w == "b"), "blocking, urllib and asyncio all reach a backend: {py:?}");
+    assert!(
+        words.iter().all(|w| *w == "a" || *w == "b"),
+        "blocking, urllib and asyncio all reach a backend: {py:?}"
+    );
 }
 
 #[test]
@@ -117,12 +161,21 @@ fn every_connect_shape_works_through_the_hook() {
     let d = setup(&ns);
     let m = magic(&d, "web");
     let client = hookclient();
-    for (mode, extra) in [("nonblock", None), ("v6mapped", None), ("forkthreads", Some("5")), ("signal", Some("20"))] {
+    for (mode, extra) in [
+        ("nonblock", None),
+        ("v6mapped", None),
+        ("forkthreads", Some("5")),
+        ("signal", Some("20")),
+    ] {
         let mut args = vec![client.as_str(), mode, m.as_str(), "7000"];
         args.extend(extra);
         let o = hooked(&ns, &d, &args);
         let text = out(&o);
-        assert!(o.status.success() && text.starts_with("OK ") && !text.contains("ERR"), "{mode}: {text}{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success() && text.starts_with("OK ") && !text.contains("ERR"),
+            "{mode}: {text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     // UDP connects pass through untouched: the kernel keeps the magic address as the peer.
     let udp = out(&hooked(&ns, &d, &[&client, "udp", &m, "7000"]));
@@ -134,12 +187,20 @@ fn errno_matches_an_unhooked_connect_for_refused_and_unreachable_backends() {
     let ns = Netns::new();
     let d = setup(&ns);
     let client = hookclient();
-    let refused = out(&hooked(&ns, &d, &[&client, "block", &magic(&d, "refusing"), "7000"]));
+    let refused = out(&hooked(
+        &ns,
+        &d,
+        &[&client, "block", &magic(&d, "refusing"), "7000"],
+    ));
     let plain = out(&ns.run(&client, &["block", "127.0.0.9", "7001"]));
     assert_eq!(refused, plain);
     assert_eq!(refused.trim(), "ERR ECONNREFUSED");
     // This namespace has no route beyond loopback: the kernel fails the connect without sending.
-    let unreachable = out(&hooked(&ns, &d, &[&client, "block", &magic(&d, "unreachable"), "7000"]));
+    let unreachable = out(&hooked(
+        &ns,
+        &d,
+        &[&client, "block", &magic(&d, "unreachable"), "7000"],
+    ));
     let plain = out(&ns.run(&client, &["block", "198.51.100.1", "7001"]));
     assert_eq!(unreachable, plain);
     assert!(unreachable.trim() == "ERR ENETUNREACH", "{unreachable}");
@@ -150,25 +211,68 @@ fn round_robin_is_even_weights_hold_and_a_refusing_backend_is_skipped() {
     let ns = Netns::new();
     let d = setup(&ns);
     let client = hookclient();
-    let count = |text: &str, who: &str| text.lines().filter(|l| l.trim() == format!("OK {who}")).count();
+    let count = |text: &str, who: &str| {
+        text.lines()
+            .filter(|l| l.trim() == format!("OK {who}"))
+            .count()
+    };
 
-    let rr = out(&hooked(&ns, &d, &[&client, "many", &magic(&d, "web"), "7000", "30"]));
-    assert_eq!((count(&rr, "a"), count(&rr, "b")), (15, 15), "round robin within one process is exact: {rr}");
+    let rr = out(&hooked(
+        &ns,
+        &d,
+        &[&client, "many", &magic(&d, "web"), "7000", "30"],
+    ));
+    assert_eq!(
+        (count(&rr, "a"), count(&rr, "b")),
+        (15, 15),
+        "round robin within one process is exact: {rr}"
+    );
 
-    let w = out(&hooked(&ns, &d, &[&client, "many", &magic(&d, "weighted"), "7000", "40"]));
+    let w = out(&hooked(
+        &ns,
+        &d,
+        &[&client, "many", &magic(&d, "weighted"), "7000", "40"],
+    ));
     let (a, b) = (count(&w, "a"), count(&w, "b"));
     assert_eq!(a + b, 40, "{w}");
     // Weights 1:3 hold exactly per cycle of four; allow one cycle of slack for prefetched picks.
-    assert!((9..=11).contains(&a) && (29..=31).contains(&b), "weights 1:3 over 40 connects: a={a} b={b}");
+    assert!(
+        (9..=11).contains(&a) && (29..=31).contains(&b),
+        "weights 1:3 over 40 connects: a={a} b={b}"
+    );
 
-    let flaky = out(&hooked(&ns, &d, &[&client, "many", &magic(&d, "flaky"), "7000", "30"]));
-    assert_eq!(count(&flaky, "a") + count(&flaky, "b"), 30, "a refused backend is retried elsewhere, never surfaced: {flaky}");
+    let flaky = out(&hooked(
+        &ns,
+        &d,
+        &[&client, "many", &magic(&d, "flaky"), "7000", "30"],
+    ));
+    assert_eq!(
+        count(&flaky, "a") + count(&flaky, "b"),
+        30,
+        "a refused backend is retried elsewhere, never surfaced: {flaky}"
+    );
     assert!(!flaky.contains("ERR"), "{flaky}");
 
-    let metrics = ns.ok("curl", &["-sf", "--max-time", "5", "http://127.0.0.1:9253/metrics"]);
-    let picked = metrics.lines().find(|l| l.starts_with(r#"discotech_hook_requests_total{service="web",result="picked"}"#));
-    assert!(picked.is_some_and(|l| l.rsplit(' ').next().and_then(|n| n.parse::<f64>().ok()).is_some_and(|n| n >= 30.0)), "{metrics}");
-    assert!(metrics.contains(r#"discotech_hook_requests_total{service="flaky",result="backend_failed"}"#), "failures reported: {metrics}");
+    let metrics = ns.ok(
+        "curl",
+        &["-sf", "--max-time", "5", "http://127.0.0.1:9253/metrics"],
+    );
+    let picked = metrics
+        .lines()
+        .find(|l| l.starts_with(r#"discotech_hook_requests_total{service="web",result="picked"}"#));
+    assert!(
+        picked.is_some_and(|l| l
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse::<f64>().ok())
+            .is_some_and(|n| n >= 30.0)),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains(r#"discotech_hook_requests_total{service="flaky",result="backend_failed"}"#),
+        "failures reported: {metrics}"
+    );
 }
 
 #[test]
@@ -179,13 +283,32 @@ fn killing_the_daemon_mid_run_keeps_clients_on_the_backends_they_know() {
     let client = hookclient();
     let log = ns.path("slowmany.log");
     let config = d.config.to_str().expect("utf-8").to_string();
-    let pid = ns.spawn(DISCOTECH, &["run", "--config", &config, "--", &client, "slowmany", &m, "7000", "40"], &log);
-    let started = eventually(Duration::from_secs(5), || std::fs::read_to_string(&log).ok().filter(|t| t.lines().count() >= 5).map(|_| ()));
+    let pid = ns.spawn(
+        DISCOTECH,
+        &[
+            "run", "--config", &config, "--", &client, "slowmany", &m, "7000", "40",
+        ],
+        &log,
+    );
+    let started = eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.lines().count() >= 5)
+            .map(|_| ())
+    });
     assert!(started.is_some(), "client running");
     ns.kill(d.pid);
-    let done = eventually(Duration::from_secs(10), || std::fs::read_to_string(&log).ok().filter(|t| t.lines().count() >= 40));
+    let done = eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.lines().count() >= 40)
+    });
     let text = done.unwrap_or_else(|| std::fs::read_to_string(&log).unwrap_or_default());
-    assert_eq!(text.lines().filter(|l| l.starts_with("OK ")).count(), 40, "every connect succeeded with the daemon gone: {text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("OK ")).count(),
+        40,
+        "every connect succeeded with the daemon gone: {text}"
+    );
     ns.stop(pid);
     // A program started after the daemon died routes from the fallback file.
     let fresh = out(&hooked(&ns, &d, &[&client, "block", &m, "7000"]));
@@ -195,7 +318,23 @@ fn killing_the_daemon_mid_run_keeps_clients_on_the_backends_they_know() {
     std::fs::create_dir_all(&nothing).expect("dir");
     let socket = nothing.join("hook.sock");
     let started = std::time::Instant::now();
-    let o = ns.run(DISCOTECH, &["run", "--socket", socket.to_str().expect("utf-8"), "--", &client, "block", &m, "7000"]);
+    let o = ns.run(
+        DISCOTECH,
+        &[
+            "run",
+            "--socket",
+            socket.to_str().expect("utf-8"),
+            "--",
+            &client,
+            "block",
+            &m,
+            "7000",
+        ],
+    );
     assert_eq!(out(&o).trim(), "ERR ECONNREFUSED");
-    assert!(started.elapsed() < Duration::from_secs(3), "fails fast: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "fails fast: {:?}",
+        started.elapsed()
+    );
 }

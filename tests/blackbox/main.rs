@@ -3,13 +3,13 @@
 //! Needs root and the packages the README's test command installs.
 
 mod admin;
+mod balance;
 mod dns;
 mod dns_srv;
-mod packaging;
-mod observe;
 mod harness;
 mod health;
 mod hook;
+mod observe;
+mod packaging;
 mod zk;
 mod zookeeper;
-mod balance;

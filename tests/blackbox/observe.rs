@@ -6,7 +6,11 @@ use std::time::Duration;
 use crate::harness::{Daemon, Netns, eventually};
 
 fn start(ns: &Netns) -> Daemon<'_> {
-    let mut d = Daemon::configure(ns, "127.0.0.53:53", "upstreams = []\n[metrics]\nlisten = [\"127.0.0.1:9253\"]");
+    let mut d = Daemon::configure(
+        ns,
+        "127.0.0.53:53",
+        "upstreams = []\n[metrics]\nlisten = [\"127.0.0.1:9253\"]",
+    );
     d.zone("web.toml", "[services.web]\nbackends = [\"127.0.0.2:8080\", { addr = \"127.0.0.3:8081\", weight = 2 }]\n");
     d.start();
     d
@@ -14,11 +18,17 @@ fn start(ns: &Netns) -> Daemon<'_> {
 
 /// The value of one sample line `name{labels} value` in a Prometheus text exposition.
 fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
 }
 
 fn scrape(ns: &Netns) -> String {
-    ns.ok("curl", &["-sf", "--max-time", "5", "http://127.0.0.1:9253/metrics"])
+    ns.ok(
+        "curl",
+        &["-sf", "--max-time", "5", "http://127.0.0.1:9253/metrics"],
+    )
 }
 
 #[test]
@@ -36,12 +46,24 @@ fn metrics_count_queries_by_type_and_answer_and_describe_sources() {
     assert_eq!(sample(&text, a), Some(before + 5.0), "{text}");
     assert_eq!(sample(&text, nx), Some(1.0));
     assert_eq!(sample(&text, "discotech_services"), Some(1.0));
-    assert!(sample(&text, "discotech_dns_query_duration_seconds_count").is_some_and(|n| n >= 2.0), "{text}");
-    let source = text.lines().find(|l| l.starts_with("discotech_source_up{")).expect("a source_up series");
+    assert!(
+        sample(&text, "discotech_dns_query_duration_seconds_count").is_some_and(|n| n >= 2.0),
+        "{text}"
+    );
+    let source = text
+        .lines()
+        .find(|l| l.starts_with("discotech_source_up{"))
+        .expect("a source_up series");
     assert!(source.ends_with(" 1"), "{source}");
-    assert!(text.contains("# HELP discotech_guard_held_updates"), "documented families");
+    assert!(
+        text.contains("# HELP discotech_guard_held_updates"),
+        "documented families"
+    );
     // Every sample line parses: name, optional labels, a number.
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let value = line.rsplit(' ').next().unwrap_or_default();
         assert!(value.parse::<f64>().is_ok(), "unparsable sample: {line}");
     }
@@ -53,7 +75,11 @@ fn status_page_renders_in_headless_chromium() {
     let d = start(&ns);
     let _ = d.short("nope.disco", "A");
     d.zone("web.toml", "[services.web]\nbackends = []\n");
-    let held = eventually(Duration::from_secs(3), || d.log_text().contains("would leave no backends").then_some(()));
+    let held = eventually(Duration::from_secs(3), || {
+        d.log_text()
+            .contains("would leave no backends")
+            .then_some(())
+    });
     assert!(held.is_some());
 
     let profile = ns.path("chromium-profile");
@@ -75,15 +101,29 @@ fn status_page_renders_in_headless_chromium() {
     args.extend([user_dir.as_str(), "--dump-dom", "http://127.0.0.1:9253/"]);
     let dom = ns.ok("chromium", &args);
     assert!(dom.contains("<h1>discotech"), "{dom}");
-    assert!(dom.contains("<b>web</b>") && dom.contains("127.0.0.2:8080") && dom.contains("w2 p0"), "services and backends: {dom}");
-    assert!(dom.contains("degraded") && dom.contains("update would leave no backends"), "the held update shows: {dom}");
+    assert!(
+        dom.contains("<b>web</b>") && dom.contains("127.0.0.2:8080") && dom.contains("w2 p0"),
+        "services and backends: {dom}"
+    );
+    assert!(
+        dom.contains("degraded") && dom.contains("update would leave no backends"),
+        "the held update shows: {dom}"
+    );
     assert!(dom.contains("file:"), "the source row: {dom}");
 
     let mut args: Vec<&str> = common.to_vec();
-    args.extend([user_dir.as_str(), screenshot.as_str(), "http://127.0.0.1:9253/"]);
+    args.extend([
+        user_dir.as_str(),
+        screenshot.as_str(),
+        "http://127.0.0.1:9253/",
+    ]);
     ns.ok("chromium", &args);
     let png = std::fs::read(&shot).expect("screenshot written");
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot, {} bytes", png.len());
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a real screenshot, {} bytes",
+        png.len()
+    );
     // Keep it where a person can look at it after the run.
     let keep = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
     std::fs::write(&keep, &png).expect("keep screenshot");
@@ -93,11 +133,45 @@ fn status_page_renders_in_headless_chromium() {
 fn the_http_listener_answers_json_and_rejects_the_rest() {
     let ns = Netns::new();
     let _d = start(&ns);
-    let json = ns.ok("curl", &["-sf", "--max-time", "5", "http://127.0.0.1:9253/status.json"]);
+    let json = ns.ok(
+        "curl",
+        &[
+            "-sf",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:9253/status.json",
+        ],
+    );
     let v: serde_json::Value = serde_json::from_str(&json).expect("json");
     assert_eq!(v["services"], 1);
-    let code = ns.ok("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "http://127.0.0.1:9253/nope"]);
+    let code = ns.ok(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:9253/nope",
+        ],
+    );
     assert_eq!(code, "404");
-    let code = ns.ok("curl", &["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "--max-time", "5", "http://127.0.0.1:9253/metrics"]);
+    let code = ns.ok(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:9253/metrics",
+        ],
+    );
     assert_eq!(code, "405");
 }

@@ -25,13 +25,24 @@ fn deb() -> &'static Path {
     static DEB: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let built = DEB.get_or_init(|| {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/build-deb.sh");
-        let out = Command::new(&script).output().map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        let out = Command::new(&script)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
         if !out.status.success() {
-            return Err(format!("{} failed: {}\n{}", script.display(), out.status, String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "{} failed: {}\n{}",
+                script.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
         let path = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
-        if path.is_file() { Ok(path) } else { Err(format!("build-deb.sh named no .deb: {stdout}")) }
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("build-deb.sh named no .deb: {stdout}"))
+        }
     });
     match built {
         Ok(path) => path,
@@ -40,7 +51,11 @@ fn deb() -> &'static Path {
 }
 
 fn text(out: &Output) -> String {
-    format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// The package installed with `dpkg -i` into an overlay of `/` inside `ns`'s mount namespace.
@@ -68,27 +83,41 @@ impl<'a> Scratch<'a> {
              mount -t tmpfs tmpfs {root}/tmp
              mount --rbind /dev {root}/dev
              mount -t proc proc {root}/proc
-             cp {deb} {root}/var/tmp/discotech.deb"
-        ,
+             cp {deb} {root}/var/tmp/discotech.deb",
             deb = deb.display()
         );
         ns.ok("sh", &["-c", &setup]);
-        let s = Self { ns, root, dpkg_output: String::new() };
+        let s = Self {
+            ns,
+            root,
+            dpkg_output: String::new(),
+        };
         let out = s.chroot(&["dpkg", "-i", "/var/tmp/discotech.deb"]);
         assert!(out.status.success(), "dpkg -i failed:\n{}", text(&out));
-        Self { dpkg_output: text(&out), ..s }
+        Self {
+            dpkg_output: text(&out),
+            ..s
+        }
     }
 
     /// Runs a command chrooted into the scratch root (bounded by 60 s).
     fn chroot(&self, args: &[&str]) -> Output {
         let mut c = self.ns.cmd("timeout");
-        c.args(["60", "chroot", &self.root]).args(args).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-        c.output().unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"))
+        c.args(["60", "chroot", &self.root])
+            .args(args)
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        c.output()
+            .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"))
     }
 
     fn chroot_ok(&self, args: &[&str]) -> String {
         let out = self.chroot(args);
-        assert!(out.status.success(), "{args:?} in the scratch root failed: {}\n{}", out.status, text(&out));
+        assert!(
+            out.status.success(),
+            "{args:?} in the scratch root failed: {}\n{}",
+            out.status,
+            text(&out)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -101,7 +130,13 @@ impl<'a> Scratch<'a> {
     fn write(&self, path: &str, content: &str) {
         let staged = self.ns.path("staged");
         std::fs::write(&staged, content).expect("stage file");
-        self.ns.ok("cp", &[staged.to_str().expect("utf-8"), &format!("{}{path}", self.root)]);
+        self.ns.ok(
+            "cp",
+            &[
+                staged.to_str().expect("utf-8"),
+                &format!("{}{path}", self.root),
+            ],
+        );
     }
 
     fn exists(&self, path: &str) -> bool {
@@ -111,7 +146,17 @@ impl<'a> Scratch<'a> {
     /// Starts the installed daemon with `config` (a path inside the root).
     fn serve(&self, config: &str) -> u32 {
         let log = self.ns.path("discotech.log");
-        self.ns.spawn("chroot", &[&self.root, "/usr/bin/discotech", "serve", "--config", config], &log)
+        self.ns.spawn(
+            "chroot",
+            &[
+                &self.root,
+                "/usr/bin/discotech",
+                "serve",
+                "--config",
+                config,
+            ],
+            &log,
+        )
     }
 
     fn log(&self) -> String {
@@ -157,20 +202,35 @@ impl Scratch<'_> {
         ]);
         let log = self.ns.path("systemd.log");
         let unshare = self.ns.spawn("sh", &["-c", BOOT, "boot", &self.root], &log);
-        let mut booted = Booted { pid: 0, cgroup: format!("discotech-test-{unshare}") };
+        let mut booted = Booted {
+            pid: 0,
+            cgroup: format!("discotech-test-{unshare}"),
+        };
         let pid = eventually(Duration::from_secs(10), || {
-            let children = std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children")).ok()?;
+            let children =
+                std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children")).ok()?;
             let pid: u32 = children.split_whitespace().next()?.parse().ok()?;
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
             (comm.trim() == "systemd").then_some(pid)
         });
-        booted.pid = pid.unwrap_or_else(|| panic!("systemd did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+        booted.pid = pid.unwrap_or_else(|| {
+            panic!(
+                "systemd did not start:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
         let state = eventually(Duration::from_secs(60), || {
             let state = booted.run(&["systemctl", "is-system-running"]);
             let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
-            ["running", "degraded"].contains(&state.as_str()).then_some(state)
+            ["running", "degraded"]
+                .contains(&state.as_str())
+                .then_some(state)
         });
-        assert!(state.is_some(), "systemd did not finish booting: {}", text(&booted.run(&["systemctl", "list-jobs", "--no-pager"])));
+        assert!(
+            state.is_some(),
+            "systemd did not finish booting: {}",
+            text(&booted.run(&["systemctl", "list-jobs", "--no-pager"]))
+        );
         booted
     }
 }
@@ -179,7 +239,18 @@ impl Booted {
     /// Runs a command inside the booted system (its namespaces and root), bounded by 60 s.
     fn run(&self, args: &[&str]) -> Output {
         Command::new("timeout")
-            .args(["60", "nsenter", "-t", &self.pid.to_string(), "-m", "-p", "-n", "-r", "-w", "--"])
+            .args([
+                "60",
+                "nsenter",
+                "-t",
+                &self.pid.to_string(),
+                "-m",
+                "-p",
+                "-n",
+                "-r",
+                "-w",
+                "--",
+            ])
             .args(args)
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("SYSTEMD_PAGER", "")
@@ -189,16 +260,28 @@ impl Booted {
 
     fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.status.success(), "{args:?} under systemd failed: {}\n{}", out.status, text(&out));
+        assert!(
+            out.status.success(),
+            "{args:?} under systemd failed: {}\n{}",
+            out.status,
+            text(&out)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn active(&self, unit: &str) -> String {
-        String::from_utf8_lossy(&self.run(&["systemctl", "is-active", unit]).stdout).trim().to_string()
+        String::from_utf8_lossy(&self.run(&["systemctl", "is-active", unit]).stdout)
+            .trim()
+            .to_string()
     }
 
     fn journal(&self, unit: &str) -> String {
-        String::from_utf8_lossy(&self.run(&["journalctl", "--no-pager", "-o", "cat", "-u", unit]).stdout).into_owned()
+        String::from_utf8_lossy(
+            &self
+                .run(&["journalctl", "--no-pager", "-o", "cat", "-u", unit])
+                .stdout,
+        )
+        .into_owned()
     }
 }
 
@@ -206,17 +289,30 @@ impl Drop for Booted {
     fn drop(&mut self) {
         // SIGKILL to a PID namespace's init from outside ends the whole namespace.
         if self.pid != 0 {
-            let _ = Command::new("kill").args(["-KILL", &self.pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.pid.to_string()])
+                .status();
         }
         // Its cgroups empty once every process in it is reaped; remove them deepest first.
-        let hierarchies: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup").map(|d| d.flatten().map(|e| e.path().join(&self.cgroup)).collect()).unwrap_or_default();
+        let hierarchies: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+            .map(|d| d.flatten().map(|e| e.path().join(&self.cgroup)).collect())
+            .unwrap_or_default();
         let _ = eventually(Duration::from_secs(5), || {
             let mut left = false;
             for top in &hierarchies {
                 let mut dirs = vec![top.clone()];
                 let mut i = 0;
                 while let Some(dir) = dirs.get(i).cloned() {
-                    dirs.extend(std::fs::read_dir(&dir).map(|d| d.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()).collect::<Vec<_>>()).unwrap_or_default());
+                    dirs.extend(
+                        std::fs::read_dir(&dir)
+                            .map(|d| {
+                                d.flatten()
+                                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                                    .map(|e| e.path())
+                                    .collect::<Vec<_>>()
+                            })
+                            .unwrap_or_default(),
+                    );
                     i += 1;
                 }
                 for dir in dirs.iter().rev() {
@@ -250,7 +346,9 @@ fn resolved_keys(text: &str) -> Vec<(String, String)> {
 }
 
 fn key<'k>(keys: &'k [(String, String)], name: &str) -> Option<&'k str> {
-    keys.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    keys.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// `[Service]` settings of a unit file (the last value of each key; repeated keys joined by spaces).
@@ -270,17 +368,38 @@ fn installed_unit_passes_systemd_analyze_verify() {
     let unit = "/usr/lib/systemd/system/discotech.service";
     // verify checks every key and that the Exec binaries exist, which they do only once installed.
     let out = root.chroot(&["systemd-analyze", "verify", unit]);
-    assert!(out.status.success() && out.stderr.is_empty() && out.stdout.is_empty(), "systemd-analyze verify:\n{}", text(&out));
+    assert!(
+        out.status.success() && out.stderr.is_empty() && out.stdout.is_empty(),
+        "systemd-analyze verify:\n{}",
+        text(&out)
+    );
 
     // The same check on a copy with a typo proves verify's silence above means something.
-    let broken = root.read(unit).replace("ProtectSystem=strict", "ProtectSytem=strict");
+    let broken = root
+        .read(unit)
+        .replace("ProtectSystem=strict", "ProtectSytem=strict");
     root.write("/etc/systemd/system/discotech-typo.service", &broken);
-    let out = root.chroot(&["systemd-analyze", "verify", "/etc/systemd/system/discotech-typo.service"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("ProtectSytem"), "a typo went unnoticed:\n{}", text(&out));
+    let out = root.chroot(&[
+        "systemd-analyze",
+        "verify",
+        "/etc/systemd/system/discotech-typo.service",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ProtectSytem"),
+        "a typo went unnoticed:\n{}",
+        text(&out)
+    );
 
     // The hardening the issue asks for, as shipped.
     let settings = unit_settings(&root.read(unit));
-    let value = |k: &str| settings.iter().filter(|(key, _)| key == k).map(|(_, v)| v.as_str()).collect::<Vec<_>>().join(" ");
+    let value = |k: &str| {
+        settings
+            .iter()
+            .filter(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     assert_eq!(value("CapabilityBoundingSet"), "CAP_NET_BIND_SERVICE");
     assert_eq!(value("AmbientCapabilities"), "CAP_NET_BIND_SERVICE");
     assert_eq!(value("ProtectSystem"), "strict");
@@ -293,13 +412,26 @@ fn installed_unit_passes_systemd_analyze_verify() {
     assert_eq!(value("ExecReload"), "/bin/kill -HUP $MAINPID");
     assert_eq!(value("ReadWritePaths"), "/var/lib/discotech /run/discotech");
     for family in ["AF_UNIX", "AF_NETLINK", "AF_INET", "AF_INET6"] {
-        assert!(value("RestrictAddressFamilies").split(' ').any(|f| f == family), "{family} not allowed");
+        assert!(
+            value("RestrictAddressFamilies")
+                .split(' ')
+                .any(|f| f == family),
+            "{family} not allowed"
+        );
     }
     // Root, so the hook trusts the socket owner out of the box (see the unit's comment).
-    assert_eq!(value("User"), "", "the hook trusts a root-owned daemon socket; another user needs DISCOTECH_DAEMON_UID in every app");
+    assert_eq!(
+        value("User"),
+        "",
+        "the hook trusts a root-owned daemon socket; another user needs DISCOTECH_DAEMON_UID in every app"
+    );
 
     // The unit is enabled by the postinst, and the admin group exists.
-    assert!(root.exists("/etc/systemd/system/multi-user.target.wants/discotech.service"), "not enabled; dpkg said:\n{}", root.dpkg_output);
+    assert!(
+        root.exists("/etc/systemd/system/multi-user.target.wants/discotech.service"),
+        "not enabled; dpkg said:\n{}",
+        root.dpkg_output
+    );
     root.chroot_ok(&["getent", "group", "discotech"]);
     // tmpfiles.d creates /run/discotech as documented.
     root.chroot_ok(&["systemd-tmpfiles", "--create", "discotech.conf"]);
@@ -310,7 +442,10 @@ fn installed_unit_passes_systemd_analyze_verify() {
 #[test]
 fn deb_ships_the_binary_the_hook_the_unit_and_conffiles() {
     let deb = deb().to_str().expect("utf-8 path");
-    let list = Command::new("dpkg-deb").args(["-c", deb]).output().expect("dpkg-deb");
+    let list = Command::new("dpkg-deb")
+        .args(["-c", deb])
+        .output()
+        .expect("dpkg-deb");
     assert!(list.status.success(), "{}", text(&list));
     let list = String::from_utf8_lossy(&list.stdout);
     for (path, mode) in [
@@ -321,38 +456,94 @@ fn deb_ships_the_binary_the_hook_the_unit_and_conffiles() {
         ("./usr/lib/sysusers.d/discotech.conf", "-rw-r--r--"),
         ("./etc/discotech/discotech.toml", "-rw-r--r--"),
         ("./etc/discotech/zones/example.toml", "-rw-r--r--"),
-        ("./usr/share/doc/discotech/examples/resolved.conf.d-discotech.conf", "-rw-r--r--"),
-        ("./usr/share/doc/discotech/examples/discotech-beside-resolved.toml", "-rw-r--r--"),
-        ("./usr/share/doc/discotech/examples/hook-dropin.conf", "-rw-r--r--"),
+        (
+            "./usr/share/doc/discotech/examples/resolved.conf.d-discotech.conf",
+            "-rw-r--r--",
+        ),
+        (
+            "./usr/share/doc/discotech/examples/discotech-beside-resolved.toml",
+            "-rw-r--r--",
+        ),
+        (
+            "./usr/share/doc/discotech/examples/hook-dropin.conf",
+            "-rw-r--r--",
+        ),
         ("./usr/share/doc/discotech/docs/deployment.md", "-rw-r--r--"),
-        ("./usr/share/doc/discotech/docs/configuration.md", "-rw-r--r--"),
+        (
+            "./usr/share/doc/discotech/docs/configuration.md",
+            "-rw-r--r--",
+        ),
         ("./usr/share/doc/discotech/copyright", "-rw-r--r--"),
     ] {
-        let line = list.lines().find(|l| l.ends_with(&format!(" {path}"))).unwrap_or_else(|| panic!("{path} not in the package:\n{list}"));
-        assert!(line.starts_with(mode) && line.contains(" 0/0 "), "{path}: {line}");
+        let line = list
+            .lines()
+            .find(|l| l.ends_with(&format!(" {path}")))
+            .unwrap_or_else(|| panic!("{path} not in the package:\n{list}"));
+        assert!(
+            line.starts_with(mode) && line.contains(" 0/0 "),
+            "{path}: {line}"
+        );
     }
     // The shipped drop-in must not switch the host resolver: nothing under /etc/systemd.
-    assert!(!list.contains("./etc/systemd/"), "the package installs resolver configuration:\n{list}");
+    assert!(
+        !list.contains("./etc/systemd/"),
+        "the package installs resolver configuration:\n{list}"
+    );
 
-    let field = |f: &str| String::from_utf8_lossy(&Command::new("dpkg-deb").args(["-f", deb, f]).output().expect("dpkg-deb -f").stdout).trim().to_string();
+    let field = |f: &str| {
+        String::from_utf8_lossy(
+            &Command::new("dpkg-deb")
+                .args(["-f", deb, f])
+                .output()
+                .expect("dpkg-deb -f")
+                .stdout,
+        )
+        .trim()
+        .to_string()
+    };
     assert_eq!(field("Package"), "discotech");
-    assert!(field("Depends").split(", ").any(|d| d == "systemd"), "Depends: {}", field("Depends"));
+    assert!(
+        field("Depends").split(", ").any(|d| d == "systemd"),
+        "Depends: {}",
+        field("Depends")
+    );
 
     let ctrl = tempfile::tempdir().expect("tempdir");
-    let out = Command::new("dpkg-deb").args(["-e", deb, ctrl.path().to_str().expect("utf-8")]).output().expect("dpkg-deb -e");
+    let out = Command::new("dpkg-deb")
+        .args(["-e", deb, ctrl.path().to_str().expect("utf-8")])
+        .output()
+        .expect("dpkg-deb -e");
     assert!(out.status.success(), "{}", text(&out));
     let conffiles = std::fs::read_to_string(ctrl.path().join("conffiles")).expect("conffiles");
     let conffiles: Vec<&str> = conffiles.lines().collect();
-    assert_eq!(conffiles, ["/etc/discotech/discotech.toml", "/etc/discotech/zones/example.toml"]);
+    assert_eq!(
+        conffiles,
+        [
+            "/etc/discotech/discotech.toml",
+            "/etc/discotech/zones/example.toml"
+        ]
+    );
 
     // The hook is a shared library that interposes connect(), not a stray rlib or executable.
     let x = ctrl.path().join("x");
-    let out = Command::new("dpkg-deb").args(["-x", deb, x.to_str().expect("utf-8")]).output().expect("dpkg-deb -x");
+    let out = Command::new("dpkg-deb")
+        .args(["-x", deb, x.to_str().expect("utf-8")])
+        .output()
+        .expect("dpkg-deb -x");
     assert!(out.status.success(), "{}", text(&out));
-    let syms = Command::new("readelf").args(["-h", "--dyn-syms", "-W"]).arg(x.join("usr/lib/discotech/libdiscotech_hook.so")).output().expect("readelf");
+    let syms = Command::new("readelf")
+        .args(["-h", "--dyn-syms", "-W"])
+        .arg(x.join("usr/lib/discotech/libdiscotech_hook.so"))
+        .output()
+        .expect("readelf");
     let syms = String::from_utf8_lossy(&syms.stdout);
     assert!(syms.contains("DYN (Shared object file)"), "{syms}");
-    assert!(syms.lines().any(|l| l.contains(" FUNC ") && l.contains(" GLOBAL ") && l.split_whitespace().last() == Some("connect")), "connect not exported");
+    assert!(
+        syms.lines().any(|l| l.contains(" FUNC ")
+            && l.contains(" GLOBAL ")
+            && l.split_whitespace().last() == Some("connect")),
+        "connect not exported"
+    );
 }
 
 /// Mode (a): the package as the host's resolver on 127.0.0.53, following docs/deployment.md: set
@@ -362,60 +553,169 @@ fn deb_ships_the_binary_the_hook_the_unit_and_conffiles() {
 fn installed_package_serves_as_the_system_resolver_and_routes_hooked_connects() {
     let ns = Netns::new();
     let root = Scratch::install(&ns);
-    dnsmasq(&ns, VPC_RESOLVER, 53, &[("db.vpc.internal", "10.1.2.3")], 300);
+    dnsmasq(
+        &ns,
+        VPC_RESOLVER,
+        53,
+        &[("db.vpc.internal", "10.1.2.3")],
+        300,
+    );
 
     // The shipped config passes its own check, then again with the upstream set as the docs say.
-    root.chroot_ok(&["discotech", "check", "--config", "/etc/discotech/discotech.toml"]);
+    root.chroot_ok(&[
+        "discotech",
+        "check",
+        "--config",
+        "/etc/discotech/discotech.toml",
+    ]);
     let config = root.read("/etc/discotech/discotech.toml");
     assert!(config.contains("listen = [\"127.0.0.53:53\"]"), "{config}");
-    let upstream_line = config.lines().find(|l| l.starts_with("# upstreams = ")).expect("the example config shows where upstreams go");
-    root.write("/etc/discotech/discotech.toml", &config.replace(upstream_line, &format!("upstreams = [\"{VPC_RESOLVER}\"]")));
-    root.chroot_ok(&["discotech", "check", "--config", "/etc/discotech/discotech.toml"]);
-    root.write("/etc/resolv.conf", "nameserver 127.0.0.53\noptions timeout:2 attempts:1\n");
+    let upstream_line = config
+        .lines()
+        .find(|l| l.starts_with("# upstreams = "))
+        .expect("the example config shows where upstreams go");
+    root.write(
+        "/etc/discotech/discotech.toml",
+        &config.replace(upstream_line, &format!("upstreams = [\"{VPC_RESOLVER}\"]")),
+    );
+    root.chroot_ok(&[
+        "discotech",
+        "check",
+        "--config",
+        "/etc/discotech/discotech.toml",
+    ]);
+    root.write(
+        "/etc/resolv.conf",
+        "nameserver 127.0.0.53\noptions timeout:2 attempts:1\n",
+    );
 
     root.serve("/etc/discotech/discotech.toml");
     // Real libc clients in the installed root: the example zone's service, and a forwarded name.
     let web = eventually(Duration::from_secs(10), || {
         let out = root.chroot(&["getent", "hosts", "web.disco"]);
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string())
+        out.status.success().then(|| {
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
     });
-    let web = web.unwrap_or_else(|| panic!("web.disco did not resolve through 127.0.0.53; log:\n{}", root.log()));
-    assert!(web.starts_with("127.77."), "web.disco is {web}, not a magic address");
+    let web = web.unwrap_or_else(|| {
+        panic!(
+            "web.disco did not resolve through 127.0.0.53; log:\n{}",
+            root.log()
+        )
+    });
+    assert!(
+        web.starts_with("127.77."),
+        "web.disco is {web}, not a magic address"
+    );
     let vpc = root.chroot_ok(&["getent", "hosts", "db.vpc.internal"]);
     assert!(vpc.starts_with("10.1.2.3 "), "forwarded name: {vpc}");
     let srv = root.chroot_ok(&["dig", "+short", "web.disco", "SRV"]);
-    assert!(srv.contains(" 8080 127-0-0-2.web.disco.") && srv.contains(" 8080 127-0-0-3.web.disco."), "{srv}");
+    assert!(
+        srv.contains(" 8080 127-0-0-2.web.disco.") && srv.contains(" 8080 127-0-0-3.web.disco."),
+        "{srv}"
+    );
 
     // The installed daemon's runtime files, where the unit and the hook expect them.
-    assert_eq!(root.chroot_ok(&["stat", "-c", "%a", "/run/discotech/hook.sock"]).trim(), "666");
-    assert_eq!(root.chroot_ok(&["stat", "-c", "%a", "/run/discotech/admin.sock"]).trim(), "660");
+    assert_eq!(
+        root.chroot_ok(&["stat", "-c", "%a", "/run/discotech/hook.sock"])
+            .trim(),
+        "666"
+    );
+    assert_eq!(
+        root.chroot_ok(&["stat", "-c", "%a", "/run/discotech/admin.sock"])
+            .trim(),
+        "660"
+    );
     let services = root.chroot_ok(&["discotech", "services"]);
-    assert!(services.lines().any(|l| l.starts_with("web ") && l.contains(&web)), "{services}");
+    assert!(
+        services
+            .lines()
+            .any(|l| l.starts_with("web ") && l.contains(&web)),
+        "{services}"
+    );
 
     // The hook from /usr/lib/discotech, found by `discotech run`, sends curl's connect to a backend.
     for backend in ["127.0.0.2", "127.0.0.3"] {
         let dir = ns.path(backend);
         std::fs::create_dir_all(&dir).expect("backend dir");
         std::fs::write(dir.join("who"), backend).expect("backend file");
-        ns.spawn("/usr/bin/python3", &["-m", "http.server", "--bind", backend, "--directory", dir.to_str().expect("utf-8"), "8080"], &ns.path(&format!("{backend}.log")));
+        ns.spawn(
+            "/usr/bin/python3",
+            &[
+                "-m",
+                "http.server",
+                "--bind",
+                backend,
+                "--directory",
+                dir.to_str().expect("utf-8"),
+                "8080",
+            ],
+            &ns.path(&format!("{backend}.log")),
+        );
     }
     let answered = eventually(Duration::from_secs(10), || {
-        let out = root.chroot(&["discotech", "run", "--", "curl", "-sf", "--max-time", "3", "http://web.disco:8080/who"]);
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        let out = root.chroot(&[
+            "discotech",
+            "run",
+            "--",
+            "curl",
+            "-sf",
+            "--max-time",
+            "3",
+            "http://web.disco:8080/who",
+        ]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     });
-    let answered = answered.unwrap_or_else(|| panic!("hooked curl to web.disco got no backend; log:\n{}", root.log()));
-    assert!(answered == "127.0.0.2" || answered == "127.0.0.3", "{answered}");
+    let answered = answered.unwrap_or_else(|| {
+        panic!(
+            "hooked curl to web.disco got no backend; log:\n{}",
+            root.log()
+        )
+    });
+    assert!(
+        answered == "127.0.0.2" || answered == "127.0.0.3",
+        "{answered}"
+    );
     // Without the hook the magic address reaches nothing: the answer above came through the hook.
-    let bare = root.chroot(&["curl", "-sf", "--max-time", "3", "http://web.disco:8080/who"]);
-    assert!(!bare.status.success(), "an unhooked connect to the magic address answered: {}", text(&bare));
+    let bare = root.chroot(&[
+        "curl",
+        "-sf",
+        "--max-time",
+        "3",
+        "http://web.disco:8080/who",
+    ]);
+    assert!(
+        !bare.status.success(),
+        "an unhooked connect to the magic address answered: {}",
+        text(&bare)
+    );
 
     // remove keeps the config and the state (addresses survive a reinstall); purge removes both.
-    assert!(root.exists("/var/lib/discotech/magic.json"), "no state written; log:\n{}", root.log());
+    assert!(
+        root.exists("/var/lib/discotech/magic.json"),
+        "no state written; log:\n{}",
+        root.log()
+    );
     root.chroot_ok(&["dpkg", "-r", "discotech"]);
-    assert!(!root.exists("/usr/bin/discotech") && !root.exists("/usr/lib/discotech/libdiscotech_hook.so"));
-    assert!(root.exists("/etc/discotech/discotech.toml") && root.exists("/var/lib/discotech/magic.json"));
+    assert!(
+        !root.exists("/usr/bin/discotech")
+            && !root.exists("/usr/lib/discotech/libdiscotech_hook.so")
+    );
+    assert!(
+        root.exists("/etc/discotech/discotech.toml")
+            && root.exists("/var/lib/discotech/magic.json")
+    );
     root.chroot_ok(&["dpkg", "-P", "discotech"]);
-    assert!(!root.exists("/etc/discotech/discotech.toml"), "purge left the config");
+    assert!(
+        !root.exists("/etc/discotech/discotech.toml"),
+        "purge left the config"
+    );
     assert!(!root.exists("/var/lib/discotech"), "purge left the state");
 }
 
@@ -425,54 +725,116 @@ fn installed_package_serves_as_the_system_resolver_and_routes_hooked_connects() 
 fn installed_package_serves_beside_resolved_on_the_drop_in_address() {
     let ns = Netns::new();
     let root = Scratch::install(&ns);
-    let keys = resolved_keys(&root.read("/usr/share/doc/discotech/examples/resolved.conf.d-discotech.conf"));
-    let dns = key(&keys, "DNS").expect("the drop-in sets DNS=").to_string();
+    let keys = resolved_keys(
+        &root.read("/usr/share/doc/discotech/examples/resolved.conf.d-discotech.conf"),
+    );
+    let dns = key(&keys, "DNS")
+        .expect("the drop-in sets DNS=")
+        .to_string();
     assert_eq!(key(&keys, "Domains"), Some("~disco"), "{keys:?}");
     let addr: std::net::Ipv4Addr = dns.parse().unwrap_or_else(|e| panic!("DNS={dns}: {e}"));
     assert!(addr.is_loopback(), "DNS={dns} must be a loopback address");
-    assert!(!["127.0.0.53", "127.0.0.54"].contains(&dns.as_str()), "DNS={dns} is where resolved itself listens");
+    assert!(
+        !["127.0.0.53", "127.0.0.54"].contains(&dns.as_str()),
+        "DNS={dns} is where resolved itself listens"
+    );
 
     // The shipped mode-(b) config listens where the drop-in points, and names real upstreams.
     let example = root.read("/usr/share/doc/discotech/examples/discotech-beside-resolved.toml");
-    assert!(example.contains(&format!("listen = [\"{dns}:53\"]")), "the example config does not listen on DNS={dns}:\n{example}");
-    let upstreams = example.lines().find(|l| l.starts_with("upstreams = ")).expect("the example names its upstreams");
-    assert!(!upstreams.contains("127.0.0.53") && !upstreams.contains("127.0.0.54"), "a forwarding loop through resolved: {upstreams}");
-    root.write("/etc/discotech/discotech.toml", &example.replace(upstreams, &format!("upstreams = [\"{VPC_RESOLVER}\"]")));
-    root.chroot_ok(&["discotech", "check", "--config", "/etc/discotech/discotech.toml"]);
+    assert!(
+        example.contains(&format!("listen = [\"{dns}:53\"]")),
+        "the example config does not listen on DNS={dns}:\n{example}"
+    );
+    let upstreams = example
+        .lines()
+        .find(|l| l.starts_with("upstreams = "))
+        .expect("the example names its upstreams");
+    assert!(
+        !upstreams.contains("127.0.0.53") && !upstreams.contains("127.0.0.54"),
+        "a forwarding loop through resolved: {upstreams}"
+    );
+    root.write(
+        "/etc/discotech/discotech.toml",
+        &example.replace(upstreams, &format!("upstreams = [\"{VPC_RESOLVER}\"]")),
+    );
+    root.chroot_ok(&[
+        "discotech",
+        "check",
+        "--config",
+        "/etc/discotech/discotech.toml",
+    ]);
 
     // resolved's place: a stub on 127.0.0.53 (and its proxy stub on 127.0.0.54) that routes as the
     // drop-in tells resolved to. Both hold their ports before discotech starts, as on a real host.
-    dnsmasq(&ns, VPC_RESOLVER, 53, &[("db.vpc.internal", "10.1.2.3")], 300);
+    dnsmasq(
+        &ns,
+        VPC_RESOLVER,
+        53,
+        &[("db.vpc.internal", "10.1.2.3")],
+        300,
+    );
     let resolved_log = ns.path("resolved-standin.log");
     ns.spawn(
         "dnsmasq",
         &[
-            "--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--bind-interfaces",
-            "--listen-address=127.0.0.53", "--listen-address=127.0.0.54", "--port=53", "--pid-file=", "--user=root",
-            &format!("--server=/disco/{dns}"), &format!("--server={VPC_RESOLVER}"),
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--conf-file=/dev/null",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.53",
+            "--listen-address=127.0.0.54",
+            "--port=53",
+            "--pid-file=",
+            "--user=root",
+            &format!("--server=/disco/{dns}"),
+            &format!("--server={VPC_RESOLVER}"),
         ],
         &resolved_log,
     );
-    root.write("/etc/resolv.conf", "nameserver 127.0.0.53\noptions timeout:2 attempts:1\n");
+    root.write(
+        "/etc/resolv.conf",
+        "nameserver 127.0.0.53\noptions timeout:2 attempts:1\n",
+    );
     root.serve("/etc/discotech/discotech.toml");
 
     let direct = eventually(Duration::from_secs(10), || {
-        let out = root.chroot(&["dig", &format!("@{dns}"), "+short", "+time=1", "+tries=1", "web.disco"]);
+        let out = root.chroot(&[
+            "dig",
+            &format!("@{dns}"),
+            "+short",
+            "+time=1",
+            "+tries=1",
+            "web.disco",
+        ]);
         let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
         (out.status.success() && !s.is_empty()).then_some(s)
     });
-    let direct = direct.unwrap_or_else(|| panic!("discotech did not answer on {dns}; log:\n{}", root.log()));
+    let direct =
+        direct.unwrap_or_else(|| panic!("discotech did not answer on {dns}; log:\n{}", root.log()));
     assert!(direct.starts_with("127.77."), "{direct}");
     // Through the resolver the host uses: service names reach discotech, the rest goes upstream.
     let via_stub = root.chroot_ok(&["getent", "hosts", "web.disco"]);
-    assert!(via_stub.starts_with(&format!("{direct} ")), "via 127.0.0.53: {via_stub}\nstand-in log:\n{}", std::fs::read_to_string(&resolved_log).unwrap_or_default());
+    assert!(
+        via_stub.starts_with(&format!("{direct} ")),
+        "via 127.0.0.53: {via_stub}\nstand-in log:\n{}",
+        std::fs::read_to_string(&resolved_log).unwrap_or_default()
+    );
     let vpc = root.chroot_ok(&["getent", "hosts", "db.vpc.internal"]);
     assert!(vpc.starts_with("10.1.2.3 "), "{vpc}");
     // Each listener belongs to the right daemon: discotech left resolved's addresses alone.
     let ss = ns.ok("ss", &["-lnupH"]);
-    let owner = |addr: &str| ss.lines().find(|l| l.contains(&format!(" {addr}:53 "))).unwrap_or_else(|| panic!("nothing on {addr}:53:\n{ss}")).to_string();
+    let owner = |addr: &str| {
+        ss.lines()
+            .find(|l| l.contains(&format!(" {addr}:53 ")))
+            .unwrap_or_else(|| panic!("nothing on {addr}:53:\n{ss}"))
+            .to_string()
+    };
     assert!(owner(&dns).contains("\"discotech\""), "{ss}");
-    assert!(owner("127.0.0.53").contains("\"dnsmasq\"") && owner("127.0.0.54").contains("\"dnsmasq\""), "{ss}");
+    assert!(
+        owner("127.0.0.53").contains("\"dnsmasq\"") && owner("127.0.0.54").contains("\"dnsmasq\""),
+        "{ss}"
+    );
 }
 
 /// The installed unit under a real systemd (PID 1 of its own namespace): started at boot because the
@@ -484,24 +846,50 @@ fn installed_unit_runs_hardened_under_systemd() {
     let ns = Netns::new();
     let root = Scratch::install(&ns);
     let sd = root.boot();
-    let active = eventually(Duration::from_secs(30), || (sd.active("discotech") == "active").then_some(()));
-    assert!(active.is_some(), "discotech.service is {}:\n{}", sd.active("discotech"), sd.journal("discotech"));
+    let active = eventually(Duration::from_secs(30), || {
+        (sd.active("discotech") == "active").then_some(())
+    });
+    assert!(
+        active.is_some(),
+        "discotech.service is {}:\n{}",
+        sd.active("discotech"),
+        sd.journal("discotech")
+    );
     // The answer, or None when nothing answers on 127.0.0.53.
     let dig = |name: &str| {
-        let out = ns.run("dig", &["@127.0.0.53", "+short", "+time=1", "+tries=1", name]);
+        let out = ns.run(
+            "dig",
+            &["@127.0.0.53", "+short", "+time=1", "+tries=1", name],
+        );
         let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
         (out.status.success() && !answer.is_empty()).then_some(answer)
     };
     let web = eventually(Duration::from_secs(10), || dig("web.disco")).unwrap_or_default();
-    assert!(web.starts_with("127.77."), "web.disco from the systemd-run daemon: {web:?}\n{}", sd.journal("discotech"));
+    assert!(
+        web.starts_with("127.77."),
+        "web.disco from the systemd-run daemon: {web:?}\n{}",
+        sd.journal("discotech")
+    );
 
     // The process the unit made: uid 0, group discotech, one capability, no new privileges, seccomp on.
-    let main_pid = sd.ok(&["systemctl", "show", "-P", "MainPID", "discotech"]).trim().to_string();
+    let main_pid = sd
+        .ok(&["systemctl", "show", "-P", "MainPID", "discotech"])
+        .trim()
+        .to_string();
     let status = sd.ok(&["cat", &format!("/proc/{main_pid}/status")]);
     let field = |name: &str| {
-        status.lines().find_map(|l| l.strip_prefix(&format!("{name}:"))).map(|v| v.split_whitespace().collect::<Vec<_>>().join(" ")).unwrap_or_default()
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
     };
-    let gid = sd.ok(&["getent", "group", "discotech"]).split(':').nth(2).unwrap_or_default().to_string();
+    let gid = sd
+        .ok(&["getent", "group", "discotech"])
+        .split(':')
+        .nth(2)
+        .unwrap_or_default()
+        .to_string();
     assert_eq!(field("Uid"), "0 0 0 0");
     assert_eq!(field("Gid"), format!("{gid} {gid} {gid} {gid}"));
     const NET_BIND_SERVICE: &str = "0000000000000400";
@@ -513,16 +901,28 @@ fn installed_unit_runs_hardened_under_systemd() {
     // ProtectSystem=strict: the daemon sees the system read-only, except its state and runtime dirs.
     let mounts = sd.ok(&["cat", &format!("/proc/{main_pid}/mountinfo")]);
     let writable = |path: &str| {
-        let under = |target: &str| target == "/" || path == target || path.starts_with(&format!("{target}/"));
+        let under = |target: &str| {
+            target == "/" || path == target || path.starts_with(&format!("{target}/"))
+        };
         // The last mount on the longest matching mount point is the one the daemon sees.
-        let line = mounts.lines().filter(|l| l.split(' ').nth(4).is_some_and(under)).max_by_key(|l| l.split(' ').nth(4).map_or(0, str::len));
-        line.and_then(|l| l.split(' ').nth(5)).is_some_and(|opts| opts.split(',').any(|o| o == "rw"))
+        let line = mounts
+            .lines()
+            .filter(|l| l.split(' ').nth(4).is_some_and(under))
+            .max_by_key(|l| l.split(' ').nth(4).map_or(0, str::len));
+        line.and_then(|l| l.split(' ').nth(5))
+            .is_some_and(|opts| opts.split(',').any(|o| o == "rw"))
     };
     for path in ["/usr/bin", "/etc/discotech", "/var/lib/dpkg", "/"] {
-        assert!(!writable(path), "{path} is writable for the daemon:\n{mounts}");
+        assert!(
+            !writable(path),
+            "{path} is writable for the daemon:\n{mounts}"
+        );
     }
     for path in ["/var/lib/discotech", "/run/discotech"] {
-        assert!(writable(path), "{path} is not writable for the daemon:\n{mounts}");
+        assert!(
+            writable(path),
+            "{path} is not writable for the daemon:\n{mounts}"
+        );
     }
 
     let stat = |path: &str| sd.ok(&["stat", "-c", "%a %U %G", path]).trim().to_string();
@@ -533,14 +933,34 @@ fn installed_unit_runs_hardened_under_systemd() {
 
     // systemctl reload is a SIGHUP the daemon applies, in the same process.
     sd.ok(&["systemctl", "reload", "discotech"]);
-    let reloaded = eventually(Duration::from_secs(10), || sd.journal("discotech").contains("reloaded").then_some(()));
-    assert!(reloaded.is_some(), "no reload in the journal:\n{}", sd.journal("discotech"));
-    assert_eq!(sd.ok(&["systemctl", "show", "-P", "MainPID", "discotech"]).trim(), main_pid);
+    let reloaded = eventually(Duration::from_secs(10), || {
+        sd.journal("discotech").contains("reloaded").then_some(())
+    });
+    assert!(
+        reloaded.is_some(),
+        "no reload in the journal:\n{}",
+        sd.journal("discotech")
+    );
+    assert_eq!(
+        sd.ok(&["systemctl", "show", "-P", "MainPID", "discotech"])
+            .trim(),
+        main_pid
+    );
 
     // RuntimeDirectoryPreserve=yes: hooked programs keep the fallback file while the daemon is stopped.
-    assert!(sd.run(&["test", "-s", "/run/discotech/hook.snapshot"]).status.success(), "no hook.snapshot");
+    assert!(
+        sd.run(&["test", "-s", "/run/discotech/hook.snapshot"])
+            .status
+            .success(),
+        "no hook.snapshot"
+    );
     sd.ok(&["systemctl", "stop", "discotech"]);
-    assert!(sd.run(&["test", "-s", "/run/discotech/hook.snapshot"]).status.success(), "stopping the unit removed hook.snapshot");
+    assert!(
+        sd.run(&["test", "-s", "/run/discotech/hook.snapshot"])
+            .status
+            .success(),
+        "stopping the unit removed hook.snapshot"
+    );
     sd.ok(&["systemctl", "start", "discotech"]);
     assert_eq!(sd.active("discotech"), "active");
 
@@ -552,7 +972,12 @@ fn installed_unit_runs_hardened_under_systemd() {
     assert_eq!(dig("web.disco"), None, "still answering after dpkg -r");
     sd.ok(&["dpkg", "-i", "/var/tmp/discotech.deb"]);
     let back = eventually(Duration::from_secs(20), || dig("web.disco"));
-    assert_eq!(back.as_deref(), Some(web.as_str()), "after reinstall:\n{}", sd.journal("discotech"));
+    assert_eq!(
+        back.as_deref(),
+        Some(web.as_str()),
+        "after reinstall:\n{}",
+        sd.journal("discotech")
+    );
     assert_eq!(sd.active("discotech"), "active");
 }
 
@@ -565,54 +990,128 @@ const RESOLVED_DEB: &str = "target/packaging-test/systemd-resolved.deb";
 #[test]
 fn resolved_with_the_shipped_drop_in_routes_the_service_domain_to_discotech() {
     let resolved_deb = Path::new(env!("CARGO_MANIFEST_DIR")).join(RESOLVED_DEB);
-    assert!(resolved_deb.is_file(), "{} is missing: tests/run.sh downloads it (apt-get download systemd-resolved)", resolved_deb.display());
+    assert!(
+        resolved_deb.is_file(),
+        "{} is missing: tests/run.sh downloads it (apt-get download systemd-resolved)",
+        resolved_deb.display()
+    );
     let ns = Netns::new();
     let root = Scratch::install(&ns);
     root.chroot_ok(&["rm", "-f", "/usr/sbin/policy-rc.d"]);
-    ns.ok("cp", &[resolved_deb.to_str().expect("utf-8"), &format!("{}/var/tmp/systemd-resolved.deb", root.root)]);
+    ns.ok(
+        "cp",
+        &[
+            resolved_deb.to_str().expect("utf-8"),
+            &format!("{}/var/tmp/systemd-resolved.deb", root.root),
+        ],
+    );
     root.chroot_ok(&["dpkg", "-i", "/var/tmp/systemd-resolved.deb"]);
 
     // The documented steps: the example config with real upstreams, the drop-in in resolved.conf.d.
-    dnsmasq(&ns, VPC_RESOLVER, 53, &[("db.vpc.internal", "10.1.2.3")], 300);
+    dnsmasq(
+        &ns,
+        VPC_RESOLVER,
+        53,
+        &[("db.vpc.internal", "10.1.2.3")],
+        300,
+    );
     let example = root.read("/usr/share/doc/discotech/examples/discotech-beside-resolved.toml");
-    let upstreams = example.lines().find(|l| l.starts_with("upstreams = ")).expect("the example names its upstreams");
-    root.write("/etc/discotech/discotech.toml", &example.replace(upstreams, &format!("upstreams = [\"{VPC_RESOLVER}\"]")));
+    let upstreams = example
+        .lines()
+        .find(|l| l.starts_with("upstreams = "))
+        .expect("the example names its upstreams");
+    root.write(
+        "/etc/discotech/discotech.toml",
+        &example.replace(upstreams, &format!("upstreams = [\"{VPC_RESOLVER}\"]")),
+    );
     root.chroot_ok(&["mkdir", "-p", "/etc/systemd/resolved.conf.d"]);
-    root.chroot_ok(&["cp", "/usr/share/doc/discotech/examples/resolved.conf.d-discotech.conf", "/etc/systemd/resolved.conf.d/discotech.conf"]);
+    root.chroot_ok(&[
+        "cp",
+        "/usr/share/doc/discotech/examples/resolved.conf.d-discotech.conf",
+        "/etc/systemd/resolved.conf.d/discotech.conf",
+    ]);
 
     // resolved asks its global DNS servers only while some link has a routable address; a veth pair
     // whose ends are both in this namespace gives it one that leads nowhere. LLMNR and mDNS are off, so
     // resolved sends nothing on it: its only server is discotech on loopback.
     ns.ok("sh", &["-c", "ip link add dt0 type veth peer name dt1 && ip addr add 192.0.2.1/24 dev dt0 && ip link set dt0 up && ip link set dt1 up"]);
-    root.write("/etc/systemd/resolved.conf.d/zz-test-no-multicast.conf", "[Resolve]\nLLMNR=no\nMulticastDNS=no\n");
+    root.write(
+        "/etc/systemd/resolved.conf.d/zz-test-no-multicast.conf",
+        "[Resolve]\nLLMNR=no\nMulticastDNS=no\n",
+    );
 
     let sd = root.boot();
     for unit in ["discotech", "systemd-resolved"] {
-        let up = eventually(Duration::from_secs(30), || (sd.active(unit) == "active").then_some(()));
-        assert!(up.is_some(), "{unit} is {}:\n{}", sd.active(unit), sd.journal(unit));
+        let up = eventually(Duration::from_secs(30), || {
+            (sd.active(unit) == "active").then_some(())
+        });
+        assert!(
+            up.is_some(),
+            "{unit} is {}:\n{}",
+            sd.active(unit),
+            sd.journal(unit)
+        );
     }
     // `resolvectl status` under Global, with or without the colons it prints on a terminal.
     let status = sd.ok(&["resolvectl", "status", "--no-pager"]);
-    let global: Vec<String> = status.lines().map(|l| l.replace(':', " ").split_whitespace().collect::<Vec<_>>().join(" ")).collect();
-    assert!(global.iter().any(|l| l == "DNS Servers 127.0.0.153") && global.iter().any(|l| l == "DNS Domain ~disco"), "{status}");
+    let global: Vec<String> = status
+        .lines()
+        .map(|l| {
+            l.replace(':', " ")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    assert!(
+        global.iter().any(|l| l == "DNS Servers 127.0.0.153")
+            && global.iter().any(|l| l == "DNS Domain ~disco"),
+        "{status}"
+    );
 
     // resolved answers the service name from discotech, and other names through it too.
     let query = eventually(Duration::from_secs(20), || {
         let out = sd.run(&["resolvectl", "query", "--cache=no", "web.disco"]);
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     });
-    let query = query.unwrap_or_else(|| panic!("resolvectl query web.disco failed:\n{}\n{}", text(&sd.run(&["resolvectl", "query", "web.disco"])), sd.journal("systemd-resolved")));
+    let query = query.unwrap_or_else(|| {
+        panic!(
+            "resolvectl query web.disco failed:\n{}\n{}",
+            text(&sd.run(&["resolvectl", "query", "web.disco"])),
+            sd.journal("systemd-resolved")
+        )
+    });
     let direct = ns.ok("dig", &["@127.0.0.153", "+short", "web.disco"]);
-    assert!(direct.trim().starts_with("127.77.") && query.contains(direct.trim()), "resolved: {query}\ndiscotech: {direct}");
+    assert!(
+        direct.trim().starts_with("127.77.") && query.contains(direct.trim()),
+        "resolved: {query}\ndiscotech: {direct}"
+    );
     // Real clients, through /etc/resolv.conf -> resolved's stub on 127.0.0.53.
     let getent = sd.ok(&["getent", "hosts", "web.disco"]);
-    assert!(getent.starts_with(&format!("{} ", direct.trim())), "{getent}");
+    assert!(
+        getent.starts_with(&format!("{} ", direct.trim())),
+        "{getent}"
+    );
     let vpc = sd.ok(&["getent", "hosts", "db.vpc.internal"]);
     assert!(vpc.starts_with("10.1.2.3 "), "{vpc}");
     let ss = ns.ok("ss", &["-lnupH"]);
     // resolved binds its stub to lo: `127.0.0.53%lo:53`.
-    let bound = |field: &str, addr: &str| field == format!("{addr}:53") || (field.starts_with(&format!("{addr}%")) && field.ends_with(":53"));
-    let owner = |addr: &str| ss.lines().find(|l| l.split_whitespace().any(|f| bound(f, addr))).unwrap_or_else(|| panic!("nothing on {addr}:53:\n{ss}")).to_string();
+    let bound = |field: &str, addr: &str| {
+        field == format!("{addr}:53")
+            || (field.starts_with(&format!("{addr}%")) && field.ends_with(":53"))
+    };
+    let owner = |addr: &str| {
+        ss.lines()
+            .find(|l| l.split_whitespace().any(|f| bound(f, addr)))
+            .unwrap_or_else(|| panic!("nothing on {addr}:53:\n{ss}"))
+            .to_string()
+    };
     assert!(owner("127.0.0.153").contains("\"discotech\""), "{ss}");
-    assert!(owner("127.0.0.53").contains("\"systemd-resolve\"") && owner("127.0.0.54").contains("\"systemd-resolve\""), "{ss}");
+    assert!(
+        owner("127.0.0.53").contains("\"systemd-resolve\"")
+            && owner("127.0.0.54").contains("\"systemd-resolve\""),
+        "{ss}"
+    );
 }

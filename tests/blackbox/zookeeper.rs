@@ -154,10 +154,18 @@ fn zookeeper_down_keeps_answers_and_a_restarted_daemon_serves_the_persisted_stat
     let both = srv_until(&d, "web.disco", Duration::from_secs(5), |a| a.len() == 2);
     let magic = d.short("web.disco", "A");
     let gauge = |ns: &Netns, series: &str| {
-        let text = ns.ok("curl", &["-sf", "--max-time", "5", "http://127.0.0.1:9253/metrics"]);
-        text.lines().find(|l| l.starts_with(series)).map(|l| l.rsplit(' ').next().unwrap_or_default().to_string())
+        let text = ns.ok(
+            "curl",
+            &["-sf", "--max-time", "5", "http://127.0.0.1:9253/metrics"],
+        );
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_string())
     };
-    assert_eq!(gauge(&ns, "discotech_zookeeper_connected{").as_deref(), Some("1"));
+    assert_eq!(
+        gauge(&ns, "discotech_zookeeper_connected{").as_deref(),
+        Some("1")
+    );
 
     zk.kill(&ns);
     let failed = eventually(Duration::from_secs(10), || {
@@ -170,7 +178,9 @@ fn zookeeper_down_keeps_answers_and_a_restarted_daemon_serves_the_persisted_stat
         "the source reports the failure: {}",
         d.log_text()
     );
-    let down = eventually(Duration::from_secs(10), || (gauge(&ns, "discotech_zookeeper_connected{").as_deref() == Some("0")).then_some(()));
+    let down = eventually(Duration::from_secs(10), || {
+        (gauge(&ns, "discotech_zookeeper_connected{").as_deref() == Some("0")).then_some(())
+    });
     assert!(down.is_some(), "metrics tell the session is gone");
     for _ in 0..3 {
         assert_eq!(

@@ -416,13 +416,29 @@ fn a_reused_fd_number_is_a_new_socket_and_gets_a_new_pick() {
 #[test]
 fn a_hash_key_rides_on_every_request_with_its_flag() {
     let mut f = fake(&["127.0.0.2:8080"]);
-    assert_eq!(on_connect(&&f, &State::new(), 3, a(WEB)), Verdict::Return(Ok(())));
-    assert!(f.requests.borrow().iter().all(|r| r.flags & FLAG_HASH_KEY == 0 && r.hash_key == 0));
+    assert_eq!(
+        on_connect(&&f, &State::new(), 3, a(WEB)),
+        Verdict::Return(Ok(()))
+    );
+    assert!(
+        f.requests
+            .borrow()
+            .iter()
+            .all(|r| r.flags & FLAG_HASH_KEY == 0 && r.hash_key == 0)
+    );
     f.requests.borrow_mut().clear();
     f.hash_key = Some(discotech_wire::hash_key(b"tenant-a"));
     f.report_done = true;
-    assert_eq!(on_connect(&&f, &State::new(), 3, a(WEB)), Verdict::Return(Ok(())));
+    assert_eq!(
+        on_connect(&&f, &State::new(), 3, a(WEB)),
+        Verdict::Return(Ok(()))
+    );
     let reqs = f.requests.borrow();
     assert!(!reqs.is_empty());
-    assert!(reqs.iter().all(|r| r.flags & FLAG_HASH_KEY != 0 && r.hash_key == discotech_wire::hash_key(b"tenant-a")), "{reqs:?}");
+    assert!(
+        reqs.iter()
+            .all(|r| r.flags & FLAG_HASH_KEY != 0
+                && r.hash_key == discotech_wire::hash_key(b"tenant-a")),
+        "{reqs:?}"
+    );
 }

@@ -398,5 +398,7 @@ mod tests;
 /// The 64-bit affinity key for a `DISCOTECH_HASH_KEY` value: FNV-1a of its bytes, stable across
 /// builds so a key keeps its backend across upgrades of either side.
 pub fn hash_key(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }

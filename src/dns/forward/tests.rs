@@ -2,9 +2,9 @@
 //! sends a packet off the machine.
 
 use super::*;
-use std::net::IpAddr;
 use hickory_proto::rr::RData;
 use hickory_proto::rr::rdata::{A, SOA};
+use std::net::IpAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
@@ -354,13 +354,25 @@ async fn is_loop_only_for_our_own_question_coming_back() {
 
     let (id, sent) = stuck_resolve(&fwd, &sink, "loop.example.").await;
     let spelled = sent.to_ascii();
-    assert!(spelled.chars().any(|c| c.is_ascii_uppercase()), "0x20: {spelled}");
+    assert!(
+        spelled.chars().any(|c| c.is_ascii_uppercase()),
+        "0x20: {spelled}"
+    );
     assert!(spelled.eq_ignore_ascii_case("loop.example."));
     let echoed = Query::query(sent.clone(), RecordType::A);
-    assert!(fwd.is_loop(id.wrapping_add(1), &echoed), "our exact spelling came back under a new ID");
+    assert!(
+        fwd.is_loop(id.wrapping_add(1), &echoed),
+        "our exact spelling came back under a new ID"
+    );
     assert!(fwd.is_loop(id, &question), "our own ID came back");
-    assert!(!fwd.is_loop(id.wrapping_add(1), &question), "a client asking the same question concurrently");
-    assert!(!fwd.is_loop(id.wrapping_add(1), &q("LOOP.EXAMPLE.")), "a client shouting");
+    assert!(
+        !fwd.is_loop(id.wrapping_add(1), &question),
+        "a client asking the same question concurrently"
+    );
+    assert!(
+        !fwd.is_loop(id.wrapping_add(1), &q("LOOP.EXAMPLE.")),
+        "a client shouting"
+    );
     assert!(!fwd.is_loop(id, &q("other.example.")));
     let aaaa = Query::query(sent, RecordType::AAAA);
     assert!(!fwd.is_loop(id, &aaaa));
