@@ -409,7 +409,7 @@ report() {
         echo "dnsmasq-nosrv is dnsmasq with the same A/AAAA records but none of the 2,000 \`--srv-host\` lines"
         echo "(SRV queries get an empty NOERROR); ratios stay against the full dnsmasq."
     fi
-    local mix s q qmin qmax dq cpu_sat cpu_rate rate_qps d_cpu lost_sat bytes rate_cell mine noerr notes other
+    local mix s q qmin qmax dq cpu_sat cpu_rate rate_qps d_cpu lost_sat bytes rate_cell mine noerr notes other qcell
     for mix in $MIXES; do
         echo
         echo "**$mix** — $(describe_mix "$mix")"
@@ -438,7 +438,9 @@ report() {
             if [[ -n $noerr ]] && awk -v p="$noerr" 'BEGIN { exit !(p < 99.9) }'; then
                 notes+=("**Warning**: $s answered only $noerr% of the $mix queries with NOERROR in some round.")
             fi
-            echo "| $s | $(fmt_k "$q") ($(fmt_k "$qmin")–$(fmt_k "$qmax")) | $(ratio "$q" "$dq") | $(fmt_us "$cpu_sat") | $rate_cell | $(ratio "$mine" "$d_cpu") | ${lost_sat:-–} | ${bytes:-–} |"
+            qcell="$(fmt_k "$q")"
+            [[ -z $q ]] || qcell="$qcell ($(fmt_k "$qmin")–$(fmt_k "$qmax"))"
+            echo "| $s | $qcell | $(ratio "$q" "$dq") | $(fmt_us "$cpu_sat") | $rate_cell | $(ratio "$mine" "$d_cpu") | ${lost_sat:-–} | ${bytes:-–} |"
         done
         other=$(awk -F, -v m="$mix" 'NR > 1 && $1 == m { print $13 }' "$CSV" | sort -g |
             awk '{ a[NR] = $1 } END { if (NR) printf "median %.1f%%, max %.1f%%", a[int((NR + 1) / 2)], a[NR] }')
