@@ -542,18 +542,7 @@ impl Validator<'_> {
             }
         }
         let guard = GuardConfig {
-            max_drop: match &raw.guard.max_drop {
-                Some(v) => self
-                    .check(v, "guard.max_drop", |f| {
-                        if (0.0..=1.0).contains(f) {
-                            Ok(*f)
-                        } else {
-                            Err("must be a share between 0.0 and 1.0")
-                        }
-                    })
-                    .unwrap_or(0.5),
-                None => 0.5,
-            },
+            max_drop: self.share(&raw.guard.max_drop, "guard.max_drop", 0.5),
             hold_down: self.duration(
                 &raw.guard.hold_down,
                 "guard.hold_down",
@@ -566,18 +555,7 @@ impl Validator<'_> {
             .filter_map(|r| self.registration(r))
             .collect();
         let health = HealthConfig {
-            panic_threshold: match &raw.health.panic_threshold {
-                Some(v) => self
-                    .check(v, "health.panic_threshold", |f| {
-                        if (0.0..=1.0).contains(f) {
-                            Ok(*f)
-                        } else {
-                            Err("must be a share between 0.0 and 1.0")
-                        }
-                    })
-                    .unwrap_or(0.5),
-                None => 0.5,
-            },
+            panic_threshold: self.share(&raw.health.panic_threshold, "health.panic_threshold", 0.5),
         };
         let balance = BalanceConfig {
             zone: raw.balance.zone.as_ref().and_then(|z| {
@@ -587,18 +565,11 @@ impl Validator<'_> {
                         .map_err(|e| format!("invalid zone {s:?}: {e}"))
                 })
             }),
-            local_min_share: match &raw.balance.local_min_share {
-                Some(v) => self
-                    .check(v, "balance.local_min_share", |f| {
-                        if (0.0..=1.0).contains(f) {
-                            Ok(*f)
-                        } else {
-                            Err("must be a share between 0.0 and 1.0")
-                        }
-                    })
-                    .unwrap_or(0.3),
-                None => 0.3,
-            },
+            local_min_share: self.share(
+                &raw.balance.local_min_share,
+                "balance.local_min_share",
+                0.3,
+            ),
         };
         Config {
             path: Some(self.path.to_path_buf()),
@@ -932,6 +903,22 @@ impl Validator<'_> {
                         .ok()
                         .filter(|n| *n <= 604_800)
                         .ok_or("must be between 0 and 604800 seconds")
+                })
+                .unwrap_or(default),
+            None => default,
+        }
+    }
+
+    /// A share between 0.0 and 1.0.
+    fn share(&mut self, v: &Option<S<f64>>, field: &str, default: f64) -> f64 {
+        match v {
+            Some(v) => self
+                .check(v, field, |f| {
+                    if (0.0..=1.0).contains(f) {
+                        Ok(*f)
+                    } else {
+                        Err("must be a share between 0.0 and 1.0")
+                    }
                 })
                 .unwrap_or(default),
             None => default,
