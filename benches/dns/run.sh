@@ -67,11 +67,27 @@ log() { printf '[dns-bench] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # Other benchmarks on this machine (dnsperf, wrk, *bench* programs, scripts under benches/), not ours:
-# our command-substitution subshells have $$ as parent, and the awk program does not match itself.
+# neither this script's ancestors (timeout ... run.sh) nor its descendants (subshells, our dnsperf).
+ancestors() {
+    local p=$$
+    while ((p > 1)); do
+        echo "$p"
+        p=$(sed 's/^.*) //' "/proc/$p/stat" | awk '{ print $2 }')
+    done
+}
 other_benchmarks() {
-    ps -eo pid=,ppid=,args= | awk -v me=$$ '$1 != me && $2 != me {
-        n = split($3, p, "/"); cmd = p[n]
-        if (cmd ~ /^(dnsperf|wrk|wrk2)$/ || cmd ~ /bench/ || $0 ~ /bench[e]s\// || $0 ~ /cargo [b]ench/) print }'
+    ps -eo pid=,ppid=,args= | awk -v me=$$ -v mine="$(ancestors | tr '\n' ' ')" '
+        { pid[NR] = $1; parent[$1] = $2; line[NR] = $0; args[NR] = $3 }
+        END {
+            n = split(mine, a, " "); for (i = 1; i <= n; i++) skip[a[i]] = 1
+            for (r = 1; r <= NR; r++) {
+                p = pid[r]; if (p in skip) continue
+                for (q = parent[p]; q > 1 && q != me && hops++ < 64; q = parent[q]);
+                hops = 0; if (q == me) continue
+                k = split(args[r], w, "/"); cmd = w[k]
+                if (cmd ~ /^(dnsperf|wrk|wrk2)$/ || cmd ~ /bench/ || line[r] ~ /bench[e]s\// || line[r] ~ /cargo [b]ench/) print line[r]
+            }
+        }'
 }
 
 # ---------------------------------------------------------------- outside the namespace: checks, build
@@ -107,6 +123,10 @@ if [[ -z ${DNSBENCH_IN_NETNS:-} ]]; then
         fi
     fi
 
+    # What is measured is what cargo built now: the working tree, which may hold uncommitted work.
+    DISCOTECH_VERSION="$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)"
+    [[ ! -e $DISCOTECH_BIN ]] || DISCOTECH_VERSION+=", binary of $(date -u -r "$DISCOTECH_BIN" '+%Y-%m-%d %H:%M UTC')"
+    export DISCOTECH_VERSION
     export RESULTS=${RESULTS:-/tmp/discotech-dns-bench.$(date +%Y%m%d-%H%M%S)}
     export DNSBENCH_IN_NETNS=1
     if ((EUID == 0)); then
@@ -318,7 +338,7 @@ wait_quiet() {
             limit=$QUIET_WAIT
         fi
         if ((SECONDS - start >= limit)); then
-            WARNINGS+=("before a $1 round, $why; measured anyway after waiting $((SECONDS - start)) s")
+            WARNINGS+=("before a $1 round, ${why/[0-9]*% busy/busy}: measured anyway after waiting $limit s")
             log "WARNING: $why; measuring anyway"
             return 0
         fi
@@ -367,8 +387,7 @@ fmt_k() { awk -v v="$1" 'BEGIN { if (v == "") print "–"; else printf "%.1fk", 
 fmt_us() { awk -v v="$1" 'BEGIN { if (v == "") print "–"; else printf "%.2f", v }'; }
 version() {
     case $1 in
-    discotech) # what cargo built: the working tree, which may hold uncommitted work
-        echo "$(git -C "$REPO" describe --always --dirty) ($(git -C "$REPO" log -1 --format=%cd --date=format:'%Y-%m-%d %H:%M'))" ;;
+    discotech) echo "${DISCOTECH_VERSION:-unknown}" ;;
     dnsmasq) dnsmasq --version | awk 'NR == 1 { print $3 }' ;;
     unbound) unbound -V | awk 'NR == 1 { print $2 }' ;;
     esac
@@ -403,7 +422,11 @@ report() {
         for s in "${!SKIP_REASON[@]}"; do echo "**$s not measured**: ${SKIP_REASON[$s]}."; done
     fi
     local w
-    for w in "${WARNINGS[@]}"; do echo; echo "**Warning**: $w."; done
+    # The same warning once, with a count.
+    for w in "${WARNINGS[@]}"; do echo "$w"; done | sort | uniq -c | while read -r n w; do
+        echo
+        echo "**Warning**: $w$( ((n == 1)) || echo " ($n times)")."
+    done
     if [[ " ${ACTIVE[*]} " == *" dnsmasq-nosrv "* ]]; then
         echo
         echo "dnsmasq-nosrv is dnsmasq with the same A/AAAA records but none of the 2,000 \`--srv-host\` lines"
