@@ -9,33 +9,18 @@
 //! backend moves nobody. Zones: the host's zone gets every connect while it has capacity, and
 //! traffic spills to the other zone when its backend dies.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::harness::{DISCOTECH, Daemon, Netns, eventually};
 use crate::zk::{backend, ensure_hook_library, hooked_who};
 
-/// greeter and hookclient, compiled once per run into this module's own directory.
+/// greeter and hookclient (compiled once per run by the harness), as a path string.
 fn c_program(name: &str) -> String {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("balance-clients");
-        std::fs::create_dir_all(&dir).expect("clients dir");
-        for prog in ["hookclient", "greeter"] {
-            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/clients/{prog}.c"));
-            let status = Command::new("cc")
-                .args(["-O2", "-pthread", "-o"])
-                .arg(dir.join(prog))
-                .arg(&src)
-                .status()
-                .expect("cc");
-            assert!(status.success(), "cannot compile {prog}.c");
-        }
-        dir
-    });
-    dir.join(name).to_str().expect("utf-8").to_string()
+    crate::harness::c_program(name)
+        .to_str()
+        .expect("utf-8")
+        .to_string()
 }
 
 /// A greeter named `name` on `ip:7001`, up before this returns.

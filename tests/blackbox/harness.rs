@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub const DISCOTECH: &str = env!("CARGO_BIN_EXE_discotech");
@@ -327,4 +327,25 @@ pub fn dnsmasq(ns: &Netns, addr: &str, port: u16, records: &[(&str, &str)], ttl:
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     pid
+}
+
+/// The C test programs, compiled once per test run.
+pub fn c_program(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("clients");
+        std::fs::create_dir_all(&dir).expect("clients dir");
+        for prog in ["hookclient", "greeter"] {
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/clients/{prog}.c"));
+            let status = Command::new("cc")
+                .args(["-O2", "-pthread", "-o"])
+                .arg(dir.join(prog))
+                .arg(&src)
+                .status()
+                .expect("cc");
+            assert!(status.success(), "cannot compile {prog}.c");
+        }
+        dir
+    });
+    dir.join(name)
 }

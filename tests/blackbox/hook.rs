@@ -3,34 +3,11 @@
 //! are, and clients are curl, python (blocking, urllib, asyncio) and small C programs covering
 //! every connect shape the hook must keep intact.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::process::Output;
 use std::time::Duration;
 
-use crate::harness::{DISCOTECH, Daemon, Netns, eventually};
+use crate::harness::{DISCOTECH, Daemon, Netns, c_program, eventually};
 use crate::zk::{backend, ensure_hook_library};
-
-/// The C test programs, compiled once per test run.
-fn c_program(name: &str) -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("clients");
-        std::fs::create_dir_all(&dir).expect("clients dir");
-        for prog in ["hookclient", "greeter"] {
-            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/clients/{prog}.c"));
-            let status = Command::new("cc")
-                .args(["-O2", "-pthread", "-o"])
-                .arg(dir.join(prog))
-                .arg(&src)
-                .status()
-                .expect("cc");
-            assert!(status.success(), "cannot compile {prog}.c");
-        }
-        dir
-    });
-    dir.join(name)
-}
 
 fn greeter(ns: &Netns, name: &str, ip: &str, port: u16) {
     let bin = c_program("greeter");
