@@ -295,7 +295,9 @@ pub async fn run(
 
     let tracker = TaskTracker::new();
     let (events, events_rx) = mpsc::channel::<SourceEvent>(64);
-    let (commands, commands_rx) = mpsc::channel::<Command>(16);
+    // Room for bursts of health changes and ejections: the hook server drops an ejection it
+    // cannot queue at once (the backend then stays in SRV answers) rather than wait.
+    let (commands, commands_rx) = mpsc::channel::<Command>(256);
     tracker.spawn(registry.run(events_rx, commands_rx, shutdown.clone()));
     tracker.spawn(crate::health::run(
         health_targets,
@@ -326,6 +328,7 @@ pub async fn run(
             fallback_file: Some(fallback),
             zone: config.balance.zone.clone(),
             local_min_share: config.balance.local_min_share,
+            ejections: Some(commands.clone()),
             ..HookServerConfig::default()
         };
         let cfg = HookServerConfig {

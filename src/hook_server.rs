@@ -24,7 +24,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 use crate::balancer::{Balancer, DEFAULT_FAIL_HOLD, FailureOutcome};
 use crate::conn_count;
 use crate::metrics::{HookLabels, METRICS};
+use crate::registry::Command;
 use crate::service::{LbPolicy, ServiceName, ServiceSpec};
 use crate::snapshot::{SharedSnapshot, Snapshot};
 
@@ -61,6 +62,9 @@ pub struct HookServerConfig {
     pub local_min_share: f64,
     /// The balancer to use (shared with the admin server); `None`: a new one from this config.
     pub balance: Option<BalanceHandle>,
+    /// The registry, told of each ejection so the backend also leaves SRV answers and the
+    /// fallback file for the ejection time; `None`: ejections only skip connect picks.
+    pub ejections: Option<mpsc::Sender<Command>>,
 }
 
 impl Default for HookServerConfig {
@@ -74,6 +78,7 @@ impl Default for HookServerConfig {
             zone: None,
             local_min_share: 0.3,
             balance: None,
+            ejections: None,
         }
     }
 }
@@ -87,6 +92,7 @@ type BalanceState = Mutex<(Balancer, SmallRng, u64)>;
 struct Shared {
     snapshot: SharedSnapshot,
     balance: Arc<BalanceState>,
+    ejections: Option<mpsc::Sender<Command>>,
 }
 
 /// A shared handle on the hook server's balancer, for the admin server's dry-run explanations.
@@ -137,6 +143,7 @@ pub async fn serve(
             .clone()
             .unwrap_or_else(|| BalanceHandle::new(&cfg))
             .0,
+        ejections: cfg.ejections.clone(),
     });
     let peers = Arc::new(Semaphore::new(cfg.max_peers.max(1)));
     let tracker = TaskTracker::new();
@@ -265,7 +272,8 @@ fn handle(
         balancer.retain(|name| snap.service(name.as_str()).is_some());
         *pruned_at = snap.generation;
     }
-    let reply = answer(balancer, rng, &snap, &req, outstanding, now, key)?.encode();
+    let ejections = shared.ejections.as_ref();
+    let reply = answer(balancer, rng, &snap, &req, outstanding, now, key, ejections)?.encode();
     METRICS
         .hook_duration
         .observe(started.elapsed().as_secs_f64());
@@ -289,7 +297,8 @@ fn request_id(buf: &[u8; MSG_LEN]) -> u32 {
 }
 
 /// The balancing decision for one decoded request, separated from the socket for tests. `key` is
-/// the caller's affinity key for maglev services (its uid).
+/// the caller's affinity key for maglev services (its uid). Ejections are sent to `ejections`.
+#[allow(clippy::too_many_arguments)]
 fn answer(
     balancer: &mut Balancer,
     rng: &mut SmallRng,
@@ -298,6 +307,7 @@ fn answer(
     outstanding: &mut Vec<(ServiceName, SocketAddr)>,
     now: Instant,
     key: u64,
+    ejections: Option<&mpsc::Sender<Command>>,
 ) -> Option<Reply> {
     let generation = snap.generation;
     let Some(service) = snap.by_addr(req.magic_ip()) else {
@@ -318,6 +328,25 @@ fn answer(
                         // Rare (at most once per backend per ejection time), so worth info.
                         info!(service = %spec.name, %backend, ejection = ?for_, times, "backend ejected after consecutive failures");
                         count(spec.name.as_str(), "backend_ejected");
+                        // Out of SRV answers too; never wait for the registry on the hook path.
+                        let failures = spec
+                            .outlier
+                            .as_deref()
+                            .copied()
+                            .unwrap_or_default()
+                            .consecutive_failures;
+                        let eject = Command::Eject {
+                            service: spec.name.clone(),
+                            addr: backend,
+                            until: now + for_,
+                            reason: format!(
+                                "ejected after {failures} consecutive connect failures, for {}",
+                                crate::duration::format(for_)
+                            ),
+                        };
+                        if let Some(Err(error)) = ejections.map(|tx| tx.try_send(eject)) {
+                            debug!(service = %spec.name, %backend, %error, "registry not told of the ejection: the backend stays in SRV answers");
+                        }
                     }
                     FailureOutcome::CapReached { consecutive } => {
                         debug!(service = %spec.name, %backend, consecutive, "not ejected: the service has its maximum share ejected");

@@ -5,6 +5,11 @@
 //! A source that fails keeps its last good set; a source that has not spoken yet contributes what
 //! it said before the last restart (restored from `backends.json`), so a daemon started while
 //! its registry is down serves the persisted state at once.
+//!
+//! Health takes backends out of what is published (and so out of SRV answers, connect picks and
+//! the hook's fallback file) in two independent ways: active checks (`Command::Health`) and
+//! passive-health ejections the hook server reports (`Command::Eject`), which end by themselves.
+//! Both go through `health::effective`, so panic mode and priority tiers apply alike.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -78,6 +83,15 @@ pub enum Command {
         healthy: bool,
         reason: String,
     },
+    /// Passive health: the hook server ejected a backend after consecutive connect failures. It
+    /// leaves the published spec (SRV answers, the fallback file) until `until`, then returns by
+    /// itself; a later ejection of the same backend replaces `until`.
+    Eject {
+        service: ServiceName,
+        addr: SocketAddr,
+        until: Instant,
+        reason: String,
+    },
 }
 
 /// What the registry knows about its sources, holds and drains.
@@ -88,7 +102,9 @@ pub struct RegistryStatus {
     pub sources: Vec<SourceStatus>,
     pub held: Vec<HeldStatus>,
     pub drained: BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
-    /// Backends failing their health checks, with the last reason.
+    /// Backends out of the pick set and SRV answers (unless in panic mode), with the reason:
+    /// failing their active health checks, or ejected by passive health after consecutive
+    /// connect failures (the reason then starts with "ejected").
     #[serde(default)]
     pub unhealthy: BTreeMap<ServiceName, BTreeMap<SocketAddr, String>>,
     /// Services balancing over every backend because too few are healthy.
@@ -133,6 +149,13 @@ pub struct HeldStatus {
     pub kept: Vec<SocketAddr>,
 }
 
+/// One passive-health ejection: out of the published spec until `until`.
+#[derive(Debug, Clone)]
+struct Ejection {
+    until: Instant,
+    reason: String,
+}
+
 #[derive(Debug, Clone, Default)]
 struct Health {
     restored: bool,
@@ -147,6 +170,9 @@ pub struct Registry {
     health: Vec<Health>,
     drained: BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
     unhealthy: BTreeMap<ServiceName, BTreeMap<SocketAddr, String>>,
+    /// Passive-health ejections, apart from `unhealthy` so that neither kind of health readmits
+    /// a backend the other holds out. Not persisted: they last seconds to minutes.
+    ejected: BTreeMap<ServiceName, BTreeMap<SocketAddr, Ejection>>,
     panicking: BTreeSet<ServiceName>,
     health_cfg: HealthConfig,
     targets: SharedTargets,
@@ -189,6 +215,7 @@ impl Registry {
             health: vec![Health::default(); source_names.len()],
             drained: BTreeMap::new(),
             unhealthy: BTreeMap::new(),
+            ejected: BTreeMap::new(),
             panicking: BTreeSet::new(),
             health_cfg: HealthConfig::default(),
             targets: SharedTargets::default(),
@@ -484,7 +511,7 @@ impl Registry {
                 changes.push((name, service));
             }
         }
-        self.wake_at = self.guard.next_wake();
+        self.set_wake();
         METRICS
             .guard_held
             .set(i64::try_from(self.guard.held().count()).unwrap_or(i64::MAX));
@@ -537,6 +564,12 @@ impl Registry {
                 self.unhealthy.remove(name);
             }
         }
+        if let Some(map) = self.ejected.get_mut(name) {
+            map.retain(|addr, _| spec.backends.iter().any(|b| b.addr == *addr));
+            if map.is_empty() {
+                self.ejected.remove(name);
+            }
+        }
         let unhealthy = self.unhealthy.get(name);
         match &spec.health {
             Some(check) => {
@@ -557,8 +590,19 @@ impl Registry {
                 self.target_map.remove(name);
             }
         }
+        // Active and passive health take backends out alike (panic mode and tiers included).
+        let out = match self.ejected.get(name) {
+            None => unhealthy.map(std::borrow::Cow::Borrowed),
+            Some(ejected) => {
+                let mut out = unhealthy.cloned().unwrap_or_default();
+                for (addr, e) in ejected {
+                    out.entry(*addr).or_insert_with(|| e.reason.clone());
+                }
+                Some(std::borrow::Cow::Owned(out))
+            }
+        };
         let (spec, panic) =
-            crate::health::effective(&spec, unhealthy, self.health_cfg.panic_threshold);
+            crate::health::effective(&spec, out.as_deref(), self.health_cfg.panic_threshold);
         if panic && self.panicking.insert(name.clone()) {
             warn!(service = %name, "too few healthy backends: panic mode, balancing over all of them");
             self.event(
@@ -579,6 +623,7 @@ impl Registry {
     /// Drops what is kept about a service that is gone.
     fn forget(&mut self, name: &ServiceName) {
         self.unhealthy.remove(name);
+        self.ejected.remove(name);
         self.target_map.remove(name);
         self.panicking.remove(name);
     }
@@ -692,7 +737,7 @@ impl Registry {
                 })
                 .collect(),
             drained: self.drained.clone(),
-            unhealthy: self.unhealthy.clone(),
+            unhealthy: self.unhealthy_status(clock),
             panicking: self.panicking.clone(),
             events: self.events.iter().cloned().collect(),
         }
@@ -739,14 +784,6 @@ impl Registry {
         if !known {
             return;
         }
-        let labels = crate::metrics::BackendLabels {
-            service: service.to_string(),
-            backend: addr.to_string(),
-        };
-        METRICS
-            .backend_healthy
-            .get_or_create(&labels)
-            .set(i64::from(healthy));
         let changed = if healthy {
             self.unhealthy
                 .get_mut(service)
@@ -759,6 +796,7 @@ impl Registry {
                 .insert(addr, reason.to_string())
                 .is_none()
         };
+        self.note_in_pick_set(service, addr);
         if changed {
             if healthy {
                 info!(%service, %addr, "backend healthy again");
@@ -769,6 +807,128 @@ impl Registry {
             }
             self.refresh([service.clone()], now, Instant::now());
         }
+    }
+
+    /// Records a passive-health ejection of one backend until `until` and republishes: the
+    /// backend leaves the published spec (health's panic mode and tiers apply) and returns by
+    /// itself when `until` passes (see [`Registry::wake`]). A backend already ejected gets the
+    /// new `until`. Backends the registry does not publish are ignored.
+    pub fn eject(
+        &mut self,
+        service: &ServiceName,
+        addr: SocketAddr,
+        until: Instant,
+        reason: &str,
+        now: u64,
+        clock: Instant,
+    ) {
+        let known = self
+            .published
+            .get(service)
+            .is_some_and(|s| s.backends.iter().any(|b| b.addr == addr));
+        if !known || until <= clock {
+            return;
+        }
+        let ejection = Ejection {
+            until,
+            reason: reason.to_string(),
+        };
+        let again = self
+            .ejected
+            .entry(service.clone())
+            .or_default()
+            .insert(addr, ejection)
+            .is_some();
+        self.set_wake();
+        self.note_in_pick_set(service, addr);
+        if again {
+            debug!(%service, %addr, %reason, "ejection extended");
+            return;
+        }
+        info!(%service, %addr, %reason, "backend ejected: out of SRV answers until the ejection ends");
+        self.event(now, format!("{addr} of {service} {reason}"));
+        self.refresh([service.clone()], now, clock);
+    }
+
+    /// What the registry does when `wake_at` comes: guard holds that matured apply, ejections
+    /// that ended let their backends back in. Republishes what changed.
+    pub fn wake(&mut self, now: u64, clock: Instant) {
+        let mut due: BTreeSet<ServiceName> = self.guard.due(clock).into_iter().collect();
+        let mut back = Vec::new();
+        self.ejected.retain(|service, map| {
+            map.retain(|addr, e| {
+                let over = e.until <= clock;
+                if over {
+                    back.push((service.clone(), *addr));
+                }
+                !over
+            });
+            !map.is_empty()
+        });
+        for (service, addr) in back {
+            info!(%service, %addr, "ejection over: backend back in SRV answers");
+            self.event(now, format!("{addr} of {service} is back from ejection"));
+            self.note_in_pick_set(&service, addr);
+            due.insert(service);
+        }
+        self.refresh(due, now, clock);
+    }
+
+    /// The earliest of the guard's holds maturing and an ejection ending.
+    fn set_wake(&mut self) {
+        let ejection_ends = self
+            .ejected
+            .values()
+            .flat_map(BTreeMap::values)
+            .map(|e| e.until)
+            .min();
+        self.wake_at = match (self.guard.next_wake(), ejection_ends) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// Keeps the `backend_healthy` gauge current: 1 while neither kind of health holds it out.
+    fn note_in_pick_set(&self, service: &ServiceName, addr: SocketAddr) {
+        let out = self
+            .unhealthy
+            .get(service)
+            .is_some_and(|m| m.contains_key(&addr))
+            || self
+                .ejected
+                .get(service)
+                .is_some_and(|m| m.contains_key(&addr));
+        let labels = crate::metrics::BackendLabels {
+            service: service.to_string(),
+            backend: addr.to_string(),
+        };
+        METRICS
+            .backend_healthy
+            .get_or_create(&labels)
+            .set(i64::from(!out));
+    }
+
+    /// Active health's verdicts and passive-health ejections together, for the status: the
+    /// reason of an ejection tells how long it has left.
+    fn unhealthy_status(
+        &self,
+        clock: Instant,
+    ) -> BTreeMap<ServiceName, BTreeMap<SocketAddr, String>> {
+        let mut out = self.unhealthy.clone();
+        for (service, map) in &self.ejected {
+            let entry = out.entry(service.clone()).or_default();
+            for (addr, e) in map {
+                let left = e.until.saturating_duration_since(clock);
+                // Rounded up: "0s left" would read as over.
+                let left = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+                let ejected = format!("{}, {left}s left", e.reason);
+                entry
+                    .entry(*addr)
+                    .and_modify(|why| *why = format!("{why}; {ejected}"))
+                    .or_insert(ejected);
+            }
+        }
+        out
     }
 
     /// Drains or undrains one backend.
@@ -842,6 +1002,12 @@ impl Registry {
                 healthy,
                 reason,
             } => self.set_health_of(&service, addr, healthy, &reason, unix_now()),
+            Command::Eject {
+                service,
+                addr,
+                until,
+                reason,
+            } => self.eject(&service, addr, until, &reason, unix_now(), Instant::now()),
         }
     }
 
@@ -867,10 +1033,7 @@ impl Registry {
                     None => break,
                 },
                 Some(command) = commands.recv() => self.command(command),
-                () = tokio::time::sleep_until(wake) => {
-                    let due = self.guard.due(Instant::now());
-                    self.refresh(due, unix_now(), Instant::now());
-                }
+                () = tokio::time::sleep_until(wake) => self.wake(unix_now(), Instant::now()),
                 _ = housekeeping.tick() => self.tick(unix_now()),
                 () = tokio::time::sleep_until(next_persist) => {
                     self.persist_in_background();
@@ -1307,5 +1470,208 @@ mod tests {
             .restore(&std::fs::read(dir.path().join("magic.json")).unwrap())
             .unwrap();
         assert_eq!(restored.get(&"web".parse().unwrap()).unwrap().v4, web);
+    }
+
+    fn published(r: &Registry, name: &str) -> Vec<String> {
+        r.snapshot()
+            .load()
+            .service(name)
+            .unwrap()
+            .spec
+            .backends
+            .iter()
+            .map(|b| b.addr.to_string())
+            .collect()
+    }
+
+    fn web_with(backends: &[&str]) -> Registry {
+        let mut r = registry(1, None);
+        r.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: vec![spec("web", backends)],
+            },
+            0,
+        );
+        r
+    }
+
+    const REASON: &str = "ejected after 3 consecutive connect failures, for 30s";
+
+    #[test]
+    fn an_ejected_backend_leaves_the_snapshot_until_its_ejection_ends() {
+        let mut r = web_with(&["127.0.0.2:80", "127.0.0.3:80", "127.0.0.4:80"]);
+        let web: ServiceName = "web".parse().unwrap();
+        let t0 = Instant::now();
+        let b = "127.0.0.3:80".parse().unwrap();
+        r.eject(&web, b, t0 + Duration::from_secs(30), REASON, 1, t0);
+        assert_eq!(published(&r, "web"), ["127.0.0.2:80", "127.0.0.4:80"]);
+        assert_eq!(r.wake_at, Some(t0 + Duration::from_secs(30)));
+        let st = r.status();
+        assert!(
+            st.unhealthy[&web][&b].starts_with(REASON),
+            "{:?}",
+            st.unhealthy
+        );
+        assert!(
+            st.events
+                .last()
+                .unwrap()
+                .message
+                .contains("127.0.0.3:80 of web ejected after 3")
+        );
+
+        // A second ejection before the end moves the end.
+        r.eject(&web, b, t0 + Duration::from_secs(60), REASON, 2, t0);
+        r.wake(3, t0 + Duration::from_secs(31));
+        assert_eq!(published(&r, "web").len(), 2, "extended");
+
+        r.wake(4, t0 + Duration::from_secs(60));
+        assert_eq!(
+            published(&r, "web"),
+            ["127.0.0.2:80", "127.0.0.3:80", "127.0.0.4:80"]
+        );
+        assert_eq!(r.wake_at, None);
+        assert!(r.status().unhealthy.is_empty());
+        assert!(
+            r.status()
+                .events
+                .last()
+                .unwrap()
+                .message
+                .contains("back from ejection")
+        );
+    }
+
+    #[test]
+    fn active_and_passive_health_do_not_readmit_each_others_backends() {
+        let mut r = web_with(&[
+            "127.0.0.2:80",
+            "127.0.0.3:80",
+            "127.0.0.4:80",
+            "127.0.0.5:80",
+        ]);
+        let web: ServiceName = "web".parse().unwrap();
+        let t0 = Instant::now();
+        let (b, c) = (
+            "127.0.0.3:80".parse().unwrap(),
+            "127.0.0.4:80".parse().unwrap(),
+        );
+        r.eject(&web, b, t0 + Duration::from_secs(30), REASON, 1, t0);
+        r.set_health_of(&web, b, true, "checks pass", 2);
+        assert_eq!(
+            published(&r, "web"),
+            ["127.0.0.2:80", "127.0.0.4:80", "127.0.0.5:80"],
+            "a passing check does not end an ejection"
+        );
+
+        r.set_health_of(&web, c, false, "connection refused", 3);
+        r.eject(&web, c, t0 + Duration::from_secs(10), REASON, 4, t0);
+        r.set_health_of(&web, b, false, "connection refused", 4);
+        let st = r.status();
+        assert_eq!(
+            st.unhealthy[&web][&c],
+            format!("connection refused; {REASON}, 10s left")
+        );
+        r.wake(5, t0 + Duration::from_secs(30));
+        assert_eq!(
+            published(&r, "web"),
+            ["127.0.0.2:80", "127.0.0.5:80"],
+            "the end of an ejection does not readmit a backend failing its checks"
+        );
+        assert!(r.ejected.is_empty());
+        r.set_health_of(&web, b, true, "checks pass", 6);
+        r.set_health_of(&web, c, true, "checks pass", 6);
+        assert_eq!(published(&r, "web").len(), 4);
+    }
+
+    #[test]
+    fn ejections_keep_panic_mode_and_never_empty_the_answers() {
+        let mut r = web_with(&[
+            "127.0.0.2:80",
+            "127.0.0.3:80",
+            "127.0.0.4:80",
+            "127.0.0.5:80",
+        ]);
+        let web: ServiceName = "web".parse().unwrap();
+        let t0 = Instant::now();
+        for (i, addr) in ["127.0.0.2:80", "127.0.0.3:80", "127.0.0.4:80"]
+            .iter()
+            .enumerate()
+        {
+            let until = t0 + Duration::from_secs(10 + i as u64);
+            r.eject(&web, addr.parse().unwrap(), until, REASON, 1, t0);
+        }
+        assert_eq!(
+            published(&r, "web").len(),
+            4,
+            "1 of 4 in is below the panic threshold: balance over all"
+        );
+        assert!(r.status().panicking.contains(&web));
+        r.eject(
+            &web,
+            "127.0.0.5:80".parse().unwrap(),
+            t0 + Duration::from_secs(20),
+            REASON,
+            1,
+            t0,
+        );
+        assert_eq!(published(&r, "web").len(), 4, "never empty");
+
+        r.wake(2, t0 + Duration::from_secs(11));
+        assert_eq!(
+            published(&r, "web"),
+            ["127.0.0.2:80", "127.0.0.3:80"],
+            "2 of 4 is enough"
+        );
+        assert!(r.status().panicking.is_empty());
+        r.wake(3, t0 + Duration::from_secs(20));
+        assert_eq!(published(&r, "web").len(), 4);
+    }
+
+    #[test]
+    fn ejections_of_unknown_or_departed_backends_are_dropped() {
+        let mut r = web_with(&["127.0.0.2:80", "127.0.0.3:80", "127.0.0.4:80"]);
+        let web: ServiceName = "web".parse().unwrap();
+        let t0 = Instant::now();
+        let until = t0 + Duration::from_secs(30);
+        r.eject(&web, "127.0.0.9:80".parse().unwrap(), until, REASON, 1, t0);
+        r.eject(
+            &"api".parse().unwrap(),
+            "127.0.0.2:80".parse().unwrap(),
+            until,
+            REASON,
+            1,
+            t0,
+        );
+        r.eject(&web, "127.0.0.2:80".parse().unwrap(), t0, REASON, 1, t0);
+        assert!(r.ejected.is_empty() && r.wake_at.is_none());
+        assert_eq!(r.snapshot().load().generation, 1, "nothing republished");
+
+        r.eject(&web, "127.0.0.4:80".parse().unwrap(), until, REASON, 1, t0);
+        r.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: vec![spec("web", &["127.0.0.2:80", "127.0.0.3:80"])],
+            },
+            2,
+        );
+        assert!(r.ejected.is_empty(), "the backend left its service");
+        assert_eq!(r.wake_at, None);
+        r.apply(
+            SourceEvent::Reset {
+                source: 0,
+                services: vec![spec(
+                    "web",
+                    &["127.0.0.2:80", "127.0.0.3:80", "127.0.0.4:80"],
+                )],
+            },
+            3,
+        );
+        assert_eq!(
+            published(&r, "web").len(),
+            3,
+            "a returning backend is not ejected"
+        );
     }
 }

@@ -217,6 +217,7 @@ fn p2c_picks_ask_for_done_and_done_releases_them() {
         &mut outstanding,
         now,
         0,
+        None,
     )
     .unwrap();
     assert_eq!(r.flags & FLAG_REPORT_DONE, FLAG_REPORT_DONE);
@@ -235,7 +236,8 @@ fn p2c_picks_ask_for_done_and_done_releases_them() {
             &done,
             &mut outstanding,
             now,
-            0
+            0,
+            None
         ),
         None,
         "done has no reply"
@@ -251,6 +253,7 @@ fn p2c_picks_ask_for_done_and_done_releases_them() {
         &mut outstanding,
         now,
         0,
+        None,
     );
     assert_eq!(balancer.outstanding(&name, r.backend_addr()), 0);
 }
@@ -269,6 +272,7 @@ fn v4_socket_with_only_v6_backends_gets_no_backend() {
         &mut Vec::new(),
         Instant::now(),
         0,
+        None,
     );
     assert_eq!(r.unwrap().status, Status::NoBackend);
 }
@@ -368,6 +372,7 @@ fn balancing_state_of_removed_services_is_dropped_on_the_next_generation() {
             SmallRng::seed_from_u64(1),
             0,
         ))),
+        ejections: None,
     };
     let mut outstanding = Vec::new();
     let bytes = pick(1, WEB.into(), 80).encode();
@@ -403,5 +408,64 @@ fn balancing_state_of_removed_services_is_dropped_on_the_next_generation() {
             .0
             .outstanding(&name, reply.backend_addr()),
         0
+    );
+}
+
+#[test]
+fn an_ejection_is_sent_to_the_registry_without_waiting() {
+    let snap = Snapshot::new(1, [web(LbPolicy::RoundRobin)]);
+    let mut balancer = Balancer::default();
+    let mut rng = SmallRng::seed_from_u64(1);
+    let (tx, mut rx) = mpsc::channel(1);
+    let now = Instant::now();
+    let first = answer(
+        &mut balancer,
+        &mut rng,
+        &snap,
+        &pick(1, WEB.into(), 80),
+        &mut Vec::new(),
+        now,
+        0,
+        Some(&tx),
+    )
+    .unwrap();
+    let mut failed = pick(2, WEB.into(), 80);
+    failed.kind = Kind::Failed;
+    failed.backend = first.backend;
+    failed.backend_port = first.backend_port;
+    failed.errno = 111;
+    for _ in 0..3 {
+        assert!(
+            rx.try_recv().is_err(),
+            "no ejection before the third failure"
+        );
+        let r = answer(
+            &mut balancer,
+            &mut rng,
+            &snap,
+            &failed,
+            &mut Vec::new(),
+            now,
+            0,
+            Some(&tx),
+        );
+        assert_eq!(r.unwrap().status, Status::Ok);
+    }
+    let Ok(Command::Eject {
+        service,
+        addr,
+        until,
+        reason,
+    }) = rx.try_recv()
+    else {
+        panic!("the third failure in a row ejects and tells the registry");
+    };
+    assert_eq!(
+        (service.as_str(), addr, until),
+        ("web", first.backend_addr(), now + Duration::from_secs(30))
+    );
+    assert_eq!(
+        reason,
+        "ejected after 3 consecutive connect failures, for 30s"
     );
 }

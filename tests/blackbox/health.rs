@@ -2,10 +2,13 @@
 //! a killed backend leaves the SRV answer (and with it the pick set) within fall x interval,
 //! comes back after rise passes, panic mode keeps every backend when too few are healthy, and a
 //! backup tier takes over while the primaries are down and hands back when they recover.
+//! Passive health: a backend the hook ejected after refused connects leaves the SRV answer too,
+//! for the ejection time.
 
 use std::time::{Duration, Instant};
 
 use crate::harness::{DISCOTECH, Daemon, Netns, eventually};
+use crate::zk::ensure_hook_library;
 
 const CHECK: &str = "health = { kind = \"http\", path = \"/healthz\", interval = \"200ms\", timeout = \"200ms\", jitter = \"50ms\", rise = 2, fall = 2 }";
 
@@ -171,5 +174,117 @@ fn a_backup_tier_takes_over_while_the_primaries_are_down_and_hands_back() {
         handback.is_some(),
         "traffic returns to the primary: {:?}",
         srv(&d, "tiered.disco")
+    );
+}
+
+/// A greeter (tests/clients/greeter.c) named `name` on `ip:7001`, up before this returns.
+fn greeter(ns: &Netns, name: &str, ip: &str) {
+    let greeter = crate::harness::c_program("greeter");
+    let hookclient = crate::harness::c_program("hookclient");
+    ns.spawn(
+        greeter.to_str().expect("utf-8"),
+        &[name, ip, "7001", "300"],
+        &ns.path(&format!("greeter-{name}.log")),
+    );
+    let up = eventually(Duration::from_secs(5), || {
+        let out = ns.run(hookclient.to_str().expect("utf-8"), &["block", ip, "7001"]);
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with("OK ")
+            .then_some(())
+    });
+    assert!(up.is_some(), "greeter {name} on {ip} did not start");
+}
+
+/// `n` blocking connects in one hooked process to `magic:7001`; who answered each.
+fn hooked_connects(ns: &Netns, d: &Daemon<'_>, magic: &str, n: usize) -> Vec<String> {
+    let hookclient = crate::harness::c_program("hookclient");
+    let out = ns.run(
+        DISCOTECH,
+        &[
+            "run",
+            "--config",
+            d.config.to_str().expect("utf-8"),
+            "--",
+            hookclient.to_str().expect("utf-8"),
+            "many",
+            magic,
+            "7001",
+            &n.to_string(),
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().strip_prefix("OK ").unwrap_or(l).to_owned())
+        .collect()
+}
+
+#[test]
+fn a_backend_ejected_for_refusing_connects_leaves_srv_answers_until_the_ejection_ends() {
+    ensure_hook_library();
+    let ns = Netns::new();
+    greeter(&ns, "a", "127.0.0.2");
+    greeter(&ns, "b", "127.0.0.3");
+    // Nothing listens on 127.0.0.4:7001: every connect to it is refused.
+    let mut d = Daemon::configure(&ns, "127.0.0.53:53", "upstreams = []");
+    d.zone(
+        "web.toml",
+        "[services.web]\nlb = \"round-robin\"\noutlier = { base_ejection = \"3s\" }\n\
+         backends = [\"127.0.0.2:7001\", \"127.0.0.3:7001\", \"127.0.0.4:7001\"]\n",
+    );
+    d.start();
+    let all = [
+        "0 1 7001 127-0-0-2.web.disco.",
+        "0 1 7001 127-0-0-3.web.disco.",
+        "0 1 7001 127-0-0-4.web.disco.",
+    ];
+    assert_eq!(srv(&d, "web.disco"), all);
+    let magic = d.short("web.disco", "A").remove(0);
+
+    // The hook retries a refused connect on another backend, so the client never sees the
+    // refusals; the daemon counts them (each one also holds the backend out for 2 s, so the
+    // default three in a row take a few seconds of connecting).
+    let ejected = eventually(Duration::from_secs(30), || {
+        let got = hooked_connects(&ns, &d, &magic, 6);
+        assert!(
+            got.len() == 6 && got.iter().all(|g| g == "a" || g == "b"),
+            "refusals are never surfaced: {got:?}"
+        );
+        (srv(&d, "web.disco") == all[..2]).then(Instant::now)
+    });
+    let ejected = ejected.unwrap_or_else(|| {
+        panic!(
+            "the refusing backend never left the SRV answer: {:?}; log:\n{}",
+            srv(&d, "web.disco"),
+            d.log_text()
+        )
+    });
+    let backends = ns.ok(
+        DISCOTECH,
+        &[
+            "backends",
+            "web",
+            "--socket",
+            ns.path("admin.sock").to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        backends.contains("127.0.0.4:7001")
+            && backends.contains("ejected after 3 consecutive connect failures, for 3s"),
+        "{backends}"
+    );
+
+    let back = eventually(Duration::from_secs(10), || {
+        (srv(&d, "web.disco") == all).then(|| ejected.elapsed())
+    });
+    let back = back.expect("the backend returns to the SRV answer when its ejection ends");
+    assert!(
+        back > Duration::from_millis(1000),
+        "returned after {back:?}, long before the 3 s ejection ended"
+    );
+    assert!(
+        d.log_text()
+            .contains("ejection over: backend back in SRV answers"),
+        "{}",
+        d.log_text()
     );
 }
