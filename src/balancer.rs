@@ -1,6 +1,7 @@
 //! Choosing a backend for one connect: per-service balancing state (round robin, smooth weighted
-//! round robin, weighted random, power of two choices on outstanding connects, least
-//! connections over counts the caller reads from the kernel, maglev over the caller's key),
+//! round robin, weighted random, power of two choices on outstanding connects or on peak-EWMA
+//! connect latency, least connections over counts the caller reads from the kernel, weighted
+//! maglev over the caller's key),
 //! passive health
 //! (a short hold after each reported failure, ejection after consecutive failures) and slow
 //! start. Pure: no I/O, the clock and the RNG are passed in. The hook server owns one
@@ -19,6 +20,17 @@
 //! at `max_ejection`) unless that would put more than `max_ejected_percent` of the service's
 //! backends out at once. The ejection count is forgotten once a backend has stayed in for
 //! `max_ejection`.
+//!
+//! A backend that leaves the list (an active check or an ejection took it out of the published
+//! set, or its source dropped it) keeps its state for [`DEPARTED_KEEP`]: when it comes back its
+//! ejection count, ejection end and latency estimate are as they were, and its slow start begins.
+//!
+//! p2c-ewma (Finagle's and Linkerd's "peak EWMA"): each backend's cost is a latency estimate
+//! that jumps to any sample above it, otherwise moves toward the sample with weight
+//! `1 - exp(-dt / decay)`, and decays toward zero while no samples come, so a backend that was
+//! slow is tried again after a few decay times. A pick compares two weighted-random candidates by
+//! cost x (outstanding + 1) per unit of weight; a backend with no estimate but connects under way
+//! costs more than any estimate, so an unmeasured one is explored one connect at a time.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,6 +49,16 @@ pub const PICK_SLACK: u32 = 4;
 
 /// Weights are scaled by this before slow start multiplies them, so a ramp has fine steps.
 const WEIGHT_SCALE: u64 = 1000;
+
+/// How fast a p2c-ewma latency estimate forgets (Finagle's default decay time).
+pub const DEFAULT_EWMA_DECAY: Duration = Duration::from_secs(10);
+
+/// How long the state of a backend that left its service's list is kept for its return: longer
+/// than the longest default ejection.
+pub const DEPARTED_KEEP: Duration = Duration::from_secs(600);
+
+/// p2c-ewma: the cost of a backend with connects under way and no latency estimate yet (µs).
+const UNMEASURED_COST_US: f64 = 1e9;
 
 /// The choice for one connect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +95,8 @@ pub struct Balancer {
     connections_at: Option<Instant>,
     /// This host's zone, and the share (per mille) of capacity it must hold to be preferred.
     zone: Option<(String, u64)>,
+    /// p2c-ewma: how fast latency estimates forget.
+    ewma_decay: Duration,
 }
 
 impl Default for Balancer {
@@ -99,6 +123,9 @@ struct BackendState {
     /// When this backend (re)entered the pick set: first seen in the list, or its ejection ended.
     /// `None` for backends present when the service's state was created (no ramp at start-up).
     ramp_from: Option<Instant>,
+    /// p2c-ewma: the peak-EWMA connect latency in µs (0: no estimate) and when it was updated.
+    ewma_us: f64,
+    ewma_at: Option<Instant>,
 }
 
 impl BackendState {
@@ -111,6 +138,32 @@ impl BackendState {
     }
 
     /// When slow start counts from: the later of first appearance and the end of the last ejection.
+    /// The latency estimate at `now`: the last one, decayed toward zero since it was updated.
+    fn ewma_at(&self, now: Instant, decay: Duration) -> f64 {
+        match self.ewma_at {
+            Some(at) if self.ewma_us > 0.0 => {
+                self.ewma_us * decay_weight(now.saturating_duration_since(at), decay)
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// Folds one latency sample (µs) into the peak EWMA.
+    fn observe(&mut self, sample_us: f64, now: Instant, decay: Duration) {
+        let current = self.ewma_at(now, decay);
+        self.ewma_us = if sample_us > current || self.ewma_at.is_none() {
+            sample_us
+        } else {
+            // A time-weighted average: the old estimate keeps the share decay left it since it
+            // was updated, the sample gets the rest.
+            let kept = self.ewma_at.map_or(0.0, |at| {
+                decay_weight(now.saturating_duration_since(at), decay)
+            });
+            self.ewma_us * kept + sample_us * (1.0 - kept)
+        };
+        self.ewma_at = Some(now);
+    }
+
     fn ramp_start(&self, now: Instant) -> Option<Instant> {
         let ejection_end = self.ejected_until.filter(|&t| t <= now);
         match (self.ramp_from, ejection_end) {
@@ -130,6 +183,8 @@ struct ServiceState {
     initialised: bool,
     /// Maglev lookup table (indices into `spec.backends`) and the candidates it was built for.
     maglev: Option<(Vec<usize>, Vec<u32>)>,
+    /// State of backends that left the list, and when they left (see [`DEPARTED_KEEP`]).
+    departed: HashMap<SocketAddr, (BackendState, Instant)>,
 }
 
 impl ServiceState {
@@ -160,11 +215,28 @@ impl ServiceState {
             .iter()
             .map(|b| (b.addr, b.weight, b.priority))
             .collect();
+        let departed = &mut self.departed;
         self.backends = self
             .shape
             .iter()
-            .map(|s| old.get(&s.0).copied().unwrap_or(fresh))
+            .map(|s| match old.get(&s.0) {
+                Some(b) => *b,
+                // Back from a health or ejection exit: its history returns, its ramp starts now.
+                None => departed.remove(&s.0).map_or(fresh, |(b, _)| BackendState {
+                    ramp_from: Some(now),
+                    outstanding: 0,
+                    pending: 0,
+                    current: 0,
+                    ..b
+                }),
+            })
             .collect();
+        for (addr, b) in old {
+            if !self.shape.iter().any(|s| s.0 == addr) {
+                departed.insert(addr, (b, now));
+            }
+        }
+        departed.retain(|_, (_, left)| now.saturating_duration_since(*left) < DEPARTED_KEEP);
         self.initialised = true;
     }
 
@@ -181,7 +253,15 @@ impl Balancer {
             connections: HashMap::new(),
             connections_at: None,
             zone: None,
+            ewma_decay: DEFAULT_EWMA_DECAY,
         }
+    }
+
+    /// How fast p2c-ewma latency estimates forget (see the module docs).
+    #[must_use]
+    pub fn with_ewma_decay(mut self, decay: Duration) -> Self {
+        self.ewma_decay = decay;
+        self
     }
 
     /// Prefers backends in `zone` while they hold at least `min_share` of the eligible capacity
@@ -234,12 +314,14 @@ impl Balancer {
             LbPolicy::WeightedRoundRobin => smooth_weighted(state, &candidates, &weights),
             LbPolicy::Random => weighted_random(&candidates, &weights, rng),
             LbPolicy::Maglev => {
+                // Rebuilt only when the candidates change (their configured weights are part of
+                // the backend list's shape); slow start would rebuild it on every pick.
                 if state.maglev.as_ref().is_none_or(|(c, _)| *c != candidates) {
-                    let names: Vec<SocketAddr> = candidates
+                    let (names, maglev_weights): (Vec<SocketAddr>, Vec<u16>) = candidates
                         .iter()
-                        .filter_map(|&i| spec.backends.get(i).map(|b| b.addr))
-                        .collect();
-                    let table = maglev_table(&names, MAGLEV_SIZE);
+                        .filter_map(|&i| spec.backends.get(i).map(|b| (b.addr, b.weight)))
+                        .unzip();
+                    let table = maglev_table(&names, &maglev_weights, MAGLEV_SIZE);
                     state.maglev = Some((candidates.clone(), table));
                 }
                 let (c, table) = state.maglev.as_ref()?;
@@ -266,8 +348,21 @@ impl Balancer {
                 }
                 i
             }
-            LbPolicy::P2c => {
-                let i = p2c(state, &candidates, &weights, rng);
+            LbPolicy::P2c | LbPolicy::P2cEwma => {
+                let (decay, ewma) = (self.ewma_decay, spec.lb == LbPolicy::P2cEwma);
+                let i = p2c(&candidates, &weights, rng, |i| {
+                    let b = state.backends.get(i).copied().unwrap_or_default();
+                    let outstanding = f64::from(b.outstanding);
+                    if !ewma {
+                        return outstanding;
+                    }
+                    let cost = b.ewma_at(now, decay);
+                    if cost == 0.0 && b.outstanding > 0 {
+                        UNMEASURED_COST_US + outstanding
+                    } else {
+                        cost * (outstanding + 1.0)
+                    }
+                });
                 if let Some(b) = i.and_then(|i| state.backends.get_mut(i)) {
                     b.outstanding = b.outstanding.saturating_add(1);
                 }
@@ -355,6 +450,33 @@ impl Balancer {
         }
     }
 
+    /// A connect to `backend` took `latency` (p2c-ewma's samples, from the hook or the kernel).
+    pub fn observe_latency(
+        &mut self,
+        service: &ServiceName,
+        backend: SocketAddr,
+        latency: Duration,
+        now: Instant,
+    ) {
+        let decay = self.ewma_decay;
+        if let Some(b) = self.backend_mut(service, backend) {
+            b.observe(latency.as_secs_f64() * 1e6, now, decay);
+        }
+    }
+
+    /// The latency estimate (p2c-ewma) of a backend at `now`, if it has one.
+    pub fn latency_estimate(
+        &self,
+        service: &ServiceName,
+        backend: SocketAddr,
+        now: Instant,
+    ) -> Option<Duration> {
+        let us = self
+            .backend(service, backend)?
+            .ewma_at(now, self.ewma_decay);
+        (us > 0.0).then(|| Duration::from_secs_f64(us / 1e6))
+    }
+
     /// A connect to `backend` is known to have worked (p2c `done` without a failure): its run of
     /// consecutive failures ends.
     pub fn report_success(&mut self, service: &ServiceName, backend: SocketAddr) {
@@ -413,6 +535,7 @@ impl Balancer {
             connections: self.connections.clone(),
             connections_at: self.connections_at,
             zone: self.zone.clone(),
+            ewma_decay: self.ewma_decay,
         };
         if let Some(state) = self.services.get(&spec.name) {
             scratch.services.insert(spec.name.clone(), state.clone());
@@ -435,7 +558,19 @@ impl Balancer {
                 "least-conn: {} connections, the fewest",
                 self.connections.get(&pick.addr).copied().unwrap_or(0)
             ),
-            LbPolicy::Maglev => format!("maglev: owner of key {key}"),
+            LbPolicy::P2cEwma => {
+                let outstanding = self.outstanding(&spec.name, pick.backend);
+                match self.latency_estimate(&spec.name, pick.backend, now) {
+                    Some(l) => format!(
+                        "p2c-ewma: connect latency {:.3} ms x ({outstanding} outstanding + 1), the lower cost of two random candidates",
+                        l.as_secs_f64() * 1e3
+                    ),
+                    None => format!(
+                        "p2c-ewma: no latency measured yet, {outstanding} outstanding; the lower cost of two random candidates"
+                    ),
+                }
+            }
+            LbPolicy::Maglev => format!("maglev: owner of key {key} (weight {})", b.weight),
         };
         Some((pick.addr, why))
     }
@@ -626,12 +761,24 @@ const MAGLEV_SIZE: usize = 65_537;
 /// Maglev (Eisenbud et al., NSDI 2016): each backend walks its own permutation of the slots
 /// (offset and skip from two hashes of its address) and they take turns claiming free slots.
 /// Removing one backend moves mostly the keys it owned. Entries are positions in `backends`.
-/// Unweighted: every backend owns an equal share.
-pub fn maglev_table(backends: &[SocketAddr], size: usize) -> Vec<u32> {
+///
+/// Weighted: in every round each backend earns its weight in credit and claims one slot per
+/// heaviest weight of credit, so the heaviest claims one slot a round and a backend owns about
+/// `weight / sum(weights)` of the table. Weight 0 owns nothing unless every weight is 0 (then
+/// all count as 1, as elsewhere); `weights` shorter than `backends` counts the rest as 1.
+pub fn maglev_table(backends: &[SocketAddr], weights: &[u16], size: usize) -> Vec<u32> {
     let n = backends.len();
     if n == 0 || size == 0 {
         return Vec::new();
     }
+    let mut weights: Vec<u64> = (0..n)
+        .map(|i| weights.get(i).map_or(1, |&w| u64::from(w)))
+        .collect();
+    if weights.iter().all(|&w| w == 0) {
+        weights.fill(1);
+    }
+    let heaviest = weights.iter().copied().max().unwrap_or(1).max(1);
+    let mut credit = vec![0u64; n];
     let size64 = size as u64;
     let perms: Vec<(u64, u64)> = backends
         .iter()
@@ -649,22 +796,26 @@ pub fn maglev_table(backends: &[SocketAddr], size: usize) -> Vec<u32> {
     let mut filled = 0;
     'fill: loop {
         for (i, &(offset, skip)) in perms.iter().enumerate() {
-            // More backends than slots: the table is full before every backend had a turn.
-            if filled == size {
-                break 'fill;
-            }
-            let Some(tries) = next.get_mut(i) else {
+            let (Some(tries), Some(c)) = (next.get_mut(i), credit.get_mut(i)) else {
                 continue;
             };
-            loop {
-                let slot = ((offset + *tries * skip) % size64) as usize;
-                *tries += 1;
-                if let Some(entry) = table.get_mut(slot)
-                    && *entry == u32::MAX
-                {
-                    *entry = i as u32;
-                    filled += 1;
-                    break;
+            *c += weights.get(i).copied().unwrap_or(0);
+            while *c >= heaviest {
+                *c -= heaviest;
+                // More backends than slots: the table is full before every backend had a turn.
+                if filled == size {
+                    break 'fill;
+                }
+                loop {
+                    let slot = ((offset + *tries * skip) % size64) as usize;
+                    *tries += 1;
+                    if let Some(entry) = table.get_mut(slot)
+                        && *entry == u32::MAX
+                    {
+                        *entry = i as u32;
+                        filled += 1;
+                        break;
+                    }
                 }
             }
             if filled == size {
@@ -740,13 +891,13 @@ fn least_conn<R: Rng + ?Sized>(
     i
 }
 
-/// Two distinct weighted-random candidates; the one with fewer outstanding connects per unit
-/// of weight wins.
+/// Two distinct weighted-random candidates; the one with the lower `cost` per unit of weight
+/// wins (ties to the first drawn).
 fn p2c<R: Rng + ?Sized>(
-    state: &ServiceState,
     candidates: &[usize],
     weights: &[u64],
     rng: &mut R,
+    cost: impl Fn(usize) -> f64,
 ) -> Option<usize> {
     let a = weighted_random(candidates, weights, rng)?;
     if candidates.len() == 1 {
@@ -763,14 +914,17 @@ fn p2c<R: Rng + ?Sized>(
     let load = |i: usize| {
         let pos = candidates.iter().position(|&c| c == i).unwrap_or(0);
         let w = weights.get(pos).copied().unwrap_or(1).max(1);
-        // Compare out_a/w_a with out_b/w_b without division.
-        (
-            u64::from(state.backends.get(i).map_or(0, |b| b.outstanding)),
-            w,
-        )
+        cost(i) / w as f64
     };
-    let ((oa, wa), (ob, wb)) = (load(a), load(b));
-    Some(if oa * wb <= ob * wa { a } else { b })
+    Some(if load(a) <= load(b) { a } else { b })
+}
+
+/// The share of an estimate `elapsed` old that remains after decaying with time constant `decay`.
+fn decay_weight(elapsed: Duration, decay: Duration) -> f64 {
+    if decay.is_zero() {
+        return 0.0;
+    }
+    (-elapsed.as_secs_f64() / decay.as_secs_f64()).exp()
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use discotech_wire::fallback::{self, Header, Record};
 use discotech_wire::{
-    DecodeError, FLAG_HASH_KEY, FLAG_INET6, FLAG_REPORT_DONE, Kind, MSG_LEN, Reply, Request,
-    Status, to_mapped,
+    DecodeError, FLAG_HASH_KEY, FLAG_INET6, FLAG_PENDING, FLAG_REPORT_DONE, Kind, MSG_LEN, Reply,
+    Request, Status, to_mapped,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use rand::SeedableRng;
@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::balancer::{Balancer, DEFAULT_FAIL_HOLD, FailureOutcome};
 use crate::conn_count;
+use crate::latency::{Sample, Watch, Watcher};
 use crate::metrics::{HookLabels, METRICS};
 use crate::registry::Command;
 use crate::service::{LbPolicy, ServiceName, ServiceSpec};
@@ -93,6 +94,8 @@ struct Shared {
     snapshot: SharedSnapshot,
     balance: Arc<BalanceState>,
     ejections: Option<mpsc::Sender<Command>>,
+    /// Times the connects hooks report as still under way (p2c-ewma); `None` if it could not start.
+    latency: Option<Watcher>,
 }
 
 /// A shared handle on the hook server's balancer, for the admin server's dry-run explanations.
@@ -136,13 +139,15 @@ pub async fn serve(
     cfg: HookServerConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let balance = cfg
+        .balance
+        .clone()
+        .unwrap_or_else(|| BalanceHandle::new(&cfg))
+        .0;
     let shared = Arc::new(Shared {
         snapshot,
-        balance: cfg
-            .balance
-            .clone()
-            .unwrap_or_else(|| BalanceHandle::new(&cfg))
-            .0,
+        latency: start_latency_watcher(&balance),
+        balance,
         ejections: cfg.ejections.clone(),
     });
     let peers = Arc::new(Semaphore::new(cfg.max_peers.max(1)));
@@ -272,12 +277,63 @@ fn handle(
         balancer.retain(|name| snap.service(name.as_str()).is_some());
         *pruned_at = snap.generation;
     }
+    if let (Some(watcher), Some(watch)) = (&shared.latency, watch_for(&snap, &req, now)) {
+        watcher.watch(watch);
+    }
     let ejections = shared.ejections.as_ref();
     let reply = answer(balancer, rng, &snap, &req, outstanding, now, key, ejections)?.encode();
     METRICS
         .hook_duration
         .observe(started.elapsed().as_secs_f64());
     Some(Ok(reply))
+}
+
+/// Starts the thread that times non-blocking connects from the kernel's socket table, feeding
+/// its samples to the balancer.
+fn start_latency_watcher(balance: &Arc<BalanceState>) -> Option<Watcher> {
+    let balance = Arc::downgrade(balance);
+    let apply = move |samples: Vec<Sample>| {
+        let Some(balance) = balance.upgrade() else {
+            return;
+        };
+        let Ok(mut guard) = balance.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        for s in samples {
+            guard
+                .0
+                .observe_latency(&s.service, s.backend, s.latency, now);
+        }
+    };
+    match Watcher::spawn(apply) {
+        Ok(w) => Some(w),
+        Err(error) => {
+            warn!(%error, "cannot start the connect latency watcher; p2c-ewma sees only blocking connects");
+            None
+        }
+    }
+}
+
+/// What to watch for a done report of a connect still under way (p2c-ewma services only). The
+/// done report itself ends the connect's outstanding count, as for p2c: a connect that was set
+/// up and closed again before the watcher looks must not keep counting.
+fn watch_for(snap: &Snapshot, req: &Request, now: Instant) -> Option<Watch> {
+    if req.kind != Kind::Done || req.flags & FLAG_PENDING == 0 {
+        return None;
+    }
+    let spec = &snap.by_addr(req.magic_ip())?.spec;
+    if spec.lb != LbPolicy::P2cEwma {
+        return None;
+    }
+    let remote = req.backend_addr();
+    Some(Watch {
+        service: spec.name.clone(),
+        backend: backend_for(spec, req.port, remote)?,
+        remote,
+        local_port: req.errno,
+        since: now,
+    })
 }
 
 /// Counts one hook request by service (bounded: services in the snapshot, or "-") and result.
@@ -355,6 +411,10 @@ fn answer(
                 }
             } else {
                 balancer.report_success(&spec.name, backend);
+                if req.latency_us > 0 {
+                    let took = Duration::from_micros(u64::from(req.latency_us));
+                    balancer.observe_latency(&spec.name, backend, took, now);
+                }
             }
             if let Some(i) = outstanding
                 .iter()
@@ -388,7 +448,7 @@ fn answer(
     };
     count(spec.name.as_str(), "picked");
     let mut flags = 0;
-    if spec.lb == LbPolicy::P2c {
+    if spec.lb.reports_done() {
         if outstanding.len() >= MAX_OUTSTANDING_PER_PEER {
             let (s, b) = outstanding.swap_remove(0);
             balancer.done(&s, b);

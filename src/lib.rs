@@ -16,6 +16,7 @@ pub mod guard;
 pub mod health;
 pub mod hook_server;
 pub mod http;
+pub mod latency;
 pub mod magic;
 pub mod metrics;
 pub mod register;

@@ -142,6 +142,9 @@ pub enum LbPolicy {
     Random,
     /// Power of two choices on outstanding connects.
     P2c,
+    /// Power of two choices on peak-EWMA connect latency x (outstanding + 1) (Finagle's and
+    /// Linkerd's cost), from latencies the hook reports.
+    P2cEwma,
     /// Fewest established connections from this host (the kernel's socket table).
     LeastConn,
     /// Maglev consistent hashing of the caller's key (its uid): affinity that survives backend changes.
@@ -154,9 +157,15 @@ impl LbPolicy {
         "weighted-round-robin",
         "random",
         "p2c",
+        "p2c-ewma",
         "least-conn",
         "maglev",
     ];
+
+    /// Whether picks count as outstanding until the hook reports the connect done.
+    pub fn reports_done(self) -> bool {
+        matches!(self, Self::P2c | Self::P2cEwma)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -164,6 +173,7 @@ impl LbPolicy {
             Self::WeightedRoundRobin => "weighted-round-robin",
             Self::Random => "random",
             Self::P2c => "p2c",
+            Self::P2cEwma => "p2c-ewma",
             Self::LeastConn => "least-conn",
             Self::Maglev => "maglev",
         }
@@ -191,6 +201,7 @@ impl FromStr for LbPolicy {
             "weighted-round-robin" => Ok(Self::WeightedRoundRobin),
             "random" => Ok(Self::Random),
             "p2c" => Ok(Self::P2c),
+            "p2c-ewma" => Ok(Self::P2cEwma),
             "least-conn" => Ok(Self::LeastConn),
             "maglev" => Ok(Self::Maglev),
             other => Err(format!(

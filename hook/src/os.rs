@@ -65,6 +65,14 @@ impl Os for RealOs {
     fn pid(&self) -> u32 {
         self.pid
     }
+
+    fn now_us(&self) -> u64 {
+        sys::now_us()
+    }
+
+    fn local_port(&self, fd: c_int) -> Option<u16> {
+        sys::local_port(fd)
+    }
 }
 
 /// Lanes: the process's connections to the daemon, reused across connects so a lookup costs no

@@ -10,7 +10,8 @@ use core::net::SocketAddr;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use discotech_wire::{
-    FLAG_HASH_KEY, FLAG_INET6, FLAG_REPORT_DONE, Kind, Reply, Request, Status, to_mapped,
+    FLAG_HASH_KEY, FLAG_INET6, FLAG_PENDING, FLAG_REPORT_DONE, Kind, Reply, Request, Status,
+    to_mapped,
 };
 use libc::c_int;
 
@@ -40,6 +41,10 @@ pub trait Os {
         turn: u32,
     ) -> Option<SocketAddr>;
     fn pid(&self) -> u32;
+    /// Microseconds on a monotonic clock: connects to services that want done reports are timed.
+    fn now_us(&self) -> u64;
+    /// The local port of `fd` (for a done report of a connect still in progress).
+    fn local_port(&self, fd: c_int) -> Option<u16>;
     /// The caller's affinity key (DISCOTECH_HASH_KEY, hashed at load time), if it set one.
     fn hash_key(&self) -> Option<u64> {
         None
@@ -234,19 +239,31 @@ pub fn on_connect<O: Os>(os: &O, state: &State, fd: c_int, dest: SocketAddr) -> 
             // Let other threads use the process's daemon connection while this connect runs.
             ctx.session = None;
         }
+        // Only services that want done reports (p2c, p2c-ewma) are timed: two clock reads.
+        let started = target.report_done.then(|| os.now_us());
         let r = os.connect(fd, target.addr, info.domain);
         let e = match r {
             Err(e) if retryable(e) => e,
             _ => {
-                if matches!(r, Err(e) if pending(e))
-                    && let Some(ino) = os.inode(fd)
-                {
+                let in_progress = matches!(r, Err(e) if pending(e));
+                if in_progress && let Some(ino) = os.inode(fd) {
                     state.fds.put(fd, ino, dest, target.addr);
                 }
-                if target.report_done {
+                if let Some(started) = started {
                     let mut done = ctx.request(Kind::Done);
                     done.backend = to_mapped(target.addr.ip());
                     done.backend_port = target.addr.port();
+                    if in_progress {
+                        // The daemon times the rest from the kernel's socket table, where the
+                        // connection is found by its local port.
+                        if let Some(port) = os.local_port(fd) {
+                            done.flags |= FLAG_PENDING;
+                            done.errno = port;
+                        }
+                    } else if r.is_ok() {
+                        let took = os.now_us().saturating_sub(started);
+                        done.latency_us = u32::try_from(took).unwrap_or(u32::MAX).max(1);
+                    }
                     if let Some(s) = ctx.session.as_mut() {
                         s.tell(&done);
                     }

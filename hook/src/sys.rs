@@ -189,6 +189,48 @@ pub fn now_ms() -> i64 {
         .saturating_add(ts.tv_nsec / 1_000_000)
 }
 
+/// Microseconds on the monotonic clock.
+pub fn now_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a live local; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000)
+        .saturating_add(ts.tv_nsec as u64 / 1000)
+}
+
+/// The local port `fd` is bound to (after a connect, the one the kernel chose), if any.
+pub fn local_port(fd: c_int) -> Option<u16> {
+    let mut ss = MaybeUninit::<libc::sockaddr_storage>::zeroed();
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getsockname writes at most `len` bytes into the storage we own and updates `len`.
+    let rc =
+        unsafe { libc::getsockname(fd, ss.as_mut_ptr().cast::<libc::sockaddr>(), &raw mut len) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: zeroed storage is a valid sockaddr_storage; getsockname filled a prefix of it.
+    let ss = unsafe { ss.assume_init() };
+    // sin_port and sin6_port sit at the same offset, in network byte order.
+    let port = match c_int::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin = unsafe { *(&raw const ss).cast::<libc::sockaddr_in>() };
+            sin.sin_port
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6 = unsafe { *(&raw const ss).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_port
+        }
+        _ => return None,
+    };
+    Some(u16::from_be(port)).filter(|&p| p != 0)
+}
+
 /// An owned file descriptor, closed on drop.
 #[derive(Debug)]
 pub struct Fd(c_int);

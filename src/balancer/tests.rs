@@ -681,7 +681,7 @@ fn maglev_owner(table: &[u32], names: &[SocketAddr], key: u64) -> SocketAddr {
 #[test]
 fn maglev_spreads_keys_evenly_and_moves_few_when_backends_change() {
     let five: Vec<SocketAddr> = (2..7).map(|i| a(&format!("127.0.0.{i}:80"))).collect();
-    let t5 = maglev_table(&five, MAGLEV_SIZE);
+    let t5 = maglev_table(&five, &[], MAGLEV_SIZE);
     let mut per: HashMap<SocketAddr, usize> = HashMap::new();
     for k in 0..20_000u64 {
         *per.entry(maglev_owner(&t5, &five, k)).or_insert(0) += 1;
@@ -691,7 +691,7 @@ fn maglev_spreads_keys_evenly_and_moves_few_when_backends_change() {
 
     // Remove one: keys it did not own keep their backend (Maglev moves a few percent at most).
     let four: Vec<SocketAddr> = five.iter().copied().filter(|x| *x != five[2]).collect();
-    let t4 = maglev_table(&four, MAGLEV_SIZE);
+    let t4 = maglev_table(&four, &[], MAGLEV_SIZE);
     let (mut kept, mut others) = (0, 0);
     for k in 0..20_000u64 {
         let before = maglev_owner(&t5, &five, k);
@@ -708,14 +708,14 @@ fn maglev_spreads_keys_evenly_and_moves_few_when_backends_change() {
     // Add one: about 1/6 of the keys move (to the new backend), not more.
     let mut six = five.clone();
     six.push(a("127.0.0.7:80"));
-    let t6 = maglev_table(&six, MAGLEV_SIZE);
+    let t6 = maglev_table(&six, &[], MAGLEV_SIZE);
     let moved = (0..20_000u64)
         .filter(|&k| maglev_owner(&t6, &six, k) != maglev_owner(&t5, &five, k))
         .count();
     assert!(moved <= 20_000 / 6 + 600, "{moved} of 20000 moved");
-    assert!(maglev_table(&[], 7).is_empty());
+    assert!(maglev_table(&[], &[], 7).is_empty());
     assert_eq!(
-        maglev_table(&five, 3).len(),
+        maglev_table(&five, &[], 3).len(),
         3,
         "more backends than slots still terminates"
     );
@@ -866,4 +866,192 @@ fn explain_names_the_next_pick_without_taking_it() {
             "least-conn: 2 connections, the fewest".into()
         ))
     );
+}
+
+#[test]
+fn weighted_maglev_owns_keys_in_proportion_to_weight_and_stays_minimal_on_change() {
+    let names: Vec<SocketAddr> = (2..5).map(|i| a(&format!("127.0.0.{i}:80"))).collect();
+    let t = maglev_table(&names, &[1, 2, 5], MAGLEV_SIZE);
+    let mut slots = [0usize; 3];
+    for &e in &t {
+        slots[e as usize] += 1;
+    }
+    // Shares of the table: 1/8, 2/8, 5/8, to within half a percent of the table.
+    let want = [MAGLEV_SIZE / 8, MAGLEV_SIZE * 2 / 8, MAGLEV_SIZE * 5 / 8];
+    for (got, want) in slots.iter().zip(want) {
+        assert!(
+            got.abs_diff(want) <= MAGLEV_SIZE / 200,
+            "{slots:?} vs {want}"
+        );
+    }
+    // Weight 0 owns nothing; all zero means all equal.
+    let t0 = maglev_table(&names, &[0, 1, 1], MAGLEV_SIZE);
+    assert!(!t0.contains(&0));
+    let all0 = maglev_table(&names, &[0, 0, 0], MAGLEV_SIZE);
+    assert!((0..3u32).all(|i| all0.iter().filter(|&&e| e == i).count() > MAGLEV_SIZE / 4));
+    // Raising one weight moves keys only toward that backend.
+    let t2 = maglev_table(&names, &[1, 2, 6], MAGLEV_SIZE);
+    let wrong = t
+        .iter()
+        .zip(&t2)
+        .filter(|(before, after)| before != after && **after != 2)
+        .count();
+    assert!(wrong * 100 <= MAGLEV_SIZE, "{wrong} slots moved elsewhere");
+}
+
+#[test]
+fn weighted_maglev_picks_follow_weights() {
+    let s = spec(
+        LbPolicy::Maglev,
+        &[("127.0.0.2:80", 1), ("127.0.0.3:80", 3)],
+    );
+    let mut b = Balancer::new(Duration::ZERO);
+    let mut rng = StdRng::seed_from_u64(1);
+    let now = Instant::now();
+    let heavy = (0..4000u64)
+        .filter(|&k| {
+            b.pick_keyed(&s, 80, true, now, &mut rng, k)
+                .unwrap()
+                .backend
+                == a("127.0.0.3:80")
+        })
+        .count();
+    // 3000 expected; binomial sd about 27.
+    assert!((2850..=3150).contains(&heavy), "{heavy} of 4000");
+}
+
+fn ewma_spec() -> ServiceSpec {
+    spec(
+        LbPolicy::P2cEwma,
+        &[
+            ("127.0.0.2:80", 1),
+            ("127.0.0.3:80", 1),
+            ("127.0.0.4:80", 1),
+        ],
+    )
+}
+
+#[test]
+fn p2c_ewma_avoids_a_slow_backend_and_tries_it_again_once_the_estimate_decays() {
+    let s = ewma_spec();
+    let slow = a("127.0.0.4:80");
+    let mut b = Balancer::new(Duration::ZERO).with_ewma_decay(Duration::from_secs(10));
+    let mut rng = StdRng::seed_from_u64(7);
+    let t0 = Instant::now();
+    // Every pick is reported done with its latency: 200 µs, or 1 s for the slow one.
+    let mut run = |b: &mut Balancer, at: Instant, n: usize| {
+        let mut slow_picks = 0;
+        for _ in 0..n {
+            let p = b.pick(&s, 80, true, at, &mut rng).unwrap();
+            b.done(&s.name, p.backend);
+            let took = if p.backend == slow {
+                slow_picks += 1;
+                Duration::from_secs(1)
+            } else {
+                Duration::from_micros(200)
+            };
+            b.observe_latency(&s.name, p.backend, took, at);
+        }
+        slow_picks
+    };
+    let first = run(&mut b, t0, 300);
+    // The slow backend is tried (it had no estimate) and then loses every comparison: p2c can
+    // only choose it when both draws are it, which distinct draws never are.
+    assert!((1..=3).contains(&first), "slow picked {first} times");
+    assert!(b.latency_estimate(&s.name, slow, t0).unwrap() >= Duration::from_millis(999));
+    // A minute later (six decay times) its estimate is under 2.5 ms x 1: still above 200 µs,
+    // so it stays out while the others are measured...
+    let later = t0 + Duration::from_secs(60);
+    assert_eq!(run(&mut b, later, 100), 0);
+    // ...but the others' estimates decay too, and with no samples all estimates reach zero:
+    // after two minutes of silence the slow one is explored again, once, and then avoided.
+    let much_later = t0 + Duration::from_secs(600);
+    let again = run(&mut b, much_later, 100);
+    assert!((1..=3).contains(&again), "slow picked {again} times");
+}
+
+#[test]
+fn p2c_ewma_spreads_over_equal_backends_and_weighs_outstanding_connects() {
+    let s = ewma_spec();
+    let mut b = Balancer::new(Duration::ZERO);
+    let mut rng = StdRng::seed_from_u64(3);
+    let now = Instant::now();
+    for addr in ["127.0.0.2:80", "127.0.0.3:80", "127.0.0.4:80"] {
+        b.pick(&s, 80, true, now, &mut rng).unwrap();
+        b.observe_latency(&s.name, a(addr), Duration::from_millis(1), now);
+    }
+    // Nothing finishes: cost = 1 ms x (outstanding + 1) keeps the outstanding counts level.
+    for _ in 0..300 {
+        b.pick(&s, 80, true, now, &mut rng).unwrap();
+    }
+    let out: Vec<u32> = s
+        .backends
+        .iter()
+        .map(|x| b.outstanding(&s.name, x.addr))
+        .collect();
+    let (lo, hi) = (out.iter().min().unwrap(), out.iter().max().unwrap());
+    assert!(hi - lo <= 2, "{out:?}");
+    // A peak sample lifts the estimate at once; a lower one moves it by the elapsed share.
+    let x = a("127.0.0.2:80");
+    b.observe_latency(&s.name, x, Duration::from_millis(50), now);
+    assert_eq!(
+        b.latency_estimate(&s.name, x, now),
+        Some(Duration::from_millis(50))
+    );
+    let t1 = now + Duration::from_secs(10); // one decay time: the old estimate keeps 1/e
+    b.observe_latency(&s.name, x, Duration::from_millis(1), t1);
+    let est = b.latency_estimate(&s.name, x, t1).unwrap().as_secs_f64() * 1e3;
+    let want = 50.0 / std::f64::consts::E + 1.0 * (1.0 - 1.0 / std::f64::consts::E);
+    assert!((est - want).abs() < 0.01, "{est} ms vs {want} ms");
+    let why = b.explain(&s, 80, true, t1, 0).unwrap().1;
+    assert!(why.starts_with("p2c-ewma: "), "{why}");
+}
+
+#[test]
+fn a_backend_that_leaves_and_returns_keeps_its_ejection_history_and_ramps_again() {
+    let mut s = spec(
+        LbPolicy::RoundRobin,
+        &[
+            ("127.0.0.2:80", 1),
+            ("127.0.0.3:80", 1),
+            ("127.0.0.4:80", 1),
+        ],
+    );
+    s.outlier = Some(Box::new(outlier(1, 10, 50)));
+    s.slow_start = Some(Box::new(crate::service::SlowStart {
+        window: Duration::from_secs(30),
+        floor_percent: 10,
+    }));
+    let gone = a("127.0.0.3:80");
+    let mut b = Balancer::new(Duration::ZERO);
+    let mut rng = StdRng::seed_from_u64(1);
+    let t0 = Instant::now();
+    b.pick(&s, 80, true, t0, &mut rng).unwrap();
+    assert!(matches!(
+        b.report_failure(&s, gone, t0),
+        FailureOutcome::Ejected { times: 1, .. }
+    ));
+    // The ejection takes it out of the published list; it comes back when the ejection ends.
+    let mut without = s.clone();
+    without.backends.retain(|x| x.addr != gone);
+    b.pick(&without, 80, true, t0, &mut rng).unwrap();
+    let t1 = t0 + Duration::from_secs(11);
+    b.pick(&s, 80, true, t1, &mut rng).unwrap();
+    // Its second ejection is twice as long: the count survived the absence.
+    assert!(matches!(
+        b.report_failure(&s, gone, t1),
+        FailureOutcome::Ejected { times: 2, .. }
+    ));
+    // And a returning backend ramps: right after its return its share is the floor.
+    let t2 = t1 + Duration::from_secs(21);
+    b.pick(&without, 80, true, t2, &mut rng).unwrap();
+    let t3 = t2 + Duration::from_millis(10);
+    let mut weighted = s.clone();
+    weighted.lb = LbPolicy::WeightedRoundRobin;
+    let c = (0..210)
+        .filter(|_| b.pick(&weighted, 80, true, t3, &mut rng).unwrap().backend == gone)
+        .count();
+    // Weights 1000 : 100 (the 10% floor) : 1000 over 210 picks: 10 for the returning one.
+    assert!((9..=11).contains(&c), "{c} of 210");
+    assert!(b.ejected_until(&s.name, gone, t3).is_none());
 }

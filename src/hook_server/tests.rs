@@ -373,6 +373,7 @@ fn balancing_state_of_removed_services_is_dropped_on_the_next_generation() {
             0,
         ))),
         ejections: None,
+        latency: None,
     };
     let mut outstanding = Vec::new();
     let bytes = pick(1, WEB.into(), 80).encode();
@@ -468,4 +469,76 @@ fn an_ejection_is_sent_to_the_registry_without_waiting() {
         reason,
         "ejected after 3 consecutive connect failures, for 30s"
     );
+}
+
+#[test]
+fn p2c_ewma_done_reports_feed_latency_and_pending_ones_are_watched_by_port() {
+    let snap = Snapshot::new(1, [web(LbPolicy::P2cEwma)]);
+    let mut balancer = Balancer::default();
+    let mut rng = SmallRng::seed_from_u64(1);
+    let mut outstanding = Vec::new();
+    let now = Instant::now();
+    let req = pick(1, WEB.into(), 80);
+    let r = answer(
+        &mut balancer,
+        &mut rng,
+        &snap,
+        &req,
+        &mut outstanding,
+        now,
+        0,
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        r.flags & FLAG_REPORT_DONE,
+        FLAG_REPORT_DONE,
+        "p2c-ewma wants done reports"
+    );
+    let name: ServiceName = "web".parse().unwrap();
+    let mut done = req;
+    done.kind = Kind::Done;
+    done.backend = r.backend;
+    done.backend_port = r.backend_port;
+    done.latency_us = 2_500;
+    assert_eq!(
+        watch_for(&snap, &done, now),
+        None,
+        "timed by the hook: nothing to watch"
+    );
+    answer(
+        &mut balancer,
+        &mut rng,
+        &snap,
+        &done,
+        &mut outstanding,
+        now,
+        0,
+        None,
+    );
+    assert_eq!(
+        balancer.latency_estimate(&name, r.backend_addr(), now),
+        Some(Duration::from_micros(2_500))
+    );
+    assert_eq!(balancer.outstanding(&name, r.backend_addr()), 0);
+
+    // Still connecting when connect() returned: the daemon watches the socket by its port.
+    let mut pending = done;
+    pending.latency_us = 0;
+    pending.flags |= FLAG_PENDING;
+    pending.errno = 40_000;
+    let w = watch_for(&snap, &pending, now).expect("a watch");
+    assert_eq!((w.remote, w.local_port), (r.backend_addr(), 40_000));
+    assert_eq!(w.service, name);
+    // A named port reaches the backend at another port; the balancer's key is its default one.
+    let mut grpc = pending;
+    grpc.port = 9000;
+    grpc.backend_port = 9090;
+    grpc.backend = to_mapped("127.0.0.3".parse().unwrap());
+    let w = watch_for(&snap, &grpc, now).expect("a watch");
+    assert_eq!(w.backend, "127.0.0.3:8080".parse().unwrap());
+    assert_eq!(w.remote, "127.0.0.3:9090".parse().unwrap());
+    // Plain p2c keeps no latency.
+    let p2c = Snapshot::new(1, [web(LbPolicy::P2c)]);
+    assert_eq!(watch_for(&p2c, &pending, now), None);
 }

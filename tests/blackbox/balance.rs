@@ -458,3 +458,179 @@ fn the_local_zone_gets_the_traffic_until_it_loses_its_backend() {
         "zone b shares evenly once a1 is ejected: {later:?}"
     );
 }
+
+/// An overloaded server: listening on `ip:7001` with its accept queue full (it never accepts, and
+/// its own connects fill the queue), so the kernel drops new SYNs and connects hang.
+const SLOW_BACKEND: &str = "import socket, sys, time
+ip = sys.argv[1]
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((ip, 7001))
+s.listen(0)
+fill = []
+for _ in range(4):
+    c = socket.socket()
+    c.setblocking(False)
+    c.connect_ex((ip, 7001))
+    fill.append(c)
+time.sleep(0.3)
+print('full', flush=True)
+time.sleep(120)
+";
+
+/// `n` connects to `host:7001`, each with a 300 ms timeout (non-blocking connect and poll, as
+/// most runtimes do): the backend's name, or TIMEOUT.
+const TIMEOUT_CLIENT: &str = "import socket, sys
+host, n = sys.argv[1], int(sys.argv[2])
+for _ in range(n):
+    s = socket.socket()
+    s.settimeout(0.3)
+    try:
+        s.connect((host, 7001))
+        print(s.recv(64).decode().strip() or 'EMPTY', flush=True)
+    except socket.timeout:
+        print('TIMEOUT', flush=True)
+    except OSError as e:
+        print('ERR', e.errno, flush=True)
+    finally:
+        s.close()
+";
+
+fn timeout_connects(ns: &Netns, d: &Daemon, service: &str, n: usize) -> Vec<String> {
+    let magic = d.short(&format!("{service}.disco"), "A").remove(0);
+    let out = ns.run(
+        DISCOTECH,
+        &[
+            "run",
+            "--config",
+            d.config.to_str().expect("utf-8"),
+            "--",
+            "python3",
+            "-c",
+            TIMEOUT_CLIENT,
+            &magic,
+            &n.to_string(),
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn p2c_ewma_steers_connects_away_from_a_backend_that_is_slow_to_connect() {
+    let ns = Netns::new();
+    greeter(&ns, "a", "127.0.0.2");
+    greeter(&ns, "b", "127.0.0.3");
+    let full = ns.path("slow.log");
+    ns.spawn("python3", &["-c", SLOW_BACKEND, "127.0.0.4"], &full);
+    let up = eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(&full)
+            .ok()
+            .filter(|t| t.contains("full"))
+    });
+    assert!(up.is_some(), "the slow backend did not start");
+    // Without the hook, its slowness is real: a connect times out.
+    let direct = ns.ok("python3", &["-c", TIMEOUT_CLIENT, "127.0.0.4", "1"]);
+    assert_eq!(direct.trim(), "TIMEOUT", "the accept queue is not full");
+
+    let backends = "backends = [\"127.0.0.2:7001\", \"127.0.0.3:7001\", \"127.0.0.4:7001\"]\n";
+    let d = daemon(
+        &ns,
+        &format!(
+            "[services.ewma]\nlb = \"p2c-ewma\"\n{backends}\n[services.plain]\nlb = \"p2c\"\n{backends}"
+        ),
+    );
+
+    // Plain p2c compares outstanding connects only; one client connecting in turn has none, so
+    // the slow backend gets about a third: the measure the latency-aware one must beat.
+    // 30 draws at 1/3: fewer than 3 has odds of about 1 in 3000.
+    let plain = timeout_connects(&ns, &d, "plain", 30);
+    let plain_slow = count(&plain, "TIMEOUT");
+    assert!(plain_slow >= 3, "p2c without latency: {plain:?}");
+
+    // p2c-ewma: the first connect to it is seen connecting (in the kernel's table) until the
+    // client gives up, and from then on its cost loses every comparison. A second one can slip
+    // in while that sample is on its way (the watcher looks every 2 ms); never a third.
+    let ewma = timeout_connects(&ns, &d, "ewma", 40);
+    assert_eq!(ewma.len(), 40, "{ewma:?}");
+    let slow = count(&ewma, "TIMEOUT");
+    eprintln!("p2c: slow backend {plain_slow} of 30; p2c-ewma: {slow} of 40");
+    assert!(slow <= 2, "the slow backend got {slow} of 40: {ewma:?}");
+    // Both fast ones get a share. Not an even one: a connection set up and closed within the
+    // watcher's first look gives no sample, so which of them has an estimate is chance.
+    assert!(
+        count(&ewma, "a") >= 5 && count(&ewma, "b") >= 5,
+        "the fast ones share the rest: {ewma:?}"
+    );
+    assert!(
+        ewma.iter().all(|l| l == "a" || l == "b" || l == "TIMEOUT"),
+        "{ewma:?}"
+    );
+
+    // Blocking connects are timed by the hook itself; the admin explains the next pick with the
+    // estimate it compares.
+    let blocking = connects(&ns, &d, "ewma", 10);
+    assert!(
+        blocking.iter().all(|g| g == "a" || g == "b"),
+        "{blocking:?}"
+    );
+    let admin = ns.path("admin.sock");
+    let said = ns.ok(
+        DISCOTECH,
+        &[
+            "resolve",
+            "ewma",
+            "--socket",
+            admin.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        said.contains("(p2c-ewma: connect latency ") && said.contains(" ms x (0 outstanding + 1)"),
+        "{said}"
+    );
+}
+
+#[test]
+fn weighted_maglev_gives_keys_in_proportion_to_weight() {
+    let ns = Netns::new();
+    greeter(&ns, "a", "127.0.0.2");
+    greeter(&ns, "b", "127.0.0.3");
+    let d = daemon(
+        &ns,
+        "[services.sticky]\nlb = \"maglev\"\nbackends = [{ addr = \"127.0.0.2:7001\", weight = 1 }, { addr = \"127.0.0.3:7001\", weight = 3 }]\n",
+    );
+    let magic = d.short("sticky.disco", "A").remove(0);
+    let mut owners = Vec::new();
+    for k in 0..60 {
+        let key = format!("DISCOTECH_HASH_KEY=tenant-{k}");
+        let out = ns.run(
+            "env",
+            &[
+                &key,
+                DISCOTECH,
+                "run",
+                "--config",
+                d.config.to_str().expect("utf-8"),
+                "--",
+                &c_program("hookclient"),
+                "many",
+                &magic,
+                "7001",
+                "2",
+            ],
+        );
+        let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().trim_start_matches("OK ").to_owned())
+            .collect();
+        assert!(got.len() == 2 && got[0] == got[1], "{key}: {got:?}");
+        owners.push(got[0].clone());
+    }
+    // Weights 1:3 over 60 keys: 45 expected on b; binomial sd 3.4, so 35..=55 is three sd.
+    let b = count(&owners, "b");
+    eprintln!("weighted maglev: b (weight 3) owns {b} of 60 keys");
+    assert_eq!(count(&owners, "a") + b, 60, "{owners:?}");
+    assert!((35..=55).contains(&b), "b owns {b} of 60 keys: {owners:?}");
+}

@@ -183,20 +183,21 @@ pub fn srv_until(
 /// separate package, which `cargo test --test blackbox` alone does not build).
 pub fn ensure_hook_library() {
     static BUILT: OnceLock<()> = OnceLock::new();
+    // Built every run (cargo makes it a no-op when nothing changed): a library left over from
+    // an older build would test old hook code against the new daemon.
     BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "discotech-hook"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo build -p discotech-hook");
+        assert!(status.success(), "cannot build the hook library");
         let lib = Path::new(DISCOTECH)
             .parent()
             .expect("target dir")
             .join("libdiscotech_hook.so");
-        if !lib.exists() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "discotech-hook"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("cargo build -p discotech-hook");
-            assert!(status.success(), "cannot build the hook library");
-        }
+        assert!(lib.exists(), "{} was not built", lib.display());
     });
 }
 

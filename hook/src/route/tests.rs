@@ -32,6 +32,9 @@ struct Fake {
     /// The inode behind the fd the tests use.
     ino: RefCell<u64>,
     hash_key: Option<u64>,
+    /// The fake monotonic clock (µs); every connect takes `connect_us`.
+    clock: RefCell<u64>,
+    connect_us: u64,
 }
 
 struct FakeSession<'a>(&'a Fake);
@@ -85,6 +88,7 @@ impl<'a> Os for &'a Fake {
 
     fn connect(&self, _fd: c_int, to: SocketAddr, domain: c_int) -> Result<(), c_int> {
         self.connects.borrow_mut().push((to, domain));
+        *self.clock.borrow_mut() += self.connect_us;
         let mut results = self.results.borrow_mut();
         match results.get_mut(&to) {
             Some(list) if !list.is_empty() => list.remove(0),
@@ -112,6 +116,14 @@ impl<'a> Os for &'a Fake {
 
     fn hash_key(&self) -> Option<u64> {
         self.hash_key
+    }
+
+    fn now_us(&self) -> u64 {
+        *self.clock.borrow()
+    }
+
+    fn local_port(&self, _fd: c_int) -> Option<u16> {
+        Some(40_000)
     }
 }
 
@@ -392,6 +404,44 @@ fn p2c_answers_get_a_done_report_after_the_connect() {
     assert_eq!(reqs.len(), 2);
     assert_eq!(reqs[1].kind, Kind::Done);
     assert_eq!(reqs[1].backend_addr(), a("127.0.0.2:8080"));
+}
+
+#[test]
+fn a_done_report_carries_the_connect_time_or_the_local_port_while_in_progress() {
+    let mut f = fake(&["127.0.0.2:8080"]);
+    f.report_done = true;
+    f.connect_us = 1_250;
+    assert_eq!(
+        on_connect(&&f, &State::new(), 3, a(WEB)),
+        Verdict::Return(Ok(()))
+    );
+    let done = f.requests.borrow()[1];
+    assert_eq!(done.kind, Kind::Done);
+    assert_eq!(done.latency_us, 1_250);
+    assert_eq!(done.flags & FLAG_PENDING, 0);
+
+    // A non-blocking connect: the hook cannot see it finish; the daemon looks it up by port.
+    f.requests.borrow_mut().clear();
+    f.results
+        .borrow_mut()
+        .insert(a("127.0.0.2:8080"), vec![Err(libc::EINPROGRESS)]);
+    assert_eq!(
+        on_connect(&&f, &State::new(), 4, a(WEB)),
+        Verdict::Return(Err(libc::EINPROGRESS))
+    );
+    let done = f.requests.borrow()[1];
+    assert_eq!(done.kind, Kind::Done);
+    assert_eq!(done.flags & FLAG_PENDING, FLAG_PENDING);
+    assert_eq!(done.errno, 40_000, "the local port");
+    assert_eq!(done.latency_us, 0, "not measured by the hook");
+
+    // Services without done reports are not timed at all.
+    let g = fake(&["127.0.0.2:8080"]);
+    assert_eq!(
+        on_connect(&&g, &State::new(), 3, a(WEB)),
+        Verdict::Return(Ok(()))
+    );
+    assert!(g.requests.borrow().iter().all(|r| r.kind != Kind::Done));
 }
 
 #[test]

@@ -24,9 +24,15 @@
 //! 28  4  caller pid as the caller sees it (informational; the daemon trusts SO_PEERCRED)
 //! 32 16  backend address (failed, done; zero for pick)
 //! 48  2  backend port (failed, done)
-//! 50  2  errno the backend connect failed with (failed)
-//! 52 12  reserved
+//! 50  2  errno the backend connect failed with (failed); the local port of the caller's socket
+//!          (done with FLAG_PENDING)
+//! 52  8  affinity key (with FLAG_HASH_KEY)
+//! 60  4  connect latency in microseconds (done; 0: not measured)
 //! ```
+//! Request flags: bit 0 AF_INET6, bit 1 non-blocking, bit 2 `hash_key` is set, bit 3 (done)
+//! the connect was still in progress when it returned, so the daemon measures it from the
+//! kernel's socket table. Bytes 52..64 were reserved (zero) in the first hooks, so adding them
+//! did not change the version: a zero key or latency reads as "none".
 //! Reply (daemon -> hook), to pick and failed:
 //! ```text
 //!  0  2  "DT"
@@ -99,6 +105,9 @@ pub const FLAG_NONBLOCK: u8 = 2;
 /// Request flag: `hash_key` carries the caller's affinity key (DISCOTECH_HASH_KEY); without it
 /// the daemon keys on the caller's uid.
 pub const FLAG_HASH_KEY: u8 = 4;
+/// Request flag (done): the connect returned EINPROGRESS; `errno` carries the local port of the
+/// caller's socket so the daemon can find the connection in the kernel's socket table.
+pub const FLAG_PENDING: u8 = 8;
 /// Reply flag: send a [`Kind::Done`] message once the connect to the backend returns.
 pub const FLAG_REPORT_DONE: u8 = 1;
 
@@ -129,11 +138,15 @@ pub struct Request {
     /// For [`Kind::Failed`] and [`Kind::Done`]: the backend concerned (v4 as mapped).
     pub backend: Ipv6Addr,
     pub backend_port: u16,
-    /// For [`Kind::Failed`]: the errno of the failed connect.
+    /// For [`Kind::Failed`]: the errno of the failed connect. For [`Kind::Done`] with
+    /// [`FLAG_PENDING`]: the local port of the caller's socket.
     pub errno: u16,
     /// With [`FLAG_HASH_KEY`]: the affinity key for hashing balancers. Bytes 52..60, zero in
     /// messages from hooks that predate it, so the version did not change.
     pub hash_key: u64,
+    /// For [`Kind::Done`]: how long the connect took, in microseconds; 0 when not measured.
+    /// Bytes 60..64.
+    pub latency_us: u32,
 }
 
 impl Request {
@@ -151,6 +164,7 @@ impl Request {
             backend_port: 0,
             errno: 0,
             hash_key: 0,
+            latency_us: 0,
         }
     }
 
@@ -175,6 +189,7 @@ impl Request {
         put(&mut b, 48, &self.backend_port.to_be_bytes());
         put(&mut b, 50, &self.errno.to_be_bytes());
         put(&mut b, 52, &self.hash_key.to_be_bytes());
+        put(&mut b, 60, &self.latency_us.to_be_bytes());
         b
     }
 
@@ -195,6 +210,7 @@ impl Request {
             backend_port: u16::from_be_bytes(take(b, 48)),
             errno: u16::from_be_bytes(take(b, 50)),
             hash_key: u64::from_be_bytes(take(b, 52)),
+            latency_us: u32::from_be_bytes(take(b, 60)),
         })
     }
 }

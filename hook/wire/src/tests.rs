@@ -217,3 +217,21 @@ fn hash_key_sits_in_bytes_52_to_60_and_old_requests_carry_zero() {
     assert_eq!(hash_key(b"tenant-a"), hash_key(b"tenant-a"));
     assert_ne!(hash_key(b"tenant-a"), hash_key(b"tenant-b"));
 }
+
+#[test]
+fn done_golden_bytes_carry_latency_and_the_pending_local_port() {
+    let mut done = Request::pick(9, "127.77.0.1".parse().unwrap(), 80, FLAG_PENDING, 42);
+    done.kind = Kind::Done;
+    done.backend = to_mapped("127.0.0.2".parse().unwrap());
+    done.backend_port = 8080;
+    done.errno = 40_000; // the caller's local port
+    done.latency_us = 1_234_567;
+    let b = done.encode();
+    assert_eq!(b[3], 3, "kind done");
+    assert_eq!(b[26], FLAG_PENDING);
+    assert_eq!(&b[50..52], &40_000u16.to_be_bytes());
+    assert_eq!(&b[60..64], &[0x00, 0x12, 0xd6, 0x87]);
+    assert_eq!(Request::decode(&b), Ok(done));
+    // Hooks that predate the field send zero: "not measured".
+    assert_eq!(Request::decode(&PICK_GOLDEN).map(|r| r.latency_us), Ok(0));
+}

@@ -1,0 +1,296 @@
+//! Connect latencies the hook could not measure, for p2c-ewma. A blocking connect is timed by
+//! the hook itself; a non-blocking one returns EINPROGRESS before the handshake is over, so the
+//! hook reports the socket's local port instead and the daemon watches for the connection in the
+//! kernel's socket table (netlink sock_diag, with tcp_info):
+//!
+//! - established (or already closing, with tcp_info): the sample is the kernel's RTT for the
+//!   connection, or how long it was seen still connecting if that is longer (a SYN that had to be
+//!   retransmitted, because the backend's accept queue overflowed, is slow even when the RTT of
+//!   the retransmission is not);
+//! - still connecting after [`GIVE_UP`]: the sample is that long;
+//! - closed after being seen connecting (the caller's connect timeout gave up on it): the sample
+//!   is how long it was seen connecting;
+//! - gone, or in time-wait with no tcp_info, before it was ever seen connecting: no sample (a
+//!   refused connect is the hook's failure report; one that was set up and closed again within a
+//!   tick was not slow to connect).
+//!
+//! One thread does this, dumping the table when reports arrive and then every [`TICK`] while any
+//! connection is still being watched. The hook server hands it work with `try_send`: when the
+//! queue is full a sample is lost, never a connect delayed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
+
+use tracing::debug;
+
+use crate::conn_count::{self, SockRow, StateFlags, state};
+use crate::service::ServiceName;
+
+/// How often the socket table is read while connects are being watched.
+pub const TICK: Duration = Duration::from_millis(2);
+/// A connect still under way after this long is reported as taking this long.
+pub const GIVE_UP: Duration = Duration::from_secs(3);
+/// Reports queued for the thread at most; beyond it they are refused (see [`Watcher::watch`]).
+pub const MAX_WATCHED: usize = 4096;
+
+/// A connect the hook reported as under way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Watch {
+    pub service: ServiceName,
+    /// The backend's default address (the balancer's key).
+    pub backend: SocketAddr,
+    /// Where the socket connects (the backend's address with the port for the client's port).
+    pub remote: SocketAddr,
+    pub local_port: u16,
+    pub since: Instant,
+}
+
+/// One measured connect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub service: ServiceName,
+    pub backend: SocketAddr,
+    pub latency: Duration,
+}
+
+struct Watched {
+    watch: Watch,
+    /// How long after the report the connection was last seen still connecting.
+    connecting_for: Option<Duration>,
+}
+
+/// The handle the hook server sends watches to; dropping every clone ends the thread.
+#[derive(Clone, Debug)]
+pub struct Watcher(SyncSender<Watch>);
+
+impl Watcher {
+    /// Starts the watching thread; `apply` receives each batch of samples.
+    ///
+    /// # Errors
+    /// The thread could not be spawned.
+    pub fn spawn(apply: impl FnMut(Vec<Sample>) + Send + 'static) -> std::io::Result<Self> {
+        let (tx, rx) = sync_channel(MAX_WATCHED);
+        std::thread::Builder::new()
+            .name("latency-watch".into())
+            .spawn(move || run(&rx, apply))?;
+        Ok(Self(tx))
+    }
+
+    /// Queues `watch` without waiting; a full queue drops it (one sample lost).
+    pub fn watch(&self, watch: Watch) {
+        match self.0.try_send(watch) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => debug!("latency watch queue full; one sample lost"),
+            Err(TrySendError::Disconnected(_)) => debug!("latency watcher gone"),
+        }
+    }
+}
+
+fn run(rx: &Receiver<Watch>, mut apply: impl FnMut(Vec<Sample>)) {
+    let mut watched: Vec<Watched> = Vec::new();
+    let mut last_error: Option<String> = None;
+    loop {
+        let first = if watched.is_empty() {
+            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            rx.recv_timeout(TICK)
+        };
+        match first {
+            Ok(w) => add(&mut watched, w),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        while let Ok(w) = rx.try_recv() {
+            add(&mut watched, w);
+        }
+        let mut table: HashMap<(SocketAddr, u16), SockRow> = HashMap::new();
+        // Listening sockets cannot be ours.
+        let states = StateFlags::all() - StateFlags::LISTEN;
+        if let Err(e) = conn_count::dump(states, true, |row| {
+            let key = (row.remote, row.local_port);
+            // A reused port: the live socket wins over a time-wait one.
+            if row.state != state::TIME_WAIT || !table.contains_key(&key) {
+                table.insert(key, row);
+            }
+        }) {
+            let e = e.to_string();
+            if last_error.as_ref() != Some(&e) {
+                debug!(error = %e, "cannot read the socket table; non-blocking connects go unmeasured");
+                last_error = Some(e);
+            }
+            watched.clear();
+            continue;
+        }
+        last_error = None;
+        let samples = settle(&mut watched, &table, Instant::now());
+        if !samples.is_empty() {
+            apply(samples);
+        }
+    }
+}
+
+fn add(watched: &mut Vec<Watched>, watch: Watch) {
+    // The channel holds at most MAX_WATCHED, and everything watched settles within GIVE_UP, so
+    // this stays bounded by the connect rate times GIVE_UP.
+    watched.push(Watched {
+        watch,
+        connecting_for: None,
+    });
+}
+
+/// Resolves what `table` (keyed by remote address and local port) settles and keeps the rest.
+fn settle(
+    watched: &mut Vec<Watched>,
+    table: &HashMap<(SocketAddr, u16), SockRow>,
+    now: Instant,
+) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    watched.retain_mut(|w| {
+        let age = now.saturating_duration_since(w.watch.since);
+        let mut sample = |latency: Option<Duration>| {
+            if let Some(latency) = latency {
+                samples.push(Sample {
+                    service: w.watch.service.clone(),
+                    backend: w.watch.backend,
+                    latency: latency.max(Duration::from_micros(1)),
+                });
+            }
+        };
+        let Some(row) = table.get(&(w.watch.remote, w.watch.local_port)) else {
+            // Closed: refused (or done with) before it was ever seen, which tells nothing, or
+            // given up on by its caller after being seen connecting, which is a slow connect.
+            sample(w.connecting_for);
+            return false;
+        };
+        match (row.state, row.rtt_us) {
+            (state::SYN_SENT, _) => {
+                if age >= GIVE_UP {
+                    sample(Some(age));
+                    return false;
+                }
+                w.connecting_for = Some(age);
+                true
+            }
+            (state::TIME_WAIT | state::CLOSE, _) | (_, None) => {
+                sample(w.connecting_for);
+                false
+            }
+            (_, Some(rtt)) => {
+                let rtt = Duration::from_micros(u64::from(rtt));
+                sample(Some(rtt.max(w.connecting_for.unwrap_or_default())));
+                false
+            }
+        }
+    });
+    samples
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn watch(port: u16, since: Instant) -> Watched {
+        Watched {
+            watch: Watch {
+                service: "web".parse().unwrap(),
+                backend: a("127.0.0.2:80"),
+                remote: a("127.0.0.2:8080"),
+                local_port: port,
+                since,
+            },
+            connecting_for: None,
+        }
+    }
+
+    fn row(port: u16, state: u8, rtt_us: Option<u32>) -> ((SocketAddr, u16), SockRow) {
+        let remote = a("127.0.0.2:8080");
+        (
+            (remote, port),
+            SockRow {
+                remote,
+                local_port: port,
+                state,
+                rtt_us,
+            },
+        )
+    }
+
+    #[test]
+    fn established_connects_give_their_rtt_and_slow_ones_how_long_they_connected() {
+        let t0 = Instant::now();
+        let mut w = vec![
+            watch(1, t0),
+            watch(2, t0),
+            watch(3, t0),
+            watch(4, t0),
+            watch(5, t0),
+        ];
+        let table: HashMap<_, _> = [
+            row(1, state::ESTABLISHED, Some(120)),
+            row(2, state::SYN_SENT, None),
+            row(3, state::TIME_WAIT, None),
+            // 4 is gone: a refused connect.
+            row(5, state::SYN_SENT, None),
+        ]
+        .into();
+        let s = settle(&mut w, &table, t0 + Duration::from_millis(2));
+        // 1 is measured; 3 (set up and closed within a tick) and 4 (refused) tell nothing.
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].latency, Duration::from_micros(120));
+        assert_eq!(w.len(), 2, "the connecting ones stay watched");
+
+        // A second later 2 is established (its SYN was retransmitted; the RTT is small), and the
+        // caller of 5 gave up waiting and closed it.
+        let table: HashMap<_, _> =
+            [row(2, state::SYN_SENT, None), row(5, state::SYN_SENT, None)].into();
+        assert!(settle(&mut w, &table, t0 + Duration::from_millis(1000)).is_empty());
+        let table: HashMap<_, _> = [row(2, state::ESTABLISHED, Some(90))].into();
+        let s = settle(&mut w, &table, t0 + Duration::from_millis(1010));
+        assert_eq!(s.len(), 2);
+        assert!(
+            s.iter().all(|s| s.latency == Duration::from_millis(1000)),
+            "both seen connecting for 1 s: {s:?}"
+        );
+        assert!(w.is_empty());
+
+        // One that never finishes is reported at the give-up time.
+        let mut w = vec![watch(6, t0)];
+        let table: HashMap<_, _> = [row(6, state::SYN_SENT, None)].into();
+        let s = settle(&mut w, &table, t0 + GIVE_UP);
+        assert_eq!(s[0].latency, GIVE_UP);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn the_live_kernel_table_measures_a_real_non_blocking_connect() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let remote = listener.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let watcher = Watcher::spawn(move |samples| {
+            for s in samples {
+                let _ = tx.send(s);
+            }
+        })
+        .unwrap();
+        let held = std::net::TcpStream::connect(remote).unwrap();
+        watcher.watch(Watch {
+            service: "web".parse().unwrap(),
+            backend: remote,
+            remote,
+            local_port: held.local_addr().unwrap().port(),
+            since: Instant::now(),
+        });
+        let s = rx.recv_timeout(Duration::from_secs(5)).expect("a sample");
+        assert_eq!(s.backend, remote);
+        assert!(
+            s.latency > Duration::ZERO && s.latency < Duration::from_secs(1),
+            "{s:?}"
+        );
+    }
+}
