@@ -51,24 +51,28 @@ fn daemon<'a>(ns: &'a Netns, zone: &str) -> Daemon<'a> {
 
 /// `n` connects in one hooked process to `service`'s magic address; each backend's name once per
 /// connect that reached it.
-fn connects(ns: &Netns, d: &Daemon, service: &str, n: usize) -> Vec<String> {
+fn connects(d: &Daemon, service: &str, n: usize) -> Vec<String> {
     let magic = d.short(&format!("{service}.disco"), "A").remove(0);
-    let out = ns.run(
-        DISCOTECH,
-        &[
-            "run",
-            "--config",
-            d.config.to_str().expect("utf-8"),
-            "--",
-            &c_program("hookclient"),
-            "many",
-            &magic,
-            "7001",
-            &n.to_string(),
-        ],
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.lines()
+    keyed_connects(d, None, &magic, n)
+}
+
+/// `n` connects in one hooked process to `magic:7001`, with `DISCOTECH_HASH_KEY=key` if given;
+/// each backend's name once per connect that reached it, `!line` for any other line.
+fn keyed_connects(d: &Daemon, key: Option<&str>, magic: &str, n: usize) -> Vec<String> {
+    let hookclient = c_program("hookclient");
+    let n = n.to_string();
+    let client = [hookclient.as_str(), "many", magic, "7001", n.as_str()];
+    let out = match key {
+        Some(key) => {
+            let var = format!("DISCOTECH_HASH_KEY={key}");
+            let mut args = vec!["env", var.as_str()];
+            args.extend_from_slice(&client);
+            d.hooked(&args)
+        }
+        None => d.hooked(&client),
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
         .map(|l| {
             l.trim()
                 .strip_prefix("OK ")
@@ -92,7 +96,7 @@ fn a_refusing_backend_is_ejected_after_consecutive_failures_and_returns_after_th
         "[services.web]\nlb = \"round-robin\"\noutlier = { consecutive_failures = 2, base_ejection = \"5s\", max_ejected = 0.5 }\n\
          backends = [\"127.0.0.2:7001\", \"127.0.0.3:7001\", \"127.0.0.4:7001\"]\n",
     );
-    let all = connects(&ns, &d, "web", 30);
+    let all = connects(&d, "web", 30);
     assert_eq!(
         (count(&all, "a"), count(&all, "b"), count(&all, "c")),
         (10, 10, 10),
@@ -113,7 +117,7 @@ fn a_refusing_backend_is_ejected_after_consecutive_failures_and_returns_after_th
     // The hook retries a refused connect on another backend, so clients never see the failures;
     // the daemon counts them. Keep connecting until the second failure in a row ejects c.
     let ejected = eventually(Duration::from_secs(15), || {
-        let got = connects(&ns, &d, "web", 6);
+        let got = connects(&d, "web", 6);
         assert!(
             got.iter().all(|g| g == "a" || g == "b"),
             "refusals are never surfaced: {got:?}"
@@ -131,7 +135,7 @@ fn a_refusing_backend_is_ejected_after_consecutive_failures_and_returns_after_th
     // c answers again, but stays ejected past the 2 s hold: no picks until 5 s after the ejection.
     greeter(&ns, "c", "127.0.0.4");
     std::thread::sleep(Duration::from_millis(2500).saturating_sub(ejected.elapsed()));
-    let during = connects(&ns, &d, "web", 20);
+    let during = connects(&d, "web", 20);
     assert!(
         ejected.elapsed() < Duration::from_millis(4500),
         "the check ran too late to mean anything"
@@ -144,7 +148,7 @@ fn a_refusing_backend_is_ejected_after_consecutive_failures_and_returns_after_th
     assert_eq!(during.len(), 20, "{during:?}");
 
     let back = eventually(Duration::from_secs(10), || {
-        (count(&connects(&ns, &d, "web", 6), "c") > 0).then(|| ejected.elapsed())
+        (count(&connects(&d, "web", 6), "c") > 0).then(|| ejected.elapsed())
     });
     let back = back.expect("c gets picks again after its ejection time");
     assert!(
@@ -165,7 +169,7 @@ fn a_new_backend_ramps_up_over_the_slow_start_window() {
     };
     let d = daemon(&ns, &zone("\"127.0.0.2:7001\""));
     // The first pick creates the service's balancing state: backends known then do not ramp.
-    assert_eq!(count(&connects(&ns, &d, "ramp", 4), "a"), 4);
+    assert_eq!(count(&connects(&d, "ramp", 4), "a"), 4);
 
     d.zone(
         "balance.toml",
@@ -181,7 +185,7 @@ fn a_new_backend_ramps_up_over_the_slow_start_window() {
     let mut shares = Vec::new();
     for at in [0u64, 2, 5, 9] {
         std::thread::sleep(Duration::from_secs(at).saturating_sub(added.elapsed()));
-        let got = connects(&ns, &d, "ramp", 60);
+        let got = connects(&d, "ramp", 60);
         assert_eq!(got.len(), 60, "{got:?}");
         shares.push((added.elapsed(), count(&got, "b") as f64 / 60.0));
     }
@@ -207,7 +211,7 @@ fn weighted_random_holds_its_weights_within_tolerance() {
         &ns,
         "[services.rnd]\nlb = \"random\"\nbackends = [{ addr = \"127.0.0.2:7001\", weight = 1 }, { addr = \"127.0.0.3:7001\", weight = 3 }]\n",
     );
-    let got = connects(&ns, &d, "rnd", 400);
+    let got = connects(&d, "rnd", 400);
     assert_eq!(got.len(), 400, "{got:?}");
     // Expect 300 of 400 on b; binomial sd is about 8.7, so +-35 is four sd.
     let b = count(&got, "b");
@@ -223,7 +227,7 @@ fn least_conn_follows_real_long_lived_connections() {
         &ns,
         "[services.least]\nlb = \"least-conn\"\nbackends = [\"127.0.0.2:8080\", \"127.0.0.3:8080\"]\n",
     );
-    let even = hooked_who(&ns, &d, "least.disco", 8080, 10);
+    let even = hooked_who(&d, "least.disco", 8080, 10);
     assert_eq!(
         (count(&even, "a"), count(&even, "b")),
         (5, 5),
@@ -244,7 +248,7 @@ fn least_conn_follows_real_long_lived_connections() {
     });
     assert!(up.is_some(), "the holder did not connect");
     std::thread::sleep(Duration::from_millis(150)); // one refresh of the counts
-    let loaded = hooked_who(&ns, &d, "least.disco", 8080, 8);
+    let loaded = hooked_who(&d, "least.disco", 8080, 8);
     assert_eq!(
         count(&loaded, "b"),
         8,
@@ -274,7 +278,7 @@ fn least_conn_follows_real_long_lived_connections() {
 
     ns.kill(holder);
     let back = eventually(Duration::from_secs(5), || {
-        let got = hooked_who(&ns, &d, "least.disco", 8080, 10);
+        let got = hooked_who(&d, "least.disco", 8080, 10);
         (count(&got, "a") >= 4 && count(&got, "b") >= 4).then_some(got)
     });
     assert!(
@@ -364,27 +368,8 @@ fn maglev_keeps_each_uid_on_one_backend_and_spreads_uids() {
     let magic = d.short("sticky.disco", "A").remove(0);
     let mut by_key = Vec::new();
     for k in 0..12 {
-        let key = format!("DISCOTECH_HASH_KEY=tenant-{k}");
-        let out = ns.run(
-            "env",
-            &[
-                &key,
-                DISCOTECH,
-                "run",
-                "--config",
-                d.config.to_str().expect("utf-8"),
-                "--",
-                &c_program("hookclient"),
-                "many",
-                &magic,
-                "7001",
-                "5",
-            ],
-        );
-        let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.trim().trim_start_matches("OK ").to_owned())
-            .collect();
+        let key = format!("tenant-{k}");
+        let got = keyed_connects(&d, Some(&key), &magic, 5);
         assert_eq!(got.len(), 5, "{key}: {got:?}");
         assert!(
             got.iter().all(|g| *g == got[0]),
@@ -436,7 +421,7 @@ fn the_local_zone_gets_the_traffic_until_it_loses_its_backend() {
     );
     d.start();
     ns.resolv_conf("127.0.0.53");
-    let got = connects(&ns, &d, "zoned", 12);
+    let got = connects(&d, "zoned", 12);
     assert_eq!(
         count(&got, "a1"),
         12,
@@ -444,14 +429,14 @@ fn the_local_zone_gets_the_traffic_until_it_loses_its_backend() {
     );
 
     ns.kill(local);
-    let got = connects(&ns, &d, "zoned", 12);
+    let got = connects(&d, "zoned", 12);
     assert_eq!(got.len(), 12, "{got:?}");
     assert_eq!(
         count(&got, "b1") + count(&got, "b2"),
         12,
         "spilled over to zone b: {got:?}"
     );
-    let later = connects(&ns, &d, "zoned", 12);
+    let later = connects(&d, "zoned", 12);
     assert_eq!(
         (count(&later, "b1"), count(&later, "b2")),
         (6, 6),
@@ -496,22 +481,9 @@ for _ in range(n):
         s.close()
 ";
 
-fn timeout_connects(ns: &Netns, d: &Daemon, service: &str, n: usize) -> Vec<String> {
+fn timeout_connects(d: &Daemon, service: &str, n: usize) -> Vec<String> {
     let magic = d.short(&format!("{service}.disco"), "A").remove(0);
-    let out = ns.run(
-        DISCOTECH,
-        &[
-            "run",
-            "--config",
-            d.config.to_str().expect("utf-8"),
-            "--",
-            "python3",
-            "-c",
-            TIMEOUT_CLIENT,
-            &magic,
-            &n.to_string(),
-        ],
-    );
+    let out = d.hooked(&["python3", "-c", TIMEOUT_CLIENT, &magic, &n.to_string()]);
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_owned)
@@ -546,14 +518,14 @@ fn p2c_ewma_steers_connects_away_from_a_backend_that_is_slow_to_connect() {
     // Plain p2c compares outstanding connects only; one client connecting in turn has none, so
     // the slow backend gets about a third: the measure the latency-aware one must beat.
     // 30 draws at 1/3: fewer than 3 has odds of about 1 in 3000.
-    let plain = timeout_connects(&ns, &d, "plain", 30);
+    let plain = timeout_connects(&d, "plain", 30);
     let plain_slow = count(&plain, "TIMEOUT");
     assert!(plain_slow >= 3, "p2c without latency: {plain:?}");
 
     // p2c-ewma: the first connect to it is seen connecting (in the kernel's table) until the
     // client gives up, and from then on its cost loses every comparison. A second one can slip
     // in while that sample is on its way (the watcher looks every 2 ms); never a third.
-    let ewma = timeout_connects(&ns, &d, "ewma", 40);
+    let ewma = timeout_connects(&d, "ewma", 40);
     assert_eq!(ewma.len(), 40, "{ewma:?}");
     let slow = count(&ewma, "TIMEOUT");
     eprintln!("p2c: slow backend {plain_slow} of 30; p2c-ewma: {slow} of 40");
@@ -571,7 +543,7 @@ fn p2c_ewma_steers_connects_away_from_a_backend_that_is_slow_to_connect() {
 
     // Blocking connects are timed by the hook itself; the admin explains the next pick with the
     // estimate it compares.
-    let blocking = connects(&ns, &d, "ewma", 10);
+    let blocking = connects(&d, "ewma", 10);
     assert!(
         blocking.iter().all(|g| g == "a" || g == "b"),
         "{blocking:?}"
@@ -604,27 +576,8 @@ fn weighted_maglev_gives_keys_in_proportion_to_weight() {
     let magic = d.short("sticky.disco", "A").remove(0);
     let mut owners = Vec::new();
     for k in 0..60 {
-        let key = format!("DISCOTECH_HASH_KEY=tenant-{k}");
-        let out = ns.run(
-            "env",
-            &[
-                &key,
-                DISCOTECH,
-                "run",
-                "--config",
-                d.config.to_str().expect("utf-8"),
-                "--",
-                &c_program("hookclient"),
-                "many",
-                &magic,
-                "7001",
-                "2",
-            ],
-        );
-        let got: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| l.trim().trim_start_matches("OK ").to_owned())
-            .collect();
+        let key = format!("tenant-{k}");
+        let got = keyed_connects(&d, Some(&key), &magic, 2);
         assert!(got.len() == 2 && got[0] == got[1], "{key}: {got:?}");
         owners.push(got[0].clone());
     }

@@ -282,6 +282,14 @@ impl<'a> Daemon<'a> {
         self.ns.ok("dig", &all)
     }
 
+    /// Runs `args` under `discotech run` with this daemon's config (the hook preloaded).
+    pub fn hooked(&self, args: &[&str]) -> std::process::Output {
+        let config = self.config.to_str().expect("utf-8");
+        let mut all = vec!["run", "--config", config, "--"];
+        all.extend_from_slice(args);
+        self.ns.run(DISCOTECH, &all)
+    }
+
     /// `dig +short NAME TYPE`, one line per record.
     pub fn short(&self, name: &str, rtype: &str) -> Vec<String> {
         self.dig(&[name, rtype, "+short"])

@@ -196,22 +196,10 @@ fn greeter(ns: &Netns, name: &str, ip: &str) {
 }
 
 /// `n` blocking connects in one hooked process to `magic:7001`; who answered each.
-fn hooked_connects(ns: &Netns, d: &Daemon<'_>, magic: &str, n: usize) -> Vec<String> {
+fn hooked_connects(d: &Daemon<'_>, magic: &str, n: usize) -> Vec<String> {
     let hookclient = crate::harness::c_program("hookclient");
-    let out = ns.run(
-        DISCOTECH,
-        &[
-            "run",
-            "--config",
-            d.config.to_str().expect("utf-8"),
-            "--",
-            hookclient.to_str().expect("utf-8"),
-            "many",
-            magic,
-            "7001",
-            &n.to_string(),
-        ],
-    );
+    let hookclient = hookclient.to_str().expect("utf-8");
+    let out = d.hooked(&[hookclient, "many", magic, "7001", &n.to_string()]);
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| l.trim().strip_prefix("OK ").unwrap_or(l).to_owned())
@@ -244,7 +232,7 @@ fn a_backend_ejected_for_refusing_connects_leaves_srv_answers_until_the_ejection
     // refusals; the daemon counts them (each one also holds the backend out for 2 s, so the
     // default three in a row take a few seconds of connecting).
     let ejected = eventually(Duration::from_secs(30), || {
-        let got = hooked_connects(&ns, &d, &magic, 6);
+        let got = hooked_connects(&d, &magic, 6);
         assert!(
             got.len() == 6 && got.iter().all(|g| g == "a" || g == "b"),
             "refusals are never surfaced: {got:?}"

@@ -56,13 +56,6 @@ fn setup(ns: &Netns) -> Daemon<'_> {
     d
 }
 
-/// Runs `args` under `discotech run` with the daemon's config.
-fn hooked(ns: &Netns, d: &Daemon, args: &[&str]) -> Output {
-    let mut all = vec!["run", "--config", d.config.to_str().expect("utf-8"), "--"];
-    all.extend_from_slice(args);
-    ns.run(DISCOTECH, &all)
-}
-
 fn out(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -79,20 +72,12 @@ fn hookclient() -> String {
 fn curl_and_python_reach_the_backends_by_name_on_any_port() {
     let ns = Netns::new();
     let d = setup(&ns);
-    let who = out(&hooked(
-        &ns,
-        &d,
-        &["curl", "-s", "--max-time", "3", "http://web.disco/who"],
-    ));
+    let who = out(&d.hooked(&["curl", "-s", "--max-time", "3", "http://web.disco/who"]));
     assert!(
         who == "a" || who == "b",
         "port 80 goes to a backend's default port: {who:?}"
     );
-    let other = out(&hooked(
-        &ns,
-        &d,
-        &["curl", "-s", "--max-time", "3", "http://web.disco:8080/who"],
-    ));
+    let other = out(&d.hooked(&["curl", "-s", "--max-time", "3", "http://web.disco:8080/who"]));
     assert!(other == "a" || other == "b", "{other:?}");
     // Without the hook a magic address is refused at once, not left hanging.
     let bare = ns.run(
@@ -123,7 +108,7 @@ async def nonblocking():
     return line
 print(blocking, page, asyncio.run(nonblocking()))
 "#;
-    let py = out(&hooked(&ns, &d, &["python3", "-c", script]));
+    let py = out(&d.hooked(&["python3", "-c", script]));
     let words: Vec<&str> = py.split_whitespace().collect();
     assert_eq!(words.len(), 3, "{py:?}");
     assert!(
@@ -146,7 +131,7 @@ fn every_connect_shape_works_through_the_hook() {
     ] {
         let mut args = vec![client.as_str(), mode, m.as_str(), "7000"];
         args.extend(extra);
-        let o = hooked(&ns, &d, &args);
+        let o = d.hooked(&args);
         let text = out(&o);
         assert!(
             o.status.success() && text.starts_with("OK ") && !text.contains("ERR"),
@@ -155,7 +140,7 @@ fn every_connect_shape_works_through_the_hook() {
         );
     }
     // UDP connects pass through untouched: the kernel keeps the magic address as the peer.
-    let udp = out(&hooked(&ns, &d, &[&client, "udp", &m, "7000"]));
+    let udp = out(&d.hooked(&[&client, "udp", &m, "7000"]));
     assert!(udp.contains(&m), "UDP is not redirected: {udp}");
 }
 
@@ -164,20 +149,12 @@ fn errno_matches_an_unhooked_connect_for_refused_and_unreachable_backends() {
     let ns = Netns::new();
     let d = setup(&ns);
     let client = hookclient();
-    let refused = out(&hooked(
-        &ns,
-        &d,
-        &[&client, "block", &magic(&d, "refusing"), "7000"],
-    ));
+    let refused = out(&d.hooked(&[&client, "block", &magic(&d, "refusing"), "7000"]));
     let plain = out(&ns.run(&client, &["block", "127.0.0.9", "7001"]));
     assert_eq!(refused, plain);
     assert_eq!(refused.trim(), "ERR ECONNREFUSED");
     // This namespace has no route beyond loopback: the kernel fails the connect without sending.
-    let unreachable = out(&hooked(
-        &ns,
-        &d,
-        &[&client, "block", &magic(&d, "unreachable"), "7000"],
-    ));
+    let unreachable = out(&d.hooked(&[&client, "block", &magic(&d, "unreachable"), "7000"]));
     let plain = out(&ns.run(&client, &["block", "198.51.100.1", "7001"]));
     assert_eq!(unreachable, plain);
     assert!(unreachable.trim() == "ERR ENETUNREACH", "{unreachable}");
@@ -194,22 +171,14 @@ fn round_robin_is_even_weights_hold_and_a_refusing_backend_is_skipped() {
             .count()
     };
 
-    let rr = out(&hooked(
-        &ns,
-        &d,
-        &[&client, "many", &magic(&d, "web"), "7000", "30"],
-    ));
+    let rr = out(&d.hooked(&[&client, "many", &magic(&d, "web"), "7000", "30"]));
     assert_eq!(
         (count(&rr, "a"), count(&rr, "b")),
         (15, 15),
         "round robin within one process is exact: {rr}"
     );
 
-    let w = out(&hooked(
-        &ns,
-        &d,
-        &[&client, "many", &magic(&d, "weighted"), "7000", "40"],
-    ));
+    let w = out(&d.hooked(&[&client, "many", &magic(&d, "weighted"), "7000", "40"]));
     let (a, b) = (count(&w, "a"), count(&w, "b"));
     assert_eq!(a + b, 40, "{w}");
     // Weights 1:3 hold exactly per cycle of four; allow one cycle of slack for prefetched picks.
@@ -218,11 +187,7 @@ fn round_robin_is_even_weights_hold_and_a_refusing_backend_is_skipped() {
         "weights 1:3 over 40 connects: a={a} b={b}"
     );
 
-    let flaky = out(&hooked(
-        &ns,
-        &d,
-        &[&client, "many", &magic(&d, "flaky"), "7000", "30"],
-    ));
+    let flaky = out(&d.hooked(&[&client, "many", &magic(&d, "flaky"), "7000", "30"]));
     assert_eq!(
         count(&flaky, "a") + count(&flaky, "b"),
         30,
@@ -288,7 +253,7 @@ fn killing_the_daemon_mid_run_keeps_clients_on_the_backends_they_know() {
     );
     ns.stop(pid);
     // A program started after the daemon died routes from the fallback file.
-    let fresh = out(&hooked(&ns, &d, &[&client, "block", &m, "7000"]));
+    let fresh = out(&d.hooked(&[&client, "block", &m, "7000"]));
     assert!(fresh.starts_with("OK "), "{fresh}");
     // Knowing nothing (no daemon, no fallback file), a connect fails fast instead of hanging.
     let nothing = ns.path("nothing");

@@ -232,14 +232,9 @@ pub fn backend(ns: &Netns, ip: &str, port: u16, name: &str) -> u32 {
 /// `curl http://NAME:PORT/who` `n` times in one process with the hook preloaded through
 /// `discotech run`, a new connection each time; the answering backends' names in order.
 /// (One process, because the pick order is only meaningful within one hook client.)
-pub fn hooked_who(ns: &Netns, d: &Daemon, host: &str, port: u16, n: usize) -> Vec<String> {
+pub fn hooked_who(d: &Daemon, host: &str, port: u16, n: usize) -> Vec<String> {
     let url = format!("http://{host}:{port}/who");
-    let config = d.config.to_str().expect("utf-8");
     let mut args = vec![
-        "run",
-        "--config",
-        config,
-        "--",
         "curl",
         "-s",
         "--max-time",
@@ -250,7 +245,7 @@ pub fn hooked_who(ns: &Netns, d: &Daemon, host: &str, port: u16, n: usize) -> Ve
         "\\n",
     ];
     args.extend(std::iter::repeat_n(url.as_str(), n));
-    let out = ns.run(DISCOTECH, &args);
+    let out = d.hooked(&args);
     let mut got: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_owned)

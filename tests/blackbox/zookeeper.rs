@@ -487,12 +487,12 @@ fn zookeeper_additions_and_removals_reach_hooked_connects() {
     d.start();
     ns.resolv_conf("127.0.0.53");
     srv_until(&d, "web.disco", Duration::from_secs(5), |a| a.len() == 1);
-    assert_eq!(zk::hooked_who(&ns, &d, "web.disco", 8080, 2), ["b2", "b2"]);
+    assert_eq!(zk::hooked_who(&d, "web.disco", 8080, 2), ["b2", "b2"]);
 
     zk.ctl(&ns, &["create /disco/web/127.0.0.3:8080"]);
     let mut last = Vec::new();
     let both = eventually(Duration::from_secs(5), || {
-        last = zk::hooked_who(&ns, &d, "web.disco", 8080, 4);
+        last = zk::hooked_who(&d, "web.disco", 8080, 4);
         (last.iter().filter(|w| *w == "b2").count() == 2
             && last.iter().filter(|w| *w == "b3").count() == 2)
             .then_some(())
@@ -505,7 +505,7 @@ fn zookeeper_additions_and_removals_reach_hooked_connects() {
 
     zk.ctl(&ns, &["delete /disco/web/127.0.0.2:8080"]);
     let only = eventually(Duration::from_secs(5), || {
-        last = zk::hooked_who(&ns, &d, "web.disco", 8080, 4);
+        last = zk::hooked_who(&d, "web.disco", 8080, 4);
         (last == ["b3"; 4]).then_some(())
     });
     assert!(
