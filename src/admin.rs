@@ -133,6 +133,17 @@ pub struct Candidate {
     pub target: SocketAddr,
     pub weight: u16,
     pub priority: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// This host's established connections to `target`, from the kernel's socket table.
+    #[serde(default)]
+    pub connections: u32,
+    /// Picks not yet reported done (p2c, p2c-ewma).
+    #[serde(default)]
+    pub outstanding: u32,
+    /// The p2c-ewma connect latency estimate, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -406,6 +417,11 @@ fn resolve(
         }
     }
     let best = spec.backends.iter().map(|b| b.priority).min();
+    let (connections, error) = crate::conn_count::read();
+    if let Some(error) = error {
+        debug!(%error, "cannot read the socket table; connection counts show 0");
+    }
+    let now = std::time::Instant::now();
     let mut candidates = Vec::new();
     for b in &spec.backends {
         if Some(b.priority) != best {
@@ -419,10 +435,19 @@ fn resolve(
             });
             continue;
         }
+        let target = SocketAddr::new(b.addr.ip(), b.port_for(port_name));
+        let (outstanding, latency) = cx
+            .balance
+            .as_ref()
+            .map_or((0, None), |h| h.backend_state(spec, b.addr, now));
         candidates.push(Candidate {
-            target: SocketAddr::new(b.addr.ip(), b.port_for(port_name)),
+            target,
             weight: b.weight,
             priority: b.priority,
+            zone: b.zone.clone(),
+            connections: connections.get(&target).copied().unwrap_or(0),
+            outstanding,
+            latency_us: latency.map(|l| l.as_micros().try_into().unwrap_or(u64::MAX)),
         });
     }
     Ok(Resolution {

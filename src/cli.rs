@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use discotech::admin::{self, BackendRow, Reply, Request, Resolution, ServiceRow, Status};
 use discotech::config::{Config, DEFAULT_ADMIN_SOCKET};
+use discotech::service::LbPolicy;
 
 const EX_REFUSED: u8 = 2;
 const EX_USAGE: u8 = 64;
@@ -268,16 +269,44 @@ fn resolution(r: &Resolution) -> String {
         out += "no backend can take a connect: it would fail with ECONNREFUSED\n";
     } else {
         out += "\n";
+        // Outstanding picks and latency estimates mean something only where the policy keeps them.
+        let p2c = r.lb.reports_done();
+        let ewma = r.lb == LbPolicy::P2cEwma;
+        let mut header = vec![
+            "CONNECTS GO TO",
+            "WEIGHT",
+            "PRIORITY",
+            "ZONE",
+            "CONNECTIONS",
+        ];
+        if p2c {
+            header.push("OUTSTANDING");
+        }
+        if ewma {
+            header.push("LATENCY");
+        }
         out += &table(
-            &["CONNECTS GO TO", "WEIGHT", "PRIORITY"],
+            &header,
             r.candidates
                 .iter()
                 .map(|c| {
-                    vec![
+                    let mut row = vec![
                         c.target.to_string(),
                         c.weight.to_string(),
                         c.priority.to_string(),
-                    ]
+                        c.zone.clone().unwrap_or_else(|| "-".into()),
+                        c.connections.to_string(),
+                    ];
+                    if p2c {
+                        row.push(c.outstanding.to_string());
+                    }
+                    if ewma {
+                        row.push(c.latency_us.map_or_else(
+                            || "-".into(),
+                            |us| format!("{:.3} ms", us as f64 / 1000.0),
+                        ));
+                    }
+                    row
                 })
                 .collect(),
         );

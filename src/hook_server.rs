@@ -113,6 +113,22 @@ impl BalanceHandle {
         ))))
     }
 
+    /// A backend's balancing state: picks outstanding and the p2c-ewma latency estimate.
+    pub fn backend_state(
+        &self,
+        spec: &ServiceSpec,
+        backend: SocketAddr,
+        now: Instant,
+    ) -> (u32, Option<Duration>) {
+        let Ok(guard) = self.0.lock() else {
+            return (0, None);
+        };
+        (
+            guard.0.outstanding(&spec.name, backend),
+            guard.0.latency_estimate(&spec.name, backend, now),
+        )
+    }
+
     /// The backend the next pick for `spec` would reach and why; nothing advances. `None` when
     /// no backend is usable or the balancer's lock is poisoned.
     pub fn explain(

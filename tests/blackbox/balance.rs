@@ -81,6 +81,15 @@ fn keyed_connects(d: &Daemon, key: Option<&str>, magic: &str, n: usize) -> Vec<S
         .collect()
 }
 
+/// The whitespace-separated cells of the table row of `text` that starts with `first`.
+fn columns<'t>(text: &'t str, first: &str) -> Vec<&'t str> {
+    text.lines()
+        .find(|l| l.starts_with(first))
+        .unwrap_or_else(|| panic!("no row for {first} in:\n{text}"))
+        .split_whitespace()
+        .collect()
+}
+
 fn count(got: &[String], who: &str) -> usize {
     got.iter().filter(|g| *g == who).count()
 }
@@ -275,6 +284,13 @@ fn least_conn_follows_real_long_lived_connections() {
         "{said}"
     );
     assert_eq!(resolve(), said, "explaining does not advance the balancer");
+    // The table shows each backend's connections as the kernel counts them.
+    assert_eq!(
+        columns(&said, "127.0.0.2:8080"),
+        ["127.0.0.2:8080", "1", "0", "-", "10"],
+        "{said}"
+    );
+    assert_eq!(columns(&said, "127.0.0.3:8080")[4], "0", "{said}");
 
     ns.kill(holder);
     let back = eventually(Duration::from_secs(5), || {
@@ -428,6 +444,20 @@ fn the_local_zone_gets_the_traffic_until_it_loses_its_backend() {
         "the local zone (1 of 3 backends, above the 30% share) takes all: {got:?}"
     );
 
+    let admin = ns.path("admin.sock");
+    let said = ns.ok(
+        DISCOTECH,
+        &[
+            "resolve",
+            "zoned",
+            "--socket",
+            admin.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(said.contains("ZONE"), "{said}");
+    assert_eq!(columns(&said, "127.0.0.2:7001")[3], "a", "{said}");
+    assert_eq!(columns(&said, "127.0.0.4:7001")[3], "b", "{said}");
+
     ns.kill(local);
     let got = connects(&d, "zoned", 12);
     assert_eq!(got.len(), 12, "{got:?}");
@@ -562,6 +592,11 @@ fn p2c_ewma_steers_connects_away_from_a_backend_that_is_slow_to_connect() {
         said.contains("(p2c-ewma: connect latency ") && said.contains(" ms x (0 outstanding + 1)"),
         "{said}"
     );
+    // Per backend: the slow one's estimate is the 300 ms its caller waited (decaying since).
+    let slow_row = columns(&said, "127.0.0.4:7001");
+    assert_eq!(slow_row[5], "0", "no connect outstanding: {said}");
+    let slow_ms: f64 = slow_row[6].parse().expect("a latency in ms");
+    assert!((200.0..=310.0).contains(&slow_ms), "{said}");
 }
 
 #[test]
