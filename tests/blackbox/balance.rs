@@ -81,6 +81,20 @@ fn keyed_connects(d: &Daemon, key: Option<&str>, magic: &str, n: usize) -> Vec<S
         .collect()
 }
 
+/// `discotech resolve SERVICE` against the daemon's admin socket in `ns`.
+fn resolve(ns: &Netns, service: &str) -> String {
+    let admin = ns.path("admin.sock");
+    ns.ok(
+        DISCOTECH,
+        &[
+            "resolve",
+            service,
+            "--socket",
+            admin.to_str().expect("utf-8"),
+        ],
+    )
+}
+
 /// The whitespace-separated cells of the table row of `text` that starts with `first`.
 fn columns<'t>(text: &'t str, first: &str) -> Vec<&'t str> {
     text.lines()
@@ -111,11 +125,7 @@ fn a_refusing_backend_is_ejected_after_consecutive_failures_and_returns_after_th
         (10, 10, 10),
         "{all:?}"
     );
-    let admin = ns.path("admin.sock");
-    let said = ns.ok(
-        DISCOTECH,
-        &["resolve", "web", "--socket", admin.to_str().expect("utf-8")],
-    );
+    let said = resolve(&ns, "web");
     assert!(
         said.contains("next connect goes to 127.0.0.")
             && said.contains("(round robin: next in turn)"),
@@ -264,26 +274,18 @@ fn least_conn_follows_real_long_lived_connections() {
         "new connects avoid the backend with 10 established: {loaded:?}"
     );
     // The admin explains the next pick from the same counts, without taking it.
-    let admin = ns.path("admin.sock");
-    let resolve = || {
-        ns.ok(
-            DISCOTECH,
-            &[
-                "resolve",
-                "least",
-                "--socket",
-                admin.to_str().expect("utf-8"),
-            ],
-        )
-    };
-    let said = resolve();
+    let said = resolve(&ns, "least");
     assert!(
         said.contains(
             "next connect goes to 127.0.0.3:8080 (least-conn: 0 connections, the fewest)"
         ),
         "{said}"
     );
-    assert_eq!(resolve(), said, "explaining does not advance the balancer");
+    assert_eq!(
+        resolve(&ns, "least"),
+        said,
+        "explaining does not advance the balancer"
+    );
     // The table shows each backend's connections as the kernel counts them.
     assert_eq!(
         columns(&said, "127.0.0.2:8080"),
@@ -444,16 +446,7 @@ fn the_local_zone_gets_the_traffic_until_it_loses_its_backend() {
         "the local zone (1 of 3 backends, above the 30% share) takes all: {got:?}"
     );
 
-    let admin = ns.path("admin.sock");
-    let said = ns.ok(
-        DISCOTECH,
-        &[
-            "resolve",
-            "zoned",
-            "--socket",
-            admin.to_str().expect("utf-8"),
-        ],
-    );
+    let said = resolve(&ns, "zoned");
     assert!(said.contains("ZONE"), "{said}");
     assert_eq!(columns(&said, "127.0.0.2:7001")[3], "a", "{said}");
     assert_eq!(columns(&said, "127.0.0.4:7001")[3], "b", "{said}");
@@ -578,16 +571,7 @@ fn p2c_ewma_steers_connects_away_from_a_backend_that_is_slow_to_connect() {
         blocking.iter().all(|g| g == "a" || g == "b"),
         "{blocking:?}"
     );
-    let admin = ns.path("admin.sock");
-    let said = ns.ok(
-        DISCOTECH,
-        &[
-            "resolve",
-            "ewma",
-            "--socket",
-            admin.to_str().expect("utf-8"),
-        ],
-    );
+    let said = resolve(&ns, "ewma");
     assert!(
         said.contains("(p2c-ewma: connect latency ") && said.contains(" ms x (0 outstanding + 1)"),
         "{said}"
