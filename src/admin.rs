@@ -3,7 +3,7 @@
 //! The socket is mode 0660, so only root and the socket's group can drive the daemon.
 //! The client half (used by the CLI) is here too, so both sides share one definition.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -298,7 +298,22 @@ async fn handle(req: Request, cx: &AdminContext) -> Reply {
                 .map(|s| s.unhealthy.clone())
                 .unwrap_or_default();
             let panicking = status.map(|s| s.panicking).unwrap_or_default();
-            match resolve(cx, &name, port, &drained, &sick, &panicking) {
+            // A dump of the socket table can take a while on a busy host: off the runtime.
+            let connections = match tokio::task::spawn_blocking(crate::conn_count::read).await {
+                Ok((counts, None)) => counts,
+                Ok((counts, Some(error))) => {
+                    debug!(%error, "cannot read the socket table; connection counts show 0");
+                    counts
+                }
+                Err(_) => HashMap::new(),
+            };
+            let seen = Seen {
+                drained: &drained,
+                sick: &sick,
+                panicking: &panicking,
+                connections: &connections,
+            };
+            match resolve(cx, &name, port, &seen) {
                 Ok(r) => Reply::data(r),
                 Err(e) => Reply::error(e),
             }
@@ -378,15 +393,28 @@ fn service_label(name: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// What the registry and the kernel said, for [`resolve`].
+struct Seen<'a> {
+    drained: &'a BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
+    sick: &'a BTreeMap<ServiceName, BTreeMap<SocketAddr, String>>,
+    panicking: &'a BTreeSet<ServiceName>,
+    /// This host's established connections per remote address.
+    connections: &'a HashMap<SocketAddr, u32>,
+}
+
 /// What a connect to `name` (a service name or a magic address) on `port` would reach.
 fn resolve(
     cx: &AdminContext,
     name: &str,
     port: Option<u16>,
-    drained: &BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
-    sick: &BTreeMap<ServiceName, BTreeMap<SocketAddr, String>>,
-    panicking: &BTreeSet<ServiceName>,
+    seen: &Seen<'_>,
 ) -> Result<Resolution, String> {
+    let Seen {
+        drained,
+        sick,
+        panicking,
+        connections,
+    } = *seen;
     let snap = cx.snapshot.load();
     let service = match name.parse::<IpAddr>() {
         Ok(ip) => snap
@@ -417,10 +445,6 @@ fn resolve(
         }
     }
     let best = spec.backends.iter().map(|b| b.priority).min();
-    let (connections, error) = crate::conn_count::read();
-    if let Some(error) = error {
-        debug!(%error, "cannot read the socket table; connection counts show 0");
-    }
     let now = std::time::Instant::now();
     let mut candidates = Vec::new();
     for b in &spec.backends {

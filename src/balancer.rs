@@ -29,7 +29,7 @@
 //! that jumps to any sample above it, otherwise moves toward the sample with weight
 //! `1 - exp(-dt / decay)`, and decays toward zero while no samples come, so a backend that was
 //! slow is tried again after a few decay times. A pick compares two weighted-random candidates by
-//! cost x (outstanding + 1) per unit of weight; a backend with no estimate but connects under way
+//! cost x (outstanding + 1) per unit of weight; a backend never measured with connects under way
 //! costs more than any estimate, so an unmeasured one is explored one connect at a time.
 
 use std::collections::HashMap;
@@ -56,9 +56,6 @@ pub const DEFAULT_EWMA_DECAY: Duration = Duration::from_secs(10);
 /// How long the state of a backend that left its service's list is kept for its return: longer
 /// than the longest default ejection.
 pub const DEPARTED_KEEP: Duration = Duration::from_secs(600);
-
-/// p2c-ewma: the cost of a backend with connects under way and no latency estimate yet (µs).
-const UNMEASURED_COST_US: f64 = 1e9;
 
 /// The choice for one connect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,6 +213,7 @@ impl ServiceState {
             .map(|b| (b.addr, b.weight, b.priority))
             .collect();
         let departed = &mut self.departed;
+        departed.retain(|_, (_, left)| now.saturating_duration_since(*left) < DEPARTED_KEEP);
         self.backends = self
             .shape
             .iter()
@@ -236,7 +234,8 @@ impl ServiceState {
                 departed.insert(addr, (b, now));
             }
         }
-        departed.retain(|_, (_, left)| now.saturating_duration_since(*left) < DEPARTED_KEEP);
+        // Weights may have changed with the same candidates: the table is rebuilt on next use.
+        self.maglev = None;
         self.initialised = true;
     }
 
@@ -356,12 +355,11 @@ impl Balancer {
                     if !ewma {
                         return outstanding;
                     }
-                    let cost = b.ewma_at(now, decay);
-                    if cost == 0.0 && b.outstanding > 0 {
-                        UNMEASURED_COST_US + outstanding
-                    } else {
-                        cost * (outstanding + 1.0)
+                    if b.ewma_at.is_none() && b.outstanding > 0 {
+                        // Never measured and already trying: explore it one connect at a time.
+                        return f64::INFINITY;
                     }
+                    b.ewma_at(now, decay) * (outstanding + 1.0)
                 });
                 if let Some(b) = i.and_then(|i| state.backends.get_mut(i)) {
                     b.outstanding = b.outstanding.saturating_add(1);
@@ -400,8 +398,15 @@ impl Balancer {
             return FailureOutcome::Unknown;
         };
         let outlier = spec.outlier.as_deref().copied().unwrap_or_default();
-        let total = state.backends.len();
-        let ejected_now = state.backends.iter().filter(|b| b.ejected(now)).count();
+        // Ejected backends leave the published list (and wait in `departed`): they still count
+        // against the cap, or one ejection after another could take out all but one.
+        let away = state
+            .departed
+            .values()
+            .filter(|(b, _)| b.ejected(now))
+            .count();
+        let total = state.backends.len() + away;
+        let ejected_now = state.backends.iter().filter(|b| b.ejected(now)).count() + away;
         let Some(b) = state.backends.get_mut(i) else {
             return FailureOutcome::Unknown;
         };

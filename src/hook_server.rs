@@ -426,7 +426,10 @@ fn answer(
                     FailureOutcome::Held { .. } | FailureOutcome::Unknown => {}
                 }
             } else {
-                balancer.report_success(&spec.name, backend);
+                // A connect still under way (EINPROGRESS) has not worked yet.
+                if req.flags & FLAG_PENDING == 0 {
+                    balancer.report_success(&spec.name, backend);
+                }
                 if req.latency_us > 0 {
                     let took = Duration::from_micros(u64::from(req.latency_us));
                     balancer.observe_latency(&spec.name, backend, took, now);

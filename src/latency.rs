@@ -7,18 +7,20 @@
 //!   connection, or how long it was seen still connecting if that is longer (a SYN that had to be
 //!   retransmitted, because the backend's accept queue overflowed, is slow even when the RTT of
 //!   the retransmission is not);
+//! - in time-wait (set up and closed again between two looks): how long it was seen connecting,
+//!   if it was;
 //! - still connecting after [`GIVE_UP`]: the sample is that long;
-//! - closed after being seen connecting (the caller's connect timeout gave up on it): the sample
-//!   is how long it was seen connecting;
-//! - gone, or in time-wait with no tcp_info, before it was ever seen connecting: no sample (a
-//!   refused connect is the hook's failure report; one that was set up and closed again within a
-//!   tick was not slow to connect).
+//! - gone after being seen connecting for at least [`LONG_CONNECT`]: how long it was seen
+//!   connecting. The caller's connect timeout gave up on it, or it was refused after a long round
+//!   trip; either way that backend is that slow to answer.
+//! - gone sooner: no sample. A refusal from a nearby backend looks exactly like a connection set
+//!   up and closed again between two looks, and a refusing backend must never look fast.
 //!
 //! One thread does this, dumping the table when reports arrive and then every [`TICK`] while any
 //! connection is still being watched. The hook server hands it work with `try_send`: when the
 //! queue is full a sample is lost, never a connect delayed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
@@ -32,6 +34,8 @@ use crate::service::ServiceName;
 pub const TICK: Duration = Duration::from_millis(2);
 /// A connect still under way after this long is reported as taking this long.
 pub const GIVE_UP: Duration = Duration::from_secs(3);
+/// A connect seen connecting at least this long and then gone is sampled (see the module docs).
+pub const LONG_CONNECT: Duration = Duration::from_millis(10);
 /// Reports queued for the thread at most; beyond it they are refused (see [`Watcher::watch`]).
 pub const MAX_WATCHED: usize = 4096;
 
@@ -105,13 +109,19 @@ fn run(rx: &Receiver<Watch>, mut apply: impl FnMut(Vec<Sample>)) {
         while let Ok(w) = rx.try_recv() {
             add(&mut watched, w);
         }
+        // Only the watched connections are kept from the dump: the table may be large.
+        let wanted: HashSet<(SocketAddr, u16)> = watched
+            .iter()
+            .map(|w| (w.watch.remote, w.watch.local_port))
+            .collect();
         let mut table: HashMap<(SocketAddr, u16), SockRow> = HashMap::new();
         // Listening sockets cannot be ours.
         let states = StateFlags::all() - StateFlags::LISTEN;
         if let Err(e) = conn_count::dump(states, true, |row| {
             let key = (row.remote, row.local_port);
             // A reused port: the live socket wins over a time-wait one.
-            if row.state != state::TIME_WAIT || !table.contains_key(&key) {
+            if wanted.contains(&key) && (row.state != state::TIME_WAIT || !table.contains_key(&key))
+            {
                 table.insert(key, row);
             }
         }) {
@@ -159,9 +169,8 @@ fn settle(
             }
         };
         let Some(row) = table.get(&(w.watch.remote, w.watch.local_port)) else {
-            // Closed: refused (or done with) before it was ever seen, which tells nothing, or
-            // given up on by its caller after being seen connecting, which is a slow connect.
-            sample(w.connecting_for);
+            // Gone: see the module docs for why only a long wait counts.
+            sample(w.connecting_for.filter(|&d| d >= LONG_CONNECT));
             return false;
         };
         match (row.state, row.rtt_us) {
@@ -246,7 +255,7 @@ mod tests {
         assert_eq!(w.len(), 2, "the connecting ones stay watched");
 
         // A second later 2 is established (its SYN was retransmitted; the RTT is small), and the
-        // caller of 5 gave up waiting and closed it.
+        // caller of 5 gave up waiting and closed it: both took a second.
         let table: HashMap<_, _> =
             [row(2, state::SYN_SENT, None), row(5, state::SYN_SENT, None)].into();
         assert!(settle(&mut w, &table, t0 + Duration::from_millis(1000)).is_empty());
@@ -259,12 +268,92 @@ mod tests {
         );
         assert!(w.is_empty());
 
+        // Seen connecting only briefly and then gone: refused nearby, or set up and closed between
+        // two looks. Never a sample: a refusing backend must not look fast.
+        let mut w = vec![watch(7, t0)];
+        let table: HashMap<_, _> = [row(7, state::SYN_SENT, None)].into();
+        assert!(settle(&mut w, &table, t0 + Duration::from_micros(300)).is_empty());
+        assert!(settle(&mut w, &HashMap::new(), t0 + Duration::from_millis(2)).is_empty());
+        assert!(w.is_empty());
+
         // One that never finishes is reported at the give-up time.
         let mut w = vec![watch(6, t0)];
         let table: HashMap<_, _> = [row(6, state::SYN_SENT, None)].into();
         let s = settle(&mut w, &table, t0 + GIVE_UP);
         assert_eq!(s[0].latency, GIVE_UP);
         assert!(w.is_empty());
+    }
+
+    fn nonblocking_connect(to: SocketAddr) -> (socket2::Socket, u16) {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let _ = s.connect(&to.into()); // EINPROGRESS, or refused at once on loopback
+        let port = s
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .map_or(0, |a| a.port());
+        (s, port)
+    }
+
+    fn watcher() -> (Watcher, std::sync::mpsc::Receiver<Sample>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let watcher = Watcher::spawn(move |samples| {
+            for s in samples {
+                let _ = tx.send(s);
+            }
+        })
+        .unwrap();
+        (watcher, rx)
+    }
+
+    fn watch_of(remote: SocketAddr, local_port: u16, since: Instant) -> Watch {
+        Watch {
+            service: "web".parse().unwrap(),
+            backend: remote,
+            remote,
+            local_port,
+            since,
+        }
+    }
+
+    #[test]
+    fn the_live_kernel_table_times_a_connect_stuck_behind_a_full_accept_queue() {
+        // A listener that never accepts, its queue filled: the kernel drops further SYNs.
+        let listener =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        listener
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        listener.listen(0).unwrap();
+        let remote = listener.local_addr().unwrap().as_socket().unwrap();
+        let _fill: Vec<_> = (0..4).map(|_| nonblocking_connect(remote)).collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let (stuck, port) = nonblocking_connect(remote);
+        let (watcher, rx) = watcher();
+        // Reported as if it had been connecting for the give-up time already.
+        let since = Instant::now().checked_sub(GIVE_UP).unwrap();
+        watcher.watch(watch_of(remote, port, since));
+        let s = rx.recv_timeout(Duration::from_secs(5)).expect("a sample");
+        assert!(s.latency >= GIVE_UP, "{s:?}");
+        drop(stuck);
+    }
+
+    #[test]
+    fn the_live_kernel_table_gives_no_sample_for_a_refused_connect() {
+        // A port nothing listens on (bound, then closed).
+        let remote = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (refused, port) = nonblocking_connect(remote);
+        let (watcher, rx) = watcher();
+        watcher.watch(watch_of(remote, port, Instant::now()));
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "a refused connect must not be sampled as fast"
+        );
+        drop(refused);
     }
 
     #[test]

@@ -1055,3 +1055,58 @@ fn a_backend_that_leaves_and_returns_keeps_its_ejection_history_and_ramps_again(
     assert!((9..=11).contains(&c), "{c} of 210");
     assert!(b.ejected_until(&s.name, gone, t3).is_none());
 }
+
+#[test]
+fn the_ejection_cap_counts_backends_that_left_the_list_while_ejected() {
+    let mut s = spec(
+        LbPolicy::RoundRobin,
+        &[
+            ("127.0.0.2:80", 1),
+            ("127.0.0.3:80", 1),
+            ("127.0.0.4:80", 1),
+            ("127.0.0.5:80", 1),
+        ],
+    );
+    s.outlier = Some(Box::new(outlier(1, 30, 50)));
+    let mut b = Balancer::new(Duration::ZERO);
+    let mut rng = StdRng::seed_from_u64(1);
+    let now = Instant::now();
+    b.pick(&s, 80, true, now, &mut rng).unwrap();
+    // Each ejection takes the backend out of the published list, as the registry does.
+    for gone in ["127.0.0.2:80", "127.0.0.3:80"] {
+        assert!(matches!(
+            b.report_failure(&s, a(gone), now),
+            FailureOutcome::Ejected { .. }
+        ));
+        s.backends.retain(|x| x.addr != a(gone));
+        b.pick(&s, 80, true, now, &mut rng).unwrap();
+    }
+    // Two of four are out: a third would break the 50% cap.
+    assert!(matches!(
+        b.report_failure(&s, a("127.0.0.4:80"), now),
+        FailureOutcome::CapReached { .. }
+    ));
+}
+
+#[test]
+fn a_weight_change_rebuilds_the_maglev_table() {
+    let mut s = spec(
+        LbPolicy::Maglev,
+        &[("127.0.0.2:80", 1), ("127.0.0.3:80", 1)],
+    );
+    let mut b = Balancer::new(Duration::ZERO);
+    let mut rng = StdRng::seed_from_u64(1);
+    let now = Instant::now();
+    let heavy = |b: &mut Balancer, s: &ServiceSpec, rng: &mut StdRng| {
+        (0..1000u64)
+            .filter(|&k| {
+                b.pick_keyed(s, 80, true, now, rng, k).unwrap().backend == a("127.0.0.3:80")
+            })
+            .count()
+    };
+    let even = heavy(&mut b, &s, &mut rng);
+    assert!((430..=570).contains(&even), "{even}");
+    s.backends[1].weight = 9;
+    let skewed = heavy(&mut b, &s, &mut rng);
+    assert!((850..=950).contains(&skewed), "{skewed}");
+}

@@ -35,6 +35,7 @@ struct Fake {
     /// The fake monotonic clock (µs); every connect takes `connect_us`.
     clock: RefCell<u64>,
     connect_us: u64,
+    clock_reads: RefCell<u32>,
 }
 
 struct FakeSession<'a>(&'a Fake);
@@ -119,6 +120,7 @@ impl<'a> Os for &'a Fake {
     }
 
     fn now_us(&self) -> u64 {
+        *self.clock_reads.borrow_mut() += 1;
         *self.clock.borrow()
     }
 
@@ -442,6 +444,12 @@ fn a_done_report_carries_the_connect_time_or_the_local_port_while_in_progress() 
         Verdict::Return(Ok(()))
     );
     assert!(g.requests.borrow().iter().all(|r| r.kind != Kind::Done));
+    assert_eq!(*g.clock_reads.borrow(), 0, "no clock reads");
+    assert_eq!(
+        *f.clock_reads.borrow(),
+        3,
+        "two for the timed connect, one for the pending one"
+    );
 }
 
 #[test]
