@@ -307,6 +307,21 @@ fn empty_service_picks_nothing() {
     );
 }
 
+/// Four equal backends on 127.0.0.2-5, ejected after one failure for 30 s, at most half at once.
+fn four_ejectable(lb: LbPolicy) -> ServiceSpec {
+    let mut s = spec(
+        lb,
+        &[
+            ("127.0.0.2:80", 1),
+            ("127.0.0.3:80", 1),
+            ("127.0.0.4:80", 1),
+            ("127.0.0.5:80", 1),
+        ],
+    );
+    s.outlier = Some(Box::new(outlier(1, 30, 50)));
+    s
+}
+
 fn outlier(n: u32, base_s: u64, max_pct: u8) -> crate::service::Outlier {
     crate::service::Outlier {
         consecutive_failures: n,
@@ -441,16 +456,7 @@ fn successes_between_failures_reset_the_count() {
 
 #[test]
 fn never_more_than_the_max_share_is_ejected() {
-    let mut s = spec(
-        LbPolicy::RoundRobin,
-        &[
-            ("127.0.0.2:80", 1),
-            ("127.0.0.3:80", 1),
-            ("127.0.0.4:80", 1),
-            ("127.0.0.5:80", 1),
-        ],
-    );
-    s.outlier = Some(Box::new(outlier(1, 30, 50)));
+    let s = four_ejectable(LbPolicy::RoundRobin);
     let mut b = Balancer::new(Duration::ZERO);
     let mut rng = StdRng::seed_from_u64(1);
     let t0 = Instant::now();
@@ -723,16 +729,7 @@ fn maglev_spreads_keys_evenly_and_moves_few_when_backends_change() {
 
 #[test]
 fn maglev_picks_follow_the_key_and_survive_an_ejection_elsewhere() {
-    let mut s = spec(
-        LbPolicy::Maglev,
-        &[
-            ("127.0.0.2:80", 1),
-            ("127.0.0.3:80", 1),
-            ("127.0.0.4:80", 1),
-            ("127.0.0.5:80", 1),
-        ],
-    );
-    s.outlier = Some(Box::new(outlier(1, 30, 50)));
+    let s = four_ejectable(LbPolicy::Maglev);
     let mut b = Balancer::new(Duration::ZERO);
     let mut rng = StdRng::seed_from_u64(1);
     let t0 = Instant::now();
@@ -1058,16 +1055,7 @@ fn a_backend_that_leaves_and_returns_keeps_its_ejection_history_and_ramps_again(
 
 #[test]
 fn the_ejection_cap_counts_backends_that_left_the_list_while_ejected() {
-    let mut s = spec(
-        LbPolicy::RoundRobin,
-        &[
-            ("127.0.0.2:80", 1),
-            ("127.0.0.3:80", 1),
-            ("127.0.0.4:80", 1),
-            ("127.0.0.5:80", 1),
-        ],
-    );
-    s.outlier = Some(Box::new(outlier(1, 30, 50)));
+    let mut s = four_ejectable(LbPolicy::RoundRobin);
     let mut b = Balancer::new(Duration::ZERO);
     let mut rng = StdRng::seed_from_u64(1);
     let now = Instant::now();
