@@ -4,13 +4,21 @@
 //! question costs one receive, one hash lookup, a copy, two patched ID bytes and one send. A cache
 //! miss computes the answer on the spot with the same code as TCP; only questions that must be
 //! forwarded go to a runtime task. The cache is dropped whenever the snapshot changes.
+//!
+//! Forwarded answers are kept the same way for at most [`FORWARDED_FRESH`] (and never past their
+//! smallest TTL): the task that forwarded sends the encoded answer back to its worker, which
+//! serves repeats from it, so the TTLs a client sees are at most that much behind the forwarder's
+//! cache. Only NOERROR and NXDOMAIN answers are kept; failures always take the full path.
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::ResponseCode;
 
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::Request;
@@ -20,8 +28,8 @@ use tracing::{debug, warn};
 
 use prometheus_client::metrics::counter::Counter;
 
-use super::server::{DnsHandler, MAX_UDP_PAYLOAD, encode_udp, record};
-use crate::metrics::METRICS;
+use super::server::{DnsHandler, MAX_UDP_PAYLOAD, Response, encode_udp, record};
+use crate::metrics::{CacheLabels, METRICS};
 
 /// One in this many answers from the cache has its latency measured: the clock costs more than
 /// the answer.
@@ -33,6 +41,8 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
 const MAX_CACHED: usize = 65_536;
 /// Largest query we accept over UDP (RFC 6891 allows up to 65535, real queries are tiny).
 const MAX_QUERY: usize = 4096;
+/// How long a worker serves a forwarded answer's bytes before asking the forwarder again.
+pub const FORWARDED_FRESH: Duration = Duration::from_secs(1);
 
 /// Starts one worker thread per socket; they stop when `shutdown` is cancelled.
 ///
@@ -48,6 +58,7 @@ pub fn spawn(
     for socket in sockets {
         socket.set_nonblocking(false)?;
         socket.set_read_timeout(Some(SHUTDOWN_POLL))?;
+        let (learned_tx, learned) = channel();
         let worker = Worker {
             socket: Arc::new(socket),
             handler: handler.clone(),
@@ -55,6 +66,8 @@ pub fn spawn(
             cache: HashMap::new(),
             epoch: u64::MAX,
             hits: 0,
+            learned,
+            learned_tx,
         };
         let stop = shutdown.clone();
         threads.push(
@@ -66,14 +79,28 @@ pub fn spawn(
     Ok(threads)
 }
 
+/// An encoded answer, ID aside.
+struct Cached {
+    bytes: Vec<u8>,
+    /// The query counter it counts into.
+    counter: Counter,
+    /// For a forwarded answer: until when it may be served, and the forwarder's cache-hit counter.
+    forwarded: Option<(Instant, Counter)>,
+}
+
+/// A forwarded answer a runtime task sends back to its worker: the cache key and the entry.
+type Learned = (Vec<u8>, Cached);
+
 struct Worker {
     socket: Arc<UdpSocket>,
     handler: Arc<DnsHandler>,
     runtime: Handle,
-    /// Encoded answer and the counter it counts into.
-    cache: HashMap<Vec<u8>, (Vec<u8>, Counter)>,
+    cache: HashMap<Vec<u8>, Cached>,
     epoch: u64,
     hits: u32,
+    /// Forwarded answers coming back from runtime tasks.
+    learned: Receiver<Learned>,
+    learned_tx: Sender<Learned>,
 }
 
 impl Worker {
@@ -107,18 +134,19 @@ impl Worker {
                     self.cache.clear();
                     self.epoch = epoch;
                 }
-                if let Some((cached, counter)) = self.cache.get(key.as_slice()) {
+                self.take_learned();
+                if let Some(cached) = fresh(&mut self.cache, &key) {
                     self.hits = self.hits.wrapping_add(1);
-                    let sampled = self
-                        .hits
-                        .is_multiple_of(SAMPLE_EVERY)
-                        .then(std::time::Instant::now);
+                    let sampled = self.hits.is_multiple_of(SAMPLE_EVERY).then(Instant::now);
                     out.clear();
-                    out.extend_from_slice(cached);
+                    out.extend_from_slice(&cached.bytes);
                     if let (Some(dst), Some(id)) = (out.get_mut(..2), packet.get(..2)) {
                         dst.copy_from_slice(id);
                     }
-                    counter.inc();
+                    cached.counter.inc();
+                    if let Some((_, hit)) = &cached.forwarded {
+                        hit.inc();
+                    }
                     self.send(&out, src);
                     if let Some(t) = sampled {
                         METRICS.dns_duration.observe(t.elapsed().as_secs_f64());
@@ -130,6 +158,20 @@ impl Worker {
                 self.miss(packet, src, None);
             }
         }
+    }
+
+    /// Files the forwarded answers runtime tasks have sent back since the last look.
+    fn take_learned(&mut self) {
+        while let Ok((key, cached)) = self.learned.try_recv() {
+            self.insert(key, cached);
+        }
+    }
+
+    fn insert(&mut self, key: Vec<u8>, cached: Cached) {
+        if self.cache.len() >= MAX_CACHED {
+            self.cache.clear();
+        }
+        self.cache.insert(key, cached);
     }
 
     /// Computes the answer; caches it when it is local and `key` is given; forwards on a task.
@@ -150,25 +192,18 @@ impl Worker {
                 self.send(&bytes, src);
                 record(&request, &response, started);
                 if let Some(key) = key {
-                    if self.cache.len() >= MAX_CACHED {
-                        self.cache.clear();
-                    }
-                    let qtype = request
-                        .queries
-                        .queries()
-                        .first()
-                        .map_or(hickory_proto::rr::RecordType::NULL, |q| q.query_type());
-                    let counter = METRICS.dns_counter(
-                        qtype,
-                        response.metadata.response_code,
-                        response.answered,
-                    );
-                    self.cache.insert(key.clone(), (bytes, counter));
+                    let cached = Cached {
+                        bytes,
+                        counter: counter_for(&request, &response),
+                        forwarded: None,
+                    };
+                    self.insert(key.clone(), cached);
                 }
             }
             Ok(None) => {}
             Err(()) => {
                 let (handler, socket) = (self.handler.clone(), self.socket.clone());
+                let back = key.map(|k| (k.clone(), self.learned_tx.clone()));
                 self.runtime.spawn(async move {
                     if let Some(response) = handler.respond(&request).await {
                         record(&request, &response, started);
@@ -176,6 +211,19 @@ impl Worker {
                         // A UDP send does not block for long; a full buffer drops the answer, as on the wire.
                         if let Err(e) = socket.send_to(&bytes, request.src()) {
                             debug!(error = %e, dst = %request.src(), "udp send");
+                        }
+                        if let (Some((key, tx)), Some(keep)) = (back, keep_for(&response)) {
+                            let hit = METRICS
+                                .forward_cache
+                                .get_or_create(&CacheLabels { result: "hit" })
+                                .clone();
+                            let cached = Cached {
+                                bytes,
+                                counter: counter_for(&request, &response),
+                                forwarded: Some((Instant::now() + keep, hit)),
+                            };
+                            // The worker may be gone (shutting down): nothing to keep then.
+                            let _ = tx.send((key, cached));
                         }
                     }
                 });
@@ -190,6 +238,51 @@ impl Worker {
             warn!(error = %e, %dst, "udp send");
         }
     }
+}
+
+/// The cached answer for `key`, if it may still be served (a forwarded one for a while only).
+fn fresh<'c>(cache: &'c mut HashMap<Vec<u8>, Cached>, key: &[u8]) -> Option<&'c Cached> {
+    let stale = cache
+        .get(key)?
+        .forwarded
+        .as_ref()
+        .is_some_and(|(until, _)| Instant::now() >= *until);
+    if stale {
+        cache.remove(key);
+        return None;
+    }
+    cache.get(key)
+}
+
+/// The query counter a response counts into (by type, rcode and where the answer came from).
+fn counter_for(request: &Request, response: &Response) -> Counter {
+    let qtype = request
+        .queries
+        .queries()
+        .first()
+        .map_or(hickory_proto::rr::RecordType::NULL, |q| q.query_type());
+    METRICS.dns_counter(qtype, response.metadata.response_code, response.answered)
+}
+
+/// How long a forwarded answer's bytes may be served again: [`FORWARDED_FRESH`], never past its
+/// smallest TTL; `None` for answers that are not kept (failures, or a TTL of 0).
+fn keep_for(response: &Response) -> Option<Duration> {
+    if !matches!(
+        response.metadata.response_code,
+        ResponseCode::NoError | ResponseCode::NXDomain
+    ) {
+        return None;
+    }
+    let min_ttl = response
+        .answers
+        .iter()
+        .chain(&response.authorities)
+        .chain(&response.additionals)
+        .map(|r| r.ttl)
+        .min()
+        .unwrap_or(u32::MAX);
+    let keep = FORWARDED_FRESH.min(Duration::from_secs(u64::from(min_ttl)));
+    (!keep.is_zero()).then_some(keep)
 }
 
 /// For a plain query (one question, no answer or authority records, at most an EDNS version 0
@@ -315,6 +408,46 @@ mod tests {
             "EDNS version 1 gets BADVERS from the full path"
         );
         assert!(!cache_key(&[0u8; 5], &mut k));
+    }
+
+    fn forwarded(rcode: hickory_proto::op::ResponseCode, ttls: &[u32]) -> Response {
+        use hickory_proto::rr::{RData, Record, rdata::A};
+        let mut metadata =
+            hickory_proto::op::Metadata::new(1, MessageType::Response, OpCode::Query);
+        metadata.response_code = rcode;
+        let name = Name::from_ascii("www.example.test.").unwrap();
+        Response {
+            answered: "forwarded",
+            metadata,
+            edns: None,
+            answers: ttls
+                .iter()
+                .map(|&t| Record::from_rdata(name.clone(), t, RData::A(A::new(192, 0, 2, 80))))
+                .collect(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn forwarded_answers_are_kept_a_second_at_most_and_never_past_their_ttl() {
+        use hickory_proto::op::ResponseCode;
+        let second = Duration::from_secs(1);
+        assert_eq!(
+            keep_for(&forwarded(ResponseCode::NoError, &[300, 60])),
+            Some(second)
+        );
+        assert_eq!(
+            keep_for(&forwarded(ResponseCode::NXDomain, &[])),
+            Some(second)
+        );
+        assert_eq!(
+            keep_for(&forwarded(ResponseCode::NoError, &[60, 0])),
+            None,
+            "TTL 0"
+        );
+        assert_eq!(keep_for(&forwarded(ResponseCode::ServFail, &[60])), None);
+        assert_eq!(keep_for(&forwarded(ResponseCode::Refused, &[])), None);
     }
 
     #[test]

@@ -175,3 +175,49 @@ fn the_http_listener_answers_json_and_rejects_the_rest() {
     );
     assert_eq!(code, "405");
 }
+
+#[test]
+fn repeated_forwarded_questions_are_counted_and_their_ttls_keep_counting_down() {
+    let ns = Netns::new();
+    crate::harness::dnsmasq(
+        &ns,
+        "127.0.0.1",
+        5300,
+        &[("www.example.test", "192.0.2.80")],
+        60,
+    );
+    let mut d = Daemon::configure(
+        &ns,
+        "127.0.0.53:53",
+        "upstreams = [\"127.0.0.1:5300\"]\n[metrics]\nlisten = [\"127.0.0.1:9253\"]",
+    );
+    d.start();
+    // 40 questions in one dig run, back to back: one goes upstream, the rest are repeats.
+    let batch = ns.path("batch.txt");
+    std::fs::write(&batch, "www.example.test A +noall +answer\n".repeat(40)).expect("batch");
+    let out = d.dig(&["-f", batch.to_str().expect("utf-8")]);
+    let ttls: Vec<u32> = out
+        .lines()
+        .filter(|l| l.contains("\tIN\tA\t192.0.2.80"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect();
+    assert_eq!(ttls.len(), 40, "{out}");
+    assert!(ttls.iter().all(|&t| (58..=60).contains(&t)), "{ttls:?}");
+    let text = scrape(&ns);
+    let forwarded = r#"discotech_dns_queries_total{qtype="A",rcode="NOERROR",answer="forwarded"}"#;
+    assert_eq!(sample(&text, forwarded), Some(40.0), "{text}");
+    let hits = r#"discotech_forward_cache_total{result="hit"}"#;
+    let misses = r#"discotech_forward_cache_total{result="miss"}"#;
+    assert_eq!(sample(&text, misses), Some(1.0), "{text}");
+    assert_eq!(sample(&text, hits), Some(39.0), "{text}");
+
+    // Repeats are answered from encoded bytes for at most a second: the TTL a client sees keeps
+    // counting down while the questions keep coming.
+    let first = ttls[0];
+    let later = eventually(Duration::from_secs(6), || {
+        let line = d.dig(&["www.example.test", "A", "+noall", "+answer"]);
+        let ttl: u32 = line.split_whitespace().nth(1)?.parse().ok()?;
+        (ttl + 3 <= first).then_some(ttl)
+    });
+    assert!(later.is_some(), "the TTL stayed at {first} or near it");
+}
