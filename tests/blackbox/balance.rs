@@ -12,7 +12,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::harness::{DISCOTECH, Daemon, Netns, eventually};
+use crate::harness::{DISCOTECH, Daemon, Netns, eventually, greeter};
 use crate::zk::{backend, ensure_hook_library, hooked_who};
 
 /// greeter and hookclient (compiled once per run by the harness), as a path string.
@@ -21,23 +21,6 @@ fn c_program(name: &str) -> String {
         .to_str()
         .expect("utf-8")
         .to_string()
-}
-
-/// A greeter named `name` on `ip:7001`, up before this returns.
-fn greeter(ns: &Netns, name: &str, ip: &str) -> u32 {
-    let pid = ns.spawn(
-        &c_program("greeter"),
-        &[name, ip, "7001", "300"],
-        &ns.path(&format!("greeter-{name}.log")),
-    );
-    let up = eventually(Duration::from_secs(5), || {
-        let out = ns.run(&c_program("hookclient"), &["block", ip, "7001"]);
-        String::from_utf8_lossy(&out.stdout)
-            .starts_with("OK ")
-            .then_some(())
-    });
-    assert!(up.is_some(), "greeter {name} on {ip} did not start");
-    pid
 }
 
 fn daemon<'a>(ns: &'a Netns, zone: &str) -> Daemon<'a> {

@@ -338,6 +338,26 @@ pub fn dnsmasq(ns: &Netns, addr: &str, port: u16, records: &[(&str, &str)], ttl:
 }
 
 /// The C test programs, compiled once per test run.
+/// A greeter (tests/clients/greeter.c) named `name` on `ip:7001` for 300 s, answering before this
+/// returns; its pid.
+pub fn greeter(ns: &Netns, name: &str, ip: &str) -> u32 {
+    let greeter = c_program("greeter");
+    let hookclient = c_program("hookclient");
+    let pid = ns.spawn(
+        greeter.to_str().expect("utf-8"),
+        &[name, ip, "7001", "300"],
+        &ns.path(&format!("greeter-{name}.log")),
+    );
+    let up = eventually(Duration::from_secs(5), || {
+        let out = ns.run(hookclient.to_str().expect("utf-8"), &["block", ip, "7001"]);
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with("OK ")
+            .then_some(())
+    });
+    assert!(up.is_some(), "greeter {name} on {ip} did not start");
+    pid
+}
+
 pub fn c_program(name: &str) -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {

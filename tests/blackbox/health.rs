@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{DISCOTECH, Daemon, Netns, eventually};
+use crate::harness::{DISCOTECH, Daemon, Netns, eventually, greeter};
 use crate::zk::ensure_hook_library;
 
 const CHECK: &str = "health = { kind = \"http\", path = \"/healthz\", interval = \"200ms\", timeout = \"200ms\", jitter = \"50ms\", rise = 2, fall = 2 }";
@@ -175,24 +175,6 @@ fn a_backup_tier_takes_over_while_the_primaries_are_down_and_hands_back() {
         "traffic returns to the primary: {:?}",
         srv(&d, "tiered.disco")
     );
-}
-
-/// A greeter (tests/clients/greeter.c) named `name` on `ip:7001`, up before this returns.
-fn greeter(ns: &Netns, name: &str, ip: &str) {
-    let greeter = crate::harness::c_program("greeter");
-    let hookclient = crate::harness::c_program("hookclient");
-    ns.spawn(
-        greeter.to_str().expect("utf-8"),
-        &[name, ip, "7001", "300"],
-        &ns.path(&format!("greeter-{name}.log")),
-    );
-    let up = eventually(Duration::from_secs(5), || {
-        let out = ns.run(hookclient.to_str().expect("utf-8"), &["block", ip, "7001"]);
-        String::from_utf8_lossy(&out.stdout)
-            .starts_with("OK ")
-            .then_some(())
-    });
-    assert!(up.is_some(), "greeter {name} on {ip} did not start");
 }
 
 /// `n` blocking connects in one hooked process to `magic:7001`; who answered each.
