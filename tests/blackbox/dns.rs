@@ -25,6 +25,11 @@ fn answers_a_aaaa_srv_ptr_soa_and_nxdomain_like_a_real_server() {
     let full = d.dig(&["web.disco", "A"]);
     assert!(full.contains("status: NOERROR"), "{full}");
     assert!(full.contains("flags: qr aa rd ra"), "authoritative: {full}");
+    for name in ["web.disco", "WeB.DiScO"] {
+        // 12 header + 15 question + 16 answer: the owner is a pointer to the question.
+        let stats = d.dig(&[name, "A", "+noedns", "+noall", "+stats"]);
+        assert!(stats.contains("MSG SIZE  rcvd: 43"), "{stats}");
+    }
     let a = d.short("web.disco", "A");
     assert_eq!(a.len(), 1);
     assert!(a[0].starts_with("127.77."), "{a:?}");
@@ -105,6 +110,10 @@ fn tcp_works_and_large_udp_answers_are_truncated_then_complete_over_tcp() {
     assert!(
         udp.contains(" tc"),
         "512-byte UDP answer must set TC: {udp}"
+    );
+    assert!(
+        !udp.contains("extra bytes"),
+        "the record that did not fit is not sent in part: {udp}"
     );
     let small = d.dig(&["big.disco", "SRV", "+bufsize=1232", "+ignore"]);
     assert!(
