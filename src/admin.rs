@@ -13,8 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::registry::{Command, RegistryStatus};
 use crate::service::{Backend, LbPolicy, ServiceName};
@@ -169,28 +168,11 @@ pub struct AdminContext {
 
 /// Serves the admin socket until `shutdown`.
 pub async fn serve(listener: UnixListener, cx: AdminContext, shutdown: CancellationToken) {
-    let tracker = TaskTracker::new();
-    loop {
-        let stream = tokio::select! {
-            () = shutdown.cancelled() => break,
-            a = listener.accept() => match a {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    warn!(error = %e, "admin accept");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    crate::listen::serve(listener, "admin", shutdown, move |stream| {
         let cx = cx.clone();
-        tracker.spawn(async move {
-            if let Err(e) = session(stream, &cx).await {
-                debug!(error = %e, "admin session ended");
-            }
-        });
-    }
-    tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+        async move { session(stream, &cx).await }
+    })
+    .await;
 }
 
 async fn session(stream: UnixStream, cx: &AdminContext) -> std::io::Result<()> {

@@ -9,8 +9,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
 
 use crate::metrics::METRICS;
 use crate::registry::{Command, RegistryStatus};
@@ -28,28 +26,11 @@ pub struct HttpContext {
 
 /// Serves HTTP on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, cx: HttpContext, shutdown: CancellationToken) {
-    let tracker = TaskTracker::new();
-    loop {
-        let stream = tokio::select! {
-            () = shutdown.cancelled() => break,
-            a = listener.accept() => match a {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    warn!(error = %e, "http accept");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    crate::listen::serve(listener, "http", shutdown, move |stream| {
         let cx = cx.clone();
-        tracker.spawn(async move {
-            if let Err(e) = handle(stream, &cx).await {
-                debug!(error = %e, "http connection");
-            }
-        });
-    }
-    tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+        async move { handle(stream, &cx).await }
+    })
+    .await;
 }
 
 async fn handle(mut stream: TcpStream, cx: &HttpContext) -> std::io::Result<()> {

@@ -17,6 +17,7 @@ pub mod health;
 pub mod hook_server;
 pub mod http;
 pub mod latency;
+pub mod listen;
 pub mod magic;
 pub mod metrics;
 pub mod register;
