@@ -66,6 +66,39 @@ async fn ask(conn: &mut UnixStream, req: Request) -> Reply {
     reply
 }
 
+/// One hook peer as `answer` sees it: the balancer, its RNG, the peer's outstanding picks and
+/// where ejections go.
+struct Peer {
+    balancer: Balancer,
+    rng: SmallRng,
+    outstanding: Vec<(ServiceName, SocketAddr)>,
+    ejections: Option<mpsc::Sender<Command>>,
+}
+
+impl Peer {
+    fn new(ejections: Option<mpsc::Sender<Command>>) -> Self {
+        Self {
+            balancer: Balancer::default(),
+            rng: SmallRng::seed_from_u64(1),
+            outstanding: Vec::new(),
+            ejections,
+        }
+    }
+
+    fn answer(&mut self, snap: &Snapshot, req: &Request, now: Instant) -> Option<Reply> {
+        answer(
+            &mut self.balancer,
+            &mut self.rng,
+            snap,
+            req,
+            &mut self.outstanding,
+            now,
+            0,
+            self.ejections.as_ref(),
+        )
+    }
+}
+
 fn pick(id: u32, magic: IpAddr, port: u16) -> Request {
     Request::pick(id, magic, port, 0, 1)
 }
@@ -204,58 +237,24 @@ async fn idle_peers_are_dropped_and_the_peer_cap_holds() {
 #[test]
 fn p2c_picks_ask_for_done_and_done_releases_them() {
     let snap = Snapshot::new(1, [web(LbPolicy::P2c)]);
-    let mut balancer = Balancer::default();
-    let mut rng = SmallRng::seed_from_u64(1);
-    let mut outstanding = Vec::new();
+    let mut peer = Peer::new(None);
     let now = Instant::now();
     let req = pick(1, WEB.into(), 80);
-    let r = answer(
-        &mut balancer,
-        &mut rng,
-        &snap,
-        &req,
-        &mut outstanding,
-        now,
-        0,
-        None,
-    )
-    .unwrap();
+    let r = peer.answer(&snap, &req, now).unwrap();
     assert_eq!(r.flags & FLAG_REPORT_DONE, FLAG_REPORT_DONE);
     let name: ServiceName = "web".parse().unwrap();
-    assert_eq!(balancer.outstanding(&name, r.backend_addr()), 1);
-    assert_eq!(outstanding.len(), 1);
+    assert_eq!(peer.balancer.outstanding(&name, r.backend_addr()), 1);
+    assert_eq!(peer.outstanding.len(), 1);
     let mut done = req;
     done.kind = Kind::Done;
     done.backend = r.backend;
     done.backend_port = r.backend_port;
-    assert_eq!(
-        answer(
-            &mut balancer,
-            &mut rng,
-            &snap,
-            &done,
-            &mut outstanding,
-            now,
-            0,
-            None
-        ),
-        None,
-        "done has no reply"
-    );
-    assert_eq!(balancer.outstanding(&name, r.backend_addr()), 0);
-    assert!(outstanding.is_empty());
+    assert_eq!(peer.answer(&snap, &done, now), None, "done has no reply");
+    assert_eq!(peer.balancer.outstanding(&name, r.backend_addr()), 0);
+    assert!(peer.outstanding.is_empty());
     // A second done for the same pick does not go negative or touch other picks.
-    answer(
-        &mut balancer,
-        &mut rng,
-        &snap,
-        &done,
-        &mut outstanding,
-        now,
-        0,
-        None,
-    );
-    assert_eq!(balancer.outstanding(&name, r.backend_addr()), 0);
+    peer.answer(&snap, &done, now);
+    assert_eq!(peer.balancer.outstanding(&name, r.backend_addr()), 0);
 }
 
 #[test]
@@ -263,17 +262,7 @@ fn v4_socket_with_only_v6_backends_gets_no_backend() {
     let mut svc = web(LbPolicy::RoundRobin);
     svc.spec.backends = vec![Backend::new("[fd00::2]:80".parse().unwrap())];
     let snap = Snapshot::new(1, [svc]);
-    let mut rng = SmallRng::seed_from_u64(1);
-    let r = answer(
-        &mut Balancer::default(),
-        &mut rng,
-        &snap,
-        &pick(1, WEB.into(), 80),
-        &mut Vec::new(),
-        Instant::now(),
-        0,
-        None,
-    );
+    let r = Peer::new(None).answer(&snap, &pick(1, WEB.into(), 80), Instant::now());
     assert_eq!(r.unwrap().status, Status::NoBackend);
 }
 
@@ -415,21 +404,10 @@ fn balancing_state_of_removed_services_is_dropped_on_the_next_generation() {
 #[test]
 fn an_ejection_is_sent_to_the_registry_without_waiting() {
     let snap = Snapshot::new(1, [web(LbPolicy::RoundRobin)]);
-    let mut balancer = Balancer::default();
-    let mut rng = SmallRng::seed_from_u64(1);
     let (tx, mut rx) = mpsc::channel(1);
+    let mut peer = Peer::new(Some(tx));
     let now = Instant::now();
-    let first = answer(
-        &mut balancer,
-        &mut rng,
-        &snap,
-        &pick(1, WEB.into(), 80),
-        &mut Vec::new(),
-        now,
-        0,
-        Some(&tx),
-    )
-    .unwrap();
+    let first = peer.answer(&snap, &pick(1, WEB.into(), 80), now).unwrap();
     let mut failed = pick(2, WEB.into(), 80);
     failed.kind = Kind::Failed;
     failed.backend = first.backend;
@@ -440,16 +418,7 @@ fn an_ejection_is_sent_to_the_registry_without_waiting() {
             rx.try_recv().is_err(),
             "no ejection before the third failure"
         );
-        let r = answer(
-            &mut balancer,
-            &mut rng,
-            &snap,
-            &failed,
-            &mut Vec::new(),
-            now,
-            0,
-            Some(&tx),
-        );
+        let r = peer.answer(&snap, &failed, now);
         assert_eq!(r.unwrap().status, Status::Ok);
     }
     let Ok(Command::Eject {
@@ -474,22 +443,10 @@ fn an_ejection_is_sent_to_the_registry_without_waiting() {
 #[test]
 fn p2c_ewma_done_reports_feed_latency_and_pending_ones_are_watched_by_port() {
     let snap = Snapshot::new(1, [web(LbPolicy::P2cEwma)]);
-    let mut balancer = Balancer::default();
-    let mut rng = SmallRng::seed_from_u64(1);
-    let mut outstanding = Vec::new();
+    let mut peer = Peer::new(None);
     let now = Instant::now();
     let req = pick(1, WEB.into(), 80);
-    let r = answer(
-        &mut balancer,
-        &mut rng,
-        &snap,
-        &req,
-        &mut outstanding,
-        now,
-        0,
-        None,
-    )
-    .unwrap();
+    let r = peer.answer(&snap, &req, now).unwrap();
     assert_eq!(
         r.flags & FLAG_REPORT_DONE,
         FLAG_REPORT_DONE,
@@ -506,21 +463,12 @@ fn p2c_ewma_done_reports_feed_latency_and_pending_ones_are_watched_by_port() {
         None,
         "timed by the hook: nothing to watch"
     );
-    answer(
-        &mut balancer,
-        &mut rng,
-        &snap,
-        &done,
-        &mut outstanding,
-        now,
-        0,
-        None,
-    );
+    peer.answer(&snap, &done, now);
     assert_eq!(
-        balancer.latency_estimate(&name, r.backend_addr(), now),
+        peer.balancer.latency_estimate(&name, r.backend_addr(), now),
         Some(Duration::from_micros(2_500))
     );
-    assert_eq!(balancer.outstanding(&name, r.backend_addr()), 0);
+    assert_eq!(peer.balancer.outstanding(&name, r.backend_addr()), 0);
 
     // Still connecting when connect() returned: the daemon watches the socket by its port.
     let mut pending = done;
