@@ -176,14 +176,20 @@ pub fn uids() -> (u32, u32) {
     unsafe { (libc::getuid(), libc::geteuid()) }
 }
 
-/// Milliseconds on the monotonic clock.
-pub fn now_ms() -> i64 {
+/// The monotonic clock.
+fn monotonic() -> libc::timespec {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: ts is a live local; CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts
+}
+
+/// Milliseconds on the monotonic clock.
+pub fn now_ms() -> i64 {
+    let ts = monotonic();
     ts.tv_sec
         .saturating_mul(1000)
         .saturating_add(ts.tv_nsec / 1_000_000)
@@ -191,12 +197,7 @@ pub fn now_ms() -> i64 {
 
 /// Microseconds on the monotonic clock.
 pub fn now_us() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a live local; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    let ts = monotonic();
     (ts.tv_sec as u64)
         .saturating_mul(1_000_000)
         .saturating_add(ts.tv_nsec as u64 / 1000)
