@@ -120,7 +120,8 @@ struct BackendState {
     /// When this backend (re)entered the pick set: first seen in the list, or its ejection ended.
     /// `None` for backends present when the service's state was created (no ramp at start-up).
     ramp_from: Option<Instant>,
-    /// p2c-ewma: the peak-EWMA connect latency in µs (0: no estimate) and when it was updated.
+    /// p2c-ewma: the peak-EWMA connect latency in µs and when it was last updated (`None`: never
+    /// measured).
     ewma_us: f64,
     ewma_at: Option<Instant>,
 }
@@ -134,7 +135,6 @@ impl BackendState {
         self.ejected_until.is_some_and(|t| t > now)
     }
 
-    /// When slow start counts from: the later of first appearance and the end of the last ejection.
     /// The latency estimate at `now`: the last one, decayed toward zero since it was updated.
     fn ewma_at(&self, now: Instant, decay: Duration) -> f64 {
         match self.ewma_at {
@@ -147,20 +147,20 @@ impl BackendState {
 
     /// Folds one latency sample (µs) into the peak EWMA.
     fn observe(&mut self, sample_us: f64, now: Instant, decay: Duration) {
-        let current = self.ewma_at(now, decay);
-        self.ewma_us = if sample_us > current || self.ewma_at.is_none() {
-            sample_us
-        } else {
+        self.ewma_us = match self.ewma_at {
             // A time-weighted average: the old estimate keeps the share decay left it since it
-            // was updated, the sample gets the rest.
-            let kept = self.ewma_at.map_or(0.0, |at| {
-                decay_weight(now.saturating_duration_since(at), decay)
-            });
-            self.ewma_us * kept + sample_us * (1.0 - kept)
+            // was updated (which is also how far it has decayed), the sample gets the rest.
+            Some(at) if sample_us <= self.ewma_at(now, decay) => {
+                let kept = decay_weight(now.saturating_duration_since(at), decay);
+                self.ewma_us * kept + sample_us * (1.0 - kept)
+            }
+            // The first sample, or a peak: taken as it is.
+            _ => sample_us,
         };
         self.ewma_at = Some(now);
     }
 
+    /// When slow start counts from: the later of first appearance and the end of the last ejection.
     fn ramp_start(&self, now: Instant) -> Option<Instant> {
         let ejection_end = self.ejected_until.filter(|&t| t <= now);
         match (self.ramp_from, ejection_end) {
@@ -197,7 +197,7 @@ impl ServiceState {
         if same && self.initialised {
             return;
         }
-        let old: HashMap<SocketAddr, BackendState> = self
+        let mut old: HashMap<SocketAddr, BackendState> = self
             .shape
             .iter()
             .zip(&self.backends)
@@ -217,8 +217,8 @@ impl ServiceState {
         self.backends = self
             .shape
             .iter()
-            .map(|s| match old.get(&s.0) {
-                Some(b) => *b,
+            .map(|s| match old.remove(&s.0) {
+                Some(b) => b,
                 // Back from a health or ejection exit: its history returns, its ramp starts now.
                 None => departed.remove(&s.0).map_or(fresh, |(b, _)| BackendState {
                     ramp_from: Some(now),
@@ -229,11 +229,8 @@ impl ServiceState {
                 }),
             })
             .collect();
-        for (addr, b) in old {
-            if !self.shape.iter().any(|s| s.0 == addr) {
-                departed.insert(addr, (b, now));
-            }
-        }
+        // What is left of the old list has departed.
+        departed.extend(old.into_iter().map(|(addr, b)| (addr, (b, now))));
         // Weights may have changed with the same candidates: the table is rebuilt on next use.
         self.maglev = None;
         self.initialised = true;
@@ -313,8 +310,9 @@ impl Balancer {
             LbPolicy::WeightedRoundRobin => smooth_weighted(state, &candidates, &weights),
             LbPolicy::Random => weighted_random(&candidates, &weights, rng),
             LbPolicy::Maglev => {
-                // Rebuilt only when the candidates change (their configured weights are part of
-                // the backend list's shape); slow start would rebuild it on every pick.
+                // Rebuilt when the candidates change, or after `sync` dropped it for a new list or
+                // new weights; built from configured weights, as slow start would rebuild it on
+                // every pick.
                 if state.maglev.as_ref().is_none_or(|(c, _)| *c != candidates) {
                     let (names, maglev_weights): (Vec<SocketAddr>, Vec<u16>) = candidates
                         .iter()
