@@ -55,7 +55,12 @@
     clippy::indexing_slicing
 )]
 
+extern crate alloc;
+
 pub mod fallback;
+pub mod live;
+pub mod pick;
+pub mod table;
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -417,4 +422,12 @@ pub fn hash_key(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
+}
+
+/// splitmix64's finaliser: spreads small keys (uids 0, 1000, 1001) over a table. The daemon's
+/// maglev tables and the pick in `pick` use the same function, so they agree on every key.
+pub fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
