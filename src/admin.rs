@@ -466,7 +466,7 @@ fn resolve(
         next: cx
             .balance
             .as_ref()
-            .and_then(|b| b.explain(spec, port.unwrap_or(0), 0))
+            .and_then(|b| b.explain(service, port.unwrap_or(0), 0))
             .map(|(target, why)| NextPick { target, why }),
         candidates,
         excluded,

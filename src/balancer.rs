@@ -68,6 +68,27 @@ pub struct Pick {
     pub backend: SocketAddr,
 }
 
+/// One socket family's candidates for the shared table (see [`Balancer::pick_sets`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PickSet {
+    /// (index into `spec.backends`, effective weight).
+    pub candidates: Vec<(usize, u64)>,
+    /// Maglev: the candidate position owning each slot (empty for other policies).
+    pub maglev: Vec<u32>,
+}
+
+/// What the shared table needs of one service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PickSets {
+    pub v4: PickSet,
+    /// For IPv6 sockets; `None` when the service has no IPv6 backend (the same as `v4`).
+    pub v6: Option<PickSet>,
+    /// A backend is in its slow-start ramp: the weights change with time.
+    pub ramping: bool,
+    /// The earliest end of an ejection in force: the candidates change then.
+    pub ejection_ends: Option<Instant>,
+}
+
 /// What [`Balancer::report_failure`] did with a report, for logs and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailureOutcome {
@@ -380,6 +401,51 @@ impl Balancer {
         })
     }
 
+    /// The candidates for the shared table: per socket family, the backends a pick may choose
+    /// (reachable, not held or ejected, best tier, zone preference) with their effective
+    /// weights (slow start applied at `now`), and the maglev lookup table for maglev services.
+    /// Nothing advances; the service's state is synced to `spec`.
+    pub fn pick_sets(&mut self, spec: &ServiceSpec, now: Instant) -> PickSets {
+        let zone = self.zone.clone();
+        let state = self.services.entry(spec.name.clone()).or_default();
+        state.sync(spec, now);
+        let family = |v6_ok: bool| {
+            let mut candidates = eligible(spec, state, v6_ok, now);
+            if let Some((zone, share)) = &zone
+                && !candidates.is_empty()
+            {
+                candidates = prefer_zone(spec, candidates, zone, *share);
+            }
+            let weights = effective_weights(spec, state, &candidates, now);
+            let maglev = (spec.lb == LbPolicy::Maglev && !candidates.is_empty()).then(|| {
+                let (names, w): (Vec<SocketAddr>, Vec<u16>) = candidates
+                    .iter()
+                    .filter_map(|&i| spec.backends.get(i).map(|b| (b.addr, b.weight)))
+                    .unzip();
+                maglev_table(&names, &w, MAGLEV_SIZE)
+            });
+            PickSet {
+                candidates: candidates.into_iter().zip(weights).collect(),
+                maglev: maglev.unwrap_or_default(),
+            }
+        };
+        let v4 = family(false);
+        let v6 = spec.backends.iter().any(|b| b.addr.is_ipv6()).then(|| family(true));
+        let ramping = spec.slow_start.as_deref().is_some_and(|slow| {
+            state.backends.iter().any(|b| {
+                b.ramp_start(now)
+                    .is_some_and(|since| now.saturating_duration_since(since) < slow.window)
+            })
+        });
+        let ejection_ends = state.backends.iter().filter_map(|b| b.ejected_until).filter(|&t| t > now).min();
+        PickSets {
+            v4,
+            v6,
+            ramping,
+            ejection_ends,
+        }
+    }
+
     /// A hook reported that a connect to `backend` (its default address) of `spec` failed: hold
     /// it out for the fail hold, and eject it when its consecutive failures reach the service's
     /// threshold (see the module docs).
@@ -413,7 +479,7 @@ impl Balancer {
         }
         b.picks_since_failure = 0;
         b.consecutive_failures = b.consecutive_failures.saturating_add(1);
-        b.held_until = Some(now + self.fail_hold);
+        b.held_until = Some(later(now, self.fail_hold));
         if b.ejected(now)
             || outlier.consecutive_failures == 0
             || b.consecutive_failures < outlier.consecutive_failures
@@ -438,12 +504,35 @@ impl Balancer {
             .base_ejection
             .saturating_mul(b.times_ejected)
             .min(outlier.max_ejection);
-        b.ejected_until = Some(now + for_);
+        b.ejected_until = Some(later(now, for_));
         b.consecutive_failures = 0;
         FailureOutcome::Ejected {
             for_,
             times: b.times_ejected,
         }
+    }
+
+    /// The daemon's own connect confirmed a failure a hook reported: the backend reaches its
+    /// service's threshold of consecutive failures at once. The threshold guards against one
+    /// client's passing errors, which the confirmation has ruled out; the ejection cap still
+    /// applies, and a threshold of 0 (outlier ejection off) still means no ejection.
+    pub fn confirm_failure(
+        &mut self,
+        spec: &ServiceSpec,
+        backend: SocketAddr,
+        now: Instant,
+    ) -> FailureOutcome {
+        let threshold = spec
+            .outlier
+            .as_deref()
+            .copied()
+            .unwrap_or_default()
+            .consecutive_failures;
+        if let Some(b) = self.backend_mut(&spec.name, backend) {
+            b.picks_since_failure = 0;
+            b.consecutive_failures = b.consecutive_failures.max(threshold.saturating_sub(1));
+        }
+        self.report_failure(spec, backend, now)
     }
 
     /// A connect picked for `backend` returned: one fewer outstanding (p2c).
@@ -600,6 +689,14 @@ impl Balancer {
     pub fn retain(&mut self, mut keep: impl FnMut(&ServiceName) -> bool) {
         self.services.retain(|name, _| keep(name));
     }
+}
+
+/// `now + d`, for durations from configuration: a duration too large for the clock is cut to a
+/// year rather than panic (a poisoned balancer would refuse every pick).
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now)
 }
 
 /// Zone preference, applied after health, ejection and tiers: of the eligible candidates, those

@@ -247,15 +247,23 @@ pub async fn run(
     );
     registry.set_health(config.health);
     let health_targets = registry.targets();
-    let fallback = hook_server::fallback_path_for(&config.hook.socket);
-    if listeners.hook.is_some() {
-        // Hooked programs read this when the daemon is down: keep it as current as the snapshot.
-        let (path, v4, v6) = (fallback.clone(), config.dns.magic_v4, config.dns.magic_v6);
-        registry.on_publish(Arc::new(move |snap| {
-            if let Err(e) = hook_server::write_fallback(&path, snap, v4, v6) {
-                warn!(path = %path.display(), error = %e, "cannot write the hook fallback file");
-            }
-        }));
+    // The shared routing table hooks pick from: every swap is published into it at once.
+    let hook_cfg = HookServerConfig {
+        socket: config.hook.socket.clone(),
+        fallback_file: Some(hook_server::fallback_path_for(&config.hook.socket)),
+        zone: config.balance.zone.clone(),
+        local_min_share: config.balance.local_min_share,
+        magic_v4: config.dns.magic_v4,
+        magic_v6: config.dns.magic_v6,
+        ..HookServerConfig::default()
+    };
+    let balance = listeners
+        .hook
+        .is_some()
+        .then(|| hook_server::BalanceHandle::new(&hook_cfg));
+    if let Some(handle) = &balance {
+        let table = handle.table().clone();
+        registry.on_swap(Arc::new(move |snap| table.publish(snap)));
     }
     // Serve the last-known-good state before any source speaks: a registry that is down at
     // start-up must not mean an empty service domain.
@@ -316,26 +324,16 @@ pub async fn run(
     let handler = Arc::new(DnsHandler::new(dns_state(d, None), shared.clone()));
     let mut server = Server::new(SharedHandler(handler.clone()));
     let addrs = listeners.dns_addrs();
-    // The hook server's balancer, shared with the admin server for dry-run explanations.
-    let mut balance = None;
     if let Some(hook) = listeners.hook {
         hook.set_nonblocking(true)
             .map_err(|e| DaemonError::Server(e.to_string()))?;
         let hook = tokio::net::UnixListener::from_std(hook)
             .map_err(|e| DaemonError::Server(e.to_string()))?;
         let cfg = HookServerConfig {
-            socket: config.hook.socket.clone(),
-            fallback_file: Some(fallback),
-            zone: config.balance.zone.clone(),
-            local_min_share: config.balance.local_min_share,
             ejections: Some(commands.clone()),
-            ..HookServerConfig::default()
+            balance: balance.clone(),
+            ..hook_cfg
         };
-        let cfg = HookServerConfig {
-            balance: Some(hook_server::BalanceHandle::new(&cfg)),
-            ..cfg
-        };
-        balance = cfg.balance.clone();
         let (snapshot, stop) = (shared.clone(), shutdown.clone());
         tracker.spawn(async move {
             if let Err(e) = hook_server::serve(hook, snapshot, cfg, stop).await {

@@ -1,41 +1,46 @@
-//! The daemon side of the connect hook: answers pick / failed / done messages on the hook's unix
-//! socket from the current snapshot and the [`Balancer`], and writes the fallback file the hook
-//! routes with when the daemon is down. Binding the socket and publishing snapshots are left to
-//! the daemon; the byte format lives in `discotech-wire`.
+//! The daemon side of the connect hook's unix socket. Hooks pick from the shared routing table
+//! (`table`) on their own; they come here once to receive the live region (passed with
+//! SCM_RIGHTS), and to ask for a pick when they cannot map the table (an older hook, or no
+//! table file yet). Such picks are made by the same function over the same shared state, so
+//! both kinds of hooks share one round-robin turn and one count of connects in flight.
 //!
-//! Each peer is one hooked process (or one lookup of one). The caller is learned from
-//! SO_PEERCRED, messages are fixed-size so nothing unbounded is read, idle peers are dropped and
-//! the number of peers is capped. Picks a p2c peer has not reported done are released when the
-//! peer goes away, so a killed client cannot pin a backend's outstanding count.
+//! Each peer is one hooked process (or one lookup of one). Messages are fixed-size so nothing
+//! unbounded is read, idle peers are dropped and the number of peers is capped. A failed report
+//! is a hint (`reports`): it makes the daemon probe the backend, never eject it by itself.
+//! Connects a peer was counted in flight for and has not reported done are uncounted when it
+//! goes away, so a killed client cannot pin a backend's count.
 
 use std::ffi::{OsStr, OsString};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use discotech_wire::fallback::{self, Header, Record};
+use discotech_wire::pick::{Ask, Miss, uncount};
+use discotech_wire::table::{NO_SLOT, Policy};
 use discotech_wire::{
     DecodeError, FLAG_HASH_KEY, FLAG_INET6, FLAG_PENDING, FLAG_REPORT_DONE, Kind, MSG_LEN, Reply,
-    Request, Status, to_mapped,
+    Request, Status,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
-use rand::SeedableRng;
 use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use crate::balancer::{Balancer, DEFAULT_FAIL_HOLD, FailureOutcome};
-use crate::conn_count;
-use crate::latency::{Sample, Watch, Watcher};
+use crate::balancer::{Balancer, DEFAULT_FAIL_HOLD};
+use crate::latency::{Watch, Watcher};
 use crate::metrics::{HookLabels, METRICS};
 use crate::registry::Command;
-use crate::service::{LbPolicy, ServiceName, ServiceSpec};
-use crate::snapshot::{SharedSnapshot, Snapshot};
+use crate::reports::{Hint, Hints, Prober};
+use crate::service::{ServiceSpec};
+use crate::snapshot::{Service, SharedSnapshot};
+use crate::table::RoutingTable;
 
 /// The hook library's file name, as cargo builds it and as packages install it.
 pub const HOOK_LIBRARY_NAME: &str = "libdiscotech_hook.so";
@@ -49,22 +54,27 @@ pub const HOOK_LIBRARY_ENV: &str = "DISCOTECH_HOOK_LIBRARY";
 pub struct HookServerConfig {
     /// The socket path the listener is bound to (for logs; the daemon binds it).
     pub socket: PathBuf,
-    /// The fallback file the daemon keeps with [`write_fallback`]; for logs.
+    /// The routing table file, `hook.snapshot` beside the socket (see [`fallback_path_for`]).
     pub fallback_file: Option<PathBuf>,
     /// A peer that sends nothing for this long is disconnected.
     pub idle_timeout: Duration,
     /// At most this many peers at once; further connections are closed at once (the hook then
     /// falls back as if the daemon were down).
     pub max_peers: usize,
-    /// How long a backend reported as refusing is skipped.
+    /// How long a backend whose failure the daemon confirmed is skipped.
     pub fail_hold: Duration,
     /// This host's zone and the capacity share it must keep to be preferred (`[balance]`).
     pub zone: Option<String>,
     pub local_min_share: f64,
-    /// The balancer to use (shared with the admin server); `None`: a new one from this config.
+    /// The magic ranges, written into the table for hooks to learn.
+    pub magic_v4: Ipv4Net,
+    pub magic_v6: Option<Ipv6Net>,
+    /// The routing table (shared with the registry, which publishes into it, and the admin
+    /// server); `None`: a new one at `fallback_file`, kept current from the snapshot by this
+    /// server.
     pub balance: Option<BalanceHandle>,
-    /// The registry, told of each ejection so the backend also leaves SRV answers and the
-    /// fallback file for the ejection time; `None`: ejections only skip connect picks.
+    /// The registry, told of each confirmed ejection so the backend also leaves SRV answers;
+    /// `None`: ejections only leave the table.
     pub ejections: Option<mpsc::Sender<Command>>,
 }
 
@@ -78,69 +88,126 @@ impl Default for HookServerConfig {
             fail_hold: DEFAULT_FAIL_HOLD,
             zone: None,
             local_min_share: 0.3,
+            magic_v4: "127.77.0.0/16".parse().unwrap_or_default(),
+            magic_v6: None,
             balance: None,
             ejections: None,
         }
     }
 }
 
-/// Picks not yet reported done by one peer, bounded so a misbehaving peer cannot grow it.
+/// Connects one peer was counted in flight for and has not reported done, at most.
 const MAX_OUTSTANDING_PER_PEER: usize = 1024;
 
-/// The balancer, its RNG, and the snapshot generation it last pruned removed services at.
-type BalanceState = Mutex<(Balancer, SmallRng, u64)>;
-
 struct Shared {
-    snapshot: SharedSnapshot,
-    balance: Arc<BalanceState>,
-    ejections: Option<mpsc::Sender<Command>>,
-    /// Times the connects hooks report as still under way (p2c-ewma); `None` if it could not start.
-    latency: Option<Watcher>,
+    table: Arc<RoutingTable>,
+    hints: Hints,
+    rng: Mutex<SmallRng>,
+    /// Follows connects that socket-path hooks report as still under way.
+    watcher: Option<Watcher>,
 }
 
-/// A shared handle on the hook server's balancer, for the admin server's dry-run explanations.
+/// The routing table, shared by the hook server, the registry (which publishes into it) and
+/// the admin server (which explains picks from it).
 #[derive(Clone, Debug)]
-pub struct BalanceHandle(Arc<BalanceState>);
+pub struct BalanceHandle(Arc<RoutingTable>);
 
 impl BalanceHandle {
-    /// A balancer configured from `cfg` (fail hold, zone), to pass to [`serve`] in
-    /// [`HookServerConfig::balance`] and to the admin server.
+    /// A routing table at `cfg.fallback_file` with a balancer configured from `cfg` (fail
+    /// hold, zone).
     pub fn new(cfg: &HookServerConfig) -> Self {
-        Self(Arc::new(Mutex::new((
-            Balancer::new(cfg.fail_hold).with_zone(cfg.zone.clone(), cfg.local_min_share),
-            SmallRng::from_os_rng(),
-            0,
-        ))))
+        let balancer =
+            Balancer::new(cfg.fail_hold).with_zone(cfg.zone.clone(), cfg.local_min_share);
+        let path = cfg
+            .fallback_file
+            .clone()
+            .unwrap_or_else(|| fallback_path_for(&cfg.socket));
+        crate::table::supersede_left_over(&path);
+        Self(Arc::new(RoutingTable::new(
+            &path,
+            cfg.magic_v4,
+            cfg.magic_v6,
+            Arc::new(Mutex::new(balancer)),
+        )))
     }
 
-    /// A backend's balancing state: picks outstanding and the p2c-ewma latency estimate.
+    pub fn table(&self) -> &Arc<RoutingTable> {
+        &self.0
+    }
+
+    /// A backend's balancing state: connects in flight (shared by every hook) and the p2c-ewma
+    /// latency estimate.
     pub fn backend_state(
         &self,
         spec: &ServiceSpec,
         backend: SocketAddr,
         now: Instant,
     ) -> (u32, Option<Duration>) {
-        let Ok(guard) = self.0.lock() else {
-            return (0, None);
-        };
-        (
-            guard.0.outstanding(&spec.name, backend),
-            guard.0.latency_estimate(&spec.name, backend, now),
-        )
+        let in_flight = self
+            .0
+            .slot_of(&spec.name, backend)
+            .zip(self.0.live())
+            .map_or(0, |(slot, live)| live.in_flight_count(slot));
+        let latency = self
+            .0
+            .balancer()
+            .lock()
+            .ok()
+            .and_then(|b| b.latency_estimate(&spec.name, backend, now));
+        (in_flight, latency)
     }
 
-    /// The backend the next pick for `spec` would reach and why; nothing advances. `None` when
-    /// no backend is usable or the balancer's lock is poisoned.
+    /// The backend the next hooked connect to `service` on `client_port` would reach, and why:
+    /// the hook's own pick, as a dry run over the same shared state. `key` stands for the
+    /// caller (maglev). `None` when no backend is usable.
     pub fn explain(
         &self,
-        spec: &ServiceSpec,
+        service: &Service,
         client_port: u16,
         key: u64,
     ) -> Option<(SocketAddr, String)> {
-        let guard = self.0.lock().ok()?;
-        guard
-            .0
-            .explain(spec, client_port, true, Instant::now(), key)
+        let ask = Ask {
+            dest: SocketAddr::new(service.magic_v4.into(), client_port),
+            v6_ok: false,
+            key,
+            rand: key,
+            local_turn: 0,
+            exclude: &[],
+        };
+        let p = self.0.pick(&ask, false).ok()?;
+        let weight = service
+            .spec
+            .backends
+            .get(p.backend as usize)
+            .map_or(0, |b| b.weight);
+        let c = p.cost;
+        let turn = p.turn.unwrap_or(0);
+        let why = match p.policy {
+            Policy::RoundRobin => format!("round robin: turn {turn} of the host's shared counter"),
+            Policy::WeightedRoundRobin => format!(
+                "smooth weighted round robin: turn {turn} of the schedule (weight {weight})"
+            ),
+            Policy::Random => format!("weighted random: one draw (weight {weight})"),
+            Policy::P2c => format!(
+                "p2c: {} connects in flight, the fewer of two random candidates",
+                c.in_flight
+            ),
+            Policy::P2cEwma if c.measured => format!(
+                "p2c-ewma: connect latency {:.3} ms x ({} in flight + 1), the lower cost of two random candidates",
+                f64::from(c.latency_us) / 1e3,
+                c.in_flight
+            ),
+            Policy::P2cEwma => format!(
+                "p2c-ewma: no latency measured yet, {} in flight; the lower cost of two random candidates",
+                c.in_flight
+            ),
+            Policy::LeastConn => format!(
+                "least-conn: {} connections + {} picked since they were counted, the fewest",
+                c.connections, c.in_flight
+            ),
+            Policy::Maglev => format!("maglev: owner of key {key} (weight {weight})"),
+        };
+        Some((p.addr, why))
     }
 }
 
@@ -155,19 +222,38 @@ pub async fn serve(
     cfg: HookServerConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let balance = cfg
-        .balance
-        .clone()
-        .unwrap_or_else(|| BalanceHandle::new(&cfg))
-        .0;
+    let tracker = TaskTracker::new();
+    let handle = match cfg.balance.clone() {
+        Some(h) => h,
+        None => {
+            // Nobody publishes into this table: follow the snapshot ourselves.
+            let h = BalanceHandle::new(&cfg);
+            tracker.spawn(follow(h.0.clone(), snapshot.clone(), shutdown.clone()));
+            h
+        }
+    };
+    let table = handle.0.clone();
+    let hints = Prober::spawn(
+        table.clone(),
+        snapshot.clone(),
+        cfg.ejections.clone(),
+        shutdown.clone(),
+    );
+    let reader = match crate::reports::ReportReader::spawn(table.clone(), hints.clone()) {
+        Ok(r) => Some(r),
+        Err(error) => {
+            warn!(%error, "cannot start the hook report reader; passive health sees only socket reports");
+            None
+        }
+    };
+    let watcher = crate::reports::watcher(table.clone(), hints.clone());
     let shared = Arc::new(Shared {
-        snapshot,
-        latency: start_latency_watcher(&balance),
-        balance,
-        ejections: cfg.ejections.clone(),
+        table,
+        hints,
+        rng: Mutex::new(SmallRng::from_os_rng()),
+        watcher,
     });
     let peers = Arc::new(Semaphore::new(cfg.max_peers.max(1)));
-    let tracker = TaskTracker::new();
     debug!(socket = %cfg.socket.display(), "hook server listening");
     loop {
         let accepted = tokio::select! {
@@ -200,7 +286,27 @@ pub async fn serve(
     }
     tracker.close();
     tracker.wait().await;
+    drop(reader);
+    handle.0.retire();
     Ok(())
+}
+
+/// Publishes every new generation of `snapshot` into `table` (for a hook server that owns its
+/// table: tests and stand-alone uses; the daemon's registry publishes directly).
+async fn follow(table: Arc<RoutingTable>, snapshot: SharedSnapshot, shutdown: CancellationToken) {
+    let mut seen = None;
+    loop {
+        let snap = snapshot.load_full();
+        if seen != Some(snap.generation) {
+            seen = Some(snap.generation);
+            let t = table.clone();
+            let _ = tokio::task::spawn_blocking(move || t.publish(&snap)).await;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+    }
 }
 
 async fn serve_peer(
@@ -212,7 +318,7 @@ async fn serve_peer(
     let cred = stream.peer_cred().ok();
     let (uid, pid) = (cred.map(|c| c.uid()), cred.and_then(|c| c.pid()));
     debug!(?uid, ?pid, "hook peer connected");
-    let mut outstanding: Vec<(ServiceName, SocketAddr)> = Vec::new();
+    let mut outstanding: Vec<u32> = Vec::new();
     let mut buf = [0u8; MSG_LEN];
     loop {
         let read = tokio::select! {
@@ -227,8 +333,16 @@ async fn serve_peer(
                 break;
             }
         }
+        if let Ok(req) = Request::decode(&buf)
+            && req.kind == Kind::MapLive
+        {
+            if send_live(&stream, shared, req.id).await.is_err() {
+                break;
+            }
+            continue;
+        }
         let key = uid.map_or(0, u64::from);
-        let Some(reply) = handle(shared, &buf, &mut outstanding, Instant::now(), key) else {
+        let Some(reply) = handle(shared, &buf, &mut outstanding, key) else {
             continue;
         };
         let Ok(reply) = reply else {
@@ -239,13 +353,43 @@ async fn serve_peer(
             break;
         }
     }
-    if !outstanding.is_empty()
-        && let Ok(mut guard) = shared.balance.lock()
-    {
-        for (service, backend) in outstanding.drain(..) {
-            guard.0.done(&service, backend);
+    if let Some(live) = shared.table.live() {
+        for slot in outstanding {
+            uncount(&live, slot);
         }
     }
+}
+
+/// Answers a map request: the live region's descriptor with a reply carrying its epoch (status
+/// `NoBackend` and no descriptor when there is none).
+async fn send_live(stream: &UnixStream, shared: &Shared, id: u32) -> std::io::Result<()> {
+    let Some((fd, epoch)) = shared.table.live_fd() else {
+        let reply = Reply::refuse(id, Status::NoBackend, 0).encode();
+        return write_now(stream, &reply).await;
+    };
+    let reply = Reply::refuse(id, Status::Ok, epoch).encode();
+    loop {
+        stream.writable().await?;
+        match discotech_shm::send_with_fd(stream.as_fd(), &reply, fd) {
+            Ok(n) if n == reply.len() => return Ok(()),
+            Ok(_) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Err(libc::EAGAIN) => continue,
+            Err(e) => return Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+async fn write_now(stream: &UnixStream, bytes: &[u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < bytes.len() {
+        stream.writable().await?;
+        match stream.try_write(bytes.get(done..).unwrap_or_default()) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// What one message asks for. `None`: no reply (done). `Some(Err(()))`: not our protocol, drop
@@ -253,106 +397,35 @@ async fn serve_peer(
 fn handle(
     shared: &Shared,
     buf: &[u8; MSG_LEN],
-    outstanding: &mut Vec<(ServiceName, SocketAddr)>,
-    now: Instant,
+    outstanding: &mut Vec<u32>,
     key: u64,
 ) -> Option<Result<[u8; MSG_LEN], ()>> {
     let started = Instant::now();
-    let snap = shared.snapshot.load();
     let req = match Request::decode(buf) {
         Ok(req) => req,
         Err(DecodeError::BadMagic) => return Some(Err(())),
         Err(DecodeError::Version(v)) => {
             debug!(version = v, "hook speaks another protocol version");
             let id = request_id(buf);
-            return Some(Ok(Reply::refuse(
-                id,
-                Status::UnsupportedVersion,
-                snap.generation,
-            )
-            .encode()));
+            return Some(Ok(Reply::refuse(id, Status::UnsupportedVersion, 0).encode()));
         }
         Err(_) => {
             let id = request_id(buf);
-            return Some(Ok(
-                Reply::refuse(id, Status::BadRequest, snap.generation).encode()
-            ));
+            return Some(Ok(Reply::refuse(id, Status::BadRequest, 0).encode()));
         }
     };
-    let Ok(mut guard) = shared.balance.lock() else {
-        return Some(Ok(Reply::refuse(
-            req.id,
-            Status::NoBackend,
-            snap.generation,
-        )
-        .encode()));
-    };
-    let (balancer, rng, pruned_at) = &mut *guard;
-    if *pruned_at != snap.generation {
-        // Services gone from the snapshot take their balancing state with them.
-        balancer.retain(|name| snap.service(name.as_str()).is_some());
-        *pruned_at = snap.generation;
-    }
-    if let (Some(watcher), Some(watch)) = (&shared.latency, watch_for(&snap, &req, now)) {
-        watcher.watch(watch);
-    }
-    let ejections = shared.ejections.as_ref();
-    let reply = answer(balancer, rng, &snap, &req, outstanding, now, key, ejections)?.encode();
+    let rand = shared
+        .rng
+        .lock()
+        .map_or(0, |mut r| r.random::<u64>());
+    let reply = answer(shared, &req, outstanding, key, rand)?.encode();
     METRICS
         .hook_duration
         .observe(started.elapsed().as_secs_f64());
     Some(Ok(reply))
 }
 
-/// Starts the thread that times non-blocking connects from the kernel's socket table, feeding
-/// its samples to the balancer.
-fn start_latency_watcher(balance: &Arc<BalanceState>) -> Option<Watcher> {
-    let balance = Arc::downgrade(balance);
-    let apply = move |samples: Vec<Sample>| {
-        let Some(balance) = balance.upgrade() else {
-            return;
-        };
-        let Ok(mut guard) = balance.lock() else {
-            return;
-        };
-        let now = Instant::now();
-        for s in samples {
-            guard
-                .0
-                .observe_latency(&s.service, s.backend, s.latency, now);
-        }
-    };
-    match Watcher::spawn(apply) {
-        Ok(w) => Some(w),
-        Err(error) => {
-            warn!(%error, "cannot start the connect latency watcher; p2c-ewma sees only blocking connects");
-            None
-        }
-    }
-}
-
-/// What to watch for a done report of a connect still under way (p2c-ewma services only). The
-/// done report itself ends the connect's outstanding count, as for p2c: a connect that was set
-/// up and closed again before the watcher looks must not keep counting.
-fn watch_for(snap: &Snapshot, req: &Request, now: Instant) -> Option<Watch> {
-    if req.kind != Kind::Done || req.flags & FLAG_PENDING == 0 {
-        return None;
-    }
-    let spec = &snap.by_addr(req.magic_ip())?.spec;
-    if spec.lb != LbPolicy::P2cEwma {
-        return None;
-    }
-    let remote = req.backend_addr();
-    Some(Watch {
-        service: spec.name.clone(),
-        backend: backend_for(spec, req.port, remote)?,
-        remote,
-        local_port: req.errno,
-        since: now,
-    })
-}
-
-/// Counts one hook request by service (bounded: services in the snapshot, or "-") and result.
+/// Counts one hook request by service (bounded: services in the table, or "-") and result.
 fn count(service: &str, result: &'static str) {
     METRICS
         .hook_requests
@@ -368,114 +441,123 @@ fn request_id(buf: &[u8; MSG_LEN]) -> u32 {
     u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]])
 }
 
-/// The balancing decision for one decoded request, separated from the socket for tests. `key` is
-/// the caller's affinity key for maglev services (its uid). Ejections are sent to `ejections`.
-#[allow(clippy::too_many_arguments)]
+/// The answer to one decoded request. `key` is the caller's affinity key for maglev services
+/// (its uid); `rand` random bits for random and p2c picks.
 fn answer(
-    balancer: &mut Balancer,
-    rng: &mut SmallRng,
-    snap: &Snapshot,
+    shared: &Shared,
     req: &Request,
-    outstanding: &mut Vec<(ServiceName, SocketAddr)>,
-    now: Instant,
+    outstanding: &mut Vec<u32>,
     key: u64,
-    ejections: Option<&mpsc::Sender<Command>>,
+    rand: u64,
 ) -> Option<Reply> {
-    let generation = snap.generation;
-    let Some(service) = snap.by_addr(req.magic_ip()) else {
-        if req.kind != Kind::Done {
+    let table = &shared.table;
+    let live = table.live();
+    let reported = matches!(req.kind, Kind::Failed | Kind::Done).then(|| {
+        let addr = req.backend_addr();
+        report_target(table, req, addr)
+    });
+    if let Some(Some((service, backend, slot))) = &reported {
+        let addr = req.backend_addr();
+        if let Some(i) = outstanding.iter().position(|s| s == slot) {
+            outstanding.swap_remove(i);
+            if let Some(live) = live {
+                uncount(&live, *slot);
+            }
+        }
+        match req.kind {
+            Kind::Failed => {
+                debug!(%service, %addr, errno = req.errno, "hook reports a failed backend");
+                count(service.as_str(), "backend_failed");
+                shared.hints.send(Hint {
+                    service: service.clone(),
+                    backend: *backend,
+                    addr,
+                });
+            }
+            _ if req.flags & FLAG_PENDING != 0 => {
+                if let Some(w) = &shared.watcher {
+                    w.watch(Watch {
+                        service: service.clone(),
+                        backend: *backend,
+                        remote: addr,
+                        local_port: req.errno,
+                        since: Instant::now(),
+                        slot: *slot,
+                        counted: false,
+                    });
+                }
+            }
+            _ if req.latency_us > 0 => {
+                let took = Duration::from_micros(u64::from(req.latency_us));
+                crate::reports::observe(table, service, *backend, *slot, took);
+            }
+            _ => {}
+        }
+    }
+    if req.kind == Kind::Done {
+        return None;
+    }
+    let excluded = [(req.kind == Kind::Failed).then(|| req.backend_addr())];
+    let ask = Ask {
+        dest: SocketAddr::new(req.magic_ip(), req.port),
+        v6_ok: req.flags & FLAG_INET6 != 0,
+        // A key the caller set (DISCOTECH_HASH_KEY) wins over its uid.
+        key: if req.flags & FLAG_HASH_KEY != 0 {
+            req.hash_key
+        } else {
+            key
+        },
+        rand,
+        local_turn: 0,
+        exclude: &excluded,
+    };
+    let picked = table.pick(&ask, true);
+    let generation = picked.map_or(0, |p| p.generation);
+    match picked {
+        Ok(p) => {
+            let name = reported
+                .as_ref()
+                .and_then(|r| r.as_ref().map(|r| r.0.to_string()));
+            count(name.as_deref().unwrap_or("-"), "picked");
+            let mut flags = 0;
+            if p.counted {
+                if outstanding.len() >= MAX_OUTSTANDING_PER_PEER {
+                    let old = outstanding.swap_remove(0);
+                    if let Some(live) = live {
+                        uncount(&live, old);
+                    }
+                }
+                outstanding.push(p.slot);
+                flags |= FLAG_REPORT_DONE;
+            } else if p.policy == Policy::P2cEwma {
+                flags |= FLAG_REPORT_DONE;
+            }
+            Some(Reply::ok(req.id, p.addr, flags, p.generation))
+        }
+        Err(Miss::UnknownService) => {
             count("-", "unknown_service");
+            Some(Reply::refuse(req.id, Status::UnknownService, generation))
         }
-        return (req.kind != Kind::Done)
-            .then(|| Reply::refuse(req.id, Status::UnknownService, generation));
-    };
-    let spec = &service.spec;
-    if matches!(req.kind, Kind::Failed | Kind::Done) {
-        if let Some(backend) = backend_for(spec, req.port, req.backend_addr()) {
-            if req.kind == Kind::Failed {
-                debug!(service = %spec.name, %backend, errno = req.errno, "hook reports a failed backend");
-                count(spec.name.as_str(), "backend_failed");
-                match balancer.report_failure(spec, backend, now) {
-                    FailureOutcome::Ejected { for_, times } => {
-                        // Rare (at most once per backend per ejection time), so worth info.
-                        info!(service = %spec.name, %backend, ejection = ?for_, times, "backend ejected after consecutive failures");
-                        count(spec.name.as_str(), "backend_ejected");
-                        // Out of SRV answers too; never wait for the registry on the hook path.
-                        let failures = spec
-                            .outlier
-                            .as_deref()
-                            .copied()
-                            .unwrap_or_default()
-                            .consecutive_failures;
-                        let eject = Command::Eject {
-                            service: spec.name.clone(),
-                            addr: backend,
-                            until: now + for_,
-                            reason: format!(
-                                "ejected after {failures} consecutive connect failures, for {}",
-                                crate::duration::format(for_)
-                            ),
-                        };
-                        if let Some(Err(error)) = ejections.map(|tx| tx.try_send(eject)) {
-                            debug!(service = %spec.name, %backend, %error, "registry not told of the ejection: the backend stays in SRV answers");
-                        }
-                    }
-                    FailureOutcome::CapReached { consecutive } => {
-                        debug!(service = %spec.name, %backend, consecutive, "not ejected: the service has its maximum share ejected");
-                    }
-                    FailureOutcome::Held { .. } | FailureOutcome::Unknown => {}
-                }
-            } else {
-                // A connect still under way (EINPROGRESS) has not worked yet.
-                if req.flags & FLAG_PENDING == 0 {
-                    balancer.report_success(&spec.name, backend);
-                }
-                if req.latency_us > 0 {
-                    let took = Duration::from_micros(u64::from(req.latency_us));
-                    balancer.observe_latency(&spec.name, backend, took, now);
-                }
-            }
-            if let Some(i) = outstanding
-                .iter()
-                .position(|(s, b)| *s == spec.name && *b == backend)
-            {
-                outstanding.swap_remove(i);
-                balancer.done(&spec.name, backend);
-            }
+        Err(Miss::NoBackend) => {
+            count("-", "no_backend");
+            Some(Reply::refuse(req.id, Status::NoBackend, generation))
         }
-        if req.kind == Kind::Done {
-            return None;
-        }
+        // No table (it could not be written): the hook falls back as if the daemon were down.
+        Err(Miss::Unreadable) => Some(Reply::refuse(req.id, Status::BadRequest, generation)),
     }
-    let v6_ok = req.flags & FLAG_INET6 != 0;
-    // A key the caller set (DISCOTECH_HASH_KEY) wins over its uid.
-    let key = if req.flags & FLAG_HASH_KEY != 0 {
-        req.hash_key
-    } else {
-        key
-    };
-    if spec.lb == LbPolicy::LeastConn && balancer.connections_stale(now, conn_count::REFRESH) {
-        let (counts, error) = conn_count::read();
-        if let Some(error) = error {
-            debug!(%error, "cannot read the socket table; least-conn sees no connections");
-        }
-        balancer.set_connections(counts, now);
-    }
-    let Some(pick) = balancer.pick_keyed(spec, req.port, v6_ok, now, rng, key) else {
-        count(spec.name.as_str(), "no_backend");
-        return Some(Reply::refuse(req.id, Status::NoBackend, generation));
-    };
-    count(spec.name.as_str(), "picked");
-    let mut flags = 0;
-    if spec.lb.reports_done() {
-        if outstanding.len() >= MAX_OUTSTANDING_PER_PEER {
-            let (s, b) = outstanding.swap_remove(0);
-            balancer.done(&s, b);
-        }
-        outstanding.push((spec.name.clone(), pick.backend));
-        flags |= FLAG_REPORT_DONE;
-    }
-    Some(Reply::ok(req.id, pick.addr, flags, generation))
+}
+
+/// The service, backend (default address) and slot a failed or done report names.
+fn report_target(
+    table: &RoutingTable,
+    req: &Request,
+    addr: SocketAddr,
+) -> Option<(crate::service::ServiceName, SocketAddr, u32)> {
+    let snap = table.last_snapshot()?;
+    let service = snap.by_addr(req.magic_ip())?;
+    let backend = backend_for(&service.spec, req.port, addr)?;
+    let slot = table.slot_of(service.name(), backend).unwrap_or(NO_SLOT);
+    Some((service.name().clone(), backend, slot))
 }
 
 /// The backend (by its default address) that a connect on `client_port` reached at `addr`.
@@ -485,65 +567,6 @@ fn backend_for(spec: &ServiceSpec, client_port: u16, addr: SocketAddr) -> Option
         .iter()
         .find(|b| b.addr.ip() == addr.ip() && b.port_for(name) == addr.port())
         .map(|b| b.addr)
-}
-
-/// The fallback file's bytes for `snapshot`: see `discotech_wire::fallback` for the layout.
-pub fn fallback_bytes(
-    snapshot: &Snapshot,
-    magic_v4: Ipv4Net,
-    magic_v6: Option<Ipv6Net>,
-) -> Vec<u8> {
-    let mut records = Vec::new();
-    for service in snapshot.services() {
-        let spec = &service.spec;
-        let magics =
-            std::iter::once(IpAddr::V4(service.magic_v4)).chain(service.magic_v6.map(IpAddr::V6));
-        for magic in magics {
-            for b in &spec.backends {
-                let ports = std::iter::once((0u16, b.addr.port())).chain(
-                    spec.client_ports
-                        .iter()
-                        .map(|(&cp, name)| (cp, b.port_for(Some(name)))),
-                );
-                for (client_port, backend_port) in ports {
-                    records.push(Record {
-                        magic: to_mapped(magic),
-                        client_port,
-                        backend_port,
-                        backend: to_mapped(b.addr.ip()),
-                        weight: b.weight,
-                        priority: b.priority,
-                    });
-                }
-            }
-        }
-    }
-    records.truncate(fallback::MAX_RECORDS as usize);
-    let header = Header {
-        magic_v4: (magic_v4.network(), magic_v4.prefix_len()),
-        magic_v6: magic_v6.map(|n| (n.network(), n.prefix_len())),
-        generation: snapshot.generation,
-        records: u32::try_from(records.len()).unwrap_or(fallback::MAX_RECORDS),
-    };
-    let mut bytes = Vec::with_capacity(fallback::HEADER_LEN + records.len() * fallback::RECORD_LEN);
-    bytes.extend_from_slice(&header.encode());
-    for r in &records {
-        bytes.extend_from_slice(&r.encode());
-    }
-    bytes
-}
-
-/// Keep the fallback file current: call after each snapshot publish (atomic write).
-///
-/// # Errors
-/// Any I/O error from [`crate::state::write_atomic`]; the old file stays in place.
-pub fn write_fallback(
-    path: &Path,
-    snapshot: &Snapshot,
-    magic_v4: Ipv4Net,
-    magic_v6: Option<Ipv6Net>,
-) -> std::io::Result<()> {
-    crate::state::write_atomic(path, &fallback_bytes(snapshot, magic_v4, magic_v6))
 }
 
 /// The fallback file that belongs to a hook socket: `hook.snapshot` beside it. The hook derives

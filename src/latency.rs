@@ -16,6 +16,11 @@
 //! - gone sooner: no sample. A refusal from a nearby backend looks exactly like a connection set
 //!   up and closed again between two looks, and a refusing backend must never look fast.
 //!
+//! A connect gone without being seen established, or still connecting at [`GIVE_UP`], also
+//! settles as failed: passive health's hint, which the daemon confirms with a connect of its own
+//! before it acts (see `reports`). Every watched connect settles, so the hook's count of it in
+//! flight always ends.
+//!
 //! One thread does this, dumping the table when reports arrive and then every [`TICK`] while any
 //! connection is still being watched. The hook server hands it work with `try_send`: when the
 //! queue is full a sample is lost, never a connect delayed.
@@ -49,14 +54,22 @@ pub struct Watch {
     pub remote: SocketAddr,
     pub local_port: u16,
     pub since: Instant,
+    /// The backend's slot in the shared table (`NO_SLOT` for connects picked over the socket).
+    pub slot: u32,
+    /// The hook counted the connect in flight: it is uncounted when it settles.
+    pub counted: bool,
 }
 
-/// One measured connect.
+/// How a watched connect ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Sample {
-    pub service: ServiceName,
-    pub backend: SocketAddr,
-    pub latency: Duration,
+pub struct Settled {
+    pub watch: Watch,
+    /// The connect latency, when it can be told (see the module docs).
+    pub latency: Option<Duration>,
+    /// It never got established: gone from the table without being seen connected (refused,
+    /// or given up by the caller), or still connecting at [`GIVE_UP`]. A hint, not a verdict:
+    /// a connection set up and aborted between two looks ends the same way.
+    pub failed: bool,
 }
 
 struct Watched {
@@ -70,11 +83,11 @@ struct Watched {
 pub struct Watcher(SyncSender<Watch>);
 
 impl Watcher {
-    /// Starts the watching thread; `apply` receives each batch of samples.
+    /// Starts the watching thread; `apply` receives each batch of settled connects.
     ///
     /// # Errors
     /// The thread could not be spawned.
-    pub fn spawn(apply: impl FnMut(Vec<Sample>) + Send + 'static) -> std::io::Result<Self> {
+    pub fn spawn(apply: impl FnMut(Vec<Settled>) + Send + 'static) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(MAX_WATCHED);
         std::thread::Builder::new()
             .name("latency-watch".into())
@@ -92,7 +105,7 @@ impl Watcher {
     }
 }
 
-fn run(rx: &Receiver<Watch>, mut apply: impl FnMut(Vec<Sample>)) {
+fn run(rx: &Receiver<Watch>, mut apply: impl FnMut(Vec<Settled>)) {
     let mut watched: Vec<Watched> = Vec::new();
     let mut last_error: Option<String> = None;
     loop {
@@ -130,7 +143,16 @@ fn run(rx: &Receiver<Watch>, mut apply: impl FnMut(Vec<Sample>)) {
                 debug!(error = %e, "cannot read the socket table; non-blocking connects go unmeasured");
                 last_error = Some(e);
             }
-            watched.clear();
+            // Nothing can be told: settle them all, so counts in flight do not stay up.
+            let settled = watched
+                .drain(..)
+                .map(|w| Settled {
+                    watch: w.watch,
+                    latency: None,
+                    failed: false,
+                })
+                .collect();
+            apply(settled);
             continue;
         }
         last_error = None;
@@ -155,45 +177,43 @@ fn settle(
     watched: &mut Vec<Watched>,
     table: &HashMap<(SocketAddr, u16), SockRow>,
     now: Instant,
-) -> Vec<Sample> {
-    let mut samples = Vec::new();
+) -> Vec<Settled> {
+    let mut settled = Vec::new();
     watched.retain_mut(|w| {
         let age = now.saturating_duration_since(w.watch.since);
-        let mut sample = |latency: Option<Duration>| {
-            if let Some(latency) = latency {
-                samples.push(Sample {
-                    service: w.watch.service.clone(),
-                    backend: w.watch.backend,
-                    latency: latency.max(Duration::from_micros(1)),
-                });
-            }
+        let mut end = |latency: Option<Duration>, failed: bool| {
+            settled.push(Settled {
+                watch: w.watch.clone(),
+                latency: latency.map(|l| l.max(Duration::from_micros(1))),
+                failed,
+            });
         };
         let Some(row) = table.get(&(w.watch.remote, w.watch.local_port)) else {
             // Gone: see the module docs for why only a long wait counts.
-            sample(w.connecting_for.filter(|&d| d >= LONG_CONNECT));
+            end(w.connecting_for.filter(|&d| d >= LONG_CONNECT), true);
             return false;
         };
         match (row.state, row.rtt_us) {
             (state::SYN_SENT, _) => {
                 if age >= GIVE_UP {
-                    sample(Some(age));
+                    end(Some(age), true);
                     return false;
                 }
                 w.connecting_for = Some(age);
                 true
             }
             (state::TIME_WAIT | state::CLOSE, _) | (_, None) => {
-                sample(w.connecting_for);
+                end(w.connecting_for, false);
                 false
             }
             (_, Some(rtt)) => {
                 let rtt = Duration::from_micros(u64::from(rtt));
-                sample(Some(rtt.max(w.connecting_for.unwrap_or_default())));
+                end(Some(rtt.max(w.connecting_for.unwrap_or_default())), false);
                 false
             }
         }
     });
-    samples
+    settled
 }
 
 #[cfg(test)]
@@ -212,6 +232,8 @@ mod tests {
                 remote: a("127.0.0.2:8080"),
                 local_port: port,
                 since,
+                slot: 0,
+                counted: false,
             },
             connecting_for: None,
         }
@@ -249,9 +271,12 @@ mod tests {
         ]
         .into();
         let s = settle(&mut w, &table, t0 + Duration::from_millis(2));
-        // 1 is measured; 3 (set up and closed within a tick) and 4 (refused) tell nothing.
+        // 1 is measured; 3 (set up and closed within a tick) and 4 (refused) tell nothing of
+        // latency, and 4 is a failure hint.
+        assert_eq!(s.len(), 3);
+        let s = sampled(s);
         assert_eq!(s.len(), 1);
-        assert_eq!(s[0].latency, Duration::from_micros(120));
+        assert_eq!(s[0].latency, Some(Duration::from_micros(120)));
         assert_eq!(w.len(), 2, "the connecting ones stay watched");
 
         // A second later 2 is established (its SYN was retransmitted; the RTT is small), and the
@@ -262,8 +287,13 @@ mod tests {
         let table: HashMap<_, _> = [row(2, state::ESTABLISHED, Some(90))].into();
         let s = settle(&mut w, &table, t0 + Duration::from_millis(1010));
         assert_eq!(s.len(), 2);
+        assert_eq!(
+            s.iter().map(|s| (s.watch.local_port, s.failed)).collect::<Vec<_>>(),
+            [(2, false), (5, true)],
+            "the one given up on is a failure hint"
+        );
         assert!(
-            s.iter().all(|s| s.latency == Duration::from_millis(1000)),
+            s.iter().all(|s| s.latency == Some(Duration::from_millis(1000))),
             "both seen connecting for 1 s: {s:?}"
         );
         assert!(w.is_empty());
@@ -273,14 +303,15 @@ mod tests {
         let mut w = vec![watch(7, t0)];
         let table: HashMap<_, _> = [row(7, state::SYN_SENT, None)].into();
         assert!(settle(&mut w, &table, t0 + Duration::from_micros(300)).is_empty());
-        assert!(settle(&mut w, &HashMap::new(), t0 + Duration::from_millis(2)).is_empty());
+        let s = settle(&mut w, &HashMap::new(), t0 + Duration::from_millis(2));
+        assert_eq!((s.len(), s[0].latency, s[0].failed), (1, None, true));
         assert!(w.is_empty());
 
         // One that never finishes is reported at the give-up time.
         let mut w = vec![watch(6, t0)];
         let table: HashMap<_, _> = [row(6, state::SYN_SENT, None)].into();
         let s = settle(&mut w, &table, t0 + GIVE_UP);
-        assert_eq!(s[0].latency, GIVE_UP);
+        assert_eq!((s[0].latency, s[0].failed), (Some(GIVE_UP), true));
         assert!(w.is_empty());
     }
 
@@ -296,7 +327,11 @@ mod tests {
         (s, port)
     }
 
-    fn watcher() -> (Watcher, std::sync::mpsc::Receiver<Sample>) {
+    fn sampled(s: Vec<Settled>) -> Vec<Settled> {
+        s.into_iter().filter(|s| s.latency.is_some()).collect()
+    }
+
+    fn watcher() -> (Watcher, std::sync::mpsc::Receiver<Settled>) {
         let (tx, rx) = std::sync::mpsc::channel();
         let watcher = Watcher::spawn(move |samples| {
             for s in samples {
@@ -314,6 +349,8 @@ mod tests {
             remote,
             local_port,
             since,
+            slot: 0,
+            counted: false,
         }
     }
 
@@ -335,7 +372,7 @@ mod tests {
         let since = Instant::now().checked_sub(GIVE_UP).unwrap();
         watcher.watch(watch_of(remote, port, since));
         let s = rx.recv_timeout(Duration::from_secs(5)).expect("a sample");
-        assert!(s.latency >= GIVE_UP, "{s:?}");
+        assert!(s.latency >= Some(GIVE_UP) && s.failed, "{s:?}");
         drop(stuck);
     }
 
@@ -349,9 +386,11 @@ mod tests {
         let (refused, port) = nonblocking_connect(remote);
         let (watcher, rx) = watcher();
         watcher.watch(watch_of(remote, port, Instant::now()));
-        assert!(
-            rx.recv_timeout(Duration::from_millis(200)).is_err(),
-            "a refused connect must not be sampled as fast"
+        let s = rx.recv_timeout(Duration::from_secs(2)).expect("settled");
+        assert_eq!(
+            (s.latency, s.failed),
+            (None, true),
+            "a refused connect must not be sampled as fast, and is a failure hint"
         );
         drop(refused);
     }
@@ -374,11 +413,14 @@ mod tests {
             remote,
             local_port: held.local_addr().unwrap().port(),
             since: Instant::now(),
+            slot: 0,
+            counted: false,
         });
         let s = rx.recv_timeout(Duration::from_secs(5)).expect("a sample");
-        assert_eq!(s.backend, remote);
+        assert_eq!((s.watch.backend, s.failed), (remote, false));
+        let latency = s.latency.unwrap();
         assert!(
-            s.latency > Duration::ZERO && s.latency < Duration::from_secs(1),
+            latency > Duration::ZERO && latency < Duration::from_secs(1),
             "{s:?}"
         );
     }

@@ -36,6 +36,8 @@ use crate::state;
 /// Called with every newly published snapshot (e.g. to refresh the hook's fallback file).
 /// Runs off the registry task (on a blocking thread), so it may take its time.
 pub type OnPublish = Arc<dyn Fn(&Snapshot) + Send + Sync>;
+/// A reader told of each snapshot as it is swapped in (see [`Registry::on_swap`]).
+pub type OnSwap = Arc<dyn Fn(&Arc<Snapshot>) + Send + Sync>;
 
 /// How often, at most, the last-known-good file (and the hook's fallback file) is rewritten: a
 /// burst of changes costs one write.
@@ -192,6 +194,7 @@ pub struct Registry {
     wake_at: Option<Instant>,
     shared: SharedSnapshot,
     on_publish: Vec<OnPublish>,
+    on_swap: Vec<OnSwap>,
 }
 
 /// Where the registry keeps its files; `None` keeps everything in memory (tests).
@@ -234,6 +237,7 @@ impl Registry {
             wake_at: None,
             shared,
             on_publish: Vec::new(),
+            on_swap: Vec::new(),
         }
     }
 
@@ -248,6 +252,13 @@ impl Registry {
 
     pub fn on_publish(&mut self, f: OnPublish) {
         self.on_publish.push(f);
+    }
+
+    /// Runs `f` on every new snapshot right after it is swapped in, on the registry's task:
+    /// for readers that must see a change at once and keep their work per change small (the
+    /// shared routing table).
+    pub fn on_swap(&mut self, f: OnSwap) {
+        self.on_swap.push(f);
     }
 
     /// What one save needs, copied cheaply (the maps are persistent) so that encoding and
@@ -542,7 +553,11 @@ impl Registry {
         METRICS
             .services
             .set(i64::try_from(snapshot.len()).unwrap_or(i64::MAX));
-        self.shared.store(Arc::new(snapshot));
+        let snapshot = Arc::new(snapshot);
+        self.shared.store(snapshot.clone());
+        for f in &self.on_swap {
+            f(&snapshot);
+        }
         self.unannounced = true;
         METRICS
             .publish_duration

@@ -1,8 +1,8 @@
 //! A stand-in daemon for benchmarks and manual tests: `discotech::hook_server::serve` (the code
 //! `discotech serve` runs) on a multi-threaded runtime, with one service whose magic address
-//! and backends come from the command line, and its fallback file beside the socket.
+//! and backends come from the command line, and its routing table beside the socket.
 //!
-//! `bench_daemon SOCKET MAGIC_V4 LB BACKEND...` (LB: round-robin, weighted-round-robin, random, p2c)
+//! `bench_daemon SOCKET MAGIC_V4 LB BACKEND...` (LB: any policy name, e.g. round-robin, p2c, least-conn)
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,12 +31,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }],
     );
     let socket = PathBuf::from(socket);
-    hook_server::write_fallback(
-        &hook_server::fallback_path_for(&socket),
-        &snap,
-        "127.77.0.0/16".parse()?,
-        None,
-    )?;
     let _ = std::fs::remove_file(&socket);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -46,6 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("listening");
         let cfg = HookServerConfig {
             socket: socket.clone(),
+            fallback_file: Some(hook_server::fallback_path_for(&socket)),
             ..Default::default()
         };
         let stop = CancellationToken::new();

@@ -1,13 +1,26 @@
-//! Choosing a backend without the daemon, from the fallback file or from what this process
-//! learned: records for the exact client port if there are any, else the service's default
+//! Choosing a backend without the daemon and without the shared table, from what this process
+//! learned from the daemon's answers: records for the exact client port if there are any, else the service's default
 //! records; only backends the socket's family can reach and not already tried; the best
 //! priority; then weighted rotation by a process-wide counter. Streams over the records (the
 //! source scans them, a few passes) so nothing is allocated.
 
 use core::net::{IpAddr, SocketAddr};
 
-use discotech_wire::fallback::Record;
+use core::net::Ipv6Addr;
+
 use discotech_wire::{from_mapped, to_mapped};
+
+/// A backend the process learned from the daemon's answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub magic: Ipv6Addr,
+    /// 0 for "any port without a mapping of its own".
+    pub client_port: u16,
+    pub backend_port: u16,
+    pub backend: Ipv6Addr,
+    pub weight: u16,
+    pub priority: u16,
+}
 
 /// Something that can show its records one at a time.
 pub trait Records {

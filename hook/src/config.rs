@@ -1,21 +1,27 @@
 //! What the hook learns once, at load time: which addresses are magic, where the daemon's socket
-//! and fallback file are, and which uid the daemon must run as. Parsing is pure and
-//! allocation-free; reading the environment and the fallback header is left to `lib.rs`.
+//! and routing table are, and which uid the daemon must run as. Parsing is pure and
+//! allocation-free; reading the environment and the table is left to `lib.rs`.
 
 use core::ffi::CStr;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use discotech_wire::fallback::Header;
 use discotech_wire::{v4_in, v6_in};
 
 pub const DEFAULT_SOCKET: &[u8] = b"/run/discotech/hook.sock";
 pub const DEFAULT_MAGIC_V4: (Ipv4Addr, u8) = (Ipv4Addr::new(127, 77, 0, 0), 16);
 /// How long one exchange with the daemon may take before the hook falls back.
 pub const DEFAULT_TIMEOUT_MS: i64 = 50;
-const FALLBACK_NAME: &[u8] = b"hook.snapshot";
+const TABLE_NAME: &[u8] = b"hook.snapshot";
+/// A magic range read from the table is believed only if it is at least this narrow: a damaged
+/// table must not make every connect of the process magic.
+const MIN_TABLE_PREFIX_V4: u8 = 8;
+const MIN_TABLE_PREFIX_V6: u8 = 16;
 /// sun_path is 108 bytes including the NUL.
 const SOCKET_MAX: usize = 108;
-const FALLBACK_MAX: usize = SOCKET_MAX + 16;
+const TABLE_PATH_MAX: usize = SOCKET_MAX + 16;
+
+/// The magic ranges a routing table names.
+pub type TableRanges = (Option<(Ipv4Addr, u8)>, Option<(Ipv6Addr, u8)>);
 
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
@@ -23,8 +29,8 @@ pub struct Config {
     pub magic_v6: Option<(Ipv6Addr, u8)>,
     socket: [u8; SOCKET_MAX],
     socket_len: usize,
-    /// NUL-terminated.
-    fallback: [u8; FALLBACK_MAX],
+    /// The routing table's path, NUL-terminated.
+    table_file: [u8; TABLE_PATH_MAX],
     /// A uid the daemon may run as, besides root and the process's own.
     pub daemon_uid: Option<u32>,
     pub timeout_ms: i64,
@@ -32,11 +38,13 @@ pub struct Config {
     pub secure: bool,
     /// DISCOTECH_HASH_KEY, hashed at load time: the affinity key for maglev services.
     pub hash_key: Option<u64>,
+    /// The effective uid at load time: the affinity key when there is no hash key.
+    pub euid: u32,
 }
 
 impl Config {
     /// Defaults with the socket at `socket` (the default path if None or unusable) and the
-    /// fallback file beside it.
+    /// routing table beside it.
     pub fn new(socket: Option<&[u8]>) -> Self {
         let path = socket
             .filter(|p| !p.is_empty() && p.len() < SOCKET_MAX && !p.contains(&0))
@@ -46,40 +54,42 @@ impl Config {
             magic_v6: None,
             socket: [0; SOCKET_MAX],
             socket_len: path.len(),
-            fallback: [0; FALLBACK_MAX],
+            table_file: [0; TABLE_PATH_MAX],
             daemon_uid: None,
             timeout_ms: DEFAULT_TIMEOUT_MS,
             secure: false,
             hash_key: None,
+            euid: 0,
         };
         copy(&mut cfg.socket, path);
-        // The directory part, including its trailing '/', then the fallback file name.
+        // The directory part, including its trailing '/', then the table file name.
         let dir_len = path.iter().rposition(|&c| c == b'/').map_or(0, |i| i + 1);
         let dir = path.get(..dir_len).unwrap_or_default();
-        copy(&mut cfg.fallback, dir);
-        if let Some(rest) = cfg.fallback.get_mut(dir_len..) {
-            copy(rest, FALLBACK_NAME);
+        copy(&mut cfg.table_file, dir);
+        if let Some(rest) = cfg.table_file.get_mut(dir_len..) {
+            copy(rest, TABLE_NAME);
         }
         cfg
     }
 
-    /// Sets the magic ranges: the environment wins, then the fallback file's header, then the
-    /// defaults. Unparseable values are ignored.
+    /// Sets the magic ranges: the environment wins, then the routing table's (if narrow
+    /// enough), then the defaults. Unparseable values are ignored.
     pub fn set_ranges(
         &mut self,
         env_v4: Option<&[u8]>,
         env_v6: Option<&[u8]>,
-        header: Option<&Header>,
+        table: Option<TableRanges>,
     ) {
+        let table = table.unwrap_or((None, None));
         if let Some(v4) = env_v4.and_then(parse_v4_net) {
             self.magic_v4 = v4;
-        } else if let Some(h) = header {
-            self.magic_v4 = h.magic_v4;
+        } else if let Some(v4) = table.0.filter(|n| n.1 >= MIN_TABLE_PREFIX_V4 && n.1 <= 32) {
+            self.magic_v4 = v4;
         }
         if let Some(v6) = env_v6.and_then(parse_v6_net) {
             self.magic_v6 = Some(v6);
-        } else if let Some(h) = header {
-            self.magic_v6 = h.magic_v6;
+        } else if let Some(v6) = table.1.filter(|n| n.1 >= MIN_TABLE_PREFIX_V6 && n.1 <= 128) {
+            self.magic_v6 = Some(v6);
         }
     }
 
@@ -119,8 +129,8 @@ impl Config {
         self.socket.get(..self.socket_len).unwrap_or_default()
     }
 
-    pub fn fallback_path(&self) -> Option<&CStr> {
-        CStr::from_bytes_until_nul(&self.fallback).ok()
+    pub fn table_path(&self) -> Option<&CStr> {
+        CStr::from_bytes_until_nul(&self.table_file).ok()
     }
 
     /// True if a daemon running as `uid` may answer this process.
@@ -173,7 +183,7 @@ mod tests {
         let cfg = Config::new(None);
         assert_eq!(cfg.socket_path(), DEFAULT_SOCKET);
         assert_eq!(
-            cfg.fallback_path().unwrap().to_bytes(),
+            cfg.table_path().unwrap().to_bytes(),
             b"/run/discotech/hook.snapshot"
         );
         assert!(cfg.is_magic("127.77.3.4".parse().unwrap()));
@@ -187,11 +197,11 @@ mod tests {
         let cfg = Config::new(Some(b"/tmp/x/hook.sock"));
         assert_eq!(cfg.socket_path(), b"/tmp/x/hook.sock");
         assert_eq!(
-            cfg.fallback_path().unwrap().to_bytes(),
+            cfg.table_path().unwrap().to_bytes(),
             b"/tmp/x/hook.snapshot"
         );
         let cfg = Config::new(Some(b"hook.sock"));
-        assert_eq!(cfg.fallback_path().unwrap().to_bytes(), b"hook.snapshot");
+        assert_eq!(cfg.table_path().unwrap().to_bytes(), b"hook.snapshot");
         let long = [b'a'; 200];
         assert_eq!(
             Config::new(Some(&long)).socket_path(),
@@ -201,22 +211,16 @@ mod tests {
     }
 
     #[test]
-    fn ranges_env_beats_header_beats_default() {
-        let header = Header {
-            magic_v4: (Ipv4Addr::new(10, 77, 0, 0), 16),
-            magic_v6: Some(("fd00::".parse().unwrap(), 64)),
-            generation: 1,
-            records: 0,
-        };
+    fn ranges_env_beats_table_beats_default() {
+        let table = (
+            Some((Ipv4Addr::new(10, 77, 0, 0), 16)),
+            Some(("fd00::".parse().unwrap(), 64)),
+        );
         let mut cfg = Config::new(None);
-        cfg.set_ranges(None, None, Some(&header));
+        cfg.set_ranges(None, None, Some(table));
         assert!(cfg.is_magic("10.77.1.1".parse().unwrap()));
         assert!(cfg.is_magic("fd00::5".parse().unwrap()));
-        cfg.set_ranges(
-            Some(b"127.99.0.0/16"),
-            Some(b"fd64:d15c::/64"),
-            Some(&header),
-        );
+        cfg.set_ranges(Some(b"127.99.0.0/16"), Some(b"fd64:d15c::/64"), Some(table));
         assert!(cfg.is_magic("127.99.1.1".parse().unwrap()));
         assert!(!cfg.is_magic("10.77.1.1".parse().unwrap()));
         assert!(cfg.is_magic("fd64:d15c::9".parse().unwrap()));
@@ -224,6 +228,12 @@ mod tests {
         cfg.set_ranges(Some(b"garbage"), Some(b"::/129"), None);
         assert_eq!(cfg.magic_v4, DEFAULT_MAGIC_V4);
         assert_eq!(cfg.magic_v6, None);
+        // A table naming the whole address space is not believed.
+        let wide = (Some((Ipv4Addr::UNSPECIFIED, 0)), Some((Ipv6Addr::UNSPECIFIED, 8)));
+        cfg.set_ranges(None, None, Some(wide));
+        assert_eq!(cfg.magic_v4, DEFAULT_MAGIC_V4);
+        assert_eq!(cfg.magic_v6, None);
+        assert!(!cfg.is_magic("10.1.2.3".parse().unwrap()));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The connect hook: an LD_PRELOAD library that interposes connect() and nothing else. TCP
-//! connects to a magic address are routed to the backend the daemon picks (see `route.rs`);
-//! everything else goes straight to libc's connect after an address comparison.
+//! connects to a magic address are routed to a backend picked on the daemon's shared routing
+//! table (see `route.rs`); everything else goes straight to libc's connect after an address
+//! comparison.
 //!
 //! This file holds the FFI entry points (the interposed `connect` and the load-time
 //! constructor); `sys.rs` holds the system calls. They are the only modules with `unsafe`.
@@ -15,6 +16,7 @@
 
 mod choose;
 mod config;
+mod maps;
 mod os;
 mod route;
 mod slots;
@@ -57,12 +59,7 @@ fn hooked(
     }
     let saved = sys::errno();
     match route::on_connect(
-        &os::RealOs {
-            real,
-            cfg,
-            family,
-            pid: sys::getpid(),
-        },
+        &os::RealOs { real, cfg, family },
         &STATE,
         fd,
         dest,
@@ -83,25 +80,30 @@ fn hooked(
 }
 
 /// Load time: resolve libc's connect now (so the first connect, perhaps in a signal handler,
-/// does not take redhook's one-time lock) and learn the configuration.
+/// does not take redhook's one-time lock), learn the configuration and map the routing table
+/// (so the first connect makes no system call of its own either).
 extern "C" fn init() {
     let saved = sys::errno();
-    let _: sys::ConnectFn = redhook::real!(connect);
+    let real: sys::ConnectFn = redhook::real!(connect);
     let mut cfg = sys::with_env(c"DISCOTECH_SOCKET", Config::new);
-    let header = cfg
-        .fallback_path()
-        .and_then(sys::open_read)
-        .and_then(|fd| os::read_header(&fd));
-    sys::with_env(c"DISCOTECH_MAGIC_V4", |v4| {
-        sys::with_env(c"DISCOTECH_MAGIC_V6", |v6| {
-            cfg.set_ranges(v4, v6, header.as_ref())
-        });
-    });
     sys::with_env(c"DISCOTECH_DAEMON_UID", |uid| cfg.set_daemon_uid(uid));
     sys::with_env(c"DISCOTECH_HOOK_TIMEOUT_MS", |ms| cfg.set_timeout(ms));
     sys::with_env(c"DISCOTECH_HASH_KEY", |key| cfg.set_hash_key(key));
     cfg.secure = sys::secure();
+    cfg.euid = sys::uids().1;
+    let ranges = maps::table(&cfg).and_then(|t| {
+        t.read(|area| Some((Some(area.magic_v4()?), area.magic_v6())))
+    });
+    sys::with_env(c"DISCOTECH_MAGIC_V4", |v4| {
+        sys::with_env(c"DISCOTECH_MAGIC_V6", |v6| cfg.set_ranges(v4, v6, ranges))
+    });
     let _ = CONFIG.set(cfg);
+    if let Some(cfg) = CONFIG.get()
+        && let Some(t) = maps::table(cfg)
+        && let Some(epoch) = t.read(|area| Some(area.live_epoch()))
+    {
+        let _ = maps::live(real, cfg, epoch);
+    }
     sys::set_errno(saved);
 }
 

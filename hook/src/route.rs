@@ -1,14 +1,26 @@
-//! The decision for one connect() to a magic address: ask the daemon (or, when it does not
-//! answer, the fallback file or what this process learned), connect the caller's own socket to
-//! the chosen backend, retry refused or unreachable backends a bounded number of times and
-//! report them, and remember pending connects so a repeated connect() goes to the same backend.
+//! The decision for one connect() to a magic address. With the shared routing table mapped
+//! (the usual case) the hook picks the backend itself, on the table and the live counters every
+//! hooked process shares (`discotech_wire::pick`): no question to the daemon, no system call
+//! but the real connect. A refused backend is held out of this process's picks for a moment,
+//! reported on the live region's ring (a hint the daemon confirms with a connect of its own),
+//! and another is tried, a bounded number of times. A non-blocking connect still in progress is
+//! reported too, with its local port, so the daemon can follow it in the kernel's socket table
+//! and count a refusal or a timeout. A repeated connect() on a socket whose connect is under
+//! way goes to the same backend.
 //!
-//! Safe code over the [`Os`] trait, so the tests drive it with a fake "real connect" and a fake
-//! daemon. The real implementation is in `os.rs`.
+//! Without a table (none yet, or one this process does not trust) the daemon is asked over its
+//! socket, and when it does not answer either, the process routes by what it learned from
+//! earlier answers.
+//!
+//! Safe code over the [`Os`] trait, so the tests drive it with a fake "real connect", a table
+//! in memory and a fake daemon. The real implementation is in `os.rs`.
 
 use core::net::SocketAddr;
 use core::sync::atomic::{AtomicU32, Ordering};
 
+use discotech_wire::live::{Entry, Live, Report};
+use discotech_wire::pick::{Ask, Miss, Picked, pick, uncount};
+use discotech_wire::table::{Policy, Table};
 use discotech_wire::{
     FLAG_HASH_KEY, FLAG_INET6, FLAG_PENDING, FLAG_REPORT_DONE, Kind, Reply, Request, Status,
     to_mapped,
@@ -16,13 +28,18 @@ use discotech_wire::{
 use libc::c_int;
 
 use crate::choose::choose;
-use crate::slots::{FdTable, Learned};
+use crate::slots::{FdTable, Holds, Learned};
 use crate::sys::SockInfo;
 
 /// Backends tried for one blocking connect before giving up.
 pub const MAX_ATTEMPTS: usize = 4;
+/// How long this process keeps a backend that refused it out of its own picks: long enough
+/// for the daemon to confirm the failure and publish a table without it.
+pub const HOLD_MS: i64 = 2_000;
+/// Places for backends to skip in one pick: those tried during this connect, then holds.
+const EXCLUDE: usize = MAX_ATTEMPTS + 4;
 
-/// What the hook needs from the operating system and the daemon.
+/// What the hook needs from the operating system, the shared table and the daemon.
 pub trait Os {
     type Session: Session;
     fn sock_info(&self, fd: c_int) -> Option<SockInfo>;
@@ -30,25 +47,28 @@ pub trait Os {
     fn inode(&self, fd: c_int) -> Option<u64>;
     /// The real connect of `fd` to `to`, in the socket's `domain`. Err is the errno.
     fn connect(&self, fd: c_int, to: SocketAddr, domain: c_int) -> Result<(), c_int>;
+    /// The shared routing table, if this process has one mapped (or can map it now).
+    fn table(&self) -> Option<Table<'static, [AtomicU32]>>;
+    /// The live region of `epoch`, if this process has it mapped (or can get it now).
+    fn live(&self, epoch: u64) -> Option<Live<'static>>;
+    /// Appends `e` to the live region's ring (and wakes the daemon if it sleeps).
+    fn report(&self, live: &Live<'_>, e: &Entry);
     /// A conversation with the daemon, or None if it cannot be reached (or is not trusted).
     fn session(&self) -> Option<Self::Session>;
-    /// A choice from the fallback file, if there is one and it knows the service.
-    fn fallback(
-        &self,
-        dest: SocketAddr,
-        v6_ok: bool,
-        exclude: &[Option<SocketAddr>],
-        turn: u32,
-    ) -> Option<SocketAddr>;
     fn pid(&self) -> u32;
-    /// Microseconds on a monotonic clock: connects to services that want done reports are timed.
+    /// Microseconds on a monotonic clock (connects to p2c-ewma services are timed).
     fn now_us(&self) -> u64;
-    /// The local port of `fd` (for a done report of a connect still in progress).
+    /// Milliseconds on the same clock (holds).
+    fn now_ms(&self) -> i64;
+    /// The local port of `fd` (to report a connect still in progress).
     fn local_port(&self, fd: c_int) -> Option<u16>;
     /// The caller's affinity key (DISCOTECH_HASH_KEY, hashed at load time), if it set one.
-    fn hash_key(&self) -> Option<u64> {
-        None
-    }
+    fn hash_key(&self) -> Option<u64>;
+    /// The affinity key maglev uses: the hash key, else the effective uid (as the daemon does
+    /// for a hook that asks it).
+    fn key(&self) -> u64;
+    /// Random bits (random and p2c picks).
+    fn rand(&self) -> u64;
 }
 
 pub trait Session {
@@ -63,6 +83,7 @@ pub trait Session {
 pub struct State {
     pub fds: FdTable,
     pub learned: Learned,
+    pub holds: Holds,
     next_id: AtomicU32,
     turn: AtomicU32,
 }
@@ -72,6 +93,7 @@ impl State {
         Self {
             fds: FdTable::new(),
             learned: Learned::new(),
+            holds: Holds::new(),
             next_id: AtomicU32::new(1),
             turn: AtomicU32::new(0),
         }
@@ -99,6 +121,216 @@ fn retryable(e: c_int) -> bool {
     )
 }
 
+/// Routes one connect() of `fd` to the magic address `dest`.
+pub fn on_connect<O: Os>(os: &O, state: &State, fd: c_int, dest: SocketAddr) -> Verdict {
+    let Some(info) = os.sock_info(fd) else {
+        return Verdict::PassThrough;
+    };
+    if !info.stream || !(info.domain == libc::AF_INET || info.domain == libc::AF_INET6) {
+        return Verdict::PassThrough;
+    }
+    // A repeated connect on a socket whose connect is under way: same backend, no question.
+    if let Some((ino, backend)) = state.fds.get(fd, dest)
+        && os.inode(fd) == Some(ino)
+    {
+        let r = os.connect(fd, backend, info.domain);
+        if !matches!(r, Err(e) if pending(e)) {
+            state.fds.remove(fd, ino);
+        }
+        return Verdict::Return(r);
+    }
+    let call = Call {
+        os,
+        state,
+        fd,
+        dest,
+        domain: info.domain,
+        v6_ok: info.domain == libc::AF_INET6,
+    };
+    match os.table() {
+        Some(table) => call.via_table(&table).unwrap_or_else(|| call.via_daemon()),
+        None => call.via_daemon(),
+    }
+}
+
+/// One connect being routed.
+struct Call<'a, O: Os> {
+    os: &'a O,
+    state: &'a State,
+    fd: c_int,
+    dest: SocketAddr,
+    domain: c_int,
+    v6_ok: bool,
+}
+
+impl<O: Os> Call<'_, O> {
+    /// Picks from the shared table and connects. None if the table could not be read
+    /// consistently before any connect was made (the daemon is asked instead).
+    fn via_table(&self, table: &Table<'static, [AtomicU32]>) -> Option<Verdict> {
+        let os = self.os;
+        let live = table
+            .read(|area| Some(area.live_epoch()))
+            .and_then(|epoch| os.live(epoch));
+        let mut tried: [Option<SocketAddr>; MAX_ATTEMPTS] = [None; MAX_ATTEMPTS];
+        let mut last = libc::ECONNREFUSED;
+        for attempt in 0..MAX_ATTEMPTS {
+            let mut exclude = [None; EXCLUDE];
+            for (x, t) in exclude.iter_mut().zip(tried) {
+                *x = t;
+            }
+            if self.state.holds.any() {
+                self.state.holds.fill(&mut exclude, os.now_ms());
+            }
+            let ask = Ask {
+                dest: self.dest,
+                v6_ok: self.v6_ok,
+                key: os.key(),
+                rand: os.rand(),
+                local_turn: self.state.turn.fetch_add(1, Ordering::Relaxed),
+                exclude: &exclude,
+            };
+            let p = match pick(table, live, &ask, true) {
+                Ok(p) => p,
+                Err(Miss::Unreadable) if attempt == 0 => return None,
+                Err(Miss::NoBackend) if attempt == 0 && self.state.holds.any() => {
+                    // Every backend left is one this process holds: better one of them than
+                    // none (the hold is a guess; the daemon has not ejected them).
+                    match pick(table, live, &Ask { exclude: &[], ..ask }, true) {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    }
+                }
+                Err(_) => break,
+            };
+            if let Some(t) = tried.get_mut(attempt) {
+                *t = Some(p.addr);
+            }
+            let timed = p.policy == Policy::P2cEwma;
+            let started = if timed { os.now_us() } else { 0 };
+            let r = os.connect(self.fd, p.addr, self.domain);
+            match r {
+                Err(e) if pending(e) => {
+                    self.pending(live.as_ref(), &p);
+                    return Some(Verdict::Return(r));
+                }
+                Err(e) if retryable(e) => {
+                    last = e;
+                    self.uncount(live.as_ref(), &p);
+                    self.state
+                        .holds
+                        .put(p.addr, os.now_ms().saturating_add(HOLD_MS));
+                    self.tell(live.as_ref(), &p, Report::Failed {
+                        errno: u16::try_from(e).unwrap_or(u16::MAX),
+                    });
+                }
+                _ => {
+                    self.uncount(live.as_ref(), &p);
+                    if timed && r.is_ok() {
+                        let took = os.now_us().saturating_sub(started);
+                        self.tell(live.as_ref(), &p, Report::Connected {
+                            latency_us: u32::try_from(took).unwrap_or(u32::MAX).max(1),
+                        });
+                    }
+                    return Some(Verdict::Return(r));
+                }
+            }
+        }
+        Some(Verdict::Return(Err(last)))
+    }
+
+    /// A connect in progress: remembered for a repeated connect(), and reported so the daemon
+    /// follows it (and uncounts it from the connects in flight when it settles).
+    fn pending(&self, live: Option<&Live<'_>>, p: &Picked) {
+        if let Some(ino) = self.os.inode(self.fd) {
+            self.state.fds.put(self.fd, ino, self.dest, p.addr);
+        }
+        match (live, self.os.local_port(self.fd)) {
+            (Some(_), Some(local_port)) => self.tell(live, p, Report::Pending { local_port }),
+            _ => self.uncount(live, p),
+        }
+    }
+
+    fn uncount(&self, live: Option<&Live<'_>>, p: &Picked) {
+        if p.counted
+            && let Some(l) = live
+        {
+            uncount(l, p.slot);
+        }
+    }
+
+    fn tell(&self, live: Option<&Live<'_>>, p: &Picked, report: Report) {
+        if let Some(l) = live {
+            self.os.report(l, &Entry {
+                report,
+                slot: p.slot,
+                remote_port: p.addr.port(),
+                counted: p.counted && matches!(report, Report::Pending { .. }),
+            });
+        }
+    }
+
+    /// Asks the daemon over its socket, or routes by what this process learned.
+    fn via_daemon(&self) -> Verdict {
+        let mut ctx = Ctx {
+            os: self.os,
+            state: self.state,
+            session: None,
+            daemon_down: false,
+            dest: self.dest,
+            v6_ok: self.v6_ok,
+            // FLAG_NONBLOCK is left unset: finding out costs a system call and the daemon
+            // needs no more than the family.
+            flags: if self.v6_ok { FLAG_INET6 } else { 0 },
+        };
+        let (os, fd) = (self.os, self.fd);
+        let mut tried: [Option<SocketAddr>; MAX_ATTEMPTS] = [None; MAX_ATTEMPTS];
+        let pick = ctx.request(Kind::Pick);
+        let reply = ctx.ask(&pick);
+        let mut choice = ctx
+            .choice_from(reply, &tried)
+            .unwrap_or_else(|| ctx.offline(&tried));
+        let mut last = libc::ECONNREFUSED;
+        for attempt in 0..MAX_ATTEMPTS {
+            let Choice::Use(target) = choice else { break };
+            if let Some(t) = tried.get_mut(attempt) {
+                *t = Some(target.addr);
+            }
+            if !target.report_done {
+                // Let other threads use the process's daemon connection while this connect runs.
+                ctx.session = None;
+            }
+            let started = target.report_done.then(|| os.now_us());
+            let r = os.connect(fd, target.addr, self.domain);
+            let e = match r {
+                Err(e) if retryable(e) => e,
+                _ => {
+                    let in_progress = matches!(r, Err(e) if pending(e));
+                    if in_progress && let Some(ino) = os.inode(fd) {
+                        self.state.fds.put(fd, ino, self.dest, target.addr);
+                    }
+                    if let Some(started) = started {
+                        ctx.done(target.addr, in_progress, r.is_ok(), started, fd);
+                    }
+                    return Verdict::Return(r);
+                }
+            };
+            last = e;
+            // Report the failure; the daemon's answer is the next backend to try.
+            let mut failed = ctx.request(Kind::Failed);
+            failed.attempt = u8::try_from(attempt + 1).unwrap_or(u8::MAX);
+            failed.backend = to_mapped(target.addr.ip());
+            failed.backend_port = target.addr.port();
+            failed.errno = u16::try_from(e).unwrap_or(u16::MAX);
+            let reply = ctx.ask(&failed);
+            choice = match ctx.choice_from(reply, &tried) {
+                Some(c) => c,
+                None => ctx.offline(&tried),
+            };
+        }
+        Verdict::Return(Err(last))
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Target {
     addr: SocketAddr,
@@ -111,6 +343,7 @@ enum Choice {
     Refuse,
 }
 
+/// A connect routed by the daemon's answers.
 struct Ctx<'a, O: Os> {
     os: &'a O,
     state: &'a State,
@@ -157,6 +390,26 @@ impl<O: Os> Ctx<'_, O> {
         reply
     }
 
+    /// Tells the daemon a connect it picked for a p2c service is done (or, in progress, where
+    /// to find it in the kernel's socket table).
+    fn done(&mut self, backend: SocketAddr, in_progress: bool, ok: bool, started: u64, fd: c_int) {
+        let mut done = self.request(Kind::Done);
+        done.backend = to_mapped(backend.ip());
+        done.backend_port = backend.port();
+        if in_progress {
+            if let Some(port) = self.os.local_port(fd) {
+                done.flags |= FLAG_PENDING;
+                done.errno = port;
+            }
+        } else if ok {
+            let took = self.os.now_us().saturating_sub(started);
+            done.latency_us = u32::try_from(took).unwrap_or(u32::MAX).max(1);
+        }
+        if let Some(s) = self.session.as_mut() {
+            s.tell(&done);
+        }
+    }
+
     fn choice_from(&self, reply: Option<Reply>, tried: &[Option<SocketAddr>]) -> Option<Choice> {
         let reply = reply?;
         match reply.status {
@@ -177,11 +430,10 @@ impl<O: Os> Ctx<'_, O> {
         }
     }
 
+    /// Without the daemon: rotation over the backends it named before.
     fn offline(&self, tried: &[Option<SocketAddr>]) -> Choice {
         let turn = self.state.turn.fetch_add(1, Ordering::Relaxed);
-        let from_file = self.os.fallback(self.dest, self.v6_ok, tried, turn);
-        match from_file.or_else(|| choose(&self.state.learned, self.dest, self.v6_ok, tried, turn))
-        {
+        match choose(&self.state.learned, self.dest, self.v6_ok, tried, turn) {
             Some(addr) => Choice::Use(Target {
                 addr,
                 report_done: false,
@@ -189,102 +441,6 @@ impl<O: Os> Ctx<'_, O> {
             None => Choice::Refuse,
         }
     }
-}
-
-/// Routes one connect() of `fd` to the magic address `dest`.
-pub fn on_connect<O: Os>(os: &O, state: &State, fd: c_int, dest: SocketAddr) -> Verdict {
-    let Some(info) = os.sock_info(fd) else {
-        return Verdict::PassThrough;
-    };
-    if !info.stream || !(info.domain == libc::AF_INET || info.domain == libc::AF_INET6) {
-        return Verdict::PassThrough;
-    }
-    // A repeated connect on a socket whose connect is under way: same backend, no question.
-    if let Some((ino, backend)) = state.fds.get(fd, dest)
-        && os.inode(fd) == Some(ino)
-    {
-        let r = os.connect(fd, backend, info.domain);
-        if !matches!(r, Err(e) if pending(e)) {
-            state.fds.remove(fd, ino);
-        }
-        return Verdict::Return(r);
-    }
-    let v6_ok = info.domain == libc::AF_INET6;
-    // FLAG_NONBLOCK is left unset: finding out costs a system call and the daemon needs no
-    // more than the family.
-    let flags = if v6_ok { FLAG_INET6 } else { 0 };
-    let mut ctx = Ctx {
-        os,
-        state,
-        session: None,
-        daemon_down: false,
-        dest,
-        v6_ok,
-        flags,
-    };
-    let mut tried: [Option<SocketAddr>; MAX_ATTEMPTS] = [None; MAX_ATTEMPTS];
-
-    let pick = ctx.request(Kind::Pick);
-    let reply = ctx.ask(&pick);
-    let mut choice = ctx
-        .choice_from(reply, &tried)
-        .unwrap_or_else(|| ctx.offline(&tried));
-    let mut last = libc::ECONNREFUSED;
-    for attempt in 0..MAX_ATTEMPTS {
-        let Choice::Use(target) = choice else { break };
-        if let Some(t) = tried.get_mut(attempt) {
-            *t = Some(target.addr);
-        }
-        if !target.report_done {
-            // Let other threads use the process's daemon connection while this connect runs.
-            ctx.session = None;
-        }
-        // Only services that want done reports (p2c, p2c-ewma) are timed: two clock reads.
-        let started = target.report_done.then(|| os.now_us());
-        let r = os.connect(fd, target.addr, info.domain);
-        let e = match r {
-            Err(e) if retryable(e) => e,
-            _ => {
-                let in_progress = matches!(r, Err(e) if pending(e));
-                if in_progress && let Some(ino) = os.inode(fd) {
-                    state.fds.put(fd, ino, dest, target.addr);
-                }
-                if let Some(started) = started {
-                    let mut done = ctx.request(Kind::Done);
-                    done.backend = to_mapped(target.addr.ip());
-                    done.backend_port = target.addr.port();
-                    if in_progress {
-                        // The daemon times the rest from the kernel's socket table, where the
-                        // connection is found by its local port.
-                        if let Some(port) = os.local_port(fd) {
-                            done.flags |= FLAG_PENDING;
-                            done.errno = port;
-                        }
-                    } else if r.is_ok() {
-                        let took = os.now_us().saturating_sub(started);
-                        done.latency_us = u32::try_from(took).unwrap_or(u32::MAX).max(1);
-                    }
-                    if let Some(s) = ctx.session.as_mut() {
-                        s.tell(&done);
-                    }
-                }
-                return Verdict::Return(r);
-            }
-        };
-        last = e;
-        // Report the failure; the daemon's answer is the next backend to try.
-        let mut failed = ctx.request(Kind::Failed);
-        failed.attempt = u8::try_from(attempt + 1).unwrap_or(u8::MAX);
-        failed.backend = to_mapped(target.addr.ip());
-        failed.backend_port = target.addr.port();
-        failed.errno = u16::try_from(e).unwrap_or(u16::MAX);
-        let reply = ctx.ask(&failed);
-        choice = match ctx.choice_from(reply, &tried) {
-            Some(c) => c,
-            None => ctx.offline(&tried),
-        };
-    }
-    Verdict::Return(Err(last))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The hook's process-wide memory, lock-free and fixed-size: which backend each pending connect
-//! went to (so a repeated connect() on the same socket goes to the same place), and the
-//! backends the daemon named recently (to keep routing when it stops answering).
+//! went to (so a repeated connect() on the same socket goes to the same place), the backends
+//! the daemon named recently (to keep routing when it stops answering and there is no table),
+//! and the backends this process saw refuse (held out of its own picks for a moment).
 //!
 //! Each slot is a tiny seqlock over atomic words: a writer that finds the slot busy gives up
 //! (losing one cache entry is harmless), a reader that sees a write in progress retries a few
@@ -10,7 +11,7 @@
 use core::net::{Ipv6Addr, SocketAddr};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 
-use discotech_wire::fallback::Record;
+use crate::choose::Record;
 use discotech_wire::{from_mapped, to_mapped};
 
 use crate::choose::Records;
@@ -185,149 +186,54 @@ impl Records for Learned {
     }
 }
 
-const PREFETCH_SLOTS: usize = 16;
-/// Picks kept ahead per destination.
-pub const PREFETCH_DEPTH: usize = 4;
-const PREFETCH_WORDS: usize = 3 + 3 * PREFETCH_DEPTH;
+const HOLD_SLOTS: usize = 8;
 
-/// Picks the daemon made ahead of time: per (magic address, port, socket family) a short queue,
-/// each pick with the time it arrived. A connect that finds a fresh one uses it instead of
-/// waiting for a round trip; taking one removes it, so every daemon pick is used at most once
-/// and in the daemon's order. A destination hashing to a slot held by another evicts it.
-pub struct Prefetched {
-    slots: [Slot<PREFETCH_WORDS>; PREFETCH_SLOTS],
+/// Backends this process saw refuse a connect, each skipped by its picks until a time
+/// (monotonic ms): the next connect of a busy process does not walk into the same refusal while
+/// the daemon confirms it. Per process on purpose: one process's failures steer only its own
+/// picks (another user's reports must not steer ours).
+pub struct Holds {
+    slots: [Slot<3>; HOLD_SLOTS],
+    next: AtomicU32,
+    /// Holds ever written: zero means none to check (and no clock to read).
+    any: AtomicU32,
 }
 
-impl Prefetched {
+impl Holds {
     pub const fn new() -> Self {
         Self {
-            slots: [const { Slot::new() }; PREFETCH_SLOTS],
+            slots: [const { Slot::new() }; HOLD_SLOTS],
+            next: AtomicU32::new(0),
+            any: AtomicU32::new(0),
         }
     }
 
-    fn key(dest: SocketAddr, flags: u8) -> (u64, u64, u64, usize) {
-        let (mh, ml) = split(to_mapped(dest.ip()));
-        let meta = VALID | u64::from(dest.port()) << 8 | u64::from(flags) << 24;
-        let h = (mh ^ ml.rotate_left(17) ^ meta.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-            .wrapping_mul(0x0100_0000_01b3);
-        (meta, mh, ml, (h >> 32) as usize % PREFETCH_SLOTS)
-    }
-
-    /// The queue for this key: (count, slot words), or None if the slot holds another key.
-    fn queue(
-        &self,
-        dest: SocketAddr,
-        flags: u8,
-    ) -> (Option<&Slot<PREFETCH_WORDS>>, [u64; PREFETCH_WORDS], usize) {
-        let (meta, mh, ml, i) = Self::key(dest, flags);
-        let slot = self.slots.get(i);
-        let mut w = slot.and_then(Slot::read).unwrap_or([0; PREFETCH_WORDS]);
-        let ours = w.first().is_some_and(|&m| m & 0xffff_ffff == meta)
-            && w.get(1) == Some(&mh)
-            && w.get(2) == Some(&ml);
-        if !ours {
-            w = [0; PREFETCH_WORDS];
-            if let Some(m) = w.get_mut(0) {
-                *m = meta;
-            }
-            if let Some(h) = w.get_mut(1) {
-                *h = mh;
-            }
-            if let Some(l) = w.get_mut(2) {
-                *l = ml;
-            }
-        }
-        let count = w
-            .first()
-            .map_or(0, |m| (m >> 32) as usize)
-            .min(PREFETCH_DEPTH);
-        (slot, w, count)
-    }
-
-    fn set_count(w: &mut [u64; PREFETCH_WORDS], count: usize) {
-        if let Some(m) = w.get_mut(0) {
-            *m = (*m & 0xffff_ffff) | (count as u64) << 32;
+    pub fn put(&self, backend: SocketAddr, until_ms: i64) {
+        let (h, l) = split(to_mapped(backend.ip()));
+        let meta = VALID | u64::from(backend.port()) << 8 | (until_ms.max(0) as u64) << 24;
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize % HOLD_SLOTS;
+        if let Some(s) = self.slots.get(i) {
+            s.write([meta, h, l]);
+            self.any.store(1, Ordering::Relaxed);
         }
     }
 
-    /// Appends a pick (dropped if the queue is full).
-    pub fn put(&self, dest: SocketAddr, flags: u8, backend: SocketAddr, now_ms: i64) {
-        let (slot, mut w, count) = self.queue(dest, flags);
-        if count >= PREFETCH_DEPTH {
-            return;
-        }
-        let (bh, bl) = split(to_mapped(backend.ip()));
-        let at = 3 + 3 * count;
-        for (k, v) in [bh, bl, u64::from(backend.port()) | (now_ms as u64) << 16]
-            .into_iter()
-            .enumerate()
-        {
-            if let Some(x) = w.get_mut(at + k) {
-                *x = v;
-            }
-        }
-        Self::set_count(&mut w, count + 1);
-        if let Some(s) = slot {
-            s.write(w);
-        }
+    /// True if there may be holds to check.
+    pub fn any(&self) -> bool {
+        self.any.load(Ordering::Relaxed) != 0
     }
 
-    /// The oldest pick for this key that is at most `max_age_ms` old; older ones are dropped.
-    pub fn take(
-        &self,
-        dest: SocketAddr,
-        flags: u8,
-        now_ms: i64,
-        max_age_ms: i64,
-    ) -> Option<SocketAddr> {
-        let (slot, w, count) = self.queue(dest, flags);
-        let slot = slot?;
-        let mut found = None;
-        let mut used = 0;
-        while used < count && found.is_none() {
-            let at = 3 + 3 * used;
-            let (bh, bl, pt) = (w.get(at)?, w.get(at + 1)?, w.get(at + 2)?);
-            used += 1;
-            if now_ms.saturating_sub((pt >> 16) as i64) <= max_age_ms {
-                found = Some(SocketAddr::new(from_mapped(join(*bh, *bl)), *pt as u16));
-            }
-        }
-        if used == 0 {
-            return None;
-        }
-        // Shift the rest to the front.
-        let mut out = [0u64; PREFETCH_WORDS];
-        for (k, v) in w.iter().take(3).enumerate() {
-            if let Some(o) = out.get_mut(k) {
-                *o = *v;
-            }
-        }
-        for (k, v) in w
-            .iter()
-            .skip(3 + 3 * used)
-            .take(3 * (count - used))
-            .enumerate()
-        {
-            if let Some(o) = out.get_mut(3 + k) {
-                *o = *v;
-            }
-        }
-        Self::set_count(&mut out, count - used);
-        if !slot.write(out) {
-            return None; // a writer in the way: treat as empty rather than use a pick twice
-        }
-        found
-    }
-
-    /// Picks queued for this key.
-    pub fn len(&self, dest: SocketAddr, flags: u8) -> usize {
-        self.queue(dest, flags).2
-    }
-
-    /// Forgets every pick (they came from a daemon connection that is gone).
-    pub fn clear(&self) {
+    /// Writes the backends held at `now_ms` into the free places of `out`.
+    pub fn fill(&self, out: &mut [Option<SocketAddr>], now_ms: i64) {
+        let mut free = out.iter_mut().filter(|o| o.is_none());
         for s in &self.slots {
-            s.write([0; PREFETCH_WORDS]);
+            if let Some([meta, h, l]) = s.read()
+                && meta & VALID != 0
+                && (meta >> 24) as i64 > now_ms
+                && let Some(o) = free.next()
+            {
+                *o = Some(SocketAddr::new(from_mapped(join(h, l)), (meta >> 8) as u16));
+            }
         }
     }
 }
@@ -374,28 +280,21 @@ mod tests {
     }
 
     #[test]
-    fn prefetched_picks_are_used_once_in_order_and_only_while_fresh() {
-        let p = Prefetched::new();
-        let dest = a("127.77.0.9:80");
-        p.put(dest, 0, a("127.0.0.2:8080"), 1000);
-        p.put(dest, 0, a("127.0.0.3:8080"), 1100);
-        assert_eq!(p.len(dest, 0), 2);
-        assert_eq!(p.take(dest, 1, 1000, 500), None, "other socket family");
-        assert_eq!(p.take(a("127.77.0.9:81"), 0, 1000, 500), None, "other port");
-        assert_eq!(p.take(dest, 0, 1400, 500), Some(a("127.0.0.2:8080")));
-        assert_eq!(p.take(dest, 0, 1400, 500), Some(a("127.0.0.3:8080")));
-        assert_eq!(p.take(dest, 0, 1400, 500), None, "used once");
-        for i in 0..6 {
-            p.put(dest, 0, a(&format!("127.0.0.{}:1", 10 + i)), 2000 + i);
-        }
-        assert_eq!(p.len(dest, 0), PREFETCH_DEPTH, "a full queue drops more");
-        // The first two went stale; the third is the oldest fresh one.
-        assert_eq!(p.take(dest, 0, 2502, 500), Some(a("127.0.0.12:1")));
-        assert_eq!(p.len(dest, 0), 1);
-        p.clear();
-        assert_eq!(p.take(dest, 0, 2502, 500), None);
-        p.put(dest, 0, a("[fd00::1]:443"), 10);
-        assert_eq!(p.take(dest, 0, 10, 500), Some(a("[fd00::1]:443")));
+    fn holds_skip_a_backend_until_their_time() {
+        let h = Holds::new();
+        assert!(!h.any());
+        h.put(a("127.0.0.2:8080"), 1000);
+        h.put(a("[fd00::2]:443"), 500);
+        assert!(h.any());
+        let mut out = [Some(a("127.0.0.9:1")), None, None];
+        h.fill(&mut out, 400);
+        assert_eq!(out, [Some(a("127.0.0.9:1")), Some(a("127.0.0.2:8080")), Some(a("[fd00::2]:443"))]);
+        let mut out = [None, None];
+        h.fill(&mut out, 600);
+        assert_eq!(out, [Some(a("127.0.0.2:8080")), None], "one hold ended");
+        let mut out = [None];
+        h.fill(&mut out, 1000);
+        assert_eq!(out, [None]);
     }
 
     #[test]

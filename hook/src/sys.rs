@@ -249,6 +249,60 @@ impl Fd {
     }
 }
 
+impl std::os::fd::AsFd for Fd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: the Fd owns an open descriptor until it is dropped, which outlives the borrow.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.0) }
+    }
+}
+
+/// Takes ownership of a descriptor the kernel just gave us (received with SCM_RIGHTS).
+pub fn adopt(raw: c_int) -> Fd {
+    Fd(raw)
+}
+
+/// Opens a file read-only and close-on-exec, refusing a symbolic link.
+pub fn open_nofollow(path: &CStr) -> Option<Fd> {
+    // SAFETY: path is NUL-terminated.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+        )
+    };
+    (fd >= 0).then_some(Fd(fd))
+}
+
+/// (owner uid, mode, size) of an open file.
+pub fn file_stat(fd: &Fd) -> Option<FileStat> {
+    use std::os::fd::AsFd;
+    let st = discotech_shm::stat(fd.as_fd()).ok()?;
+    Some(FileStat {
+        uid: st.st_uid,
+        mode: st.st_mode,
+        size: st.st_size as u64,
+        id: (st.st_dev, st.st_ino),
+    })
+}
+
+/// What the hook checks of a file it maps.
+#[derive(Clone, Copy, Debug)]
+pub struct FileStat {
+    pub uid: u32,
+    pub mode: u32,
+    pub size: u64,
+    /// Device and inode: which file it is.
+    pub id: (u64, u64),
+}
+
+/// Nanoseconds on the monotonic clock (the vDSO: no system call).
+pub fn now_ns() -> u64 {
+    let ts = monotonic();
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
 /// Closes a descriptor this crate opened and kept as a raw number.
 pub fn close(fd: c_int) {
     drop(Fd(fd));
@@ -347,47 +401,6 @@ pub fn poll_in(fd: c_int, timeout_ms: i64) -> bool {
     // SAFETY: p is a live local array of one pollfd.
     let rc = unsafe { libc::poll(&raw mut p, 1, ms) };
     rc > 0 && p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
-}
-
-/// Opens a file read-only and close-on-exec.
-pub fn open_read(path: &CStr) -> Option<Fd> {
-    // SAFETY: path is NUL-terminated.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    (fd >= 0).then_some(Fd(fd))
-}
-
-/// The size of an open file.
-pub fn file_size(fd: &Fd) -> Option<u64> {
-    let mut st = MaybeUninit::<libc::stat>::uninit();
-    // SAFETY: fstat fills the buffer we own.
-    let rc = unsafe { libc::fstat(fd.0, st.as_mut_ptr()) };
-    // SAFETY: fstat returned 0, so the buffer is initialized.
-    (rc == 0).then(|| unsafe { st.assume_init() }.st_size as u64)
-}
-
-/// Reads as much of `buf` as the file holds at `offset` (retrying short reads and EINTR a few
-/// times). Returns the bytes read.
-pub fn pread_full(fd: &Fd, buf: &mut [u8], offset: u64) -> usize {
-    let mut done = 0usize;
-    for _ in 0..8 {
-        let Some(rest) = buf.get_mut(done..) else {
-            break;
-        };
-        if rest.is_empty() {
-            break;
-        }
-        let at = offset.saturating_add(done as u64) as libc::off_t;
-        // SAFETY: rest is a live, writable slice of rest.len() bytes.
-        let n = unsafe { libc::pread(fd.0, rest.as_mut_ptr().cast(), rest.len(), at) };
-        if n < 0 && errno() == libc::EINTR {
-            continue;
-        }
-        if n <= 0 {
-            break;
-        }
-        done += n as usize;
-    }
-    done
 }
 
 /// True in a setuid/setgid or otherwise privileged program (the kernel's AT_SECURE).

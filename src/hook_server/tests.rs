@@ -1,26 +1,28 @@
-//! The hook server over a real unix socket with a hand-built snapshot, and its pure helpers.
+//! The hook server over a real unix socket with a hand-built snapshot and a real routing table
+//! in a temp dir, and its pure helpers.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 
-use discotech_wire::fallback::{HEADER_LEN, RECORD_LEN};
+use discotech_wire::live::Live;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
-use crate::service::{Backend, PortName};
-use crate::snapshot::{Service, shared};
+use crate::service::{Backend, LbPolicy, PortName};
+use crate::snapshot::{Snapshot, shared};
 
 const WEB: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 9);
 
-fn web(lb: LbPolicy) -> Service {
+fn web(lb: LbPolicy, backends: &[SocketAddr]) -> Service {
     let mut spec = ServiceSpec::new("web".parse().unwrap());
     spec.lb = lb;
-    spec.backends
-        .push(Backend::new("127.0.0.2:8080".parse().unwrap()));
-    spec.backends
-        .push(Backend::new("127.0.0.3:8080".parse().unwrap()));
+    for b in backends {
+        spec.backends.push(Backend::new(*b));
+    }
     let grpc: PortName = "grpc".parse().unwrap();
     spec.client_ports.insert(9000, grpc.clone());
-    spec.backends[1].ports.insert(grpc, 9090);
+    if let Some(b) = spec.backends.get_mut(1) {
+        b.ports.insert(grpc, 9090);
+    }
     Service {
         spec,
         magic_v4: WEB,
@@ -28,27 +30,37 @@ fn web(lb: LbPolicy) -> Service {
     }
 }
 
+fn two() -> [SocketAddr; 2] {
+    ["127.0.0.2:8080".parse().unwrap(), "127.0.0.3:8080".parse().unwrap()]
+}
+
 struct Server {
     _dir: tempfile::TempDir,
     path: PathBuf,
+    table: Arc<RoutingTable>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
-fn start(services: Vec<Service>, cfg: HookServerConfig) -> Server {
+/// A hook server whose table (in a temp dir) has `services` published before it accepts.
+fn start(services: Vec<Service>, mut cfg: HookServerConfig) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hook.sock");
+    cfg.socket = path.clone();
+    cfg.fallback_file = Some(fallback_path_for(&path));
+    cfg.magic_v6 = Some("fd64:d15c::/64".parse().unwrap());
+    let handle = BalanceHandle::new(&cfg);
+    let snap = shared(Snapshot::new(3, services));
+    handle.table().publish(&snap.load_full());
+    let table = handle.table().clone();
+    cfg.balance = Some(handle);
     let listener = UnixListener::bind(&path).unwrap();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(serve(
-        listener,
-        shared(Snapshot::new(3, services)),
-        cfg,
-        shutdown.clone(),
-    ));
+    let task = tokio::spawn(serve(listener, snap, cfg, shutdown.clone()));
     Server {
         _dir: dir,
         path,
+        table,
         shutdown,
         task,
     }
@@ -66,90 +78,61 @@ async fn ask(conn: &mut UnixStream, req: Request) -> Reply {
     reply
 }
 
-/// One hook peer as `answer` sees it: the balancer, its RNG, the peer's outstanding picks and
-/// where ejections go.
-struct Peer {
-    balancer: Balancer,
-    rng: SmallRng,
-    outstanding: Vec<(ServiceName, SocketAddr)>,
-    ejections: Option<mpsc::Sender<Command>>,
-}
-
-impl Peer {
-    fn new(ejections: Option<mpsc::Sender<Command>>) -> Self {
-        Self {
-            balancer: Balancer::default(),
-            rng: SmallRng::seed_from_u64(1),
-            outstanding: Vec::new(),
-            ejections,
-        }
-    }
-
-    fn answer(&mut self, snap: &Snapshot, req: &Request, now: Instant) -> Option<Reply> {
-        answer(
-            &mut self.balancer,
-            &mut self.rng,
-            snap,
-            req,
-            &mut self.outstanding,
-            now,
-            0,
-            self.ejections.as_ref(),
-        )
-    }
-}
-
 fn pick(id: u32, magic: IpAddr, port: u16) -> Request {
     Request::pick(id, magic, port, 0, 1)
 }
 
+fn failed(id: u32, backend: SocketAddr) -> Request {
+    let mut r = pick(id, WEB.into(), 80);
+    r.kind = Kind::Failed;
+    r.attempt = 1;
+    r.backend = discotech_wire::to_mapped(backend.ip());
+    r.backend_port = backend.port();
+    r.errno = 111;
+    r
+}
+
+/// Polls `f` every 20 ms for up to 5 s.
+async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..250 {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
 #[tokio::test]
 async fn picks_round_robin_over_a_real_socket_and_maps_named_ports() {
-    let server = start(vec![web(LbPolicy::RoundRobin)], HookServerConfig::default());
+    let server = start(vec![web(LbPolicy::RoundRobin, &two())], HookServerConfig::default());
     let mut conn = UnixStream::connect(&server.path).await.unwrap();
     let mut seen = Vec::new();
     for id in 0..4 {
         let r = ask(&mut conn, pick(id, WEB.into(), 80)).await;
         assert_eq!(r.status, Status::Ok);
-        assert_eq!(r.generation, 3);
-        assert_eq!(
-            r.flags & FLAG_REPORT_DONE,
-            0,
-            "round robin wants no done reports"
-        );
+        assert_eq!(r.flags & FLAG_REPORT_DONE, 0, "round robin wants no done reports");
         seen.push(r.backend_addr());
     }
-    let a: SocketAddr = "127.0.0.2:8080".parse().unwrap();
-    let b: SocketAddr = "127.0.0.3:8080".parse().unwrap();
-    assert_eq!(seen, vec![a, b, a, b]);
+    let [a, b] = two();
+    assert!(seen == [a, b, a, b] || seen == [b, a, b, a], "{seen:?}");
 
     // Client port 9000 is "grpc": .3 serves it on 9090, .2 on its default port.
-    let r1 = ask(&mut conn, pick(10, WEB.into(), 9000))
-        .await
-        .backend_addr();
-    let r2 = ask(&mut conn, pick(11, WEB.into(), 9000))
-        .await
-        .backend_addr();
+    let r1 = ask(&mut conn, pick(10, WEB.into(), 9000)).await.backend_addr();
+    let r2 = ask(&mut conn, pick(11, WEB.into(), 9000)).await.backend_addr();
     let mut got = [r1, r2];
     got.sort();
     assert_eq!(got, [a, "127.0.0.3:9090".parse().unwrap()]);
 
     // The v4-mapped form and the v6 magic address name the same service.
     let mapped = IpAddr::V6(WEB.to_ipv6_mapped());
-    assert_eq!(
-        ask(&mut conn, pick(12, mapped, 80)).await.status,
-        Status::Ok
-    );
+    assert_eq!(ask(&mut conn, pick(12, mapped, 80)).await.status, Status::Ok);
     let mut v6 = pick(13, "fd64:d15c::9".parse().unwrap(), 80);
     v6.flags = FLAG_INET6;
     assert_eq!(ask(&mut conn, v6).await.status, Status::Ok);
 
     // An address in the range that no service holds.
-    let r = ask(
-        &mut conn,
-        pick(14, Ipv4Addr::new(127, 77, 0, 10).into(), 80),
-    )
-    .await;
+    let r = ask(&mut conn, pick(14, Ipv4Addr::new(127, 77, 0, 10).into(), 80)).await;
     assert_eq!(r.status, Status::UnknownService);
 
     server.shutdown.cancel();
@@ -161,32 +144,105 @@ async fn picks_round_robin_over_a_real_socket_and_maps_named_ports() {
 }
 
 #[tokio::test]
-async fn a_failed_backend_is_skipped_by_the_repick_and_by_later_picks() {
-    let server = start(vec![web(LbPolicy::RoundRobin)], HookServerConfig::default());
+async fn socket_picks_and_table_picks_share_one_rotation() {
+    let server = start(vec![web(LbPolicy::RoundRobin, &two())], HookServerConfig::default());
     let mut conn = UnixStream::connect(&server.path).await.unwrap();
-    let first = ask(&mut conn, pick(1, WEB.into(), 80)).await;
-    let mut failed = pick(2, WEB.into(), 80);
-    failed.kind = Kind::Failed;
-    failed.attempt = 1;
-    failed.backend = first.backend;
-    failed.backend_port = first.backend_port;
-    failed.errno = 111;
-    let repick = ask(&mut conn, failed).await;
-    assert_eq!(repick.status, Status::Ok);
-    assert_ne!(repick.backend_addr(), first.backend_addr());
-    for id in 3..7 {
-        let r = ask(&mut conn, pick(id, WEB.into(), 80)).await;
-        assert_ne!(
-            r.backend_addr(),
-            first.backend_addr(),
-            "held backend picked again"
-        );
+    let dest = SocketAddr::new(WEB.into(), 80);
+    let ask_table = || Ask {
+        dest,
+        v6_ok: false,
+        key: 0,
+        rand: 0,
+        local_turn: 0,
+        exclude: &[],
+    };
+    let mut seen = Vec::new();
+    for id in 0..3 {
+        seen.push(ask(&mut conn, pick(id, WEB.into(), 80)).await.backend_addr());
+        seen.push(server.table.pick(&ask_table(), true).unwrap().addr);
     }
+    let [a, b] = two();
+    assert!(seen == [a, b, a, b, a, b] || seen == [b, a, b, a, b, a], "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_failure_report_is_a_hint_the_daemon_confirms_before_ejecting() {
+    // One backend accepts (a real listener), the other has nothing listening.
+    let up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let good = up.local_addr().unwrap();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (tx, mut rx) = mpsc::channel(4);
+    let cfg = HookServerConfig {
+        ejections: Some(tx),
+        ..Default::default()
+    };
+    let server = start(vec![web(LbPolicy::RoundRobin, &[good, dead])], cfg);
+    let mut conn = UnixStream::connect(&server.path).await.unwrap();
+
+    // A false report about the good backend: the repick avoids it for this connect, but the
+    // daemon's probe finds it accepting and nothing is ejected.
+    let repick = ask(&mut conn, failed(1, good)).await;
+    assert_eq!((repick.status, repick.backend_addr()), (Status::Ok, dead));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rx.try_recv().is_err(), "a refuted hint ejects nothing");
+    let mut seen = Vec::new();
+    for id in 2..6 {
+        seen.push(ask(&mut conn, pick(id, WEB.into(), 80)).await.backend_addr());
+    }
+    assert!(seen.contains(&good), "{seen:?}");
+
+    // A true report: the probe is refused too, so the backend is ejected and the registry told.
+    let _ = ask(&mut conn, failed(7, dead)).await;
+    let eject = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Command::Eject { service, addr, reason, .. } = eject else {
+        panic!("not an ejection: {eject:?}");
+    };
+    assert_eq!((service.as_str(), addr), ("web", dead));
+    assert!(reason.contains("confirmed by the daemon"), "{reason}");
+    drop(up);
+}
+
+#[tokio::test]
+async fn without_a_registry_a_confirmed_failure_leaves_the_table_at_once() {
+    let up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let good = up.local_addr().unwrap();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let server = start(
+        vec![web(LbPolicy::RoundRobin, &[good, dead])],
+        HookServerConfig::default(),
+    );
+    let mut conn = UnixStream::connect(&server.path).await.unwrap();
+    let _ = ask(&mut conn, failed(1, dead)).await;
+    let dest = SocketAddr::new(WEB.into(), 80);
+    let only_good = eventually(|| {
+        (0..4).all(|_| {
+            let a = Ask {
+                dest,
+                v6_ok: false,
+                key: 0,
+                rand: 0,
+                local_turn: 0,
+                exclude: &[],
+            };
+            server.table.pick(&a, true).map(|p| p.addr) == Ok(good)
+        })
+    })
+    .await;
+    assert!(only_good, "the ejected backend left the table");
 }
 
 #[tokio::test]
 async fn other_versions_get_a_reason_and_garbage_gets_disconnected() {
-    let server = start(vec![web(LbPolicy::RoundRobin)], HookServerConfig::default());
+    let server = start(vec![web(LbPolicy::RoundRobin, &two())], HookServerConfig::default());
     let mut conn = UnixStream::connect(&server.path).await.unwrap();
     let mut bytes = pick(5, WEB.into(), 80).encode();
     bytes[2] = 9;
@@ -211,12 +267,9 @@ async fn idle_peers_are_dropped_and_the_peer_cap_holds() {
         max_peers: 1,
         ..Default::default()
     };
-    let server = start(vec![web(LbPolicy::RoundRobin)], cfg);
+    let server = start(vec![web(LbPolicy::RoundRobin, &two())], cfg);
     let mut first = UnixStream::connect(&server.path).await.unwrap();
-    assert_eq!(
-        ask(&mut first, pick(1, WEB.into(), 80)).await.status,
-        Status::Ok
-    );
+    assert_eq!(ask(&mut first, pick(1, WEB.into(), 80)).await.status, Status::Ok);
     // A second peer over the cap is closed without an answer.
     let mut second = UnixStream::connect(&server.path).await.unwrap();
     let _ = second.write_all(&pick(2, WEB.into(), 80).encode()).await;
@@ -234,72 +287,84 @@ async fn idle_peers_are_dropped_and_the_peer_cap_holds() {
     assert_eq!(n, 0);
 }
 
-#[test]
-fn p2c_picks_ask_for_done_and_done_releases_them() {
-    let snap = Snapshot::new(1, [web(LbPolicy::P2c)]);
-    let mut peer = Peer::new(None);
-    let now = Instant::now();
+#[tokio::test]
+async fn p2c_socket_picks_count_in_flight_until_done_or_the_peer_leaves() {
+    let server = start(vec![web(LbPolicy::P2c, &two())], HookServerConfig::default());
+    let in_flight = |table: &RoutingTable| {
+        let live = table.live().unwrap();
+        (0..live.backend_slots() as u32)
+            .map(|s| live.in_flight_count(s))
+            .sum::<u32>()
+    };
+    let mut conn = UnixStream::connect(&server.path).await.unwrap();
     let req = pick(1, WEB.into(), 80);
-    let r = peer.answer(&snap, &req, now).unwrap();
+    let r = ask(&mut conn, req).await;
     assert_eq!(r.flags & FLAG_REPORT_DONE, FLAG_REPORT_DONE);
-    let name: ServiceName = "web".parse().unwrap();
-    assert_eq!(peer.balancer.outstanding(&name, r.backend_addr()), 1);
-    assert_eq!(peer.outstanding.len(), 1);
+    assert_eq!(in_flight(&server.table), 1);
     let mut done = req;
     done.kind = Kind::Done;
     done.backend = r.backend;
     done.backend_port = r.backend_port;
-    assert_eq!(peer.answer(&snap, &done, now), None, "done has no reply");
-    assert_eq!(peer.balancer.outstanding(&name, r.backend_addr()), 0);
-    assert!(peer.outstanding.is_empty());
-    // A second done for the same pick does not go negative or touch other picks.
-    peer.answer(&snap, &done, now);
-    assert_eq!(peer.balancer.outstanding(&name, r.backend_addr()), 0);
+    conn.write_all(&done.encode()).await.unwrap();
+    assert!(eventually(|| in_flight(&server.table) == 0).await, "done uncounts");
+    // A second done for the same pick does not go negative.
+    conn.write_all(&done.encode()).await.unwrap();
+    let _ = ask(&mut conn, pick(2, WEB.into(), 80)).await;
+    let _ = ask(&mut conn, pick(3, WEB.into(), 80)).await;
+    assert_eq!(in_flight(&server.table), 2);
+    // A peer killed mid-connect does not pin the counts.
+    drop(conn);
+    assert!(eventually(|| in_flight(&server.table) == 0).await);
 }
 
-#[test]
-fn v4_socket_with_only_v6_backends_gets_no_backend() {
-    let mut svc = web(LbPolicy::RoundRobin);
-    svc.spec.backends = vec![Backend::new("[fd00::2]:80".parse().unwrap())];
-    let snap = Snapshot::new(1, [svc]);
-    let r = Peer::new(None).answer(&snap, &pick(1, WEB.into(), 80), Instant::now());
-    assert_eq!(r.unwrap().status, Status::NoBackend);
+#[tokio::test]
+async fn v4_socket_with_only_v6_backends_gets_no_backend() {
+    let server = start(
+        vec![web(LbPolicy::RoundRobin, &["[fd00::2]:80".parse().unwrap()])],
+        HookServerConfig::default(),
+    );
+    let mut conn = UnixStream::connect(&server.path).await.unwrap();
+    assert_eq!(
+        ask(&mut conn, pick(1, WEB.into(), 80)).await.status,
+        Status::NoBackend
+    );
 }
 
-#[test]
-fn fallback_file_round_trips_through_the_wire_decoder() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("hook.snapshot");
-    let snap = Snapshot::new(42, [web(LbPolicy::RoundRobin)]);
-    let v4: Ipv4Net = "127.77.0.0/16".parse().unwrap();
-    let v6: Ipv6Net = "fd64:d15c::/64".parse().unwrap();
-    write_fallback(&path, &snap, v4, Some(v6)).unwrap();
-    let bytes = std::fs::read(&path).unwrap();
-    let header = Header::decode(bytes[..HEADER_LEN].try_into().unwrap()).unwrap();
-    assert_eq!(header.generation, 42);
-    assert_eq!(header.magic_v4, (Ipv4Addr::new(127, 77, 0, 0), 16));
-    assert_eq!(
-        header.magic_v6,
-        Some(("fd64:d15c::".parse::<Ipv6Addr>().unwrap(), 64))
-    );
-    // 2 magic addresses x 2 backends x (default + one mapped client port).
-    assert_eq!(header.records, 8);
-    assert_eq!(bytes.len() as u64, header.file_len());
-    let records: Vec<Record> = bytes[HEADER_LEN..]
-        .chunks(RECORD_LEN)
-        .map(Record::decode)
-        .collect();
-    let grpc_on_3 = records
-        .iter()
-        .find(|r| r.client_port == 9000 && r.backend == to_mapped("127.0.0.3".parse().unwrap()))
-        .unwrap();
-    assert_eq!(grpc_on_3.backend_port, 9090);
-    assert_eq!(grpc_on_3.magic, WEB.to_ipv6_mapped());
-    assert_eq!(records.iter().filter(|r| r.client_port == 0).count(), 4);
-    assert_eq!(
-        fallback_path_for(Path::new("/run/discotech/hook.sock")),
-        Path::new("/run/discotech/hook.snapshot")
-    );
+#[tokio::test]
+async fn the_live_region_is_handed_over_sealed_with_its_epoch() {
+    let server = start(vec![web(LbPolicy::RoundRobin, &two())], HookServerConfig::default());
+    let conn = std::os::unix::net::UnixStream::connect(&server.path).unwrap();
+    let mut req = pick(9, Ipv4Addr::UNSPECIFIED.into(), 0);
+    req.kind = Kind::MapLive;
+    std::io::Write::write_all(&mut &conn, &req.encode()).unwrap();
+    let mut buf = [0u8; MSG_LEN];
+    let mut got = None;
+    for _ in 0..250 {
+        match discotech_shm::recv_with_owned_fd(conn.as_fd(), &mut buf) {
+            Ok(r) => {
+                got = Some(r);
+                break;
+            }
+            Err(libc::EAGAIN) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => panic!("recvmsg: errno {e}"),
+        }
+    }
+    let (n, fd) = got.expect("an answer within 5 s");
+    assert_eq!(n, MSG_LEN);
+    let reply = Reply::decode(&buf).unwrap();
+    assert_eq!((reply.id, reply.status), (9, Status::Ok));
+    let fd = fd.expect("a descriptor with the answer");
+    let seals = discotech_shm::seals(fd.as_fd());
+    assert_ne!(seals & libc::F_SEAL_SHRINK, 0);
+    assert_ne!(seals & libc::F_SEAL_GROW, 0);
+    let words = discotech_shm::file_size(fd.as_fd()).unwrap() as usize / 4;
+    let m = discotech_shm::Mapping::map(fd.as_fd(), words, true).unwrap();
+    let live = Live::new(m.words()).unwrap();
+    assert_eq!(live.epoch(), reply.generation);
+    assert_eq!(live.epoch(), server.table.live().unwrap().epoch());
+    // The same memory: a count made through the mapping is the daemon's count.
+    live.in_flight(0).unwrap().fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(server.table.live().unwrap().in_flight_count(0), 1);
 }
 
 #[test]
@@ -313,6 +378,10 @@ fn preload_env_merges_without_duplicates() {
     );
     let both = OsStr::new("/lib/libfoo.so /usr/lib/discotech/libdiscotech_hook.so");
     assert_eq!(preload_env(hook, Some(both)), both);
+    assert_eq!(
+        fallback_path_for(Path::new("/run/discotech/hook.sock")),
+        Path::new("/run/discotech/hook.snapshot")
+    );
 }
 
 #[test]
@@ -349,144 +418,4 @@ fn hook_library_is_found_beside_the_exe_or_its_parent_then_installed() {
         find_hook_library_from(Some(missing), None, &parent_lib),
         Some(parent_lib)
     );
-}
-
-#[test]
-fn balancing_state_of_removed_services_is_dropped_on_the_next_generation() {
-    let snapshot = shared(Snapshot::new(1, [web(LbPolicy::P2c)]));
-    let shared_state = Shared {
-        snapshot: snapshot.clone(),
-        balance: std::sync::Arc::new(Mutex::new((
-            Balancer::default(),
-            SmallRng::seed_from_u64(1),
-            0,
-        ))),
-        ejections: None,
-        latency: None,
-    };
-    let mut outstanding = Vec::new();
-    let bytes = pick(1, WEB.into(), 80).encode();
-    let reply = Reply::decode(
-        &handle(&shared_state, &bytes, &mut outstanding, Instant::now(), 0)
-            .unwrap()
-            .unwrap(),
-    )
-    .unwrap();
-    let name: ServiceName = "web".parse().unwrap();
-    assert_eq!(
-        shared_state
-            .balance
-            .lock()
-            .unwrap()
-            .0
-            .outstanding(&name, reply.backend_addr()),
-        1
-    );
-    snapshot.store(Arc::new(Snapshot::new(2, [])));
-    let gone = Reply::decode(
-        &handle(&shared_state, &bytes, &mut outstanding, Instant::now(), 0)
-            .unwrap()
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(gone.status, Status::UnknownService);
-    assert_eq!(
-        shared_state
-            .balance
-            .lock()
-            .unwrap()
-            .0
-            .outstanding(&name, reply.backend_addr()),
-        0
-    );
-}
-
-#[test]
-fn an_ejection_is_sent_to_the_registry_without_waiting() {
-    let snap = Snapshot::new(1, [web(LbPolicy::RoundRobin)]);
-    let (tx, mut rx) = mpsc::channel(1);
-    let mut peer = Peer::new(Some(tx));
-    let now = Instant::now();
-    let first = peer.answer(&snap, &pick(1, WEB.into(), 80), now).unwrap();
-    let mut failed = pick(2, WEB.into(), 80);
-    failed.kind = Kind::Failed;
-    failed.backend = first.backend;
-    failed.backend_port = first.backend_port;
-    failed.errno = 111;
-    for _ in 0..3 {
-        assert!(
-            rx.try_recv().is_err(),
-            "no ejection before the third failure"
-        );
-        let r = peer.answer(&snap, &failed, now);
-        assert_eq!(r.unwrap().status, Status::Ok);
-    }
-    let Ok(Command::Eject {
-        service,
-        addr,
-        until,
-        reason,
-    }) = rx.try_recv()
-    else {
-        panic!("the third failure in a row ejects and tells the registry");
-    };
-    assert_eq!(
-        (service.as_str(), addr, until),
-        ("web", first.backend_addr(), now + Duration::from_secs(30))
-    );
-    assert_eq!(
-        reason,
-        "ejected after 3 consecutive connect failures, for 30s"
-    );
-}
-
-#[test]
-fn p2c_ewma_done_reports_feed_latency_and_pending_ones_are_watched_by_port() {
-    let snap = Snapshot::new(1, [web(LbPolicy::P2cEwma)]);
-    let mut peer = Peer::new(None);
-    let now = Instant::now();
-    let req = pick(1, WEB.into(), 80);
-    let r = peer.answer(&snap, &req, now).unwrap();
-    assert_eq!(
-        r.flags & FLAG_REPORT_DONE,
-        FLAG_REPORT_DONE,
-        "p2c-ewma wants done reports"
-    );
-    let name: ServiceName = "web".parse().unwrap();
-    let mut done = req;
-    done.kind = Kind::Done;
-    done.backend = r.backend;
-    done.backend_port = r.backend_port;
-    done.latency_us = 2_500;
-    assert_eq!(
-        watch_for(&snap, &done, now),
-        None,
-        "timed by the hook: nothing to watch"
-    );
-    peer.answer(&snap, &done, now);
-    assert_eq!(
-        peer.balancer.latency_estimate(&name, r.backend_addr(), now),
-        Some(Duration::from_micros(2_500))
-    );
-    assert_eq!(peer.balancer.outstanding(&name, r.backend_addr()), 0);
-
-    // Still connecting when connect() returned: the daemon watches the socket by its port.
-    let mut pending = done;
-    pending.latency_us = 0;
-    pending.flags |= FLAG_PENDING;
-    pending.errno = 40_000;
-    let w = watch_for(&snap, &pending, now).expect("a watch");
-    assert_eq!((w.remote, w.local_port), (r.backend_addr(), 40_000));
-    assert_eq!(w.service, name);
-    // A named port reaches the backend at another port; the balancer's key is its default one.
-    let mut grpc = pending;
-    grpc.port = 9000;
-    grpc.backend_port = 9090;
-    grpc.backend = to_mapped("127.0.0.3".parse().unwrap());
-    let w = watch_for(&snap, &grpc, now).expect("a watch");
-    assert_eq!(w.backend, "127.0.0.3:8080".parse().unwrap());
-    assert_eq!(w.remote, "127.0.0.3:9090".parse().unwrap());
-    // Plain p2c keeps no latency.
-    let p2c = Snapshot::new(1, [web(LbPolicy::P2c)]);
-    assert_eq!(watch_for(&p2c, &pending, now), None);
 }

@@ -18,7 +18,7 @@ extern crate std;
 use core::ffi::CStr;
 use core::mem::{MaybeUninit, size_of};
 use core::ptr::NonNull;
-use core::sync::atomic::AtomicU32;
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use libc::c_int;
@@ -158,6 +158,13 @@ pub fn sealed_memfd(name: &CStr, bytes: u64) -> Result<OwnedFd, c_int> {
     Ok(fd)
 }
 
+/// The seals of a memfd (F_GET_SEALS); 0 for other files.
+pub fn seals(fd: BorrowedFd<'_>) -> c_int {
+    // SAFETY: F_GET_SEALS only reads the descriptor's state.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    rc.max(0)
+}
+
 /// Sleeps while `word` holds `expected`, for at most `timeout_ms`, or until a [`futex_wake`]
 /// on the same word from any process that maps it. Returns early on a signal or a change.
 pub fn futex_wait(word: &AtomicU32, expected: u32, timeout_ms: u32) {
@@ -239,6 +246,19 @@ pub fn send_with_fd(sock: BorrowedFd<'_>, bytes: &[u8], fd: BorrowedFd<'_>) -> R
     if n < 0 { Err(errno()) } else { Ok(n as usize) }
 }
 
+/// [`recv_with_fd`], with the descriptor owned (closed when dropped).
+///
+/// # Errors
+/// The errno of recvmsg.
+pub fn recv_with_owned_fd(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> Result<(usize, Option<OwnedFd>), c_int> {
+    let (n, fd) = recv_with_fd(sock.as_raw_fd(), buf)?;
+    // SAFETY: the kernel just installed this descriptor in our table for us alone.
+    Ok((n, fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })))
+}
+
 /// Receives into `buf` without blocking, taking at most one descriptor passed with it (opened
 /// close-on-exec; any further ones are closed). Returns the bytes read and the descriptor.
 ///
@@ -292,6 +312,87 @@ pub fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> Result<(usize, Option<RawFd>
     Ok((n as usize, got))
 }
 
+/// The mappings a process keeps for its life (leaked, never unmapped), with one of them
+/// current: readers on any thread take the current one with a few atomic loads, a writer
+/// installs a new one without waiting for them. A reader that loaded an older mapping keeps
+/// reading valid memory. The slots are reused after `N` installs, so a reader checks the
+/// slot's sequence word around its two loads.
+#[derive(Debug)]
+pub struct Held<const N: usize> {
+    installs: AtomicU32,
+    /// Slot index + 1 of the current mapping; 0: none.
+    current: AtomicU32,
+    slots: [HeldSlot; N],
+}
+
+#[derive(Debug)]
+struct HeldSlot {
+    seq: AtomicU32,
+    ptr: AtomicPtr<AtomicU32>,
+    len: AtomicUsize,
+}
+
+impl<const N: usize> Held<N> {
+    pub const fn new() -> Self {
+        Self {
+            installs: AtomicU32::new(0),
+            current: AtomicU32::new(0),
+            slots: [const {
+                HeldSlot {
+                    seq: AtomicU32::new(0),
+                    ptr: AtomicPtr::new(core::ptr::null_mut()),
+                    len: AtomicUsize::new(0),
+                }
+            }; N],
+        }
+    }
+
+    /// The current mapping, if any.
+    pub fn current(&self) -> Option<&'static [AtomicU32]> {
+        for _ in 0..4 {
+            let i = self.current.load(Ordering::Acquire).checked_sub(1)? as usize;
+            let slot = self.slots.get(i)?;
+            let s1 = slot.seq.load(Ordering::Acquire);
+            let ptr = slot.ptr.load(Ordering::Acquire);
+            let len = slot.len.load(Ordering::Acquire);
+            if s1 & 1 == 0 && slot.seq.load(Ordering::Acquire) == s1 && !ptr.is_null() {
+                // SAFETY: (ptr, len) was stored together by `install` from a leaked mapping
+                // (the unchanged, even sequence word shows the pair is whole), and leaked
+                // mappings stay valid for the life of the process.
+                return Some(unsafe { core::slice::from_raw_parts(ptr, len) });
+            }
+            core::hint::spin_loop();
+        }
+        None
+    }
+
+    /// Leaks `m` and makes it current.
+    pub fn install(&self, m: Mapping) -> &'static [AtomicU32] {
+        let words = m.leak();
+        let i = self.installs.fetch_add(1, Ordering::AcqRel) as usize % N;
+        if let Some(slot) = self.slots.get(i) {
+            let s = slot.seq.fetch_add(1, Ordering::AcqRel);
+            if s & 1 == 1 {
+                // Another installer is on this slot (N installs raced): leave it to them.
+                slot.seq.fetch_sub(1, Ordering::AcqRel);
+                return words;
+            }
+            slot.ptr
+                .store(words.as_ptr().cast_mut(), Ordering::Release);
+            slot.len.store(words.len(), Ordering::Release);
+            slot.seq.fetch_add(1, Ordering::AcqRel);
+            self.current.store(i as u32 + 1, Ordering::Release);
+        }
+        words
+    }
+}
+
+impl<const N: usize> Default for Held<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
@@ -329,6 +430,24 @@ mod tests {
         let got = unsafe { OwnedFd::from_raw_fd(got.unwrap()) };
         let m = Mapping::map(got.as_fd(), 1, false).unwrap();
         assert_eq!(m.words()[0].load(Ordering::Acquire), 7);
+    }
+
+    #[test]
+    fn held_mappings_stay_readable_after_newer_ones_are_installed() {
+        static HELD: Held<2> = Held::new();
+        assert!(HELD.current().is_none());
+        let mut old = None;
+        for k in 0..5u32 {
+            let fd = sealed_memfd(c"held", 4096).unwrap();
+            let m = Mapping::map(fd.as_fd(), 1024, true).unwrap();
+            m.words()[0].store(k, Ordering::Relaxed);
+            HELD.install(m);
+            assert_eq!(HELD.current().unwrap()[0].load(Ordering::Relaxed), k);
+            if let Some(o) = old.replace(HELD.current().unwrap()) {
+                // An older mapping a reader kept is still valid memory.
+                assert_eq!(o[0].load(Ordering::Relaxed), k - 1);
+            }
+        }
     }
 
     #[test]

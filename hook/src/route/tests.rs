@@ -1,10 +1,13 @@
-//! The connect decision against a fake kernel and a fake daemon.
+//! The connect decision against a fake kernel, a routing table and live region in memory, and
+//! a fake daemon.
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
-use discotech_wire::fallback::Record;
+use discotech_wire::live::{self, Take};
+use discotech_wire::table::build::{self, AreaInfo, Backend, PickSet, Service};
+use discotech_wire::table as wire_table;
 
 use super::*;
 
@@ -28,7 +31,9 @@ struct Fake {
     requests: RefCell<Vec<Request>>,
     rr: RefCell<usize>,
     failed: RefCell<Vec<SocketAddr>>,
-    file: Vec<Record>,
+    /// The shared table and live region, when the test maps them.
+    table: Option<Table<'static, [AtomicU32]>>,
+    live: Option<Live<'static>>,
     /// The inode behind the fd the tests use.
     ino: RefCell<u64>,
     hash_key: Option<u64>,
@@ -36,6 +41,7 @@ struct Fake {
     clock: RefCell<u64>,
     connect_us: u64,
     clock_reads: RefCell<u32>,
+    draws: Cell<u64>,
 }
 
 struct FakeSession<'a>(&'a Fake);
@@ -97,18 +103,20 @@ impl<'a> Os for &'a Fake {
         }
     }
 
-    fn session(&self) -> Option<FakeSession<'a>> {
-        self.daemon_up.then_some(FakeSession(self))
+    fn table(&self) -> Option<Table<'static, [AtomicU32]>> {
+        self.table
     }
 
-    fn fallback(
-        &self,
-        dest: SocketAddr,
-        v6_ok: bool,
-        exclude: &[Option<SocketAddr>],
-        turn: u32,
-    ) -> Option<SocketAddr> {
-        choose(&self.file[..], dest, v6_ok, exclude, turn)
+    fn live(&self, epoch: u64) -> Option<Live<'static>> {
+        self.live.filter(|l| l.epoch() == epoch)
+    }
+
+    fn report(&self, live: &Live<'_>, e: &Entry) {
+        live.report(e);
+    }
+
+    fn session(&self) -> Option<FakeSession<'a>> {
+        self.daemon_up.then_some(FakeSession(self))
     }
 
     fn pid(&self) -> u32 {
@@ -119,9 +127,23 @@ impl<'a> Os for &'a Fake {
         self.hash_key
     }
 
+    fn key(&self) -> u64 {
+        self.hash_key.unwrap_or(1000)
+    }
+
+    fn rand(&self) -> u64 {
+        let n = self.draws.get() + 1;
+        self.draws.set(n);
+        discotech_wire::mix(n)
+    }
+
     fn now_us(&self) -> u64 {
         *self.clock_reads.borrow_mut() += 1;
         *self.clock.borrow()
+    }
+
+    fn now_ms(&self) -> i64 {
+        (*self.clock.borrow() / 1000) as i64
     }
 
     fn local_port(&self, _fd: c_int) -> Option<u16> {
@@ -147,16 +169,281 @@ fn fake(backends: &[&str]) -> Fake {
     }
 }
 
-fn record(backend: &str) -> Record {
-    let b = a(backend);
-    Record {
-        magic: to_mapped(a(WEB).ip()),
-        client_port: 0,
-        backend_port: b.port(),
-        backend: to_mapped(b.ip()),
-        weight: 1,
-        priority: 0,
+const EPOCH: u64 = 5;
+
+/// A table and its live region, leaked so they live as long as a mapping would.
+#[derive(Clone, Copy)]
+struct Shm {
+    table: Table<'static, [AtomicU32]>,
+    live: Live<'static>,
+    table_mem: &'static [AtomicU32],
+    live_mem: &'static [AtomicU32],
+}
+
+/// A table with the service `web` at 127.77.0.9 over `backends` (slots 0, 1, ...) under
+/// `policy`, and a live region for it.
+fn shared(policy: Policy, backends: &[&str]) -> Shm {
+    let weights: Vec<u32> = backends.iter().map(|_| 1).collect();
+    let svc = Service {
+        name: "web",
+        policy,
+        rr_slot: 0,
+        client_ports: vec![],
+        backends: backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| Backend {
+                addr: a(b),
+                weight: 1,
+                priority: 0,
+                slot: i as u32,
+                ports: vec![],
+            })
+            .collect(),
+        v4: PickSet {
+            candidates: weights.iter().enumerate().map(|(i, &w)| (i as u32, w)).collect(),
+            schedule: build::smooth_schedule(&weights, 64),
+            maglev: Vec::new(),
+        },
+        v6: None,
+    };
+    let record = build::service(&svc);
+    let magic = [a(WEB).ip()];
+    let info = AreaInfo {
+        generation: 1,
+        magic_v4: ("127.77.0.0".parse().unwrap(), 16),
+        magic_v6: None,
+        live_epoch: EPOCH,
+    };
+    let area = build::area(&info, &[(&magic[..], &record[..])]);
+    let area_words = area.len() + 16;
+    let mem: Vec<AtomicU32> = (0..wire_table::table_words(area_words, 16))
+        .map(|_| AtomicU32::new(0))
+        .collect();
+    for (w, h) in mem.iter().zip(wire_table::header(area_words as u32, 16, 1)) {
+        w.store(h, Ordering::Relaxed);
     }
+    wire_table::publish(&mem, &area).unwrap();
+    let lmem: Vec<AtomicU32> = (0..live::live_words(4, 16, 16))
+        .map(|_| AtomicU32::new(0))
+        .collect();
+    for (w, h) in lmem.iter().zip(live::header(4, 16, 16, EPOCH)) {
+        w.store(h, Ordering::Relaxed);
+    }
+    let table_mem: &'static [AtomicU32] = Vec::leak(mem);
+    let live_mem: &'static [AtomicU32] = Vec::leak(lmem);
+    Shm {
+        table: Table::new(table_mem).unwrap(),
+        live: Live::new(live_mem).unwrap(),
+        table_mem,
+        live_mem,
+    }
+}
+
+/// A process (its own fake and state) that maps `shared`.
+fn mapped(s: Shm) -> Fake {
+    Fake {
+        table: Some(s.table),
+        live: Some(s.live),
+        ..fake(&[])
+    }
+}
+
+/// The ring's entries from `from` on.
+fn ring(live: &Live<'_>, from: u32) -> Vec<Entry> {
+    let mut out = Vec::new();
+    let mut tail = from;
+    while let Take::Entry(Some(e)) = live.take(tail) {
+        out.push(e);
+        tail += 1;
+    }
+    out
+}
+
+fn targets(f: &Fake) -> Vec<SocketAddr> {
+    f.connects.borrow().iter().map(|c| c.0).collect()
+}
+
+#[test]
+fn round_robin_is_one_rotation_across_processes_without_asking_the_daemon() {
+    let s = shared(Policy::RoundRobin, &["127.0.0.2:8080", "127.0.0.3:8080"]);
+    // Short-lived processes: each makes one connect with state of its own.
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        let p = mapped(s);
+        assert_eq!(on_connect(&&p, &State::new(), 3, a(WEB)), Verdict::Return(Ok(())));
+        got.extend(targets(&p));
+        assert!(p.requests.borrow().is_empty(), "no question to the daemon");
+        assert_eq!(*p.clock_reads.borrow(), 0, "not timed");
+    }
+    let (x, y) = (a("127.0.0.2:8080"), a("127.0.0.3:8080"));
+    assert_eq!(got, [x, y, x, y, x, y]);
+    assert!(ring(&s.live, 0).is_empty(), "nothing to report");
+}
+
+#[test]
+fn a_refused_backend_is_reported_on_the_ring_held_and_another_tried() {
+    let s = shared(Policy::RoundRobin, &["127.0.0.2:8080", "127.0.0.3:8080"]);
+    let p = mapped(s);
+    p.results
+        .borrow_mut()
+        .insert(a("127.0.0.2:8080"), vec![Err(libc::ECONNREFUSED)]);
+    let state = State::new();
+    assert_eq!(on_connect(&&p, &state, 3, a(WEB)), Verdict::Return(Ok(())));
+    assert_eq!(targets(&p), [a("127.0.0.2:8080"), a("127.0.0.3:8080")]);
+    let reports = ring(&s.live, 0);
+    assert_eq!(
+        reports,
+        [Entry {
+            report: Report::Failed {
+                errno: libc::ECONNREFUSED as u16
+            },
+            slot: 0,
+            remote_port: 8080,
+            counted: false,
+        }]
+    );
+    // Held: this process's next connects skip it, though the rotation comes round to it.
+    for _ in 0..3 {
+        assert_eq!(on_connect(&&p, &state, 3, a(WEB)), Verdict::Return(Ok(())));
+    }
+    assert_eq!(targets(&p)[2..], [a("127.0.0.3:8080"); 3]);
+    // Another process is not steered by this one's hold.
+    let q = mapped(s);
+    for _ in 0..2 {
+        assert_eq!(on_connect(&&q, &State::new(), 3, a(WEB)), Verdict::Return(Ok(())));
+    }
+    let mut other = targets(&q);
+    other.sort();
+    assert_eq!(other, [a("127.0.0.2:8080"), a("127.0.0.3:8080")]);
+    // When the hold ends the backend is back in this process's rotation.
+    *p.clock.borrow_mut() += (HOLD_MS as u64 + 1) * 1000;
+    for _ in 0..2 {
+        assert_eq!(on_connect(&&p, &state, 3, a(WEB)), Verdict::Return(Ok(())));
+    }
+    assert!(targets(&p)[5..].contains(&a("127.0.0.2:8080")));
+}
+
+#[test]
+fn a_process_holding_every_backend_still_connects_rather_than_refuse() {
+    let s = shared(Policy::RoundRobin, &["127.0.0.2:8080"]);
+    let p = mapped(s);
+    p.results
+        .borrow_mut()
+        .insert(a("127.0.0.2:8080"), vec![Err(libc::ECONNREFUSED)]);
+    let state = State::new();
+    assert_eq!(
+        on_connect(&&p, &state, 3, a(WEB)),
+        Verdict::Return(Err(libc::ECONNREFUSED))
+    );
+    assert_eq!(on_connect(&&p, &state, 3, a(WEB)), Verdict::Return(Ok(())));
+    assert_eq!(targets(&p), [a("127.0.0.2:8080"); 2]);
+}
+
+#[test]
+fn a_nonblocking_connect_is_reported_pending_with_its_local_port_and_stays_counted() {
+    let s = shared(Policy::P2c, &["127.0.0.2:8080"]);
+    let p = mapped(s);
+    p.results.borrow_mut().insert(
+        a("127.0.0.2:8080"),
+        vec![Err(libc::EINPROGRESS), Err(libc::EISCONN)],
+    );
+    let state = State::new();
+    assert_eq!(
+        on_connect(&&p, &state, 3, a(WEB)),
+        Verdict::Return(Err(libc::EINPROGRESS))
+    );
+    assert_eq!(
+        ring(&s.live, 0),
+        [Entry {
+            report: Report::Pending { local_port: 40_000 },
+            slot: 0,
+            remote_port: 8080,
+            counted: true,
+        }]
+    );
+    assert_eq!(s.live.in_flight_count(0), 1, "the daemon uncounts it when it settles");
+    // The repeated connect on the same socket goes to the same backend, with no new pick.
+    assert_eq!(
+        on_connect(&&p, &state, 3, a(WEB)),
+        Verdict::Return(Err(libc::EISCONN))
+    );
+    assert_eq!(s.live.in_flight_count(0), 1);
+    assert_eq!(ring(&s.live, 0).len(), 1);
+}
+
+#[test]
+fn a_blocking_connect_is_uncounted_when_it_returns_and_p2c_ewma_reports_its_time() {
+    for policy in [Policy::P2c, Policy::LeastConn, Policy::P2cEwma] {
+        let s = shared(policy, &["127.0.0.2:8080", "127.0.0.3:8080"]);
+        let mut p = mapped(s);
+        p.connect_us = 1_250;
+        assert_eq!(on_connect(&&p, &State::new(), 3, a(WEB)), Verdict::Return(Ok(())));
+        assert_eq!(s.live.in_flight_count(0) + s.live.in_flight_count(1), 0, "{policy:?}");
+        let reports = ring(&s.live, 0);
+        if policy == Policy::P2cEwma {
+            assert_eq!(reports.len(), 1);
+            assert_eq!(reports[0].report, Report::Connected { latency_us: 1_250 });
+            assert!(!reports[0].counted);
+        } else {
+            assert!(reports.is_empty(), "{policy:?}: {reports:?}");
+        }
+    }
+}
+
+#[test]
+fn hostile_counters_only_weigh_between_the_tables_backends() {
+    let backends = ["127.0.0.2:8080", "127.0.0.3:8080"];
+    for policy in [Policy::RoundRobin, Policy::P2c, Policy::LeastConn, Policy::P2cEwma] {
+        let s = shared(policy, &backends);
+        // Another process scribbles over every word after the header: round-robin counters,
+        // counts in flight and the ring.
+        for (i, w) in s.live_mem.iter().enumerate().skip(live::HEADER_WORDS) {
+            w.store((i as u32).wrapping_mul(0x9e37_79b9) | 0x8000_0000, Ordering::Relaxed);
+        }
+        let p = mapped(s);
+        let state = State::new();
+        for _ in 0..50 {
+            assert_eq!(on_connect(&&p, &state, 3, a(WEB)), Verdict::Return(Ok(())));
+        }
+        assert!(
+            targets(&p).iter().all(|t| backends.contains(&t.to_string().as_str())),
+            "{policy:?}"
+        );
+    }
+}
+
+#[test]
+fn unknown_services_and_empty_services_are_refused_from_the_table_without_a_connect() {
+    let s = shared(Policy::RoundRobin, &[]);
+    let p = mapped(s);
+    assert_eq!(
+        on_connect(&&p, &State::new(), 3, a(WEB)),
+        Verdict::Return(Err(libc::ECONNREFUSED))
+    );
+    assert_eq!(
+        on_connect(&&p, &State::new(), 3, a("127.77.0.10:80")),
+        Verdict::Return(Err(libc::ECONNREFUSED))
+    );
+    assert!(p.connects.borrow().is_empty());
+    assert!(p.requests.borrow().is_empty());
+}
+
+#[test]
+fn a_table_being_rewritten_past_reading_sends_the_question_to_the_daemon() {
+    let s = shared(Policy::RoundRobin, &["127.0.0.2:8080"]);
+    let mut p = mapped(s);
+    p.daemon_backends = vec![a("127.0.0.9:9999")];
+    p.daemon_up = true;
+    // The active area's sequence word is odd: a writer is in the middle of it.
+    // Header word 6 is the active area (pinned by the wire crate's golden-bytes tests).
+    let active = s.table_mem[6].load(Ordering::Relaxed) as usize & 1;
+    let seq = &s.table_mem[wire_table::HEADER_WORDS + active * s.table.area_words()];
+    seq.fetch_add(1, Ordering::Relaxed);
+    assert_eq!(on_connect(&&p, &State::new(), 3, a(WEB)), Verdict::Return(Ok(())));
+    assert_eq!(targets(&p), [a("127.0.0.9:9999")]);
+    assert_eq!(p.requests.borrow()[0].kind, Kind::Pick);
+    seq.fetch_add(1, Ordering::Relaxed);
 }
 
 #[test]
@@ -309,7 +596,7 @@ fn a_repeated_nonblocking_connect_goes_to_the_same_backend_without_asking() {
 }
 
 #[test]
-fn daemon_down_routes_from_the_fallback_file_then_from_what_was_learned_else_refuses() {
+fn without_table_or_daemon_a_process_routes_by_what_it_learned_else_refuses() {
     let state = State::new();
     // Nothing known: fail fast with ECONNREFUSED and no connect.
     let mut down = fake(&[]);
@@ -320,53 +607,35 @@ fn daemon_down_routes_from_the_fallback_file_then_from_what_was_learned_else_ref
     );
     assert!(down.connects.borrow().is_empty());
 
-    // The fallback file knows the service.
-    down.file = vec![record("127.0.0.5:8080"), record("127.0.0.6:8080")];
-    assert_eq!(
-        on_connect(&&down, &state, 3, a(WEB)),
-        Verdict::Return(Ok(()))
-    );
-    assert_eq!(
-        on_connect(&&down, &state, 3, a(WEB)),
-        Verdict::Return(Ok(()))
-    );
-    let mut got: Vec<SocketAddr> = down.connects.borrow().iter().map(|c| c.0).collect();
-    got.sort();
-    assert_eq!(
-        got,
-        [a("127.0.0.5:8080"), a("127.0.0.6:8080")],
-        "rotates over the file's backends"
-    );
-
-    // Learned while the daemon was up, then the daemon and the file are gone.
-    let up = fake(&["127.0.0.2:8080"]);
-    assert_eq!(on_connect(&&up, &state, 3, a(WEB)), Verdict::Return(Ok(())));
+    // Learned while the daemon was up, then the daemon is gone.
+    let up = fake(&["127.0.0.2:8080", "127.0.0.3:8080"]);
+    for _ in 0..2 {
+        assert_eq!(on_connect(&&up, &state, 3, a(WEB)), Verdict::Return(Ok(())));
+    }
     let mut gone = fake(&[]);
     gone.daemon_up = false;
-    assert_eq!(
-        on_connect(&&gone, &state, 3, a(WEB)),
-        Verdict::Return(Ok(()))
-    );
-    assert_eq!(gone.connects.borrow()[0].0, a("127.0.0.2:8080"));
+    for _ in 0..2 {
+        assert_eq!(on_connect(&&gone, &state, 3, a(WEB)), Verdict::Return(Ok(())));
+    }
+    let mut got = targets(&gone);
+    got.sort();
+    assert_eq!(got, [a("127.0.0.2:8080"), a("127.0.0.3:8080")], "rotates over them");
 
     // Offline, a refused backend is skipped in favour of another known one.
-    let mut off = fake(&[]);
-    off.daemon_up = false;
-    off.file = vec![record("127.0.0.5:8080"), record("127.0.0.6:8080")];
-    off.results
+    gone.results
         .borrow_mut()
-        .insert(a("127.0.0.5:8080"), vec![Err(libc::ECONNREFUSED)]);
-    off.results
+        .insert(a("127.0.0.2:8080"), vec![Err(libc::ECONNREFUSED)]);
+    gone.results
         .borrow_mut()
-        .insert(a("127.0.0.6:8080"), vec![Err(libc::ECONNREFUSED)]);
-    let st = State::new();
+        .insert(a("127.0.0.3:8080"), vec![Err(libc::ECONNREFUSED)]);
+    gone.connects.borrow_mut().clear();
     assert_eq!(
-        on_connect(&&off, &st, 3, a(WEB)),
+        on_connect(&&gone, &state, 3, a(WEB)),
         Verdict::Return(Err(libc::ECONNREFUSED))
     );
-    let mut got: Vec<SocketAddr> = off.connects.borrow().iter().map(|c| c.0).collect();
+    let mut got = targets(&gone);
     got.sort();
-    assert_eq!(got, [a("127.0.0.5:8080"), a("127.0.0.6:8080")]);
+    assert_eq!(got, [a("127.0.0.2:8080"), a("127.0.0.3:8080")]);
 }
 
 #[test]
@@ -374,24 +643,23 @@ fn unknown_services_and_empty_services_are_refused_without_a_connect() {
     for status in [Status::UnknownService, Status::NoBackend] {
         let mut f = fake(&["127.0.0.2:8080"]);
         f.daemon_status = Some(status);
-        f.file = vec![record("127.0.0.5:8080")];
         assert_eq!(
             on_connect(&&f, &State::new(), 3, a(WEB)),
             Verdict::Return(Err(libc::ECONNREFUSED))
         );
         assert!(
             f.connects.borrow().is_empty(),
-            "the daemon's word beats the file"
+            "the daemon's word beats what was learned"
         );
     }
     // A daemon that does not speak our version is treated as down.
+    let state = State::new();
+    let up = fake(&["127.0.0.5:8080"]);
+    assert_eq!(on_connect(&&up, &state, 3, a(WEB)), Verdict::Return(Ok(())));
     let mut f = fake(&[]);
     f.daemon_status = Some(Status::UnsupportedVersion);
-    f.file = vec![record("127.0.0.5:8080")];
-    assert_eq!(
-        on_connect(&&f, &State::new(), 3, a(WEB)),
-        Verdict::Return(Ok(()))
-    );
+    assert_eq!(on_connect(&&f, &state, 3, a(WEB)), Verdict::Return(Ok(())));
+    assert_eq!(targets(&f), [a("127.0.0.5:8080")]);
 }
 
 #[test]

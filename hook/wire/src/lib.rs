@@ -1,6 +1,7 @@
 //! The byte formats shared by the connect hook and the daemon, defined once so the two sides
-//! cannot drift: the fixed-size messages on the hook socket ([`Request`], [`Reply`]) and the
-//! fallback snapshot file the hook reads when the daemon is unreachable ([`fallback`]).
+//! cannot drift: the shared routing table hooks pick from ([`table`], with the pick itself in
+//! [`pick`]), the live region of shared counters and reports ([`live`]), and the fixed-size
+//! messages on the hook socket ([`Request`], [`Reply`]).
 //!
 //! Everything here is `no_std`, allocation-free and panic-free: the hook decodes these bytes
 //! inside other people's processes, possibly from a signal handler.
@@ -14,7 +15,8 @@
 //! ```text
 //!  0  2  "DT"
 //!  2  1  version (1)
-//!  3  1  kind: 1 pick, 2 failed (report a backend and pick another), 3 done (no reply)
+//!  3  1  kind: 1 pick, 2 failed (report a backend and pick another), 3 done (no reply),
+//!          4 map the live region (the reply carries its descriptor, see [`live`])
 //!  4  4  id, echoed in the reply
 //!  8 16  magic address the caller connected to
 //! 24  2  client port
@@ -57,7 +59,6 @@
 
 extern crate alloc;
 
-pub mod fallback;
 pub mod live;
 pub mod pick;
 pub mod table;
@@ -82,6 +83,9 @@ pub enum Kind {
     Failed,
     /// The connect to the backend in the request returned; no reply is sent.
     Done,
+    /// Asks for the live region: the reply carries its epoch in `generation` and the region's
+    /// descriptor (SCM_RIGHTS), or status `NoBackend` without one.
+    MapLive,
 }
 
 impl Kind {
@@ -90,6 +94,7 @@ impl Kind {
             Self::Pick => 1,
             Self::Failed => 2,
             Self::Done => 3,
+            Self::MapLive => 4,
         }
     }
 
@@ -98,6 +103,7 @@ impl Kind {
             1 => Some(Self::Pick),
             2 => Some(Self::Failed),
             3 => Some(Self::Done),
+            4 => Some(Self::MapLive),
             _ => None,
         }
     }

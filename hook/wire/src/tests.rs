@@ -1,7 +1,6 @@
 //! Golden bytes: if one of these changes, the protocol changed and VERSION must too.
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
-use super::fallback::{FallbackError, HEADER_LEN, Header, Record};
 use super::*;
 
 const PICK_GOLDEN: [u8; MSG_LEN] = [
@@ -128,81 +127,12 @@ fn range_membership() {
 }
 
 #[test]
-fn fallback_golden_bytes() {
-    let header = Header {
-        magic_v4: (Ipv4Addr::new(127, 77, 0, 0), 16),
-        magic_v6: Some(("fd64:d15c::".parse().unwrap(), 64)),
-        generation: 5,
-        records: 2,
-    };
-    let b = header.encode();
-    let want: [u8; HEADER_LEN] = [
-        b'D', b'T', b'F', b'A', b'L', b'L', b'B', b'K', 1, 16, 64, 0, 127, 77, 0, 0, //
-        0xfd, 0x64, 0xd1, 0x5c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, //
-        0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 2, 0, 0, 0, 40, //
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-    ];
-    assert_eq!(b, want);
-    assert_eq!(Header::decode(&b), Ok(header));
-    assert_eq!(header.file_len(), 64 + 80);
-
-    let no_v6 = Header {
-        magic_v6: None,
-        ..header
-    };
-    let b = no_v6.encode();
-    assert_eq!(b[10], 255);
-    assert_eq!(Header::decode(&b), Ok(no_v6));
-
-    let rec = Record {
-        magic: to_mapped("127.77.0.9".parse().unwrap()),
-        client_port: 0,
-        backend_port: 8080,
-        backend: to_mapped("127.0.0.2".parse().unwrap()),
-        weight: 3,
-        priority: 1,
-    };
-    let rb = rec.encode();
-    let want: [u8; 40] = [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 77, 0, 9, 0, 0, 0x1f, 0x90, //
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 2, 0, 3, 0, 1,
-    ];
-    assert_eq!(rb, want);
-    assert_eq!(Record::decode(&rb), rec);
-    assert_eq!(
-        Record::decode(&rb[..10]).weight,
-        0,
-        "short input is zero-filled, not a panic"
-    );
-}
-
-#[test]
-fn corrupt_fallback_headers_are_rejected() {
-    let good = Header {
-        magic_v4: (Ipv4Addr::new(127, 77, 0, 0), 16),
-        magic_v6: None,
-        generation: 1,
-        records: 0,
-    }
-    .encode();
-    let mut b = good;
-    b[0] = 0;
-    assert_eq!(Header::decode(&b), Err(FallbackError::BadMagic));
-    let mut b = good;
-    b[8] = 9;
-    assert_eq!(Header::decode(&b), Err(FallbackError::Version(9)));
-    let mut b = good;
-    b[9] = 33;
-    assert_eq!(Header::decode(&b), Err(FallbackError::BadPrefix));
-    let mut b = good;
-    b[47] = 41;
-    assert_eq!(Header::decode(&b), Err(FallbackError::BadRecordLen(41)));
-    let mut b = good;
-    b[40] = 0xff;
-    assert!(matches!(
-        Header::decode(&b),
-        Err(FallbackError::TooManyRecords(_))
-    ));
+fn map_live_request_golden_bytes() {
+    let mut req = Request::pick(9, "127.77.0.9".parse().unwrap(), 0, 0, 1);
+    req.kind = Kind::MapLive;
+    let b = req.encode();
+    assert_eq!(&b[..8], &[b'D', b'T', 1, 4, 0, 0, 0, 9]);
+    assert_eq!(Request::decode(&b).unwrap().kind, Kind::MapLive);
 }
 
 #[test]

@@ -1,0 +1,662 @@
+//! The shared routing table, the daemon's side: after every snapshot swap it writes the next
+//! generation into `hook.snapshot` (beside the hook socket), which hooked processes map
+//! read-only and pick from at connect time; it owns the live region (round-robin counters,
+//! connects in flight, the report ring) that it passes to hooks over the hook socket; and it
+//! keeps the per-backend stats in the table current (least-conn counts, p2c-ewma estimates).
+//! The byte layout and the pick itself live in `discotech-wire` (`table`, `live`, `pick`).
+//!
+//! Slots: every (service, backend) gets a stat and counter slot, every service a round-robin
+//! slot, kept while it stays in the table; a freed slot rests for [`SLOT_REST`] before reuse,
+//! so a hook still holding an older generation never counts for a stranger.
+//!
+//! Records of services that did not change are copied from the last generation, so a change
+//! costs one encoded service plus a copy of the rest.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use discotech_shm::Mapping;
+use discotech_wire::live::{self, Live};
+use discotech_wire::pick::{self, Ask, Miss, Picked};
+use discotech_wire::table::build::{self, AreaInfo};
+use discotech_wire::table::{self as wire_table, NO_SLOT, Policy, STAT_MEASURED, Table};
+use ipnet::{Ipv4Net, Ipv6Net};
+use tracing::{debug, info, warn};
+
+use crate::balancer::{Balancer, PickSet, PickSets};
+use crate::service::{LbPolicy, ServiceName, ServiceSpec};
+use crate::snapshot::{Service, Snapshot};
+
+/// Backend slots in the live region and the stats (a backend past them picks without counters).
+pub const BACKEND_SLOTS: u32 = 1 << 18;
+/// Service (round-robin counter) slots.
+pub const SERVICE_SLOTS: u32 = 1 << 16;
+/// Report ring entries.
+pub const RING: u32 = 4096;
+/// How long a freed slot rests before it is given to another backend or service.
+pub const SLOT_REST: Duration = Duration::from_secs(60);
+/// Smooth weighted round-robin schedules are at most this long.
+const MAX_SCHEDULE: usize = 4096;
+/// The smallest area a new table file gets, in words.
+const MIN_AREA_WORDS: usize = 1 << 16;
+
+/// What a slot stands for: the reports of hooks name backends by slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub service: ServiceName,
+    /// The backend's default address (the balancer's key).
+    pub backend: SocketAddr,
+    /// Every port the backend serves the service on (default and named).
+    pub ports: Vec<u16>,
+    pub policy: LbPolicy,
+}
+
+#[derive(Debug, Default)]
+struct SlotMap<K> {
+    by_key: HashMap<K, u32>,
+    free: Vec<u32>,
+    resting: VecDeque<(u32, Instant)>,
+    next: u32,
+    limit: u32,
+    seen: HashMap<K, bool>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> SlotMap<K> {
+    fn new(limit: u32) -> Self {
+        Self {
+            by_key: HashMap::new(),
+            free: Vec::new(),
+            resting: VecDeque::new(),
+            next: 0,
+            limit,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// The slot of `key`, assigned now if it has none (`NO_SLOT` when all are taken).
+    fn get(&mut self, key: &K, now: Instant, fresh: &mut Vec<u32>) -> u32 {
+        self.seen.insert(key.clone(), true);
+        if let Some(&s) = self.by_key.get(key) {
+            return s;
+        }
+        while let Some(&(s, at)) = self.resting.front() {
+            if now.saturating_duration_since(at) < SLOT_REST {
+                break;
+            }
+            self.resting.pop_front();
+            self.free.push(s);
+        }
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None if self.next < self.limit => {
+                self.next += 1;
+                self.next - 1
+            }
+            None => return NO_SLOT,
+        };
+        fresh.push(slot);
+        self.by_key.insert(key.clone(), slot);
+        slot
+    }
+
+    /// Releases the slots of keys not seen since the last call; returns them.
+    fn sweep(&mut self, now: Instant) -> Vec<(K, u32)> {
+        let seen = std::mem::take(&mut self.seen);
+        let gone: Vec<(K, u32)> = self
+            .by_key
+            .iter()
+            .filter(|(k, _)| !seen.contains_key(*k))
+            .map(|(k, &s)| (k.clone(), s))
+            .collect();
+        for (k, s) in &gone {
+            self.by_key.remove(k);
+            self.resting.push_back((*s, now));
+        }
+        gone
+    }
+}
+
+struct Cached {
+    service: Arc<Service>,
+    record: Vec<u32>,
+    magics: Vec<IpAddr>,
+    /// Its weights or candidates change with time (slow start, an ejection that ends).
+    rebuild_at: Option<Instant>,
+}
+
+struct Writer {
+    file: Option<TableFile>,
+    cache: HashMap<ServiceName, Cached>,
+    backends: SlotMap<(ServiceName, SocketAddr)>,
+    services: SlotMap<ServiceName>,
+    slot_info: HashMap<u32, SlotInfo>,
+    last: Option<Arc<Snapshot>>,
+    rebuild_at: Option<Instant>,
+}
+
+/// The table file this daemon writes, mapped.
+struct TableFile {
+    map: Arc<Mapping>,
+    area_words: usize,
+    /// Where it was created, until `install` renames it into place.
+    tmp: Option<PathBuf>,
+}
+
+/// The live region: a sealed memfd, mapped.
+struct LiveRegion {
+    fd: OwnedFd,
+    map: Mapping,
+    epoch: u64,
+}
+
+/// The daemon's routing table: see the module docs.
+pub struct RoutingTable {
+    path: PathBuf,
+    magic_v4: Ipv4Net,
+    magic_v6: Option<Ipv6Net>,
+    balance: Arc<Mutex<Balancer>>,
+    live: Option<LiveRegion>,
+    /// The current table mapping, for readers (picks for the socket, explanations, stats).
+    current: ArcSwap<Option<(Arc<Mapping>, usize)>>,
+    writer: Mutex<Writer>,
+}
+
+impl std::fmt::Debug for RoutingTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoutingTable")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves consistent enough state for picks: recover rather
+    // than refuse every connect from then on.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn policy(lb: LbPolicy) -> Policy {
+    match lb {
+        LbPolicy::RoundRobin => Policy::RoundRobin,
+        LbPolicy::WeightedRoundRobin => Policy::WeightedRoundRobin,
+        LbPolicy::Random => Policy::Random,
+        LbPolicy::P2c => Policy::P2c,
+        LbPolicy::P2cEwma => Policy::P2cEwma,
+        LbPolicy::LeastConn => Policy::LeastConn,
+        LbPolicy::Maglev => Policy::Maglev,
+    }
+}
+
+fn wire_set(set: &PickSet) -> build::PickSet {
+    // Effective weights are scaled (x1000) and small: they fit a word.
+    let candidates: Vec<(u32, u32)> = set
+        .candidates
+        .iter()
+        .map(|&(i, w)| (i as u32, u32::try_from(w).unwrap_or(u32::MAX)))
+        .collect();
+    let weights: Vec<u32> = candidates.iter().map(|&(_, w)| w).collect();
+    build::PickSet {
+        schedule: build::smooth_schedule(&weights, MAX_SCHEDULE),
+        maglev: set
+            .maglev
+            .iter()
+            .map(|&p| u16::try_from(p).unwrap_or(0))
+            .collect(),
+        candidates,
+    }
+}
+
+impl RoutingTable {
+    /// A table to be written at `path`, with a new live region (None for it if memfds are not
+    /// available: hooks then pick from the table with counters of their own).
+    pub fn new(
+        path: &Path,
+        magic_v4: Ipv4Net,
+        magic_v6: Option<Ipv6Net>,
+        balance: Arc<Mutex<Balancer>>,
+    ) -> Self {
+        let live = match LiveRegion::create() {
+            Ok(l) => Some(l),
+            Err(errno) => {
+                warn!(
+                    error = %std::io::Error::from_raw_os_error(errno),
+                    "cannot create the live region: hooked programs balance without shared counters"
+                );
+                None
+            }
+        };
+        Self {
+            path: path.to_path_buf(),
+            magic_v4,
+            magic_v6,
+            balance,
+            live,
+            current: ArcSwap::from_pointee(None),
+            writer: Mutex::new(Writer {
+                file: None,
+                cache: HashMap::new(),
+                backends: SlotMap::new(BACKEND_SLOTS),
+                services: SlotMap::new(SERVICE_SLOTS),
+                slot_info: HashMap::new(),
+                last: None,
+                rebuild_at: None,
+            }),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Marks the table file superseded as the daemon stops: hooks keep routing by it (it
+    /// stays where it is, and its mapping stays valid), and look at the path again now and then
+    /// until a new daemon has replaced it.
+    pub fn retire(&self) {
+        if let Some(f) = &lock(&self.writer).file {
+            wire_table::supersede(f.map.words());
+        }
+    }
+
+    /// The balancer the table is built with (shared with the hook server).
+    pub fn balancer(&self) -> &Arc<Mutex<Balancer>> {
+        &self.balance
+    }
+
+    /// The live region's descriptor and epoch, to pass to a hook.
+    pub fn live_fd(&self) -> Option<(BorrowedFd<'_>, u64)> {
+        self.live.as_ref().map(|l| (l.fd.as_fd(), l.epoch))
+    }
+
+    /// The live region as this process maps it.
+    pub fn live(&self) -> Option<Live<'_>> {
+        self.live.as_ref().and_then(|l| Live::new(l.map.words()))
+    }
+
+    /// When the table must be rebuilt without a new snapshot (a slow-start ramp, an ejection
+    /// that ends), if ever.
+    pub fn rebuild_at(&self) -> Option<Instant> {
+        lock(&self.writer).rebuild_at
+    }
+
+    /// Rebuilds the last snapshot's generation if something in it changes with time.
+    pub fn refresh(&self, now: Instant) {
+        let last = {
+            let w = lock(&self.writer);
+            match (w.rebuild_at, &w.last) {
+                (Some(at), Some(last)) if at <= now => Some(last.clone()),
+                _ => None,
+            }
+        };
+        if let Some(snap) = last {
+            self.publish(&snap);
+        }
+    }
+
+    /// Rebuilds the last snapshot's generation now (the balancer changed what it would say).
+    pub fn refresh_now(&self) {
+        let last = lock(&self.writer).last.clone();
+        if let Some(snap) = last {
+            self.publish(&snap);
+        }
+    }
+
+    /// Forces the next publish to re-encode `service` (its balancing state changed: an
+    /// ejection).
+    pub fn invalidate(&self, service: &ServiceName) {
+        lock(&self.writer).cache.remove(service);
+    }
+
+    /// Writes the generation for `snapshot`.
+    pub fn publish(&self, snapshot: &Arc<Snapshot>) {
+        let now = Instant::now();
+        let mut w = lock(&self.writer);
+        let w = &mut *w;
+        let mut fresh = Vec::new();
+        let mut rebuild_at: Option<Instant> = None;
+        {
+            let mut balancer = lock(&self.balance);
+            balancer.retain(|name| snapshot.service(name.as_str()).is_some());
+            for service in snapshot.services() {
+                let name = service.name();
+                let reuse = w.cache.get(name).is_some_and(|c| {
+                    Arc::ptr_eq(&c.service, service) && c.rebuild_at.is_none_or(|t| t > now)
+                });
+                if reuse {
+                    // Keep its slots.
+                    let spec = &service.spec;
+                    w.services.get(name, now, &mut fresh);
+                    for b in &spec.backends {
+                        w.backends.get(&(name.clone(), b.addr), now, &mut fresh);
+                    }
+                } else {
+                    let sets = balancer.pick_sets(&service.spec, now);
+                    let cached = encode(w, service, &sets, now, &mut fresh);
+                    w.cache.insert(name.clone(), cached);
+                }
+                if let Some(c) = w.cache.get(name)
+                    && let Some(t) = c.rebuild_at
+                {
+                    rebuild_at = Some(rebuild_at.map_or(t, |r| r.min(t)));
+                }
+            }
+        }
+        for (key, slot) in w.backends.sweep(now) {
+            w.slot_info.remove(&slot);
+            debug!(service = %key.0, backend = %key.1, slot, "backend slot freed");
+        }
+        w.services.sweep(now);
+        w.cache
+            .retain(|name, _| snapshot.service(name.as_str()).is_some());
+        // A fresh slot starts from zero counts and stats.
+        if let Some(live) = self.live() {
+            for &slot in &fresh {
+                for c in [live.in_flight(slot), live.rr(slot)].into_iter().flatten() {
+                    c.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+        let refs: Vec<(&[IpAddr], &[u32])> = snapshot
+            .services()
+            .filter_map(|s| w.cache.get(s.name()))
+            .map(|c| (c.magics.as_slice(), c.record.as_slice()))
+            .collect();
+        let info = AreaInfo {
+            generation: snapshot.generation,
+            magic_v4: (self.magic_v4.network(), self.magic_v4.prefix_len()),
+            magic_v6: self.magic_v6.map(|n| (n.network(), n.prefix_len())),
+            live_epoch: self.live.as_ref().map_or(0, |l| l.epoch),
+        };
+        let area = build::area(&info, &refs);
+        w.last = Some(snapshot.clone());
+        w.rebuild_at = rebuild_at;
+        if let Some(file) = &w.file {
+            for &slot in &fresh {
+                for word in 0..wire_table::STAT_WORDS {
+                    wire_table::set_stat(file.map.words(), file.area_words, slot, word, 0);
+                }
+            }
+            if wire_table::publish(file.map.words(), &area).is_ok() {
+                return;
+            }
+        }
+        // No file yet, or this generation outgrew it: a new file, twice as large as needed.
+        match TableFile::create(&self.path, (area.len() * 2).max(MIN_AREA_WORDS)) {
+            Ok(mut file) => {
+                if let Err(needed) = wire_table::publish(file.map.words(), &area) {
+                    warn!(needed, "a table generation does not fit a new file");
+                    return;
+                }
+                // Stats carry over: the slots are the same.
+                if let Some(old) = &w.file {
+                    copy_stats(old, &file);
+                }
+                if let Err(e) = file.install(&self.path) {
+                    warn!(path = %self.path.display(), error = %e, "cannot install the routing table");
+                    return;
+                }
+                if let Some(old) = w.file.replace(file) {
+                    wire_table::supersede(old.map.words());
+                }
+                if let Some(f) = &w.file {
+                    info!(path = %self.path.display(), words = f.area_words, "routing table file (re)created");
+                    self.current
+                        .store(Arc::new(Some((f.map.clone(), f.area_words))));
+                }
+            }
+            Err(e) => {
+                warn!(path = %self.path.display(), error = %e, "cannot create the routing table file; hooks ask the daemon")
+            }
+        }
+    }
+
+    /// The snapshot of the current generation.
+    pub fn last_snapshot(&self) -> Option<Arc<Snapshot>> {
+        lock(&self.writer).last.clone()
+    }
+
+    /// What slot `slot` stands for.
+    pub fn slot(&self, slot: u32) -> Option<SlotInfo> {
+        lock(&self.writer).slot_info.get(&slot).cloned()
+    }
+
+    /// Every backend slot of services with `lb`.
+    pub fn slots_of(&self, lb: LbPolicy) -> Vec<(u32, SlotInfo)> {
+        lock(&self.writer)
+            .slot_info
+            .iter()
+            .filter(|(_, i)| i.policy == lb)
+            .map(|(&s, i)| (s, i.clone()))
+            .collect()
+    }
+
+    /// The slot of a backend of a service.
+    pub fn slot_of(&self, service: &ServiceName, backend: SocketAddr) -> Option<u32> {
+        lock(&self.writer)
+            .backends
+            .by_key
+            .get(&(service.clone(), backend))
+            .copied()
+    }
+
+    fn with_table<R>(&self, f: impl FnOnce(&Table<'_, [AtomicU32]>, &[AtomicU32], usize) -> R) -> Option<R> {
+        let cur = self.current.load();
+        let (map, area_words) = cur.as_ref().as_ref()?;
+        let table = Table::new(map.words()).ok()?;
+        Some(f(&table, map.words(), *area_words))
+    }
+
+    /// Sets a backend's stat word (see `discotech_wire::table` for the stats).
+    pub fn set_stat(&self, slot: u32, word: usize, value: u32) {
+        self.with_table(|_, words, area_words| {
+            wire_table::set_stat(words, area_words, slot, word, value);
+        });
+    }
+
+    /// Publishes a backend's p2c-ewma estimate.
+    pub fn set_latency(&self, slot: u32, estimate: Option<Duration>) {
+        let us = estimate.map_or(0, |d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
+        self.set_stat(slot, 1, us);
+        self.set_stat(slot, 2, if estimate.is_some() { STAT_MEASURED } else { 0 });
+    }
+
+    /// A backend's stat word.
+    pub fn stat(&self, slot: u32, word: usize) -> u32 {
+        self.with_table(|t, _, _| t.stat(slot, word)).unwrap_or(0)
+    }
+
+    /// A pick from the shared state, exactly as a hook makes it (`advance`: take the turn and
+    /// count the connect; otherwise a dry run).
+    ///
+    /// # Errors
+    /// [`Miss`] as for the hook; `Unreadable` before the first generation.
+    pub fn pick(&self, ask: &Ask<'_>, advance: bool) -> Result<Picked, Miss> {
+        self.with_table(|t, _, _| pick::pick(t, self.live(), ask, advance))
+            .unwrap_or(Err(Miss::Unreadable))
+    }
+}
+
+/// Encodes one service and records its slots.
+fn encode(w: &mut Writer, service: &Arc<Service>, sets: &PickSets, now: Instant, fresh: &mut Vec<u32>) -> Cached {
+    let spec: &ServiceSpec = &service.spec;
+    let name = service.name();
+    let client_ports: Vec<u16> = spec.client_ports.keys().copied().collect();
+    let rr_slot = w.services.get(name, now, fresh);
+    let backends = spec
+        .backends
+        .iter()
+        .map(|b| {
+            let slot = w.backends.get(&(name.clone(), b.addr), now, fresh);
+            let ports: Vec<u16> = spec
+                .client_ports
+                .values()
+                .map(|pn| b.port_for(Some(pn)))
+                .collect();
+            if slot != NO_SLOT {
+                let mut all = vec![b.addr.port()];
+                all.extend(b.ports.values().copied());
+                all.sort_unstable();
+                all.dedup();
+                w.slot_info.insert(
+                    slot,
+                    SlotInfo {
+                        service: name.clone(),
+                        backend: b.addr,
+                        ports: all,
+                        policy: spec.lb,
+                    },
+                );
+            }
+            build::Backend {
+                addr: b.addr,
+                weight: b.weight,
+                priority: b.priority,
+                slot,
+                ports,
+            }
+        })
+        .collect();
+    let record = build::service(&build::Service {
+        name: name.as_str(),
+        policy: policy(spec.lb),
+        rr_slot,
+        client_ports,
+        backends,
+        v4: wire_set(&sets.v4),
+        v6: sets.v6.as_ref().map(wire_set),
+    });
+    let magics = std::iter::once(IpAddr::V4(service.magic_v4))
+        .chain(service.magic_v6.map(IpAddr::V6))
+        .collect();
+    let ramp = sets.ramping.then(|| now + Duration::from_secs(1));
+    let rebuild_at = match (ramp, sets.ejection_ends) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Cached {
+        service: service.clone(),
+        record,
+        magics,
+        rebuild_at,
+    }
+}
+
+fn copy_stats(old: &TableFile, new: &TableFile) {
+    let slots = BACKEND_SLOTS as usize;
+    for slot in 0..slots as u32 {
+        for word in 0..wire_table::STAT_WORDS {
+            let from = wire_table::stat_index(old.area_words, slot, word);
+            if let Some(v) = old.map.words().get(from) {
+                let v = v.load(Ordering::Relaxed);
+                if v != 0 {
+                    wire_table::set_stat(new.map.words(), new.area_words, slot, word, u32::from_le(v));
+                }
+            }
+        }
+    }
+}
+
+impl TableFile {
+    /// A new table file beside `path` (a fresh name, never following a link), mapped.
+    fn create(path: &Path, area_words: usize) -> std::io::Result<Self> {
+        let words = wire_table::table_words(area_words, BACKEND_SLOTS as usize);
+        let tmp = temp_name(path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        let result = (|| {
+            file.set_len(words as u64 * 4)?;
+            let map = Mapping::map(file.as_fd(), words, true).map_err(std::io::Error::from_raw_os_error)?;
+            let header = wire_table::header(
+                u32::try_from(area_words).unwrap_or(u32::MAX),
+                BACKEND_SLOTS,
+                std::process::id(),
+            );
+            for (w, h) in map.words().iter().zip(header) {
+                w.store(h, Ordering::Relaxed);
+            }
+            Ok(Self {
+                map: Arc::new(map),
+                area_words,
+                tmp: Some(tmp.clone()),
+            })
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Renames the new file over `path`, once it holds its first generation.
+    fn install(&mut self, path: &Path) -> std::io::Result<()> {
+        let Some(tmp) = self.tmp.take() else {
+            return Ok(());
+        };
+        std::fs::rename(&tmp, path).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+    }
+}
+
+fn temp_name(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".new.{:016x}", rand::random::<u64>()));
+    path.with_file_name(name)
+}
+
+/// Marks a table file that an earlier daemon left as superseded, so hooks that mapped it open
+/// the path again and find this daemon's table. Not a table, or not ours: left alone.
+pub fn supersede_left_over(path: &Path) {
+    let Ok(file) = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    else {
+        return;
+    };
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return;
+    };
+    let words = (len / 4) as usize;
+    if words < wire_table::HEADER_WORDS {
+        return;
+    }
+    if let Ok(map) = Mapping::map(file.as_fd(), words, true)
+        && Table::new(map.words()).is_ok()
+    {
+        wire_table::supersede(map.words());
+    }
+    drop::<File>(file);
+}
+
+impl LiveRegion {
+    fn create() -> Result<Self, i32> {
+        let words = live::live_words(SERVICE_SLOTS as usize, BACKEND_SLOTS as usize, RING as usize);
+        let fd = discotech_shm::sealed_memfd(c"discotech-live", words as u64 * 4)?;
+        let map = Mapping::map(fd.as_fd(), words, true)?;
+        let epoch = rand::random::<u64>() | 1;
+        for (w, h) in map
+            .words()
+            .iter()
+            .zip(live::header(SERVICE_SLOTS, BACKEND_SLOTS, RING, epoch))
+        {
+            w.store(h, Ordering::Relaxed);
+        }
+        Ok(Self { fd, map, epoch })
+    }
+}
+
+#[cfg(test)]
+mod tests;
