@@ -87,6 +87,8 @@ pub struct PickSets {
     pub ramping: bool,
     /// The earliest end of an ejection in force: the candidates change then.
     pub ejection_ends: Option<Instant>,
+    /// Per backend (by index): ejected or held out after failures.
+    pub out: Vec<bool>,
 }
 
 /// What [`Balancer::report_failure`] did with a report, for logs and metrics.
@@ -430,19 +432,32 @@ impl Balancer {
             }
         };
         let v4 = family(false);
-        let v6 = spec.backends.iter().any(|b| b.addr.is_ipv6()).then(|| family(true));
+        let v6 = spec
+            .backends
+            .iter()
+            .any(|b| b.addr.is_ipv6())
+            .then(|| family(true));
         let ramping = spec.slow_start.as_deref().is_some_and(|slow| {
             state.backends.iter().any(|b| {
                 b.ramp_start(now)
                     .is_some_and(|since| now.saturating_duration_since(since) < slow.window)
             })
         });
-        let ejection_ends = state.backends.iter().filter_map(|b| b.ejected_until).filter(|&t| t > now).min();
+        let ejection_ends = state
+            .backends
+            .iter()
+            .filter_map(|b| b.ejected_until)
+            .filter(|&t| t > now)
+            .min();
+        let out = (0..spec.backends.len())
+            .map(|i| state.backends.get(i).is_some_and(|b| b.out_at(now)))
+            .collect();
         PickSets {
             v4,
             v6,
             ramping,
             ejection_ends,
+            out,
         }
     }
 

@@ -38,7 +38,7 @@ use crate::latency::{Watch, Watcher};
 use crate::metrics::{HookLabels, METRICS};
 use crate::registry::Command;
 use crate::reports::{Hint, Hints, Prober};
-use crate::service::{ServiceSpec};
+use crate::service::ServiceSpec;
 use crate::snapshot::{Service, SharedSnapshot};
 use crate::table::RoutingTable;
 
@@ -414,10 +414,7 @@ fn handle(
             return Some(Ok(Reply::refuse(id, Status::BadRequest, 0).encode()));
         }
     };
-    let rand = shared
-        .rng
-        .lock()
-        .map_or(0, |mut r| r.random::<u64>());
+    let rand = shared.rng.lock().map_or(0, |mut r| r.random::<u64>());
     let reply = answer(shared, &req, outstanding, key, rand)?.encode();
     METRICS
         .hook_duration

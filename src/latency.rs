@@ -288,12 +288,15 @@ mod tests {
         let s = settle(&mut w, &table, t0 + Duration::from_millis(1010));
         assert_eq!(s.len(), 2);
         assert_eq!(
-            s.iter().map(|s| (s.watch.local_port, s.failed)).collect::<Vec<_>>(),
+            s.iter()
+                .map(|s| (s.watch.local_port, s.failed))
+                .collect::<Vec<_>>(),
             [(2, false), (5, true)],
             "the one given up on is a failure hint"
         );
         assert!(
-            s.iter().all(|s| s.latency == Some(Duration::from_millis(1000))),
+            s.iter()
+                .all(|s| s.latency == Some(Duration::from_millis(1000))),
             "both seen connecting for 1 s: {s:?}"
         );
         assert!(w.is_empty());

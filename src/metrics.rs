@@ -107,7 +107,7 @@ impl Metrics {
         );
         r.register(
             "hook_requests",
-            "Backend picks asked for by hooked connects, by service and result",
+            "Hook traffic to the daemon by service and result: picks asked over the socket (hooks without the shared table), failure reports and what the daemon's own probe made of them",
             m.hook_requests.clone(),
         );
         r.register(

@@ -126,6 +126,14 @@ impl Prober {
         }
     }
 
+    /// Publishes what the probe found (p2c and least-conn avoid a failing backend at once,
+    /// before any ejection).
+    fn mark_failing(&self, hint: &Hint, failing: bool) {
+        if let Some(slot) = self.table.slot_of(&hint.service, hint.backend) {
+            self.table.set_failing(slot, failing);
+        }
+    }
+
     async fn probe(&self, hint: Hint) {
         let result =
             tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(hint.addr)).await;
@@ -133,12 +141,14 @@ impl Prober {
             Ok(Ok(_)) => {
                 debug!(service = %hint.service, addr = %hint.addr, "failure hint not confirmed: the backend accepts");
                 count(hint.service.as_str(), "hint_refuted");
+                self.mark_failing(&hint, false);
                 return;
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {PROBE_TIMEOUT:?}"),
         };
         count(hint.service.as_str(), "hint_confirmed");
+        self.mark_failing(&hint, true);
         let snap = self.snapshot.load();
         let Some(service) = snap.service(hint.service.as_str()) else {
             return;
@@ -300,13 +310,18 @@ impl Reader {
                         }
                     }
                     Take::Lapped(t) => {
-                        debug!(skipped = t.wrapping_sub(tail), "hook report ring overran; reports lost");
+                        debug!(
+                            skipped = t.wrapping_sub(tail),
+                            "hook report ring overran; reports lost"
+                        );
                         tail = t;
                     }
                     Take::NotYet => {
                         let now = Instant::now();
                         match stuck_since {
-                            Some((t, since)) if t == tail && now.saturating_duration_since(since) >= STUCK => {
+                            Some((t, since))
+                                if t == tail && now.saturating_duration_since(since) >= STUCK =>
+                            {
                                 tail = tail.wrapping_add(1);
                                 stuck_since = None;
                                 continue;
@@ -348,7 +363,8 @@ impl Reader {
         if let Some(t) = self.table.rebuild_at() {
             at = at.min(t);
         }
-        at.saturating_duration_since(now).min(Duration::from_secs(1))
+        at.saturating_duration_since(now)
+            .min(Duration::from_secs(1))
     }
 
     fn handle(&self, e: &Entry) {
@@ -395,6 +411,7 @@ impl Reader {
             }
             Report::Connected { latency_us } => {
                 uncount_it();
+                self.table.set_failing(e.slot, false);
                 if info.policy == LbPolicy::P2cEwma && latency_us > 0 {
                     let took = Duration::from_micros(u64::from(latency_us));
                     observe(&self.table, &info.service, info.backend, e.slot, took);
@@ -452,13 +469,25 @@ fn publish_connections(table: &RoutingTable, slots: &[(u32, crate::table::SlotIn
             .sum();
         table.set_stat(*slot, 0, n);
         if let Some(c) = live.and_then(|l| l.in_flight(*slot)) {
-            c.fetch_sub(seen.to_le(), Ordering::Relaxed);
+            let was = u32::from_le(c.fetch_sub(seen.to_le(), Ordering::Relaxed));
+            // A failed connect uncounted by its hook after this count took it off: the counter
+            // went below zero; bring it back rather than undercount from now on.
+            let now = was.wrapping_sub(seen);
+            if (now as i32) < 0 {
+                let _ = c.compare_exchange(now.to_le(), 0, Ordering::Relaxed, Ordering::Relaxed);
+            }
         }
     }
 }
 
 /// Feeds one connect latency to p2c-ewma and publishes the backend's new estimate.
-pub fn observe(table: &RoutingTable, service: &ServiceName, backend: SocketAddr, slot: u32, took: Duration) {
+pub fn observe(
+    table: &RoutingTable,
+    service: &ServiceName,
+    backend: SocketAddr,
+    slot: u32,
+    took: Duration,
+) {
     let now = Instant::now();
     let estimate = {
         let mut balancer = table
@@ -479,6 +508,7 @@ fn on_settled(table: &RoutingTable, hints: &Hints, settled: Vec<Settled>) {
     let live = table.live();
     for s in settled {
         let w = &s.watch;
+
         if w.counted
             && let Some(live) = live
         {
@@ -486,6 +516,11 @@ fn on_settled(table: &RoutingTable, hints: &Hints, settled: Vec<Settled>) {
         }
         if let Some(latency) = s.latency {
             observe(table, &w.service, w.backend, w.slot, latency);
+        }
+        // A connect seen established clears the mark; one seen failing (it was seen
+        // connecting, so this is no quick connection missed between two looks) sets it.
+        if w.slot != NO_SLOT && (!s.failed || s.latency.is_some()) {
+            table.set_failing(w.slot, s.failed);
         }
         if s.failed {
             hints.send(Hint {

@@ -27,7 +27,9 @@ use discotech_shm::Mapping;
 use discotech_wire::live::{self, Live};
 use discotech_wire::pick::{self, Ask, Miss, Picked};
 use discotech_wire::table::build::{self, AreaInfo};
-use discotech_wire::table::{self as wire_table, NO_SLOT, Policy, STAT_MEASURED, Table};
+use discotech_wire::table::{
+    self as wire_table, NO_SLOT, Policy, STAT_FAILING, STAT_MEASURED, Standing, Table,
+};
 use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, info, warn};
 
@@ -167,7 +169,13 @@ pub struct RoutingTable {
     /// The current table mapping, for readers (picks for the socket, explanations, stats).
     current: ArcSwap<Option<(Arc<Mapping>, usize)>>,
     writer: Mutex<Writer>,
+    /// Backends marked failing, and when the mark lapses.
+    failing: Mutex<HashMap<u32, Instant>>,
 }
+
+/// How long a failing mark holds without a new failure. It is a hint to p2c and least-conn,
+/// not an ejection: it lapses by itself, so a backend nobody tries again is tried again.
+pub const FAILING_HOLDS: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for RoutingTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -249,6 +257,7 @@ impl RoutingTable {
                 last: None,
                 rebuild_at: None,
             }),
+            failing: Mutex::new(HashMap::new()),
         }
     }
 
@@ -288,6 +297,21 @@ impl RoutingTable {
 
     /// Rebuilds the last snapshot's generation if something in it changes with time.
     pub fn refresh(&self, now: Instant) {
+        let lapsed: Vec<u32> = {
+            let mut marks = lock(&self.failing);
+            let lapsed = marks
+                .iter()
+                .filter(|&(_, &until)| until <= now)
+                .map(|(&s, _)| s)
+                .collect();
+            marks.retain(|_, until| *until > now);
+            lapsed
+        };
+        for slot in lapsed {
+            self.with_table(|_, words, area_words| {
+                wire_table::update_stat(words, area_words, slot, 2, STAT_FAILING, 0);
+            });
+        }
         let last = {
             let w = lock(&self.writer);
             match (w.rebuild_at, &w.last) {
@@ -446,7 +470,10 @@ impl RoutingTable {
             .copied()
     }
 
-    fn with_table<R>(&self, f: impl FnOnce(&Table<'_, [AtomicU32]>, &[AtomicU32], usize) -> R) -> Option<R> {
+    fn with_table<R>(
+        &self,
+        f: impl FnOnce(&Table<'_, [AtomicU32]>, &[AtomicU32], usize) -> R,
+    ) -> Option<R> {
         let cur = self.current.load();
         let (map, area_words) = cur.as_ref().as_ref()?;
         let table = Table::new(map.words()).ok()?;
@@ -464,7 +491,27 @@ impl RoutingTable {
     pub fn set_latency(&self, slot: u32, estimate: Option<Duration>) {
         let us = estimate.map_or(0, |d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
         self.set_stat(slot, 1, us);
-        self.set_stat(slot, 2, if estimate.is_some() { STAT_MEASURED } else { 0 });
+        self.with_table(|_, words, area_words| {
+            let measured = if estimate.is_some() { STAT_MEASURED } else { 0 };
+            wire_table::update_stat(words, area_words, slot, 2, STAT_MEASURED, measured);
+        });
+    }
+
+    /// Publishes whether the last connect to a backend the daemon saw settle failed; the mark
+    /// lapses after [`FAILING_HOLDS`] (see [`Self::refresh`]).
+    pub fn set_failing(&self, slot: u32, failing: bool) {
+        {
+            let mut marks = lock(&self.failing);
+            if failing {
+                marks.insert(slot, Instant::now() + FAILING_HOLDS);
+            } else if marks.remove(&slot).is_none() {
+                return;
+            }
+        }
+        self.with_table(|_, words, area_words| {
+            let value = if failing { STAT_FAILING } else { 0 };
+            wire_table::update_stat(words, area_words, slot, 2, STAT_FAILING, value);
+        });
     }
 
     /// A backend's stat word.
@@ -484,15 +531,33 @@ impl RoutingTable {
 }
 
 /// Encodes one service and records its slots.
-fn encode(w: &mut Writer, service: &Arc<Service>, sets: &PickSets, now: Instant, fresh: &mut Vec<u32>) -> Cached {
+fn encode(
+    w: &mut Writer,
+    service: &Arc<Service>,
+    sets: &PickSets,
+    now: Instant,
+    fresh: &mut Vec<u32>,
+) -> Cached {
     let spec: &ServiceSpec = &service.spec;
     let name = service.name();
     let client_ports: Vec<u16> = spec.client_ports.keys().copied().collect();
     let rr_slot = w.services.get(name, now, fresh);
+    let in_set = |i: usize| {
+        let has = |set: &PickSet| set.candidates.iter().any(|&(c, _)| c == i);
+        has(&sets.v4) || sets.v6.as_ref().is_some_and(has)
+    };
+    let best_tier = spec
+        .backends
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| in_set(i))
+        .map(|(_, b)| b.priority)
+        .min();
     let backends = spec
         .backends
         .iter()
-        .map(|b| {
+        .enumerate()
+        .map(|(i, b)| {
             let slot = w.backends.get(&(name.clone(), b.addr), now, fresh);
             let ports: Vec<u16> = spec
                 .client_ports
@@ -514,12 +579,22 @@ fn encode(w: &mut Writer, service: &Arc<Service>, sets: &PickSets, now: Instant,
                     },
                 );
             }
+            let standing = if in_set(i) {
+                Standing::Candidate
+            } else if sets.out.get(i).copied().unwrap_or(false) {
+                Standing::Out
+            } else if best_tier.is_some_and(|t| b.priority > t) {
+                Standing::LowerTier
+            } else {
+                Standing::OtherZone
+            };
             build::Backend {
                 addr: b.addr,
                 weight: b.weight,
                 priority: b.priority,
                 slot,
                 ports,
+                standing,
             }
         })
         .collect();
@@ -556,7 +631,13 @@ fn copy_stats(old: &TableFile, new: &TableFile) {
             if let Some(v) = old.map.words().get(from) {
                 let v = v.load(Ordering::Relaxed);
                 if v != 0 {
-                    wire_table::set_stat(new.map.words(), new.area_words, slot, word, u32::from_le(v));
+                    wire_table::set_stat(
+                        new.map.words(),
+                        new.area_words,
+                        slot,
+                        word,
+                        u32::from_le(v),
+                    );
                 }
             }
         }
@@ -577,7 +658,8 @@ impl TableFile {
             .open(&tmp)?;
         let result = (|| {
             file.set_len(words as u64 * 4)?;
-            let map = Mapping::map(file.as_fd(), words, true).map_err(std::io::Error::from_raw_os_error)?;
+            let map = Mapping::map(file.as_fd(), words, true)
+                .map_err(std::io::Error::from_raw_os_error)?;
             let header = wire_table::header(
                 u32::try_from(area_words).unwrap_or(u32::MAX),
                 BACKEND_SLOTS,
@@ -610,7 +692,10 @@ impl TableFile {
 }
 
 fn temp_name(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(format!(".new.{:016x}", rand::random::<u64>()));
     path.with_file_name(name)
 }
@@ -643,14 +728,18 @@ pub fn supersede_left_over(path: &Path) {
 
 impl LiveRegion {
     fn create() -> Result<Self, i32> {
-        let words = live::live_words(SERVICE_SLOTS as usize, BACKEND_SLOTS as usize, RING as usize);
+        let words = live::live_words(
+            SERVICE_SLOTS as usize,
+            BACKEND_SLOTS as usize,
+            RING as usize,
+        );
         let fd = discotech_shm::sealed_memfd(c"discotech-live", words as u64 * 4)?;
         let map = Mapping::map(fd.as_fd(), words, true)?;
         let epoch = rand::random::<u64>() | 1;
-        for (w, h) in map
-            .words()
-            .iter()
-            .zip(live::header(SERVICE_SLOTS, BACKEND_SLOTS, RING, epoch))
+        for (w, h) in
+            map.words()
+                .iter()
+                .zip(live::header(SERVICE_SLOTS, BACKEND_SLOTS, RING, epoch))
         {
             w.store(h, Ordering::Relaxed);
         }

@@ -229,7 +229,10 @@ mod tests {
         assert_eq!(cfg.magic_v4, DEFAULT_MAGIC_V4);
         assert_eq!(cfg.magic_v6, None);
         // A table naming the whole address space is not believed.
-        let wide = (Some((Ipv4Addr::UNSPECIFIED, 0)), Some((Ipv6Addr::UNSPECIFIED, 8)));
+        let wide = (
+            Some((Ipv4Addr::UNSPECIFIED, 0)),
+            Some((Ipv6Addr::UNSPECIFIED, 8)),
+        );
         cfg.set_ranges(None, None, Some(wide));
         assert_eq!(cfg.magic_v4, DEFAULT_MAGIC_V4);
         assert_eq!(cfg.magic_v6, None);

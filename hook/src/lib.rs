@@ -58,12 +58,7 @@ fn hooked(
         return None;
     }
     let saved = sys::errno();
-    match route::on_connect(
-        &os::RealOs { real, cfg, family },
-        &STATE,
-        fd,
-        dest,
-    ) {
+    match route::on_connect(&os::RealOs { real, cfg, family }, &STATE, fd, dest) {
         Verdict::PassThrough => {
             sys::set_errno(saved);
             None
@@ -91,9 +86,8 @@ extern "C" fn init() {
     sys::with_env(c"DISCOTECH_HASH_KEY", |key| cfg.set_hash_key(key));
     cfg.secure = sys::secure();
     cfg.euid = sys::uids().1;
-    let ranges = maps::table(&cfg).and_then(|t| {
-        t.read(|area| Some((Some(area.magic_v4()?), area.magic_v6())))
-    });
+    let ranges = maps::table(&cfg)
+        .and_then(|t| t.read(|area| Some((Some(area.magic_v4()?), area.magic_v6()))));
     sys::with_env(c"DISCOTECH_MAGIC_V4", |v4| {
         sys::with_env(c"DISCOTECH_MAGIC_V6", |v6| cfg.set_ranges(v4, v6, ranges))
     });

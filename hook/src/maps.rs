@@ -36,7 +36,12 @@ fn due(next: &AtomicI64) -> bool {
     let at = next.load(Ordering::Relaxed);
     now >= at
         && next
-            .compare_exchange(at, now.saturating_add(RETRY_MS), Ordering::AcqRel, Ordering::Relaxed)
+            .compare_exchange(
+                at,
+                now.saturating_add(RETRY_MS),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
             .is_ok()
 }
 

@@ -195,7 +195,15 @@ impl<O: Os> Call<'_, O> {
                 Err(Miss::NoBackend) if attempt == 0 && self.state.holds.any() => {
                     // Every backend left is one this process holds: better one of them than
                     // none (the hold is a guess; the daemon has not ejected them).
-                    match pick(table, live, &Ask { exclude: &[], ..ask }, true) {
+                    match pick(
+                        table,
+                        live,
+                        &Ask {
+                            exclude: &[],
+                            ..ask
+                        },
+                        true,
+                    ) {
                         Ok(p) => p,
                         Err(_) => break,
                     }
@@ -219,17 +227,29 @@ impl<O: Os> Call<'_, O> {
                     self.state
                         .holds
                         .put(p.addr, os.now_ms().saturating_add(HOLD_MS));
-                    self.tell(live.as_ref(), &p, Report::Failed {
-                        errno: u16::try_from(e).unwrap_or(u16::MAX),
-                    });
+                    self.tell(
+                        live.as_ref(),
+                        &p,
+                        Report::Failed {
+                            errno: u16::try_from(e).unwrap_or(u16::MAX),
+                        },
+                    );
                 }
-                _ => {
+                Err(_) => {
                     self.uncount(live.as_ref(), &p);
-                    if timed && r.is_ok() {
+                    return Some(Verdict::Return(r));
+                }
+                Ok(()) => {
+                    self.uncount_returned(live.as_ref(), &p);
+                    if timed {
                         let took = os.now_us().saturating_sub(started);
-                        self.tell(live.as_ref(), &p, Report::Connected {
-                            latency_us: u32::try_from(took).unwrap_or(u32::MAX).max(1),
-                        });
+                        self.tell(
+                            live.as_ref(),
+                            &p,
+                            Report::Connected {
+                                latency_us: u32::try_from(took).unwrap_or(u32::MAX).max(1),
+                            },
+                        );
                     }
                     return Some(Verdict::Return(r));
                 }
@@ -246,10 +266,11 @@ impl<O: Os> Call<'_, O> {
         }
         match (live, self.os.local_port(self.fd)) {
             (Some(_), Some(local_port)) => self.tell(live, p, Report::Pending { local_port }),
-            _ => self.uncount(live, p),
+            _ => self.uncount_returned(live, p),
         }
     }
 
+    /// Uncounts a connect that failed: it never reaches the kernel's table of connections.
     fn uncount(&self, live: Option<&Live<'_>>, p: &Picked) {
         if p.counted
             && let Some(l) = live
@@ -258,14 +279,28 @@ impl<O: Os> Call<'_, O> {
         }
     }
 
+    /// Uncounts a connect that returned (or is left to the daemon), unless its policy is
+    /// least-conn: there a pick counts until the daemon's next look at the kernel's socket
+    /// table, which then shows the connection itself.
+    fn uncount_returned(&self, live: Option<&Live<'_>>, p: &Picked) {
+        if p.policy != Policy::LeastConn {
+            self.uncount(live, p);
+        }
+    }
+
     fn tell(&self, live: Option<&Live<'_>>, p: &Picked, report: Report) {
         if let Some(l) = live {
-            self.os.report(l, &Entry {
-                report,
-                slot: p.slot,
-                remote_port: p.addr.port(),
-                counted: p.counted && matches!(report, Report::Pending { .. }),
-            });
+            self.os.report(
+                l,
+                &Entry {
+                    report,
+                    slot: p.slot,
+                    remote_port: p.addr.port(),
+                    counted: p.counted
+                        && p.policy != Policy::LeastConn
+                        && matches!(report, Report::Pending { .. }),
+                },
+            );
         }
     }
 

@@ -288,7 +288,14 @@ mod tests {
         assert!(h.any());
         let mut out = [Some(a("127.0.0.9:1")), None, None];
         h.fill(&mut out, 400);
-        assert_eq!(out, [Some(a("127.0.0.9:1")), Some(a("127.0.0.2:8080")), Some(a("[fd00::2]:443"))]);
+        assert_eq!(
+            out,
+            [
+                Some(a("127.0.0.9:1")),
+                Some(a("127.0.0.2:8080")),
+                Some(a("[fd00::2]:443"))
+            ]
+        );
         let mut out = [None, None];
         h.fill(&mut out, 600);
         assert_eq!(out, [Some(a("127.0.0.2:8080")), None], "one hold ended");

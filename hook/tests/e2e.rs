@@ -512,7 +512,10 @@ fn a_restarted_daemon_is_found_again_by_a_running_client() {
     assert_eq!(rest.len(), 27);
     // The stopped daemon marked its table superseded: the client looks at the path again every
     // 200 ms until the new one is there, then follows it (50 ms between connects).
-    let first_b = rest.iter().position(|l| l == "OK b").expect("follows the new daemon");
+    let first_b = rest
+        .iter()
+        .position(|l| l == "OK b")
+        .expect("follows the new daemon");
     assert!(first_b <= 10, "{rest:?}");
     assert!(rest[first_b..].iter().all(|l| l == "OK b"), "{rest:?}");
 }

@@ -31,7 +31,10 @@ fn web(lb: LbPolicy, backends: &[SocketAddr]) -> Service {
 }
 
 fn two() -> [SocketAddr; 2] {
-    ["127.0.0.2:8080".parse().unwrap(), "127.0.0.3:8080".parse().unwrap()]
+    [
+        "127.0.0.2:8080".parse().unwrap(),
+        "127.0.0.3:8080".parse().unwrap(),
+    ]
 }
 
 struct Server {
@@ -105,34 +108,52 @@ async fn eventually(mut f: impl FnMut() -> bool) -> bool {
 
 #[tokio::test]
 async fn picks_round_robin_over_a_real_socket_and_maps_named_ports() {
-    let server = start(vec![web(LbPolicy::RoundRobin, &two())], HookServerConfig::default());
+    let server = start(
+        vec![web(LbPolicy::RoundRobin, &two())],
+        HookServerConfig::default(),
+    );
     let mut conn = UnixStream::connect(&server.path).await.unwrap();
     let mut seen = Vec::new();
     for id in 0..4 {
         let r = ask(&mut conn, pick(id, WEB.into(), 80)).await;
         assert_eq!(r.status, Status::Ok);
-        assert_eq!(r.flags & FLAG_REPORT_DONE, 0, "round robin wants no done reports");
+        assert_eq!(
+            r.flags & FLAG_REPORT_DONE,
+            0,
+            "round robin wants no done reports"
+        );
         seen.push(r.backend_addr());
     }
     let [a, b] = two();
     assert!(seen == [a, b, a, b] || seen == [b, a, b, a], "{seen:?}");
 
     // Client port 9000 is "grpc": .3 serves it on 9090, .2 on its default port.
-    let r1 = ask(&mut conn, pick(10, WEB.into(), 9000)).await.backend_addr();
-    let r2 = ask(&mut conn, pick(11, WEB.into(), 9000)).await.backend_addr();
+    let r1 = ask(&mut conn, pick(10, WEB.into(), 9000))
+        .await
+        .backend_addr();
+    let r2 = ask(&mut conn, pick(11, WEB.into(), 9000))
+        .await
+        .backend_addr();
     let mut got = [r1, r2];
     got.sort();
     assert_eq!(got, [a, "127.0.0.3:9090".parse().unwrap()]);
 
     // The v4-mapped form and the v6 magic address name the same service.
     let mapped = IpAddr::V6(WEB.to_ipv6_mapped());
-    assert_eq!(ask(&mut conn, pick(12, mapped, 80)).await.status, Status::Ok);
+    assert_eq!(
+        ask(&mut conn, pick(12, mapped, 80)).await.status,
+        Status::Ok
+    );
     let mut v6 = pick(13, "fd64:d15c::9".parse().unwrap(), 80);
     v6.flags = FLAG_INET6;
     assert_eq!(ask(&mut conn, v6).await.status, Status::Ok);
 
     // An address in the range that no service holds.
-    let r = ask(&mut conn, pick(14, Ipv4Addr::new(127, 77, 0, 10).into(), 80)).await;
+    let r = ask(
+        &mut conn,
+        pick(14, Ipv4Addr::new(127, 77, 0, 10).into(), 80),
+    )
+    .await;
     assert_eq!(r.status, Status::UnknownService);
 
     server.shutdown.cancel();
@@ -145,7 +166,10 @@ async fn picks_round_robin_over_a_real_socket_and_maps_named_ports() {
 
 #[tokio::test]
 async fn socket_picks_and_table_picks_share_one_rotation() {
-    let server = start(vec![web(LbPolicy::RoundRobin, &two())], HookServerConfig::default());
+    let server = start(
+        vec![web(LbPolicy::RoundRobin, &two())],
+        HookServerConfig::default(),
+    );
     let mut conn = UnixStream::connect(&server.path).await.unwrap();
     let dest = SocketAddr::new(WEB.into(), 80);
     let ask_table = || Ask {
@@ -158,11 +182,18 @@ async fn socket_picks_and_table_picks_share_one_rotation() {
     };
     let mut seen = Vec::new();
     for id in 0..3 {
-        seen.push(ask(&mut conn, pick(id, WEB.into(), 80)).await.backend_addr());
+        seen.push(
+            ask(&mut conn, pick(id, WEB.into(), 80))
+                .await
+                .backend_addr(),
+        );
         seen.push(server.table.pick(&ask_table(), true).unwrap().addr);
     }
     let [a, b] = two();
-    assert!(seen == [a, b, a, b, a, b] || seen == [b, a, b, a, b, a], "{seen:?}");
+    assert!(
+        seen == [a, b, a, b, a, b] || seen == [b, a, b, a, b, a],
+        "{seen:?}"
+    );
 }
 
 #[tokio::test]
@@ -190,7 +221,11 @@ async fn a_failure_report_is_a_hint_the_daemon_confirms_before_ejecting() {
     assert!(rx.try_recv().is_err(), "a refuted hint ejects nothing");
     let mut seen = Vec::new();
     for id in 2..6 {
-        seen.push(ask(&mut conn, pick(id, WEB.into(), 80)).await.backend_addr());
+        seen.push(
+            ask(&mut conn, pick(id, WEB.into(), 80))
+                .await
+                .backend_addr(),
+        );
     }
     assert!(seen.contains(&good), "{seen:?}");
 
@@ -200,7 +235,13 @@ async fn a_failure_report_is_a_hint_the_daemon_confirms_before_ejecting() {
         .await
         .unwrap()
         .unwrap();
-    let Command::Eject { service, addr, reason, .. } = eject else {
+    let Command::Eject {
+        service,
+        addr,
+        reason,
+        ..
+    } = eject
+    else {
         panic!("not an ejection: {eject:?}");
     };
     assert_eq!((service.as_str(), addr), ("web", dead));
@@ -242,7 +283,10 @@ async fn without_a_registry_a_confirmed_failure_leaves_the_table_at_once() {
 
 #[tokio::test]
 async fn other_versions_get_a_reason_and_garbage_gets_disconnected() {
-    let server = start(vec![web(LbPolicy::RoundRobin, &two())], HookServerConfig::default());
+    let server = start(
+        vec![web(LbPolicy::RoundRobin, &two())],
+        HookServerConfig::default(),
+    );
     let mut conn = UnixStream::connect(&server.path).await.unwrap();
     let mut bytes = pick(5, WEB.into(), 80).encode();
     bytes[2] = 9;
@@ -269,7 +313,10 @@ async fn idle_peers_are_dropped_and_the_peer_cap_holds() {
     };
     let server = start(vec![web(LbPolicy::RoundRobin, &two())], cfg);
     let mut first = UnixStream::connect(&server.path).await.unwrap();
-    assert_eq!(ask(&mut first, pick(1, WEB.into(), 80)).await.status, Status::Ok);
+    assert_eq!(
+        ask(&mut first, pick(1, WEB.into(), 80)).await.status,
+        Status::Ok
+    );
     // A second peer over the cap is closed without an answer.
     let mut second = UnixStream::connect(&server.path).await.unwrap();
     let _ = second.write_all(&pick(2, WEB.into(), 80).encode()).await;
@@ -289,7 +336,10 @@ async fn idle_peers_are_dropped_and_the_peer_cap_holds() {
 
 #[tokio::test]
 async fn p2c_socket_picks_count_in_flight_until_done_or_the_peer_leaves() {
-    let server = start(vec![web(LbPolicy::P2c, &two())], HookServerConfig::default());
+    let server = start(
+        vec![web(LbPolicy::P2c, &two())],
+        HookServerConfig::default(),
+    );
     let in_flight = |table: &RoutingTable| {
         let live = table.live().unwrap();
         (0..live.backend_slots() as u32)
@@ -306,7 +356,10 @@ async fn p2c_socket_picks_count_in_flight_until_done_or_the_peer_leaves() {
     done.backend = r.backend;
     done.backend_port = r.backend_port;
     conn.write_all(&done.encode()).await.unwrap();
-    assert!(eventually(|| in_flight(&server.table) == 0).await, "done uncounts");
+    assert!(
+        eventually(|| in_flight(&server.table) == 0).await,
+        "done uncounts"
+    );
     // A second done for the same pick does not go negative.
     conn.write_all(&done.encode()).await.unwrap();
     let _ = ask(&mut conn, pick(2, WEB.into(), 80)).await;
@@ -320,7 +373,10 @@ async fn p2c_socket_picks_count_in_flight_until_done_or_the_peer_leaves() {
 #[tokio::test]
 async fn v4_socket_with_only_v6_backends_gets_no_backend() {
     let server = start(
-        vec![web(LbPolicy::RoundRobin, &["[fd00::2]:80".parse().unwrap()])],
+        vec![web(
+            LbPolicy::RoundRobin,
+            &["[fd00::2]:80".parse().unwrap()],
+        )],
         HookServerConfig::default(),
     );
     let mut conn = UnixStream::connect(&server.path).await.unwrap();
@@ -332,7 +388,10 @@ async fn v4_socket_with_only_v6_backends_gets_no_backend() {
 
 #[tokio::test]
 async fn the_live_region_is_handed_over_sealed_with_its_epoch() {
-    let server = start(vec![web(LbPolicy::RoundRobin, &two())], HookServerConfig::default());
+    let server = start(
+        vec![web(LbPolicy::RoundRobin, &two())],
+        HookServerConfig::default(),
+    );
     let conn = std::os::unix::net::UnixStream::connect(&server.path).unwrap();
     let mut req = pick(9, Ipv4Addr::UNSPECIFIED.into(), 0);
     req.kind = Kind::MapLive;
@@ -363,7 +422,9 @@ async fn the_live_region_is_handed_over_sealed_with_its_epoch() {
     assert_eq!(live.epoch(), reply.generation);
     assert_eq!(live.epoch(), server.table.live().unwrap().epoch());
     // The same memory: a count made through the mapping is the daemon's count.
-    live.in_flight(0).unwrap().fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    live.in_flight(0)
+        .unwrap()
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(server.table.live().unwrap().in_flight_count(0), 1);
 }
 

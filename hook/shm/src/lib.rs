@@ -50,7 +50,10 @@ impl Mapping {
     /// # Errors
     /// The errno of the failed call.
     pub fn map(fd: BorrowedFd<'_>, words: usize, writable: bool) -> Result<Self, c_int> {
-        let len = words.checked_mul(4).filter(|&l| l > 0).ok_or(libc::EINVAL)?;
+        let len = words
+            .checked_mul(4)
+            .filter(|&l| l > 0)
+            .ok_or(libc::EINVAL)?;
         if file_size(fd)? < len as u64 {
             return Err(libc::EINVAL);
         }
@@ -133,12 +136,8 @@ pub fn stat(fd: BorrowedFd<'_>) -> Result<libc::stat, c_int> {
 /// The errno of memfd_create, ftruncate or fcntl.
 pub fn sealed_memfd(name: &CStr, bytes: u64) -> Result<OwnedFd, c_int> {
     // SAFETY: name is NUL-terminated.
-    let raw = unsafe {
-        libc::memfd_create(
-            name.as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
+    let raw =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if raw < 0 {
         return Err(errno());
     }
@@ -187,14 +186,7 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout_ms: u32) {
 /// Wakes every process waiting in [`futex_wait`] on `word`. Async-signal-safe.
 pub fn futex_wake(word: &AtomicU32) {
     // SAFETY: a shared futex wake on a live, aligned word; the kernel only reads it.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE,
-            c_int::MAX,
-        )
-    };
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, c_int::MAX) };
 }
 
 const CMSG_SPACE: usize = 64;
@@ -206,7 +198,11 @@ struct CmsgBuf([u8; CMSG_SPACE]);
 ///
 /// # Errors
 /// The errno of sendmsg (EAGAIN when the socket buffer is full).
-pub fn send_with_fd(sock: BorrowedFd<'_>, bytes: &[u8], fd: BorrowedFd<'_>) -> Result<usize, c_int> {
+pub fn send_with_fd(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fd: BorrowedFd<'_>,
+) -> Result<usize, c_int> {
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr().cast_mut().cast(),
         iov_len: bytes.len(),
@@ -377,8 +373,7 @@ impl<const N: usize> Held<N> {
                 slot.seq.fetch_sub(1, Ordering::AcqRel);
                 return words;
             }
-            slot.ptr
-                .store(words.as_ptr().cast_mut(), Ordering::Release);
+            slot.ptr.store(words.as_ptr().cast_mut(), Ordering::Release);
             slot.len.store(words.len(), Ordering::Release);
             slot.seq.fetch_add(1, Ordering::AcqRel);
             self.current.store(i as u32 + 1, Ordering::Release);

@@ -21,10 +21,7 @@
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
-pub const LIVE_MAGIC: [u32; 2] = [
-    u32::from_le_bytes(*b"DTLI"),
-    u32::from_le_bytes(*b"VE01"),
-];
+pub const LIVE_MAGIC: [u32; 2] = [u32::from_le_bytes(*b"DTLI"), u32::from_le_bytes(*b"VE01")];
 pub const LIVE_VERSION: u32 = 1;
 pub const HEADER_WORDS: usize = 16;
 pub const ENTRY_WORDS: usize = 8;
@@ -155,8 +152,7 @@ fn get(mem: &[AtomicU32], i: usize) -> u32 {
 impl<'a> Live<'a> {
     /// None if the words are not a live region of this version (or shorter than it says).
     pub fn new(mem: &'a [AtomicU32]) -> Option<Self> {
-        if [get(mem, 0), get(mem, 1), get(mem, 2)] != [LIVE_MAGIC[0], LIVE_MAGIC[1], LIVE_VERSION]
-        {
+        if [get(mem, 0), get(mem, 1), get(mem, 2)] != [LIVE_MAGIC[0], LIVE_MAGIC[1], LIVE_VERSION] {
             return None;
         }
         let (rr, backends, ring) = (

@@ -10,7 +10,8 @@
 //! - random draws by weight from the caller's random bits;
 //! - p2c compares connects in flight (per unit of weight) of two weighted-random candidates,
 //!   p2c-ewma their latency estimate x (in flight + 1); a backend never measured that already
-//!   has a connect in flight costs the most, so it is explored one connect at a time;
+//!   has a connect in flight costs the most but one, so it is explored one connect at a time;
+//!   one whose last connect the daemon saw fail (refused, timed out) costs the most of all;
 //! - least-conn takes the fewest established connections (from the daemon's view of the
 //!   kernel's socket table) plus connects picked since, per unit of weight; ties go to the
 //!   larger weight, then in turn; above [`LEAST_CONN_SCAN`] candidates it compares two;
@@ -24,10 +25,12 @@ use core::sync::atomic::Ordering;
 
 use crate::live::Live;
 use crate::mix;
-use crate::table::{Mem, Policy, STAT_MEASURED, Set, Svc, Table};
+use crate::table::{Mem, Policy, STAT_FAILING, STAT_MEASURED, Set, Svc, Table};
 
 /// Above this many candidates least-conn compares two random ones instead of scanning all.
 pub const LEAST_CONN_SCAN: u32 = 16;
+/// At most this many backends are looked at to spill to (see `spill`).
+pub const MAX_SPILL_SCAN: u32 = 1024;
 
 /// One connect's question.
 #[derive(Clone, Copy, Debug)]
@@ -52,6 +55,8 @@ pub struct Cost {
     pub in_flight: u32,
     pub latency_us: u32,
     pub measured: bool,
+    /// The last connect to it the daemon saw settle failed.
+    pub failing: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +102,26 @@ impl<M: Mem + ?Sized> Ctx<'_, '_, M> {
         (!self.ask.exclude.contains(&Some(b.addr))).then_some((b.addr, b.slot, weight, index))
     }
 
+    /// Every candidate is excluded (each failed during this connect, or is held): the
+    /// service's other serving backends (a lower tier, another zone), the best tier first, in
+    /// turn. Better than refusing a connect that one of them would take.
+    fn spill(&self, turn: u32) -> Option<(SocketAddr, u32, u32, u32)> {
+        let n = self.svc.backend_count().min(MAX_SPILL_SCAN);
+        let spare = |i: u32| {
+            self.svc.backend(i, self.port_index).filter(|b| {
+                b.standing.serving()
+                    && (self.ask.v6_ok || b.addr.is_ipv4())
+                    && !self.ask.exclude.contains(&Some(b.addr))
+            })
+        };
+        let best = (0..n).filter_map(spare).map(|b| b.priority).min()?;
+        let tier = |i: &u32| spare(*i).is_some_and(|b| b.priority == best);
+        let k = (0..n).filter(tier).count() as u32;
+        let i = (0..n).filter(tier).nth((turn % k.max(1)) as usize)?;
+        let b = spare(i)?;
+        Some((b.addr, b.slot, u32::from(b.weight), b.index))
+    }
+
     fn first_usable_from(&self, start: u32) -> Option<u32> {
         let c = self.set.count();
         (0..c)
@@ -133,14 +158,18 @@ impl<M: Mem + ?Sized> Ctx<'_, '_, M> {
 
     fn cost(&self, policy: Policy, slot: u32) -> (u64, Cost) {
         let in_flight = self.live.map_or(0, |l| l.in_flight_count(slot));
+        let flags = self.table.stat(slot, 2);
         let c = Cost {
             connections: self.table.stat(slot, 0),
             in_flight,
             latency_us: self.table.stat(slot, 1),
-            measured: self.table.stat(slot, 2) & STAT_MEASURED != 0,
+            measured: flags & STAT_MEASURED != 0,
+            failing: flags & STAT_FAILING != 0,
         };
         let value = match policy {
-            Policy::P2cEwma if !c.measured && in_flight > 0 => u64::MAX,
+            // A backend whose last connect failed loses to any other, even one being explored.
+            _ if c.failing => u64::MAX,
+            Policy::P2cEwma if !c.measured && in_flight > 0 => u64::MAX - 1,
             Policy::P2cEwma => u64::from(c.latency_us) * (u64::from(in_flight) + 1),
             Policy::LeastConn => u64::from(c.connections) + u64::from(in_flight),
             _ => u64::from(in_flight),
@@ -227,9 +256,9 @@ pub fn pick<M: Mem + ?Sized>(
             Policy::LeastConn if c > LEAST_CONN_SCAN => cx.two_choices(policy),
             Policy::LeastConn => {
                 let entry = |p: u32| cx.usable(p).map(|u| (cx.cost(policy, u.1).0, u.2));
-                let best = (0..c).filter_map(entry).reduce(|a, b| {
-                    if Ctx::<M>::better(b, a) { b } else { a }
-                });
+                let best = (0..c)
+                    .filter_map(entry)
+                    .reduce(|a, b| if Ctx::<M>::better(b, a) { b } else { a });
                 best.and_then(|best| {
                     let tied = |p: &u32| {
                         entry(*p).is_some_and(|e| {
@@ -245,8 +274,11 @@ pub fn pick<M: Mem + ?Sized>(
                 0 => cx.draw(mix(ask.key) as u32, None),
                 m => cx.first_usable_from(set.maglev((mix(ask.key) % u64::from(m)) as u32)?),
             },
-        }?;
-        let (addr, slot, _, backend) = cx.usable(pos)?;
+        };
+        let (addr, slot, _, backend) = match pos.and_then(|p| cx.usable(p)) {
+            Some(u) => u,
+            None => cx.spill(ask.local_turn ^ ask.rand as u32)?,
+        };
         let (_, cost) = cx.cost(policy, slot);
         let counted = advance && policy.counts_in_flight() && live.is_some();
         Some((

@@ -20,7 +20,7 @@
 //! area 0 at word 16, area 1 at word 16 + A, A words each (one generation each)
 //! stats at word 16 + 2A: S slots of 4 words, updated in place by the daemon:
 //!  0 established connections to the backend (least-conn), 1 p2c-ewma latency estimate in µs,
-//!  2 flags: bit 0 measured, 3 reserved
+//!  2 flags: bit 0 measured, bit 1 failing (its last connect seen failed), 3 reserved
 //! ```
 //!
 //! Generations are double-buffered: the daemon writes the inactive area under its own
@@ -44,7 +44,8 @@
 //!  3  client ports m                     9  name offset (byte length, then the bytes)
 //!  4  client port list offset (m words) 10  record length in words
 //!  5  backend list offset (n x 8 words) 11  reserved
-//! backend: address (4 words), default port, weight | priority << 16, stat slot, flags
+//! backend: address (4 words), default port, weight | priority << 16, stat slot,
+//!   standing: bit 0 serving (not ejected or held), bits 8-15 why it is or is not a candidate
 //! pick set: candidates c, their total weight, schedule length L, maglev length M, then
 //!   c x (backend index, effective weight), L schedule entries (candidate positions),
 //!   M maglev entries (candidate positions, two u16 to a word, low half first)
@@ -58,10 +59,7 @@ use core::sync::atomic::{AtomicU32, Ordering, fence};
 
 use crate::{from_mapped, to_mapped};
 
-pub const TABLE_MAGIC: [u32; 2] = [
-    u32::from_le_bytes(*b"DTTA"),
-    u32::from_le_bytes(*b"BLE1"),
-];
+pub const TABLE_MAGIC: [u32; 2] = [u32::from_le_bytes(*b"DTTA"), u32::from_le_bytes(*b"BLE1")];
 pub const TABLE_VERSION: u32 = 1;
 pub const HEADER_WORDS: usize = 16;
 pub const AREA_HEADER: usize = 16;
@@ -77,6 +75,8 @@ const NO_V6: u32 = 255;
 pub const FLAG_SUPERSEDED: u32 = 1;
 /// Stat flag: the latency estimate comes from measurements.
 pub const STAT_MEASURED: u32 = 1;
+/// Stat flag: the last connect the daemon saw settle (refused, timed out, or connected) failed.
+pub const STAT_FAILING: u32 = 2;
 
 pub(crate) const H_FLAGS: usize = 3;
 const H_AREA_WORDS: usize = 4;
@@ -361,7 +361,10 @@ impl<'a, M: Mem + ?Sized> Area<'a, M> {
                 return None;
             }
             if self.addr(e)? == key {
-                return Some(Svc { area: *self, at: record });
+                return Some(Svc {
+                    area: *self,
+                    at: record,
+                });
             }
             i = (i + 1) & (slots - 1);
         }
@@ -405,6 +408,45 @@ pub struct BackendRef {
     pub weight: u16,
     pub priority: u16,
     pub slot: u32,
+    pub standing: Standing,
+}
+
+/// Where a backend stands, as the daemon saw it when it wrote the generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// In the pick sets.
+    Candidate,
+    /// Serving, but in a lower priority tier than the candidates.
+    LowerTier,
+    /// Serving, but outside the host's zone while the zone has capacity.
+    OtherZone,
+    /// Ejected, or held after failures (or an unknown standing word).
+    Out,
+}
+
+impl Standing {
+    pub fn word(self) -> u32 {
+        match self {
+            Self::Candidate => 1,
+            Self::LowerTier => 1 | 1 << 8,
+            Self::OtherZone => 1 | 2 << 8,
+            Self::Out => 3 << 8,
+        }
+    }
+
+    pub fn from_word(w: u32) -> Self {
+        match w {
+            1 => Self::Candidate,
+            0x101 => Self::LowerTier,
+            0x201 => Self::OtherZone,
+            _ => Self::Out,
+        }
+    }
+
+    /// Serving: the hook may spill to it when every candidate failed this connect.
+    pub fn serving(self) -> bool {
+        !matches!(self, Self::Out)
+    }
 }
 
 /// A pick set: the candidates for sockets of one family.
@@ -468,6 +510,7 @@ impl<'a, M: Mem + ?Sized> Svc<'a, M> {
             weight: wp as u16,
             priority: (wp >> 16) as u16,
             slot: self.area.w(b + 6)?,
+            standing: Standing::from_word(self.area.w(b + 7)?),
         })
     }
 
@@ -534,7 +577,11 @@ impl<M: Mem + ?Sized> Set<'_, M> {
         }
         let base = SET_HEADER + 2 * self.count() as usize + self.schedule_len() as usize;
         let word = self.w(base + i as usize / 2)?;
-        Some(if i % 2 == 0 { word & 0xffff } else { word >> 16 })
+        Some(if i.is_multiple_of(2) {
+            word & 0xffff
+        } else {
+            word >> 16
+        })
     }
 }
 
@@ -583,6 +630,22 @@ pub fn supersede(mem: &[AtomicU32]) {
 pub fn set_stat(mem: &[AtomicU32], area_words: usize, slot: u32, word: usize, value: u32) {
     if let Some(w) = mem.get(stat_index(area_words, slot, word)) {
         w.store(value.to_le(), Ordering::Relaxed);
+    }
+}
+
+/// Sets the bits of `mask` in stat word `word` of `slot` to those of `value`, leaving the others.
+pub fn update_stat(
+    mem: &[AtomicU32],
+    area_words: usize,
+    slot: u32,
+    word: usize,
+    mask: u32,
+    value: u32,
+) {
+    if let Some(w) = mem.get(stat_index(area_words, slot, word)) {
+        let _ = w.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+            Some(((u32::from_le(old) & !mask) | (value & mask)).to_le())
+        });
     }
 }
 

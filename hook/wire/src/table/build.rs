@@ -11,7 +11,7 @@ use alloc::vec::Vec;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::{
-    AREA_HEADER, BACKEND_WORDS, INDEX_WORDS, NO_V6, Policy, SERVICE_HEADER, index_hash,
+    AREA_HEADER, BACKEND_WORDS, INDEX_WORDS, NO_V6, Policy, SERVICE_HEADER, Standing, index_hash,
 };
 use crate::to_mapped;
 
@@ -25,6 +25,7 @@ pub struct Backend {
     pub slot: u32,
     /// Its port for each of the service's client-port mappings, in order.
     pub ports: Vec<u16>,
+    pub standing: Standing,
 }
 
 /// The candidates for one socket family, with what the policies need precomputed.
@@ -95,9 +96,12 @@ pub fn service(s: &Service<'_>) -> Vec<u32> {
             u32::from(b.addr.port()),
             u32::from(b.weight) | u32::from(b.priority) << 16,
             b.slot,
-            0,
+            b.standing.word(),
         ]);
-        debug_assert_eq!((out.len() - fields[super::S_BACKEND_LIST] as usize) % BACKEND_WORDS, 0);
+        debug_assert_eq!(
+            (out.len() - fields[super::S_BACKEND_LIST] as usize) % BACKEND_WORDS,
+            0
+        );
     }
     fields[super::S_PORT_MATRIX] = out.len() as u32;
     for b in &s.backends {

@@ -21,6 +21,7 @@ fn backend(addr: &str, weight: u16, slot: u32, ports: &[u16]) -> Backend {
         priority: 0,
         slot,
         ports: ports.to_vec(),
+        standing: Standing::Candidate,
     }
 }
 
@@ -102,7 +103,12 @@ fn golden_header_and_service_record() {
     let h = header(1000, 64, 42);
     let bytes: Vec<u8> = h.iter().flat_map(|w| w.to_le_bytes()).collect();
     assert_eq!(&bytes[..8], b"DTTABLE1");
-    assert_eq!(&bytes[8..32], &[1, 0, 0, 0, 0, 0, 0, 0, 0xe8, 3, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0, 42, 0, 0, 0]);
+    assert_eq!(
+        &bytes[8..32],
+        &[
+            1, 0, 0, 0, 0, 0, 0, 0, 0xe8, 3, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0, 42, 0, 0, 0
+        ]
+    );
     let rec = build::service(&Service {
         name: "db",
         policy: Policy::RoundRobin,
@@ -115,8 +121,8 @@ fn golden_header_and_service_record() {
     #[rustfmt::skip]
     let expected: [u32; 29] = [
         1, 5, 1, 0, 12, 12, 20, 20, 20, 27, 29, 0,
-        // backend: ::ffff:127.0.0.2, port, weight | priority << 16, slot, flags
-        0, 0, 0xffff, 0x7f00_0002, 5432, 2, 9, 0,
+        // backend: ::ffff:127.0.0.2, port, weight | priority << 16, slot, standing (candidate)
+        0, 0, 0xffff, 0x7f00_0002, 5432, 2, 9, 1,
         // pick set: 1 candidate, total 2, schedule 1, maglev 0; (0, 2); schedule [0]
         1, 2, 1, 0, 0, 2, 0,
         // name: length 2, "db"
@@ -124,9 +130,19 @@ fn golden_header_and_service_record() {
     ];
     assert_eq!(rec, expected);
     let live = live::header(16, 64, 8, 0x1_0000_0002);
-    assert_eq!(&live[..8], &[
-        u32::from_le_bytes(*b"DTLI"), u32::from_le_bytes(*b"VE01"), 1, 16, 64, 8, 2, 1
-    ]);
+    assert_eq!(
+        &live[..8],
+        &[
+            u32::from_le_bytes(*b"DTLI"),
+            u32::from_le_bytes(*b"VE01"),
+            1,
+            16,
+            64,
+            8,
+            2,
+            1
+        ]
+    );
 }
 
 #[test]
@@ -149,7 +165,10 @@ fn services_are_found_by_either_address_form_with_their_backends_and_ports() {
         Some(svc.rr_slot())
     });
     assert_eq!(found, Some(3));
-    assert!(t.read(|area| area.service("127.77.0.10".parse().unwrap())).is_none());
+    assert!(
+        t.read(|area| area.service("127.77.0.10".parse().unwrap()))
+            .is_none()
+    );
 }
 
 #[test]
@@ -160,19 +179,38 @@ fn round_robin_is_one_turn_per_connect_across_every_reader_of_the_live_region() 
     let seq: Vec<SocketAddr> = (0..4)
         .map(|_| pick(&t, Some(l), &ask("127.77.0.9:80"), true).unwrap().addr)
         .collect();
-    assert_eq!(seq, [a("127.0.0.2:8080"), a("127.0.0.3:8080"), a("127.0.0.2:8080"), a("127.0.0.3:8080")]);
+    assert_eq!(
+        seq,
+        [
+            a("127.0.0.2:8080"),
+            a("127.0.0.3:8080"),
+            a("127.0.0.2:8080"),
+            a("127.0.0.3:8080")
+        ]
+    );
     // A dry run shows the next turn without taking it.
     let next = pick(&t, Some(l), &ask("127.77.0.9:80"), false).unwrap();
     assert_eq!(next.addr, a("127.0.0.2:8080"));
-    assert_eq!(pick(&t, Some(l), &ask("127.77.0.9:80"), true).unwrap().addr, next.addr);
+    assert_eq!(
+        pick(&t, Some(l), &ask("127.77.0.9:80"), true).unwrap().addr,
+        next.addr
+    );
     // A mapped client port gets its own backend port.
-    assert_eq!(pick(&t, Some(l), &ask("127.77.0.9:9000"), true).unwrap().addr, a("127.0.0.3:9091"));
+    assert_eq!(
+        pick(&t, Some(l), &ask("127.77.0.9:9000"), true)
+            .unwrap()
+            .addr,
+        a("127.0.0.3:9091")
+    );
     // Excluded backends pass their turn on.
     let mut x = ask("127.77.0.9:80");
     let ex = [Some(a("127.0.0.2:8080"))];
     x.exclude = &ex;
     for _ in 0..3 {
-        assert_eq!(pick(&t, Some(l), &x, true).unwrap().addr, a("127.0.0.3:8080"));
+        assert_eq!(
+            pick(&t, Some(l), &x, true).unwrap().addr,
+            a("127.0.0.3:8080")
+        );
     }
     // A live region of another epoch is ignored: the caller's own turn counts.
     let (_, other) = image(&[], 1);
@@ -181,7 +219,10 @@ fn round_robin_is_one_turn_per_connect_across_every_reader_of_the_live_region() 
     }
     let mut y = ask("127.77.0.9:80");
     y.local_turn = 1;
-    assert_eq!(pick(&t, Live::new(&other), &y, true).unwrap().addr, a("127.0.0.3:8080"));
+    assert_eq!(
+        pick(&t, Live::new(&other), &y, true).unwrap().addr,
+        a("127.0.0.3:8080")
+    );
 }
 
 #[test]
@@ -190,12 +231,21 @@ fn weighted_round_robin_follows_the_schedule_and_random_the_weights() {
     let t = Table::new(mem.as_slice()).unwrap();
     let l = Live::new(&lmem).unwrap();
     let heavy = (0..400)
-        .filter(|_| pick(&t, Some(l), &ask("127.77.0.9:80"), true).unwrap().addr == a("127.0.0.3:8080"))
+        .filter(|_| {
+            pick(&t, Some(l), &ask("127.77.0.9:80"), true).unwrap().addr == a("127.0.0.3:8080")
+        })
         .count();
     assert_eq!(heavy, 300);
     assert_eq!(build::smooth_schedule(&[1, 3], 100), [1, 0, 1, 1]);
     assert_eq!(build::smooth_schedule(&[0, 0], 100), Vec::<u32>::new());
-    assert_eq!(build::smooth_schedule(&[2, 6000], 100).iter().filter(|&&c| c == 0).count(), 1, "scaled, each keeps one");
+    assert_eq!(
+        build::smooth_schedule(&[2, 6000], 100)
+            .iter()
+            .filter(|&&c| c == 0)
+            .count(),
+        1,
+        "scaled, each keeps one"
+    );
 
     let (mem, _) = image(&[web(Policy::Random)], 1);
     let t = Table::new(mem.as_slice()).unwrap();
@@ -263,7 +313,10 @@ fn p2c_ewma_avoids_a_slow_backend_and_explores_an_unmeasured_one_once_at_a_time(
     for r in 0..10u64 {
         let mut q = ask("127.77.0.9:80");
         q.rand = crate::mix(r);
-        assert_eq!(pick(&t, Some(l), &q, false).unwrap().addr, a("127.0.0.2:8080"));
+        assert_eq!(
+            pick(&t, Some(l), &q, false).unwrap().addr,
+            a("127.0.0.2:8080")
+        );
     }
 }
 
@@ -276,9 +329,17 @@ fn maglev_keys_keep_their_backend_and_move_on_only_when_it_is_excluded() {
     for key in 0..50u64 {
         let mut q = ask("127.77.0.9:80");
         q.key = key;
-        let owner = if (crate::mix(key) % 17) % 2 == 0 { "127.0.0.2:8080" } else { "127.0.0.3:8080" };
+        let owner = if (crate::mix(key) % 17).is_multiple_of(2) {
+            "127.0.0.2:8080"
+        } else {
+            "127.0.0.3:8080"
+        };
         assert_eq!(pick(&t, None, &q, true).unwrap().addr, a(owner));
-        assert_eq!(pick(&t, None, &q, true).unwrap().addr, a(owner), "same key, same backend");
+        assert_eq!(
+            pick(&t, None, &q, true).unwrap().addr,
+            a(owner),
+            "same key, same backend"
+        );
         let ex = [Some(a(owner))];
         q.exclude = &ex;
         assert_ne!(pick(&t, None, &q, true).unwrap().addr, a(owner));
@@ -298,14 +359,87 @@ fn unknown_services_empty_sets_and_v6_sockets() {
     empty.v4 = PickSet::default();
     let (mem, _) = image(&[svc, empty], 1);
     let t = Table::new(mem.as_slice()).unwrap();
-    assert_eq!(pick(&t, None, &ask("127.77.0.99:80"), true), Err(Miss::UnknownService));
-    assert_eq!(pick(&t, None, &ask("127.77.0.10:80"), true), Err(Miss::NoBackend));
+    assert_eq!(
+        pick(&t, None, &ask("127.77.0.99:80"), true),
+        Err(Miss::UnknownService)
+    );
+    assert_eq!(
+        pick(&t, None, &ask("127.77.0.10:80"), true),
+        Err(Miss::NoBackend)
+    );
     let mut q = ask("[::ffff:127.77.0.9]:80");
     q.v6_ok = true;
     assert_eq!(pick(&t, None, &q, true).unwrap().addr, a("[fd00::5]:8080"));
+    // Its one candidate excluded, the socket spills to the service's other serving backends.
     let ex = [Some(a("[fd00::5]:8080"))];
     q.exclude = &ex;
-    assert_eq!(pick(&t, None, &q, true), Err(Miss::NoBackend));
+    assert!(pick(&t, None, &q, true).unwrap().addr.is_ipv4());
+}
+
+#[test]
+fn with_every_candidate_excluded_a_pick_spills_to_serving_backends_never_to_ejected_ones() {
+    let mut svc = web(Policy::RoundRobin);
+    svc.backends = vec![
+        backend("127.0.0.2:8080", 1, 10, &[9090]),
+        Backend {
+            standing: Standing::OtherZone,
+            ..backend("127.0.0.3:8080", 1, 11, &[9091])
+        },
+        Backend {
+            standing: Standing::Out,
+            ..backend("127.0.0.4:8080", 1, 12, &[9092])
+        },
+        Backend {
+            priority: 1,
+            standing: Standing::LowerTier,
+            ..backend("127.0.0.5:8080", 1, 13, &[9093])
+        },
+    ];
+    svc.v4 = set(&[1]);
+    let (mem, _) = image(&[svc], 1);
+    let t = Table::new(mem.as_slice()).unwrap();
+    let b = t
+        .read(|area| area.service(a("127.77.0.9:80").ip())?.backend(2, None))
+        .unwrap();
+    assert_eq!(b.standing, Standing::Out);
+    assert_eq!(
+        pick(&t, None, &ask("127.77.0.9:80"), true).unwrap().addr,
+        a("127.0.0.2:8080")
+    );
+    let mut q = ask("127.77.0.9:80");
+    let ex = [Some(a("127.0.0.2:8080"))];
+    q.exclude = &ex;
+    for turn in 0..4 {
+        q.local_turn = turn;
+        assert_eq!(
+            pick(&t, None, &q, true).unwrap().addr,
+            a("127.0.0.3:8080"),
+            "best tier first"
+        );
+    }
+    let ex = [Some(a("127.0.0.2:8080")), Some(a("127.0.0.3:8080"))];
+    q.exclude = &ex;
+    assert_eq!(
+        pick(&t, None, &q, true).unwrap().addr,
+        a("127.0.0.5:8080"),
+        "then the lower tier"
+    );
+    // A named client port reaches the spare at its port for that name.
+    let mut grpc = q;
+    grpc.dest = a("127.77.0.9:9000");
+    let ex_grpc = [Some(a("127.0.0.2:9090")), Some(a("127.0.0.3:9091"))];
+    grpc.exclude = &ex_grpc;
+    assert_eq!(
+        pick(&t, None, &grpc, true).unwrap().addr,
+        a("127.0.0.5:9093")
+    );
+    let ex = [ex[0], ex[1], Some(a("127.0.0.5:8080"))];
+    q.exclude = &ex;
+    assert_eq!(
+        pick(&t, None, &q, true),
+        Err(Miss::NoBackend),
+        "never the ejected one"
+    );
 }
 
 #[test]
@@ -316,7 +450,10 @@ fn a_generation_being_written_is_never_read_and_publishing_flips_areas() {
     let seq = &mem[HEADER_WORDS + active * t.area_words()];
     let s = seq.load(Ordering::Relaxed);
     seq.store(s | 1, Ordering::Relaxed);
-    assert_eq!(pick(&t, None, &ask("127.77.0.9:80"), true), Err(Miss::Unreadable));
+    assert_eq!(
+        pick(&t, None, &ask("127.77.0.9:80"), true),
+        Err(Miss::Unreadable)
+    );
     seq.store(s, Ordering::Relaxed);
     assert!(pick(&t, None, &ask("127.77.0.9:80"), true).is_ok());
     // A second generation goes to the other area.
@@ -328,10 +465,17 @@ fn a_generation_being_written_is_never_read_and_publishing_flips_areas() {
     };
     publish(&mem, &build::area(&info, &[])).unwrap();
     assert_eq!(mem[H_ACTIVE].load(Ordering::Relaxed) as usize, active ^ 1);
-    assert_eq!(pick(&t, None, &ask("127.77.0.9:80"), true), Err(Miss::UnknownService));
+    assert_eq!(
+        pick(&t, None, &ask("127.77.0.9:80"), true),
+        Err(Miss::UnknownService)
+    );
     assert_eq!(t.read(|area| Some(area.generation())), Some(8));
     let huge = vec![0u32; t.area_words() + 1];
-    assert_eq!(publish(&mem, &huge), Err(t.area_words() + 1), "too big for an area");
+    assert_eq!(
+        publish(&mem, &huge),
+        Err(t.area_words() + 1),
+        "too big for an area"
+    );
     assert!(!t.superseded());
     supersede(&mem);
     assert!(t.superseded());
@@ -378,7 +522,14 @@ fn the_ring_carries_reports_in_order_and_a_lapped_reader_skips_ahead() {
         counted: false
     }));
     assert_eq!(l.take(0), Take::Entry(Some(e(1000))));
-    assert!(matches!(l.take(1), Take::Entry(Some(Entry { report: Report::Failed { errno: 111 }, slot: 5, .. }))));
+    assert!(matches!(
+        l.take(1),
+        Take::Entry(Some(Entry {
+            report: Report::Failed { errno: 111 },
+            slot: 5,
+            ..
+        }))
+    ));
     assert_eq!(l.take(2), Take::Empty);
     for p in 0..20 {
         l.report(&e(p));
