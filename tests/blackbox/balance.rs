@@ -7,7 +7,10 @@
 //! one backend (seen in the kernel's socket table) send new connects to the other. Maglev: each
 //! caller uid (or DISCOTECH_HASH_KEY) sticks to one backend, they spread, and killing another
 //! backend moves nobody. Zones: the host's zone gets every connect while it has capacity, and
-//! traffic spills to the other zone when its backend dies.
+//! traffic spills to the other zone when its backend dies. Non-blocking clients (curl) with one
+//! refusing backend and no active check: the daemon follows their connects in the socket table
+//! and ejects the backend after the first refusal. `discotech resolve` explains each next
+//! least-conn pick from the state the hooks pick on.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -16,14 +19,14 @@ use crate::harness::{DISCOTECH, Daemon, Netns, eventually, greeter};
 use crate::zk::{backend, ensure_hook_library, hooked_who};
 
 /// greeter and hookclient (compiled once per run by the harness), as a path string.
-fn c_program(name: &str) -> String {
+pub(crate) fn c_program(name: &str) -> String {
     crate::harness::c_program(name)
         .to_str()
         .expect("utf-8")
         .to_string()
 }
 
-fn daemon<'a>(ns: &'a Netns, zone: &str) -> Daemon<'a> {
+pub(crate) fn daemon<'a>(ns: &'a Netns, zone: &str) -> Daemon<'a> {
     ensure_hook_library();
     let mut d = Daemon::configure(ns, "127.0.0.53:53", "upstreams = []");
     d.zone("balance.toml", zone);
@@ -65,7 +68,7 @@ fn keyed_connects(d: &Daemon, key: Option<&str>, magic: &str, n: usize) -> Vec<S
 }
 
 /// `discotech resolve SERVICE` against the daemon's admin socket in `ns`.
-fn resolve(ns: &Netns, service: &str) -> String {
+pub(crate) fn resolve(ns: &Netns, service: &str) -> String {
     let admin = ns.path("admin.sock");
     ns.ok(
         DISCOTECH,
@@ -79,7 +82,7 @@ fn resolve(ns: &Netns, service: &str) -> String {
 }
 
 /// The whitespace-separated cells of the table row of `text` that starts with `first`.
-fn columns<'t>(text: &'t str, first: &str) -> Vec<&'t str> {
+pub(crate) fn columns<'t>(text: &'t str, first: &str) -> Vec<&'t str> {
     text.lines()
         .find(|l| l.starts_with(first))
         .unwrap_or_else(|| panic!("no row for {first} in:\n{text}"))
@@ -87,7 +90,7 @@ fn columns<'t>(text: &'t str, first: &str) -> Vec<&'t str> {
         .collect()
 }
 
-fn count(got: &[String], who: &str) -> usize {
+pub(crate) fn count(got: &[String], who: &str) -> usize {
     got.iter().filter(|g| *g == who).count()
 }
 
@@ -220,6 +223,25 @@ fn weighted_random_holds_its_weights_within_tolerance() {
     assert!((265..=335).contains(&b), "b got {b} of 400, want about 300");
 }
 
+/// `n` connections to `ip:port` held open for a minute by a process that is not hooked, once
+/// the daemon has had a look at the socket table since they opened; the holder's pid.
+fn hold_unhooked(ns: &Netns, ip: &str, port: u16, n: usize) -> u32 {
+    let held = ns.path(&format!("held-{ip}-{port}.log"));
+    let script = format!(
+        "import socket, time\ns = [socket.create_connection(('{ip}', {port})) for _ in range({n})]\nprint('held', flush=True)\ntime.sleep(60)"
+    );
+    let pid = ns.spawn("python3", &["-c", &script], &held);
+    let up = eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(&held)
+            .ok()
+            .filter(|t| t.contains("held"))
+    });
+    assert!(up.is_some(), "the holder did not connect");
+    // The daemon reads the socket table every 100 ms.
+    std::thread::sleep(Duration::from_millis(250));
+    pid
+}
+
 #[test]
 fn least_conn_follows_real_long_lived_connections() {
     let ns = Netns::new();
@@ -237,19 +259,7 @@ fn least_conn_follows_real_long_lived_connections() {
     );
 
     // Ten connections to a, held open by a process that is not hooked: the table is the truth.
-    let held = ns.path("held.log");
-    let holder = ns.spawn(
-        "python3",
-        &["-c", "import socket, sys, time\ns = [socket.create_connection(('127.0.0.2', 8080)) for _ in range(10)]\nprint('held', flush=True)\ntime.sleep(60)"],
-        &held,
-    );
-    let up = eventually(Duration::from_secs(5), || {
-        std::fs::read_to_string(&held)
-            .ok()
-            .filter(|t| t.contains("held"))
-    });
-    assert!(up.is_some(), "the holder did not connect");
-    std::thread::sleep(Duration::from_millis(150)); // one refresh of the counts
+    let holder = hold_unhooked(&ns, "127.0.0.2", 8080, 10);
     let loaded = hooked_who(&d, "least.disco", 8080, 8);
     assert_eq!(
         count(&loaded, "b"),
@@ -291,7 +301,13 @@ fn least_conn_follows_real_long_lived_connections() {
 }
 
 /// `n` hooked connects to `service` as `uid` (setpriv), each answering backend's name.
-fn connects_as(ns: &Netns, d: &Daemon, uid: u32, service: &str, n: usize) -> Vec<String> {
+pub(crate) fn connects_as(
+    ns: &Netns,
+    d: &Daemon,
+    uid: u32,
+    service: &str,
+    n: usize,
+) -> Vec<String> {
     let magic = d.short(&format!("{service}.disco"), "A").remove(0);
     let (uid, n) = (uid.to_string(), n.to_string());
     let out = ns.run(
@@ -595,4 +611,131 @@ fn weighted_maglev_gives_keys_in_proportion_to_weight() {
     eprintln!("weighted maglev: b (weight 3) owns {b} of 60 keys");
     assert_eq!(count(&owners, "a") + b, 60, "{owners:?}");
     assert!((35..=55).contains(&b), "b owns {b} of 60 keys: {owners:?}");
+}
+
+#[test]
+fn curl_runs_survive_a_refusing_backend_and_it_is_ejected_without_an_active_check() {
+    let ns = Netns::new();
+    backend(&ns, "127.0.0.2", 8080, "a");
+    // Nothing listens on 127.0.0.3:8080, and the service has no health check: only what the
+    // hooks see of their own connects (curl's are non-blocking) can tell.
+    let d = daemon(
+        &ns,
+        "[services.web]\nlb = \"round-robin\"\nbackends = [\"127.0.0.2:8080\", \"127.0.0.3:8080\"]\n",
+    );
+    let runs: Vec<Vec<String>> = (0..20)
+        .map(|_| hooked_who(&d, "web.disco", 8080, 1))
+        .collect();
+    let ok = runs.iter().filter(|r| r.as_slice() == ["a"]).count();
+    eprintln!("curl through the hook with one refusing backend: {ok} of 20 succeeded");
+    assert!(ok >= 18, "{ok} of 20 curl runs succeeded: {runs:?}");
+    let admin = ns.path("admin.sock");
+    let table = ns.ok(
+        DISCOTECH,
+        &[
+            "backends",
+            "web",
+            "--socket",
+            admin.to_str().expect("utf-8"),
+        ],
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("127.0.0.3:8080"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("ejected: a connect failed (Connection refused"),
+        "{table}\n{}",
+        d.log_text()
+    );
+}
+
+/// A hooked process that connects to `magic:7001`, prints the greeting and holds the
+/// connection open; returns its log once the greeting is there.
+fn hold_hooked(ns: &Netns, d: &Daemon, magic: &str, n: usize) -> String {
+    let log = ns.path(&format!("hold-{n}.log"));
+    let config = d.config.to_str().expect("utf-8");
+    ns.spawn(
+        DISCOTECH,
+        &[
+            "run", "--config", config, "--", "python3", "-c", HOLDER, magic,
+        ],
+        &log,
+    );
+    eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .and_then(|t| t.lines().next().map(str::to_owned))
+    })
+    .unwrap_or_else(|| panic!("hooked holder {n} said nothing"))
+}
+
+/// Connects to argv[1]:7001, prints who answered and holds the connection for a minute.
+const HOLDER: &str = "import socket, sys, time
+s = socket.create_connection((sys.argv[1], 7001), timeout=3)
+print(s.recv(64).decode().strip(), flush=True)
+time.sleep(60)
+";
+
+/// A backend on `ip:7001` that greets with `name` and keeps every connection open.
+const KEEPER: &str = "import socket, sys
+name, ip = sys.argv[1], sys.argv[2]
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((ip, 7001))
+l.listen(64)
+print('up', flush=True)
+held = []
+l.settimeout(120)
+while True:
+    c, _ = l.accept()
+    c.sendall((name + '\\n').encode())
+    held.append(c)
+";
+
+#[test]
+fn least_conn_explains_each_of_the_next_four_connects_before_it_happens() {
+    let ns = Netns::new();
+    for (name, ip) in [("a", "127.0.0.2"), ("b", "127.0.0.3")] {
+        let log = ns.path(&format!("keeper-{name}.log"));
+        ns.spawn("python3", &["-c", KEEPER, name, ip], &log);
+        let up = eventually(Duration::from_secs(5), || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|t| t.contains("up"))
+        });
+        assert!(up.is_some(), "keeper {name} did not start");
+    }
+    let d = daemon(
+        &ns,
+        "[services.lc]\nlb = \"least-conn\"\nbackends = [\"127.0.0.2:7001\", \"127.0.0.3:7001\"]\n",
+    );
+    let magic = d.short("lc.disco", "A").remove(0);
+    // Two connections held to a by a process that is not hooked.
+    hold_unhooked(&ns, "127.0.0.2", 7001, 2);
+
+    let name = |addr: &str| match addr {
+        "127.0.0.2:7001" => "a",
+        "127.0.0.3:7001" => "b",
+        other => panic!("explained a backend not in the service: {other}"),
+    };
+    let mut picks = Vec::new();
+    for n in 0..4 {
+        let said = resolve(&ns, "lc");
+        let next = said
+            .lines()
+            .find_map(|l| l.strip_prefix("next connect goes to "))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no explanation in:\n{said}"));
+        let got = hold_hooked(&ns, &d, &magic, n);
+        assert_eq!(
+            got,
+            name(next),
+            "connect {n} against the explanation:\n{said}"
+        );
+        picks.push(got);
+    }
+    // a has 2 held: b takes the first two, then they alternate on ties.
+    assert_eq!(&picks[..2], ["b", "b"], "{picks:?}");
+    assert_eq!(count(&picks, "a"), 1, "{picks:?}");
 }

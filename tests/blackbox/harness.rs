@@ -377,3 +377,19 @@ pub fn c_program(name: &str) -> PathBuf {
     });
     dir.join(name)
 }
+
+/// A cargo example of this package, built beside the `discotech` binary (`cargo test` and the
+/// README's test command build examples; a lone `cargo test --test blackbox` may not have).
+pub fn example(name: &str) -> String {
+    let path = Path::new(DISCOTECH)
+        .parent()
+        .expect("target dir")
+        .join("examples")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --examples` (tests/run.sh does)",
+        path.display()
+    );
+    path.to_str().expect("utf-8").to_owned()
+}

@@ -11,5 +11,6 @@ mod health;
 mod hook;
 mod observe;
 mod packaging;
+mod trust;
 mod zk;
 mod zookeeper;
