@@ -81,10 +81,18 @@ fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, DaemonError> {
         path: path.to_path_buf(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .and_then(|()| state::check_private_dir(dir))
+            .map_err(err)?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "something that is not a socket is there: move it away or choose another path",
+            )));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
@@ -201,11 +209,19 @@ pub async fn run(
         mut reload_rx,
     } = control;
     let started = std::time::Instant::now();
+    // Hook peers, DNS over TCP and upstream queries all take descriptors: use what the hard
+    // limit allows (the unit sets LimitNOFILE), and keep a reserve from hook peers.
+    match discotech_shm::raise_nofile() {
+        Ok(limit) => info!(limit, "open descriptor limit"),
+        Err(errno) => warn!(errno, "cannot raise the open descriptor limit"),
+    }
     let dir = &config.state.dir;
-    std::fs::create_dir_all(dir).map_err(|source| DaemonError::StateDir {
-        path: dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(dir)
+        .and_then(|()| state::check_private_dir(dir))
+        .map_err(|source| DaemonError::StateDir {
+            path: dir.clone(),
+            source,
+        })?;
 
     let mut magic = MagicMap::new(
         config.dns.magic_v4,
@@ -486,6 +502,7 @@ fn dns_state(d: &DnsConfig, old: Option<(&DnsConfig, Arc<Forwarder>)>) -> DnsSta
             timeout: d.timeout,
             cache_size: d.cache_size,
             stale_max: d.stale_max,
+            ours: d.domains.clone(),
             ..ForwardConfig::default()
         })),
     };
@@ -583,5 +600,35 @@ impl Reload<'_> {
                 restart.join(", ")
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binding_a_unix_socket_never_deletes_what_is_not_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hook.sock");
+        std::fs::write(&path, b"someone's file").unwrap();
+        let e = bind_unix(&path, 0o666).unwrap_err().to_string();
+        assert!(e.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone's file");
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_and_a_shared_directory_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("hook.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        bind_unix(&path, 0o666).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let e = bind_unix(&dir.path().join("admin.sock"), 0o660)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("refusing a directory others can write"), "{e}");
     }
 }

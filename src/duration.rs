@@ -22,8 +22,21 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         "d" => secs(86_400),
         _ => None,
     };
-    d.ok_or_else(|| format!("{s:?} is not a duration; units are ms, s, m, h and d (e.g. \"30s\")"))
+    let d = d.ok_or_else(|| {
+        format!("{s:?} is not a duration; units are ms, s, m, h and d (e.g. \"30s\")")
+    })?;
+    if d > MAX {
+        return Err(format!(
+            "{s:?} is too long: durations are at most {}",
+            format(MAX)
+        ));
+    }
+    Ok(d)
 }
+
+/// The longest duration a config may give: every deadline the daemon computes from one stays
+/// far from the limits of the clock's arithmetic.
+pub const MAX: Duration = Duration::from_secs(366 * 86_400);
 
 /// Formats a duration the way `parse` reads it, in the largest exact unit.
 pub fn format(d: Duration) -> String {
@@ -51,6 +64,15 @@ mod tests {
         assert_eq!(parse("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse("24h"), Ok(Duration::from_secs(86_400)));
         assert_eq!(parse("2d"), Ok(Duration::from_secs(172_800)));
+    }
+
+    #[test]
+    fn rejects_durations_past_a_year_and_a_day() {
+        assert_eq!(parse("366d"), Ok(MAX));
+        let e = parse("200000000000000d").unwrap_err();
+        assert!(e.contains("too long: durations are at most 366d"), "{e}");
+        assert!(parse("367d").is_err());
+        assert!(parse("9999999999999999s").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! Connects a peer was counted in flight for and has not reported done are uncounted when it
 //! goes away, so a killed client cannot pin a backend's count.
 
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -59,8 +60,11 @@ pub struct HookServerConfig {
     /// A peer that sends nothing for this long is disconnected.
     pub idle_timeout: Duration,
     /// At most this many peers at once; further connections are closed at once (the hook then
-    /// falls back as if the daemon were down).
+    /// falls back as if the daemon were down). Never more than the descriptor limit leaves
+    /// after [`FD_RESERVE`].
     pub max_peers: usize,
+    /// At most this many peers of one uid at once, so one user cannot take them all.
+    pub max_peers_per_uid: usize,
     /// How long a backend whose failure the daemon confirmed is skipped.
     pub fail_hold: Duration,
     /// This host's zone and the capacity share it must keep to be preferred (`[balance]`).
@@ -85,6 +89,7 @@ impl Default for HookServerConfig {
             fallback_file: Some(PathBuf::from("/run/discotech/hook.snapshot")),
             idle_timeout: Duration::from_secs(60),
             max_peers: 4096,
+            max_peers_per_uid: 256,
             fail_hold: DEFAULT_FAIL_HOLD,
             zone: None,
             local_min_share: 0.3,
@@ -92,6 +97,51 @@ impl Default for HookServerConfig {
             magic_v6: None,
             balance: None,
             ejections: None,
+        }
+    }
+}
+
+/// Descriptors kept out of the hook server's reach, whatever its peers do: DNS over TCP, the
+/// admin socket, HTTP, sources, state files and upstream queries live on these.
+pub const FD_RESERVE: usize = 512;
+
+/// Peers per uid, for [`HookServerConfig::max_peers_per_uid`].
+#[derive(Default)]
+struct PerUid(std::sync::Mutex<HashMap<u32, usize>>);
+
+/// A peer's place in its uid's count, given back when the peer goes.
+struct UidSlot<'a> {
+    of: &'a PerUid,
+    uid: u32,
+}
+
+impl PerUid {
+    fn take(&self, uid: u32, cap: usize) -> Option<UidSlot<'_>> {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(uid).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot { of: self, uid })
+    }
+}
+
+impl Drop for UidSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self
+            .of
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
         }
     }
 }
@@ -152,8 +202,8 @@ impl BalanceHandle {
             .0
             .balancer()
             .lock()
-            .ok()
-            .and_then(|b| b.latency_estimate(&spec.name, backend, now));
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .latency_estimate(&spec.name, backend, now);
         (in_flight, latency)
     }
 
@@ -253,8 +303,20 @@ pub async fn serve(
         rng: Mutex::new(SmallRng::from_os_rng()),
         watcher,
     });
-    let peers = Arc::new(Semaphore::new(cfg.max_peers.max(1)));
-    debug!(socket = %cfg.socket.display(), "hook server listening");
+    let fd_room = usize::try_from(discotech_shm::nofile_limit())
+        .unwrap_or(usize::MAX)
+        .saturating_sub(FD_RESERVE);
+    let max_peers = cfg.max_peers.min(fd_room).max(1);
+    if max_peers < cfg.max_peers {
+        warn!(
+            max_peers,
+            configured = cfg.max_peers,
+            "the descriptor limit leaves room for fewer hook peers (raise LimitNOFILE)"
+        );
+    }
+    let peers = Arc::new(Semaphore::new(max_peers));
+    let per_uid = Arc::new(PerUid::default());
+    debug!(socket = %cfg.socket.display(), max_peers, "hook server listening");
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -272,15 +334,21 @@ pub async fn serve(
             }
         };
         let Ok(permit) = peers.clone().try_acquire_owned() else {
-            warn!(
-                max = cfg.max_peers,
-                "too many hook peers; closing a new one"
-            );
+            warn!(max = max_peers, "too many hook peers; closing a new one");
             continue;
         };
+        let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
         let (shared, shutdown, idle) = (shared.clone(), shutdown.clone(), cfg.idle_timeout);
+        let (per_uid, cap) = (per_uid.clone(), cfg.max_peers_per_uid.max(1));
         tracker.spawn(async move {
             let _permit = permit;
+            let Some(_slot) = per_uid.take(uid, cap) else {
+                debug!(
+                    uid,
+                    cap, "too many hook peers of one uid; closing a new one"
+                );
+                return;
+            };
             serve_peer(stream, &shared, idle, &shutdown).await;
         });
     }
@@ -414,7 +482,11 @@ fn handle(
             return Some(Ok(Reply::refuse(id, Status::BadRequest, 0).encode()));
         }
     };
-    let rand = shared.rng.lock().map_or(0, |mut r| r.random::<u64>());
+    let rand = shared
+        .rng
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .random::<u64>();
     let reply = answer(shared, &req, outstanding, key, rand)?.encode();
     METRICS
         .hook_duration

@@ -65,6 +65,17 @@ async fn handle(mut stream: TcpStream, cx: &HttpContext) -> std::io::Result<()> 
     if method != "GET" && method != "HEAD" {
         return respond(&mut stream, 405, "text/plain", "only GET\n").await;
     }
+    if let Some(host) = header(&line, "host")
+        && !host_allowed(host, local_hostname())
+    {
+        return respond(
+            &mut stream,
+            421,
+            "text/plain",
+            "this server answers to its addresses, localhost and its host name only\n",
+        )
+        .await;
+    }
     let path = target.split('?').next().unwrap_or_default();
     match path {
         "/metrics" => {
@@ -111,6 +122,58 @@ async fn handle(mut stream: TcpStream, cx: &HttpContext) -> std::io::Result<()> 
     }
 }
 
+/// The value of the first header `name` (case-insensitive) in a request head.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines()
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+}
+
+/// A `Host` the status page and metrics may be read under: an address literal, `localhost`
+/// (and names under it) or this host's own name (and names under it). A web page elsewhere
+/// that points a name of its own at this host (DNS rebinding) gets 421, not the page.
+fn host_allowed(host: &str, hostname: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => {
+            return v6
+                .split(']')
+                .next()
+                .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+        }
+        None => host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.chars().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        }),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let under =
+        |base: &str| !base.is_empty() && (name == base || name.ends_with(&format!(".{base}")));
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || under("localhost")
+        || under(&hostname.trim_end_matches('.').to_ascii_lowercase())
+        || hostname
+            .to_ascii_lowercase()
+            .split_once('.')
+            .is_some_and(|(short, _)| name == short)
+}
+
+/// This host's name, read once.
+fn local_hostname() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    })
+}
+
 async fn registry_status(cx: &HttpContext) -> Option<RegistryStatus> {
     let (tx, rx) = oneshot::channel();
     cx.registry.send(Command::Status(tx)).await.ok()?;
@@ -131,6 +194,7 @@ async fn respond(
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        421 => "Misdirected Request",
         _ => "Service Unavailable",
     };
     let head = format!(
@@ -271,4 +335,41 @@ table{{border-collapse:collapse;margin-bottom:.5em}} th,td{{border:1px solid #cc
     }
     h += "</table></body></html>\n";
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_addresses_localhost_or_this_hosts_name() {
+        for ok in [
+            "127.0.0.1:9253",
+            "10.0.0.5",
+            "[::1]:9253",
+            "localhost:9253",
+            "LOCALHOST",
+            "node7",
+            "node7.example.com:9253",
+            "node7.example.com.",
+        ] {
+            assert!(host_allowed(ok, "node7.example.com"), "{ok}");
+        }
+        for bad in [
+            "evil.example:9253",
+            "attacker.test",
+            "node7.example.com.evil.test",
+            "notlocalhost",
+            "[evil]:80",
+        ] {
+            assert!(!host_allowed(bad, "node7.example.com"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_host_header_is_found_in_any_case() {
+        let head = "GET / HTTP/1.1\r\nUser-Agent: x\r\nhOsT: a.b:1\r\n\r\n";
+        assert_eq!(header(head, "host"), Some("a.b:1"));
+        assert_eq!(header("GET / HTTP/1.0\r\n\r\n", "host"), None);
+    }
 }

@@ -4,6 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Replaces `path` with `bytes` atomically.
@@ -17,10 +18,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .unwrap_or(Path::new("."));
     let tmp = temp_path(path);
     let result = (|| {
+        // A fresh random name, created or nothing: a link or file planted at a guessable name
+        // beside the target is never followed or truncated.
         let mut file = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
@@ -38,8 +42,43 @@ fn temp_path(path: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_os_string())
         .unwrap_or_default();
-    name.push(format!(".tmp.{}", std::process::id()));
+    name.push(format!(".tmp.{:016x}", rand::random::<u64>()));
     path.with_file_name(name)
+}
+
+/// Checks that a directory the daemon keeps state or sockets in cannot be written by anyone but
+/// its owner, and that the owner is root or the daemon's own user: otherwise another user could
+/// replace what the daemon writes there, or what hooked programs read.
+///
+/// # Errors
+/// `PermissionDenied` naming the directory and what is wrong with it.
+pub fn check_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(dir)?;
+    let euid = discotech_shm::euid();
+    let why = if meta.uid() != 0 && meta.uid() != euid {
+        Some(format!(
+            "it belongs to uid {}, not to root or the daemon's uid {euid}",
+            meta.uid()
+        ))
+    } else if meta.mode() & 0o022 != 0 {
+        Some(format!(
+            "its mode {:04o} lets other users write it",
+            meta.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{}: refusing a directory others can write: {why}",
+                dir.display()
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Moves a file that could not be parsed aside (`NAME.corrupt`) so the next start does not trip
@@ -81,5 +120,35 @@ mod tests {
         let aside = set_aside(&path).unwrap();
         assert!(!path.exists());
         assert_eq!(aside.file_name().unwrap(), "backends.json.corrupt");
+    }
+
+    #[test]
+    fn a_link_planted_at_the_old_temp_name_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"keep me").unwrap();
+        let path = dir.path().join("magic.json");
+        // The name the daemon used to write first, predictable from its pid.
+        let planted = dir
+            .path()
+            .join(format!("magic.json.tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        write_atomic(&path, b"state").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep me");
+        assert_eq!(fs::read(&path).unwrap(), b"state");
+    }
+
+    #[test]
+    fn directories_others_can_write_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        check_private_dir(dir.path()).unwrap();
+        for mode in [0o775, 0o757, 0o1777] {
+            fs::set_permissions(dir.path(), fs::Permissions::from_mode(mode)).unwrap();
+            let e = check_private_dir(dir.path()).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+            assert!(e.to_string().contains("lets other users write it"), "{e}");
+        }
     }
 }

@@ -102,10 +102,11 @@ impl Os for RealOs {
 /// own for this question. So two threads (or a signal handler and the code it interrupted)
 /// never share a connection and nobody waits. A lane's connection is only used by the process
 /// that opened it (the pid is checked, so a fork child opens its own) and only while the
-/// descriptor number still holds the same socket (the inode is checked, in case the
-/// application closed it and the number was reused).
+/// descriptor number still holds the same socket (device and inode are checked, in case the
+/// application closed it and the number was reused, even for a file on another device).
 pub struct Lane {
     cached: AtomicU64,
+    cached_dev: AtomicU64,
     cached_ino: AtomicU64,
     holder: AtomicU64,
 }
@@ -123,6 +124,7 @@ impl Lane {
     const fn new() -> Self {
         Self {
             cached: AtomicU64::new(NONE),
+            cached_dev: AtomicU64::new(0),
             cached_ino: AtomicU64::new(0),
             holder: AtomicU64::new(0),
         }
@@ -162,8 +164,9 @@ impl Lane {
 
     /// Makes `fd` this lane's connection.
     fn adopt(&self, pid: u32, fd: c_int) {
-        self.cached_ino
-            .store(sys::inode(fd).unwrap_or(0), Ordering::Release);
+        let (dev, ino) = sys::file_id(fd).unwrap_or((0, 0));
+        self.cached_dev.store(dev, Ordering::Release);
+        self.cached_ino.store(ino, Ordering::Release);
         self.cached.store(pack(pid, fd), Ordering::Release);
     }
 }
@@ -206,7 +209,11 @@ impl DaemonSession {
         let held = lane.cached.load(Ordering::Acquire);
         if held != NONE {
             let fd = held as u32 as c_int;
-            let ours = sys::inode(fd) == Some(lane.cached_ino.load(Ordering::Acquire));
+            let ours = sys::file_id(fd)
+                == Some((
+                    lane.cached_dev.load(Ordering::Acquire),
+                    lane.cached_ino.load(Ordering::Acquire),
+                ));
             if ours && (held >> 32) as u32 == pid {
                 return Some(session(fd, cached));
             }

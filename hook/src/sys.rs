@@ -149,11 +149,19 @@ fn getsockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
 
 /// The inode of `fd`, or None if it is not open.
 pub fn inode(fd: c_int) -> Option<u64> {
+    file_id(fd).map(|(_, ino)| ino)
+}
+
+/// Which file `fd` is: its device and inode, or None if it is not open.
+pub fn file_id(fd: c_int) -> Option<(u64, u64)> {
     let mut st = MaybeUninit::<libc::stat>::uninit();
     // SAFETY: fstat fills the stat buffer we own.
     let rc = unsafe { libc::fstat(fd, st.as_mut_ptr()) };
     // SAFETY: fstat returned 0, so it initialized the buffer.
-    (rc == 0).then(|| unsafe { st.assume_init() }.st_ino)
+    (rc == 0).then(|| {
+        let st = unsafe { st.assume_init() };
+        (st.st_dev, st.st_ino)
+    })
 }
 
 /// The caller's socket: its type (one system call); `domain` is taken as given.

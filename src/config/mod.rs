@@ -355,7 +355,17 @@ impl Validator<'_> {
             Some(list) => {
                 let addrs: Vec<_> = list
                     .iter()
-                    .filter_map(|a| self.check(a, "dns.listen", |s| parse_addr(s, 53)))
+                    .filter_map(|a| {
+                        self.check(a, "dns.listen", |s| {
+                            parse_addr(s, 53).and_then(|addr| {
+                                if addr.ip().is_unspecified() {
+                                    Err(format!("{addr} is a wildcard: a UDP reply would leave from whichever address the kernel picks, not the one the client asked, and clients drop it; list each address to answer on (e.g. \"127.0.0.53:53\", \"10.0.0.5:53\")"))
+                                } else {
+                                    Ok(addr)
+                                }
+                            })
+                        })
+                    })
                     .collect();
                 if list.is_empty() {
                     self.problems.push(Diagnostic::file(
@@ -848,10 +858,10 @@ impl Validator<'_> {
         let kind = match raw.kind.get_ref().as_str() {
             "tcp" => CheckKind::Tcp,
             "http" => {
-                let path = raw
-                    .path
-                    .as_ref()
-                    .map_or_else(|| "/".to_string(), |p| p.get_ref().clone());
+                let path = match &raw.path {
+                    Some(p) => self.check(p, "check.path", |p| check_http_path(p))?,
+                    None => "/".to_string(),
+                };
                 let expect = match &raw.expect {
                     Some(e) => self.check(e, "check.expect", |e| parse_status_range(e))?,
                     None => (200, 399),
@@ -985,6 +995,23 @@ fn default_magic_v4() -> Ipv4Net {
 }
 
 /// `ip:port`, `[v6]:port`, or a bare address with `default_port`.
+/// An HTTP request target for a health check: an absolute path of visible ASCII (no spaces,
+/// CR or LF, which would let the config write a request of its own).
+fn check_http_path(p: &str) -> Result<String, String> {
+    if !p.starts_with('/') {
+        return Err(format!("{p:?} must start with \"/\""));
+    }
+    if p.len() > 1024 {
+        return Err("longer than 1024 bytes".into());
+    }
+    if let Some(c) = p.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "{p:?} holds {c:?}: only visible ASCII, percent-encode anything else (e.g. %20)"
+        ));
+    }
+    Ok(p.to_string())
+}
+
 pub fn parse_addr(s: &str, default_port: u16) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
         return Ok(a);

@@ -151,10 +151,19 @@ fn unknown_keys_and_syntax_errors_name_the_line() {
 }
 
 #[test]
-fn wildcard_listener_catches_loopback_loops() {
-    let errs = errors("[dns]\nlisten = [\"0.0.0.0:53\"]\nupstreams = [\"127.0.0.1:53\"]\n");
-    assert!(errs[0].contains("forwarding loop"), "{errs:?}");
-    assert!(parse("[dns]\nlisten = [\"0.0.0.0:53\"]\nupstreams = [\"127.0.0.1:5300\"]\n").is_ok());
+fn wildcard_listen_addresses_are_refused_with_their_line() {
+    for wild in ["0.0.0.0:53", "[::]:53"] {
+        let errs = errors(&format!(
+            "[dns]\nlisten = [\"127.0.0.53:53\", \"{wild}\"]\n"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("/etc/discotech/discotech.toml:2:")
+                && errs[0].contains("dns.listen")
+                && errs[0].contains("is a wildcard"),
+            "{errs:?}"
+        );
+    }
 }
 
 #[test]
@@ -311,6 +320,28 @@ fn balance_zone_and_share_are_validated_with_their_position() {
     );
     assert!(
         errs[1].contains(":3:19: balance.local_min_share: must be a share"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn a_health_check_path_with_crlf_or_spaces_is_refused_where_it_stands() {
+    let errs = errors(
+        "[[register]]\nservice = \"web\"\naddr = \"127.0.0.2:80\"\nhosts = [\"127.0.0.1:2181\"]\npath = \"/d/web\"\n\
+         check = { kind = \"http\", path = \"/h HTTP/1.1\\r\\nHost: evil\\r\\n\\r\\nGET /\" }\n",
+    );
+    assert!(
+        errs.iter().any(|e| e.contains(":6:")
+            && e.contains("check.path")
+            && e.contains("only visible ASCII")),
+        "{errs:?}"
+    );
+    let errs = errors(
+        "[[register]]\nservice = \"web\"\naddr = \"127.0.0.2:80\"\nhosts = [\"127.0.0.1:2181\"]\npath = \"/d/web\"\n\
+         check = { kind = \"http\", path = \"health\" }\n",
+    );
+    assert!(
+        errs.iter().any(|e| e.contains("must start with \"/\"")),
         "{errs:?}"
     );
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use hickory_proto::ProtoError;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{Name, Record, RecordType};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::DecodeError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -46,8 +46,11 @@ pub struct ForwardConfig {
     pub stale_max: Duration,
     /// TTL given to stale answers.
     pub stale_ttl: u32,
-    /// Cap on cached TTL.
+    /// Cap on every TTL passed on (and cached).
     pub max_ttl: u32,
+    /// Names only this server answers (the service domains): nothing at or under them is ever
+    /// taken from an upstream reply.
+    pub ours: Vec<Name>,
 }
 
 impl Default for ForwardConfig {
@@ -62,6 +65,7 @@ impl Default for ForwardConfig {
             stale_max: Duration::from_secs(86_400),
             stale_ttl: 30,
             max_ttl: 86_400,
+            ours: Vec::new(),
         }
     }
 }
@@ -201,7 +205,7 @@ impl Forwarder {
             }
             match self.exchange(upstream, query, deadline).await {
                 Ok(msg) => {
-                    let mut answer = into_answer(msg);
+                    let mut answer = scrub(msg, query, &self.cfg.ours, self.cfg.max_ttl);
                     self.cache.insert(query, &answer, Instant::now());
                     restore_case(&mut answer, &query.name);
                     return Ok(Forwarded::new(answer, Origin::Upstream));
@@ -297,6 +301,7 @@ impl Forwarder {
         // makes the kernel drop datagrams from any other peer and report ICMP refusals.
         let socket = UdpSocket::bind(local).await?;
         socket.connect(upstream).await?;
+        let cased_sent = cased.clone();
         let _registered = self.register(query, id, cased);
         socket.send(&wire).await?;
         let mut buf = vec![0u8; UDP_RECV_BUF];
@@ -309,7 +314,7 @@ impl Forwarder {
             }
             let Some(data) = buf.get(..len) else { continue };
             match Message::from_vec(data) {
-                Ok(msg) if is_reply_to(&msg, id, query) => return Ok(msg),
+                Ok(msg) if is_reply_to(&msg, id, query, &cased_sent) => return Ok(msg),
                 Ok(_) => debug!(%upstream, "ignoring reply that does not match the query"),
                 Err(error) => debug!(%upstream, %error, "ignoring undecodable reply"),
             }
@@ -325,6 +330,7 @@ impl Forwarder {
         let len = u16::try_from(wire.len())
             .map_err(|_| std::io::Error::other("query longer than a TCP frame"))?;
         let mut stream = TcpStream::connect(upstream).await?;
+        let cased_sent = cased.clone();
         let _registered = self.register(query, id, cased);
         let mut framed = Vec::with_capacity(wire.len() + 2);
         framed.extend_from_slice(&len.to_be_bytes());
@@ -335,7 +341,7 @@ impl Forwarder {
         let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
         stream.read_exact(&mut reply).await?;
         let msg = Message::from_vec(&reply)?;
-        if is_reply_to(&msg, id, query) {
+        if is_reply_to(&msg, id, query, &cased_sent) {
             Ok(msg)
         } else {
             Err(UpstreamError::Mismatch)
@@ -454,24 +460,94 @@ fn restore_case(answer: &mut Answer, name: &Name) {
     }
 }
 
-fn is_reply_to(msg: &Message, id: u16, query: &Query) -> bool {
+/// A reply to our query: its ID, and the question exactly as we sent it, down to the random
+/// letter case (DNS 0x20: a spoofer who guessed the ID must also guess the spelling).
+fn is_reply_to(msg: &Message, id: u16, query: &Query, cased: &str) -> bool {
     msg.metadata.id == id
         && msg.metadata.message_type == MessageType::Response
         && msg.metadata.op_code == OpCode::Query
         && matches!(msg.queries.as_slice(), [q] if q.name.eq_ignore_root(&query.name)
+            && q.name.to_ascii() == cased
             && q.query_type == query.query_type
             && q.query_class == query.query_class)
 }
 
-/// The caller adds its own EDNS, so no OPT from upstream may leak into the additionals.
-fn into_answer(msg: Message) -> Answer {
-    let mut additionals = msg.additionals;
-    additionals.retain(|r| r.record_type() != RecordType::OPT);
+/// What of an upstream reply reaches the client and the cache:
+///
+/// - answers: the records of the question's name and of the CNAME chain from it (and DNAMEs
+///   above it);
+/// - authorities: records of the question's zone or its parents (the SOA of a negative answer,
+///   the NS of a delegation);
+/// - additionals: only addresses of names those records point to (NS, MX, SRV targets), never
+///   the upstream's OPT (the caller adds its own EDNS);
+/// - nothing at or under a name in `ours` (the service domains this server answers itself);
+/// - every TTL at most `max_ttl`.
+fn scrub(msg: Message, query: &Query, ours: &[Name], max_ttl: u32) -> Answer {
+    let foreign = |n: &Name| !ours.iter().any(|o| o.zone_of(n));
+    let mut chain: Vec<Name> = vec![query.name.clone()];
+    let mut answers: Vec<Record> = Vec::new();
+    let mut left: Vec<Record> = msg.answers;
+    // A chain in any order: each pass takes the records its names reach (bounded by the
+    // number of records).
+    loop {
+        let before = answers.len();
+        let mut rest = Vec::with_capacity(left.len());
+        for r in left {
+            let reached = chain.contains(&r.name)
+                || (r.record_type() == RecordType::DNAME && r.name.zone_of(&query.name));
+            if reached && foreign(&r.name) {
+                if let RData::CNAME(target) = &r.data
+                    && !chain.contains(&target.0)
+                {
+                    chain.push(target.0.clone());
+                }
+                answers.push(r);
+            } else {
+                rest.push(r);
+            }
+        }
+        left = rest;
+        if answers.len() == before || left.is_empty() {
+            break;
+        }
+    }
+    let authorities: Vec<Record> = msg
+        .authorities
+        .into_iter()
+        .filter(|r| foreign(&r.name) && chain.iter().any(|c| r.name.zone_of(c)))
+        .collect();
+    let targets: Vec<Name> = answers
+        .iter()
+        .chain(&authorities)
+        .filter_map(|r| match &r.data {
+            RData::NS(ns) => Some(ns.0.clone()),
+            RData::MX(mx) => Some(mx.exchange.clone()),
+            RData::SRV(srv) => Some(srv.target.clone()),
+            _ => None,
+        })
+        .collect();
+    let additionals: Vec<Record> = msg
+        .additionals
+        .into_iter()
+        .filter(|r| {
+            matches!(r.record_type(), RecordType::A | RecordType::AAAA)
+                && foreign(&r.name)
+                && targets.contains(&r.name)
+        })
+        .collect();
+    let clamp = |mut v: Vec<Record>| {
+        for r in &mut v {
+            if r.ttl > max_ttl {
+                r.ttl = max_ttl;
+            }
+        }
+        v
+    };
     Answer {
         response_code: msg.metadata.response_code,
-        answers: msg.answers,
-        authorities: msg.authorities,
-        additionals,
+        answers: clamp(answers),
+        authorities: clamp(authorities),
+        additionals: clamp(additionals),
     }
 }
 

@@ -242,11 +242,19 @@ impl<'a> Daemon<'a> {
 
     /// Starts the daemon and waits until it answers over DNS.
     pub fn start(&mut self) {
-        self.pid = self.ns.spawn(
-            DISCOTECH,
-            &["serve", "--config", self.config.to_str().expect("utf-8")],
-            &self.log,
-        );
+        self.start_under(&[]);
+    }
+
+    /// Starts the daemon as the last arguments of `wrapper` (e.g. `prlimit --nofile=...`).
+    pub fn start_under(&mut self, wrapper: &[&str]) {
+        let config = self.config.to_str().expect("utf-8");
+        let mut args: Vec<&str> = wrapper.iter().skip(1).copied().collect();
+        if !wrapper.is_empty() {
+            args.push(DISCOTECH);
+        }
+        args.extend(["serve", "--config", config]);
+        let program = wrapper.first().copied().unwrap_or(DISCOTECH);
+        self.pid = self.ns.spawn(program, &args, &self.log);
         let server = format!("@{}", self.listen.ip());
         let port = self.listen.port().to_string();
         let up = eventually(Duration::from_secs(10), || {

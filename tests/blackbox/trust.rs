@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::balance::{c_program, connects_as, count, daemon};
 use crate::harness::{DISCOTECH, Daemon, Netns, eventually, example, greeter};
+use crate::zk::ensure_hook_library;
 
 const ZONE: &str = "[services.web]\nlb = \"round-robin\"\nbackends = [\"127.0.0.2:7001\", \"127.0.0.3:7001\"]\n\
     [services.sticky]\nlb = \"maglev\"\nbackends = [\"127.0.0.2:7001\", \"127.0.0.3:7001\"]\n";
@@ -199,5 +200,107 @@ fn junk_in_the_live_counters_skews_picks_only_among_the_tables_backends() {
         text.lines().filter(|l| l.starts_with("OK ")).count(),
         4,
         "{text}"
+    );
+}
+
+/// Opens `n` connections to the hook socket at argv[1], then after a second prints how many the
+/// daemon kept open, and holds them for argv[3] seconds.
+const HOARDER: &str = "import socket, sys, time
+path, n, hold = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        held.append(s)
+    except OSError:
+        s.close()
+time.sleep(1)
+open_ = 0
+for s in held:
+    try:
+        open_ += s.recv(1, socket.MSG_DONTWAIT) != b''
+    except BlockingIOError:
+        open_ += 1
+    except OSError:
+        pass
+print('connected', len(held), 'open', open_, flush=True)
+time.sleep(hold)
+";
+
+#[test]
+fn one_uid_hoarding_hook_connections_starves_neither_dns_nor_admin_nor_other_uids() {
+    ensure_hook_library();
+    let ns = Netns::new();
+    greeter(&ns, "a", "127.0.0.2");
+    greeter(&ns, "b", "127.0.0.3");
+    let mut d = Daemon::configure(&ns, "127.0.0.53:53", "upstreams = []");
+    d.zone("web.toml", ZONE);
+    // A hard limit of 1024 descriptors, as a daemon started by hand under a default ulimit has.
+    d.start_under(&["prlimit", "--nofile=1024:1024"]);
+    ns.resolv_conf("127.0.0.53");
+    let log = ns.path("hoarder.log");
+    let socket = ns.path("hook.sock");
+    ns.spawn(
+        "setpriv",
+        &[
+            "--reuid=2000",
+            "--regid=2000",
+            "--clear-groups",
+            // Debian's, not a per-user install other uids cannot reach.
+            "/usr/bin/python3",
+            "-c",
+            HOARDER,
+            socket.to_str().expect("utf-8"),
+            "1100",
+            "30",
+        ],
+        &log,
+    );
+    let said = eventually(Duration::from_secs(20), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("open"))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the hoarder said nothing: {:?}",
+            std::fs::read_to_string(&log)
+        )
+    });
+    let open: usize = said
+        .split_whitespace()
+        .last()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    eprintln!("uid 2000: {said}");
+    assert!(open <= 256, "one uid holds {open} hook connections: {said}");
+
+    // With uid 2000's connections held: DNS over UDP and TCP, the admin socket, metrics and
+    // root's hooked connects all work.
+    assert_eq!(d.short("web.disco", "SRV").len(), 2);
+    assert_eq!(
+        d.dig(&["+tcp", "+short", "web.disco", "SRV"])
+            .lines()
+            .count(),
+        2
+    );
+    let admin = ns.path("admin.sock");
+    let status = ns.ok(
+        DISCOTECH,
+        &["status", "--socket", admin.to_str().expect("utf-8")],
+    );
+    assert!(status.contains("services: 2"), "{status}");
+    ns.ok(
+        "curl",
+        &["-sf", "--max-time", "5", "http://127.0.0.1:9253/metrics"],
+    );
+    let got = connects_as(&ns, &d, 0, "web", 10);
+    assert_eq!(got.len(), 10, "{got:?}");
+    assert!(got.iter().all(|w| w == "a" || w == "b"), "{got:?}");
+    assert!(
+        d.log_text().contains("open descriptor limit"),
+        "{}",
+        d.log_text()
     );
 }

@@ -414,3 +414,83 @@ async fn excess_concurrent_queries_are_busy() {
         Err(ForwardError::Busy)
     ));
 }
+
+#[tokio::test]
+async fn upstream_records_outside_the_question_or_under_our_domains_are_dropped() {
+    let up = upstream(|req| {
+        let qname = req.queries[0].name.clone();
+        let mut r = reply(req, ResponseCode::NoError, 4_294_967_295, 1);
+        // Out of bailiwick in every section, and a try at a service name.
+        r.add_answer(a(&name("bank.example."), 60, 66));
+        r.add_answer(a(&name("web.disco."), 60, 6));
+        let soa = SOA::new(
+            name("ns.example."),
+            name("admin.example."),
+            1,
+            60,
+            60,
+            60,
+            60,
+        );
+        r.add_authority(Record::from_rdata(
+            name("example."),
+            60,
+            RData::SOA(soa.clone()),
+        ));
+        r.add_authority(Record::from_rdata(name("other."), 60, RData::SOA(soa)));
+        r.add_additional(a(&name("web.disco."), 60, 6));
+        r.add_additional(a(&name("ns.example."), 60, 7));
+        assert!(qname.to_ascii().chars().any(|c| c.is_ascii_uppercase()));
+        vec![r]
+    })
+    .await;
+    let fwd = Forwarder::new(ForwardConfig {
+        ours: vec![name("disco.")],
+        max_ttl: 3600,
+        ..cfg(vec![up])
+    });
+    let got = fwd.resolve(&q("www.example.")).await.unwrap();
+    assert_eq!(ips(&got), ip(1), "only the question's own record: {got:?}");
+    assert_eq!(got.answers[0].ttl, 3600, "TTLs are clamped to max_ttl");
+    assert_eq!(got.authorities.len(), 1, "{got:?}");
+    assert_eq!(got.authorities[0].name, name("example."));
+    assert!(got.additionals.is_empty(), "no target named them: {got:?}");
+}
+
+#[tokio::test]
+async fn a_cname_chain_survives_the_scrub_in_any_order() {
+    let up = upstream(|req| {
+        let qname = req.queries[0].name.clone();
+        let mut r = Message::response(req.metadata.id, OpCode::Query);
+        r.add_queries(req.queries.clone());
+        // Target first, then the CNAME that leads to it.
+        r.add_answer(a(&name("edge.cdn.example."), 60, 9));
+        r.add_answer(Record::from_rdata(
+            qname,
+            60,
+            RData::CNAME(hickory_proto::rr::rdata::CNAME(name("edge.cdn.example."))),
+        ));
+        vec![r]
+    })
+    .await;
+    let fwd = Forwarder::new(cfg(vec![up]));
+    let got = fwd.resolve(&q("www.example.")).await.unwrap();
+    assert_eq!(got.answers.len(), 2, "{got:?}");
+}
+
+#[tokio::test]
+async fn a_reply_that_loses_the_random_letter_case_is_not_believed() {
+    let up = upstream(|req| {
+        let mut r = reply(req, ResponseCode::NoError, 60, 1);
+        // A spoofer who guessed the ID but not the spelling.
+        let lower = Name::from_ascii(req.queries[0].name.to_ascii().to_ascii_lowercase()).unwrap();
+        let mut question = Query::query(lower, RecordType::A);
+        question.set_query_class(req.queries[0].query_class);
+        r.queries = vec![question];
+        vec![r]
+    })
+    .await;
+    let fwd = Forwarder::new(cfg(vec![up]));
+    let got = fwd.resolve(&q("www.example.")).await;
+    assert!(got.is_err(), "{got:?}");
+}
