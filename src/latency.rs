@@ -22,7 +22,8 @@
 //! flight always ends.
 //!
 //! One thread does this, dumping the table when reports arrive and then every [`TICK`] while any
-//! connection is still being watched. The hook server hands it work with `try_send`: when the
+//! connection is still being watched, never more often than once a [`TICK`], and asking the
+//! kernel only for sockets to the ports being watched. The hook server hands it work with `try_send`: when the
 //! queue is full a sample is lost, never a connect delayed.
 
 use std::collections::{HashMap, HashSet};
@@ -108,29 +109,44 @@ impl Watcher {
 fn run(rx: &Receiver<Watch>, mut apply: impl FnMut(Vec<Settled>)) {
     let mut watched: Vec<Watched> = Vec::new();
     let mut last_error: Option<String> = None;
+    // At most one dump per TICK however fast connects arrive: arrivals in between wait for it.
+    let mut next_dump = Instant::now();
     loop {
-        let first = if watched.is_empty() {
-            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
-        } else {
-            rx.recv_timeout(TICK)
-        };
-        match first {
-            Ok(w) => add(&mut watched, w),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+        if watched.is_empty() {
+            match rx.recv() {
+                Ok(w) => add(&mut watched, w),
+                Err(_) => return,
+            }
+        }
+        loop {
+            let wait = next_dump.saturating_duration_since(Instant::now());
+            if wait.is_zero() {
+                break;
+            }
+            match rx.recv_timeout(wait) {
+                Ok(w) => add(&mut watched, w),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
         }
         while let Ok(w) = rx.try_recv() {
             add(&mut watched, w);
         }
+        next_dump = Instant::now() + TICK;
         // Only the watched connections are kept from the dump: the table may be large.
         let wanted: HashSet<(SocketAddr, u16)> = watched
             .iter()
             .map(|w| (w.watch.remote, w.watch.local_port))
             .collect();
         let mut table: HashMap<(SocketAddr, u16), SockRow> = HashMap::new();
-        // Listening sockets cannot be ours.
+        // Listening sockets cannot be ours, and only sockets to the ports watched are asked
+        // for: the rest of the table (time-wait sockets by the thousand on a busy host) stays
+        // in the kernel.
         let states = StateFlags::all() - StateFlags::LISTEN;
-        if let Err(e) = conn_count::dump(states, true, |row| {
+        let mut ports: Vec<u16> = watched.iter().map(|w| w.watch.remote.port()).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        if let Err(e) = conn_count::dump_to(states, true, &ports, |row| {
             let key = (row.remote, row.local_port);
             // A reused port: the live socket wins over a time-wait one.
             if wanted.contains(&key) && (row.state != state::TIME_WAIT || !table.contains_key(&key))

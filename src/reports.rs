@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use discotech_wire::live::{Entry, Report, Take};
+use discotech_wire::live::{self, Entry, Report, Take};
 use discotech_wire::pick::uncount;
 use discotech_wire::table::NO_SLOT;
 use tokio::sync::mpsc;
@@ -364,7 +364,7 @@ impl Reader {
             at = at.min(t);
         }
         at.saturating_duration_since(now)
-            .min(Duration::from_secs(1))
+            .min(Duration::from_millis(u64::from(live::SAMPLE_WAIT_MS)))
     }
 
     fn handle(&self, e: &Entry) {

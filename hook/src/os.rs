@@ -5,7 +5,7 @@
 use core::net::SocketAddr;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use discotech_wire::live::{Entry, Live};
+use discotech_wire::live::{Entry, Live, Report};
 use discotech_wire::table::Table;
 use discotech_wire::{MSG_LEN, Reply, Request};
 use libc::c_int;
@@ -50,8 +50,12 @@ impl Os for RealOs {
         maps::live(self.real, self.cfg, epoch)
     }
 
+    /// Wakes a sleeping reader for reports it must act on at once (a failure to check, a
+    /// connect to follow while it is under way); a latency sample waits for the reader's next
+    /// round (at most [`discotech_wire::live::SAMPLE_WAIT_MS`]), which keeps the wake-up off p2c-ewma's connect path.
     fn report(&self, live: &Live<'_>, e: &Entry) {
         if live.report(e)
+            && !matches!(e.report, Report::Connected { .. })
             && let Some(head) = live.head_word()
         {
             discotech_shm::futex_wake(head);

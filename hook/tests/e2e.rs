@@ -541,3 +541,29 @@ fn a_daemon_socket_owned_by_another_user_is_not_trusted() {
     assert_eq!(said, "accepted asked");
     assert_eq!(out, "OK evil\n");
 }
+
+#[test]
+fn a_table_file_others_could_have_written_is_not_believed() {
+    use std::os::unix::fs::PermissionsExt;
+    let (a, b) = (
+        Greeter::start("127.0.0.2", "a"),
+        Greeter::start("127.0.0.3", "b"),
+    );
+    let d = Daemon::start(vec![service(LbPolicy::RoundRobin, &[a.addr, b.addr])]);
+    d.kill(true);
+    let table = d.dir.path().join("hook.snapshot");
+    // As the daemon left it (root, 0644): believed.
+    let out = run(Some(&d.socket()), &["block", "127.77.0.9", "80"]);
+    assert!(stdout(&out).starts_with("OK "), "{}", stdout(&out));
+
+    // Writable by others: anyone could have put any routes there.
+    std::fs::set_permissions(&table, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = run(Some(&d.socket()), &["block", "127.77.0.9", "80"]);
+    assert_eq!(stdout(&out), "ERR ECONNREFUSED\n", "a world-writable table was used");
+
+    // Owned by another user (nobody), even with a safe mode.
+    std::fs::set_permissions(&table, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::chown(&table, Some(65534), Some(65534)).unwrap();
+    let out = run(Some(&d.socket()), &["block", "127.77.0.9", "80"]);
+    assert_eq!(stdout(&out), "ERR ECONNREFUSED\n", "another user's table was used");
+}

@@ -446,7 +446,7 @@ fn has_letters(name: &str) -> bool {
 }
 
 /// Answers come back in the random case we sent; the client gets its own spelling back.
-fn restore_case(answer: &mut Answer, name: &Name) {
+pub(crate) fn restore_case(answer: &mut Answer, name: &Name) {
     for r in answer
         .answers
         .iter_mut()
@@ -462,7 +462,7 @@ fn restore_case(answer: &mut Answer, name: &Name) {
 
 /// A reply to our query: its ID, and the question exactly as we sent it, down to the random
 /// letter case (DNS 0x20: a spoofer who guessed the ID must also guess the spelling).
-fn is_reply_to(msg: &Message, id: u16, query: &Query, cased: &str) -> bool {
+pub(crate) fn is_reply_to(msg: &Message, id: u16, query: &Query, cased: &str) -> bool {
     msg.metadata.id == id
         && msg.metadata.message_type == MessageType::Response
         && msg.metadata.op_code == OpCode::Query
@@ -482,7 +482,7 @@ fn is_reply_to(msg: &Message, id: u16, query: &Query, cased: &str) -> bool {
 ///   the upstream's OPT (the caller adds its own EDNS);
 /// - nothing at or under a name in `ours` (the service domains this server answers itself);
 /// - every TTL at most `max_ttl`.
-fn scrub(msg: Message, query: &Query, ours: &[Name], max_ttl: u32) -> Answer {
+pub(crate) fn scrub(msg: Message, query: &Query, ours: &[Name], max_ttl: u32) -> Answer {
     let foreign = |n: &Name| !ours.iter().any(|o| o.zone_of(n));
     let mut chain: Vec<Name> = vec![query.name.clone()];
     let mut answers: Vec<Record> = Vec::new();

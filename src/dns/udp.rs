@@ -40,7 +40,7 @@ const SHUTDOWN_POLL: Duration = Duration::from_millis(200);
 /// Bound on cached answers per worker: names are chosen by clients, memory is ours.
 const MAX_CACHED: usize = 65_536;
 /// Largest query we accept over UDP (RFC 6891 allows up to 65535, real queries are tiny).
-const MAX_QUERY: usize = 4096;
+pub(crate) const MAX_QUERY: usize = 4096;
 /// How long a worker serves a forwarded answer's bytes before asking the forwarder again.
 pub const FORWARDED_FRESH: Duration = Duration::from_secs(1);
 
@@ -339,7 +339,7 @@ pub fn cache_key(p: &[u8], key: &mut Vec<u8>) -> bool {
 
 /// FORMERR for a packet whose header parsed but whose body did not; `None` for a packet too short
 /// to answer (or itself a response: never answer those).
-fn formerr(p: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn formerr(p: &[u8]) -> Option<Vec<u8>> {
     let h = p.get(..12)?;
     if h[2] & 0x80 != 0 {
         return None;

@@ -577,6 +577,8 @@ fn p2c_ewma_steers_connects_away_from_a_backend_that_is_slow_to_connect() {
         blocking.iter().all(|g| g == "a" || g == "b"),
         "{blocking:?}"
     );
+    // Hooks do not wake the daemon for a latency sample: it reads them within 100 ms.
+    std::thread::sleep(Duration::from_millis(250));
     let said = resolve(&ns, "ewma");
     assert!(
         said.contains("(p2c-ewma: connect latency ") && said.contains(" ms x (0 in flight + 1)"),

@@ -58,6 +58,10 @@ pub fn header(rr_slots: u32, backend_slots: u32, ring: u32, epoch: u64) -> [u32;
     h
 }
 
+/// The longest a report may wait in the ring before the daemon's reader looks: hooks do not
+/// wake the reader for latency samples, so it never sleeps longer than this.
+pub const SAMPLE_WAIT_MS: u32 = 100;
+
 /// What a hook reports about one connect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Report {
