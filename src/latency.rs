@@ -28,7 +28,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
 use tracing::debug;
@@ -37,7 +37,7 @@ use crate::conn_count::{self, SockRow, StateFlags, state};
 use crate::service::ServiceName;
 
 /// How often the socket table is read while connects are being watched.
-pub const TICK: Duration = Duration::from_millis(2);
+pub const TICK: Duration = Duration::from_millis(5);
 /// A connect still under way after this long is reported as taking this long.
 pub const GIVE_UP: Duration = Duration::from_secs(3);
 /// A connect seen connecting at least this long and then gone is sampled (see the module docs).
@@ -118,19 +118,15 @@ fn run(rx: &Receiver<Watch>, mut apply: impl FnMut(Vec<Settled>)) {
                 Err(_) => return,
             }
         }
+        // Sleep rather than wait on the channel: new watches then wake nobody, and a busy
+        // host costs one wake-up per tick, not one per connect.
+        std::thread::sleep(next_dump.saturating_duration_since(Instant::now()));
         loop {
-            let wait = next_dump.saturating_duration_since(Instant::now());
-            if wait.is_zero() {
-                break;
-            }
-            match rx.recv_timeout(wait) {
+            match rx.try_recv() {
                 Ok(w) => add(&mut watched, w),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
             }
-        }
-        while let Ok(w) = rx.try_recv() {
-            add(&mut watched, w);
         }
         next_dump = Instant::now() + TICK;
         // Only the watched connections are kept from the dump: the table may be large.

@@ -230,6 +230,11 @@ const STUCK: Duration = Duration::from_millis(50);
 const BATCH: usize = 1024;
 /// How often decaying p2c-ewma estimates are republished.
 const DECAY_EVERY: Duration = Duration::from_secs(1);
+/// While reports keep coming the reader polls the ring every [`POLL`] instead of sleeping on
+/// the futex, so a busy host pays no wake-up per connect (hooks wake only a sleeping reader);
+/// after [`BUSY_FOR`] without a report it sleeps until woken.
+const POLL: Duration = Duration::from_millis(1);
+const BUSY_FOR: Duration = Duration::from_millis(100);
 
 impl ReportReader {
     /// Starts the thread. Its latency watcher is started with it (without one, connects under
@@ -291,6 +296,7 @@ impl Reader {
             .and_then(|l| l.head_word())
             .map_or(0, |h| h.load(Ordering::SeqCst));
         let mut stuck_since: Option<(u32, Instant)> = None;
+        let mut last_report = Instant::now();
         while !stop.load(Ordering::SeqCst) {
             let table = self.table.clone();
             let Some(live) = table.live() else {
@@ -303,6 +309,7 @@ impl Reader {
                 last = live.take(tail);
                 match last {
                     Take::Entry(e) => {
+                        last_report = Instant::now();
                         tail = tail.wrapping_add(1);
                         stuck_since = None;
                         if let Some(e) = e {
@@ -337,7 +344,10 @@ impl Reader {
             let now = Instant::now();
             self.upkeep(now);
             match last {
-                Take::NotYet => std::thread::sleep(Duration::from_millis(1)),
+                Take::NotYet => std::thread::sleep(POLL),
+                Take::Empty if now.saturating_duration_since(last_report) < BUSY_FOR => {
+                    std::thread::sleep(POLL.min(self.next_wake(now)));
+                }
                 Take::Empty => {
                     let wait = self.next_wake(now);
                     if let (Some(head), Some(waiting)) = (live.head_word(), live.waiting_word()) {

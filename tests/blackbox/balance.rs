@@ -548,7 +548,7 @@ fn p2c_ewma_steers_connects_away_from_a_backend_that_is_slow_to_connect() {
 
     // p2c-ewma: the first connect to it is seen connecting (in the kernel's table) until the
     // client gives up, and from then on its cost loses every comparison. A second one can slip
-    // in while that sample is on its way (the watcher looks every 2 ms); never a third.
+    // in while that sample is on its way (the watcher looks every 5 ms); never a third.
     let ewma = timeout_connects(&d, "ewma", 40);
     assert_eq!(ewma.len(), 40, "{ewma:?}");
     let slow = count(&ewma, "TIMEOUT");
