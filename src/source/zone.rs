@@ -12,7 +12,7 @@
 //! slow_start = "30s"                         # or { window = "30s", floor = 0.1 }
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use serde::Deserialize;
@@ -63,6 +63,18 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
     };
     let mut services = Vec::new();
     let mut problems_from_config = Vec::new();
+    // The first spelling of each name, ignoring case (one pass: a zone may hold thousands).
+    let mut first: HashMap<String, &Spanned<String>> = HashMap::new();
+    for name in raw.services.keys() {
+        first
+            .entry(name.get_ref().to_ascii_lowercase())
+            .and_modify(|f| {
+                if name.span().start < f.span().start {
+                    *f = name;
+                }
+            })
+            .or_insert(name);
+    }
     for (name, svc) in &raw.services {
         let field = format!("services.{}", name.get_ref());
         let Ok(svc_name) = name.get_ref().parse::<ServiceName>().map_err(|e| {
@@ -74,9 +86,8 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
         }) else {
             continue;
         };
-        if let Some((prev, _)) = raw.services.iter().find(|(k, _)| {
-            k.get_ref() != name.get_ref() && k.get_ref().eq_ignore_ascii_case(name.get_ref())
-        }) && prev.span().start < name.span().start
+        if let Some(prev) = first.get(&name.get_ref().to_ascii_lowercase())
+            && prev.span().start < name.span().start
         {
             problem(
                 name.span(),
