@@ -9,6 +9,8 @@
  * The backend is `connect_bench --serve ADDR PORT`: accept and close, forever (bounded by alarm).
  * `connect_bench --udp HOST PORT ...` times UDP socket+connect+close instead: no packet is sent,
  * so the cycle is short and steady enough to resolve the hook's passthrough cost.
+ * `connect_bench --nonblock HOST PORT ...` connects as most runtimes do: a non-blocking socket, connect()
+ * (EINPROGRESS), poll for POLLOUT, getsockopt(SO_ERROR); the hook then also reports the connect under way.
  * `connect_bench --passthrough HOST PORT N` calls connect(-1, HOST:PORT) N times (EBADF at once) and
  * prints the mean in nanoseconds: the cost of the call itself, which under the hook includes its
  * address check. Run it with and without LD_PRELOAD on a non-magic address.
@@ -17,6 +19,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,11 +69,18 @@ static int serve(const char *host, int port) {
 }
 
 static int sock_type = SOCK_STREAM;
+static int nonblock = 0;
 
 static int cycle(const struct sockaddr_in *sin) {
-    int fd = socket(AF_INET, sock_type | SOCK_CLOEXEC, 0);
+    int fd = socket(AF_INET, sock_type | SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0), 0);
     if (fd < 0) return -1;
     int rc = connect(fd, (const struct sockaddr *)sin, sizeof *sin);
+    if (nonblock && rc < 0 && errno == EINPROGRESS) {
+        struct pollfd p = {fd, POLLOUT, 0};
+        int err = 0;
+        socklen_t len = sizeof err;
+        rc = (poll(&p, 1, 5000) == 1 && getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err == 0) ? 0 : -1;
+    }
     struct linger l = {1, 0};
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
     close(fd);
@@ -87,6 +97,11 @@ int main(int argc, char **argv) {
         for (long i = 0; i < n; i++) connect(-1, (struct sockaddr *)&sin, sizeof sin);
         printf("mean_ns=%.1f n=%ld\n", (now_us() - t0) * 1000.0 / n, n);
         return 0;
+    }
+    if (argc >= 2 && !strcmp(argv[1], "--nonblock")) {
+        nonblock = 1;
+        argv++;
+        argc--;
     }
     if (argc >= 2 && !strcmp(argv[1], "--udp")) {
         sock_type = SOCK_DGRAM;

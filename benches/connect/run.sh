@@ -1,6 +1,7 @@
 #!/bin/sh
 # Connect hook micro-benchmark: socket+connect+close cycles against a loopback backend, three
-# ways, interleaved (plain, hooked to a magic address, hooked to a non-magic address) for
+# ways, interleaved (plain, hooked to a magic address, hooked to a non-magic address; then non-blocking
+# plain and magic, and UDP) for
 # ROUNDS rounds, then the median of each figure. Results go to docs/performance.md by hand.
 #
 #   benches/connect/run.sh            # ROUNDS=5 WARMUP=2000 ITERS=50000 PORT=18765 LB=round-robin
@@ -52,6 +53,10 @@ while [ "$r" -lt "$ROUNDS" ]; do
     UDP= HOST=127.0.0.2 BPORT=$PORT bench plain X=1
     UDP= HOST=127.77.0.9 BPORT=80 bench magic LD_PRELOAD="$LIB" DISCOTECH_SOCKET="$WORK/hook.sock"
     UDP= HOST=127.0.0.2 BPORT=$PORT bench nonmagic LD_PRELOAD="$LIB" DISCOTECH_SOCKET="$WORK/hook.sock"
+    # Non-blocking, as curl, nginx, Node and Java NIO connect: the hook also reports the connect
+    # under way, and the daemon follows it in the socket table.
+    UDP=--nonblock HOST=127.0.0.2 BPORT=$PORT bench nb-plain X=1
+    UDP=--nonblock HOST=127.77.0.9 BPORT=80 bench nb-magic LD_PRELOAD="$LIB" DISCOTECH_SOCKET="$WORK/hook.sock"
     # UDP connects send nothing: a short, steady cycle that shows the passthrough cost.
     UDP=--udp HOST=127.0.0.2 BPORT=$PORT bench udp-plain X=1
     UDP=--udp HOST=127.0.0.2 BPORT=$PORT bench udp-hooked LD_PRELOAD="$LIB" DISCOTECH_SOCKET="$WORK/hook.sock"
@@ -80,9 +85,9 @@ function med(name, key,   n, i, j, t, a) {
 }
 END {
     printf "%-10s %8s %8s %8s %8s %10s %10s\n", "mode", "p50_us", "p90_us", "p99_us", "mean_us", "p50/base", "p99/base"
-    split("plain magic nonmagic udp-plain udp-hooked", order, " ")
-    for (o = 1; o <= 5; o++) {
-        m = order[o]; base = (m ~ /^udp/) ? "udp-plain" : "plain"
+    split("plain magic nonmagic nb-plain nb-magic udp-plain udp-hooked", order, " ")
+    for (o = 1; o <= 7; o++) {
+        m = order[o]; base = (m ~ /^udp/) ? "udp-plain" : (m ~ /^nb/) ? "nb-plain" : "plain"
         printf "%-10s %8.2f %8.2f %8.2f %8.2f %10.2f %10.2f\n", m, med(m, "p50_us"), med(m, "p90_us"), med(m, "p99_us"), med(m, "mean_us"), med(m, "p50_us") / med(base, "p50_us"), med(m, "p99_us") / med(base, "p99_us")
     }
     printf "passthrough overhead at p50: TCP %.2f us, UDP %.3f us\n", med("nonmagic", "p50_us") - med("plain", "p50_us"), med("udp-hooked", "p50_us") - med("udp-plain", "p50_us")

@@ -33,10 +33,6 @@ impl Os for RealOs {
         sys::sock_info(fd, self.family)
     }
 
-    fn inode(&self, fd: c_int) -> Option<u64> {
-        sys::inode(fd)
-    }
-
     fn connect(&self, fd: c_int, to: SocketAddr, domain: c_int) -> Result<(), c_int> {
         let raw = RawAddr::for_family(to, domain).ok_or(libc::EAFNOSUPPORT)?;
         sys::connect(self.real, fd, &raw)

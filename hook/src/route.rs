@@ -43,8 +43,6 @@ const EXCLUDE: usize = MAX_ATTEMPTS + 4;
 pub trait Os {
     type Session: Session;
     fn sock_info(&self, fd: c_int) -> Option<SockInfo>;
-    /// The inode of the socket behind `fd` (which socket it is, not just its number).
-    fn inode(&self, fd: c_int) -> Option<u64>;
     /// The real connect of `fd` to `to`, in the socket's `domain`. Err is the errno.
     fn connect(&self, fd: c_int, to: SocketAddr, domain: c_int) -> Result<(), c_int>;
     /// The shared routing table, if this process has one mapped (or can map it now).
@@ -130,12 +128,13 @@ pub fn on_connect<O: Os>(os: &O, state: &State, fd: c_int, dest: SocketAddr) -> 
         return Verdict::PassThrough;
     }
     // A repeated connect on a socket whose connect is under way: same backend, no question.
-    if let Some((ino, backend)) = state.fds.get(fd, dest)
-        && os.inode(fd) == Some(ino)
+    // The socket is known by its local port (a new socket under a reused number has none yet).
+    if let Some((port, backend)) = state.fds.get(fd, dest)
+        && os.local_port(fd).map(u64::from) == Some(port)
     {
         let r = os.connect(fd, backend, info.domain);
         if !matches!(r, Err(e) if pending(e)) {
-            state.fds.remove(fd, ino);
+            state.fds.remove(fd, port);
         }
         return Verdict::Return(r);
     }
@@ -261,10 +260,11 @@ impl<O: Os> Call<'_, O> {
     /// A connect in progress: remembered for a repeated connect(), and reported so the daemon
     /// follows it (and uncounts it from the connects in flight when it settles).
     fn pending(&self, live: Option<&Live<'_>>, p: &Picked) {
-        if let Some(ino) = self.os.inode(self.fd) {
-            self.state.fds.put(self.fd, ino, self.dest, p.addr);
+        let local_port = self.os.local_port(self.fd);
+        if let Some(port) = local_port {
+            self.state.fds.put(self.fd, u64::from(port), self.dest, p.addr);
         }
-        match (live, self.os.local_port(self.fd)) {
+        match (live, local_port) {
             (Some(_), Some(local_port)) => self.tell(live, p, Report::Pending { local_port }),
             _ => self.uncount_returned(live, p),
         }
@@ -340,8 +340,8 @@ impl<O: Os> Call<'_, O> {
                 Err(e) if retryable(e) => e,
                 _ => {
                     let in_progress = matches!(r, Err(e) if pending(e));
-                    if in_progress && let Some(ino) = os.inode(fd) {
-                        self.state.fds.put(fd, ino, self.dest, target.addr);
+                    if in_progress && let Some(port) = os.local_port(fd) {
+                        self.state.fds.put(fd, u64::from(port), self.dest, target.addr);
                     }
                     if let Some(started) = started {
                         ctx.done(target.addr, in_progress, r.is_ok(), started, fd);

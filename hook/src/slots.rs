@@ -78,7 +78,8 @@ fn join(hi: u64, lo: u64) -> Ipv6Addr {
 
 const FD_SLOTS: usize = 256;
 
-/// fd -> (socket inode, destination asked for, backend chosen) for connects still pending.
+/// fd -> (which socket: its local port, destination asked for, backend chosen) for connects
+/// still pending.
 /// Direct-mapped by fd number; a collision evicts (the evicted connect just asks again).
 pub struct FdTable {
     slots: [Slot<6>; FD_SLOTS],
@@ -95,37 +96,37 @@ impl FdTable {
         self.slots.get(fd.unsigned_abs() as usize % FD_SLOTS)
     }
 
-    pub fn put(&self, fd: i32, ino: u64, dest: SocketAddr, backend: SocketAddr) {
+    pub fn put(&self, fd: i32, socket: u64, dest: SocketAddr, backend: SocketAddr) {
         let (dh, dl) = split(to_mapped(dest.ip()));
         let (bh, bl) = split(to_mapped(backend.ip()));
         let meta =
             u64::from(fd as u32) | u64::from(dest.port()) << 32 | u64::from(backend.port()) << 48;
         if let Some(s) = self.slot(fd) {
-            s.write([meta, ino, dh, dl, bh, bl]);
+            s.write([meta, socket, dh, dl, bh, bl]);
         }
     }
 
-    /// The socket inode and backend of a pending connect on descriptor `fd` to `dest`. The
-    /// caller checks the inode (one fstat, only when there is a candidate) to tell the same
-    /// socket from a new one that reuses the number.
+    /// The socket (its local port) and backend of a pending connect on descriptor `fd` to
+    /// `dest`. The caller checks the port (one getsockname, only when there is a candidate) to
+    /// tell the same socket from a new one that reuses the number.
     pub fn get(&self, fd: i32, dest: SocketAddr) -> Option<(u64, SocketAddr)> {
-        let [meta, ino, dh, dl, bh, bl] = self.slot(fd)?.read()?;
+        let [meta, socket, dh, dl, bh, bl] = self.slot(fd)?.read()?;
         let (dest_port, backend_port) = ((meta >> 32) as u16, (meta >> 48) as u16);
-        let same = ino != 0
+        let same = socket != 0
             && meta as u32 == fd as u32
             && dest_port == dest.port()
             && join(dh, dl) == to_mapped(dest.ip());
         same.then(|| {
             (
-                ino,
+                socket,
                 SocketAddr::new(from_mapped(join(bh, bl)), backend_port),
             )
         })
     }
 
-    pub fn remove(&self, fd: i32, ino: u64) {
+    pub fn remove(&self, fd: i32, socket: u64) {
         if let Some(s) = self.slot(fd)
-            && s.read().is_some_and(|w| w[1] == ino)
+            && s.read().is_some_and(|w| w[1] == socket)
         {
             s.write([0; 6]);
         }

@@ -147,11 +147,6 @@ fn getsockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
     (rc == 0).then_some(value)
 }
 
-/// The inode of `fd`, or None if it is not open.
-pub fn inode(fd: c_int) -> Option<u64> {
-    file_id(fd).map(|(_, ino)| ino)
-}
-
 /// Which file `fd` is: its device and inode, or None if it is not open.
 pub fn file_id(fd: c_int) -> Option<(u64, u64)> {
     let mut st = MaybeUninit::<libc::stat>::uninit();

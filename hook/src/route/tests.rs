@@ -34,7 +34,7 @@ struct Fake {
     /// The shared table and live region, when the test maps them.
     table: Option<Table<'static, [AtomicU32]>>,
     live: Option<Live<'static>>,
-    /// The inode behind the fd the tests use.
+    /// Which socket is behind the fd the tests use (its local port is derived from it).
     ino: RefCell<u64>,
     hash_key: Option<u64>,
     /// The fake monotonic clock (µs); every connect takes `connect_us`.
@@ -87,10 +87,6 @@ impl<'a> Os for &'a Fake {
 
     fn sock_info(&self, _fd: c_int) -> Option<SockInfo> {
         self.info
-    }
-
-    fn inode(&self, _fd: c_int) -> Option<u64> {
-        Some(*self.ino.borrow())
     }
 
     fn connect(&self, _fd: c_int, to: SocketAddr, domain: c_int) -> Result<(), c_int> {
@@ -147,7 +143,8 @@ impl<'a> Os for &'a Fake {
     }
 
     fn local_port(&self, _fd: c_int) -> Option<u16> {
-        Some(40_000)
+        // Another socket under the same number (another `ino`) has another port.
+        Some(40_000 + u16::try_from(*self.ino.borrow() - 777).unwrap())
     }
 }
 
