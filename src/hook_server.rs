@@ -553,6 +553,7 @@ fn answer(
                         since: Instant::now(),
                         slot: *slot,
                         counted: false,
+                        sampled: true,
                     });
                 }
             }

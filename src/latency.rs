@@ -59,6 +59,8 @@ pub struct Watch {
     pub slot: u32,
     /// The hook counted the connect in flight: it is uncounted when it settles.
     pub counted: bool,
+    /// The service balances by connect latency (p2c-ewma): its samples are wanted.
+    pub sampled: bool,
 }
 
 /// How a watched connect ended.
@@ -246,6 +248,7 @@ mod tests {
                 since,
                 slot: 0,
                 counted: false,
+                sampled: true,
             },
             connecting_for: None,
         }
@@ -366,6 +369,7 @@ mod tests {
             since,
             slot: 0,
             counted: false,
+            sampled: true,
         }
     }
 
@@ -430,6 +434,7 @@ mod tests {
             since: Instant::now(),
             slot: 0,
             counted: false,
+            sampled: true,
         });
         let s = rx.recv_timeout(Duration::from_secs(5)).expect("a sample");
         assert_eq!((s.watch.backend, s.failed), (remote, false));

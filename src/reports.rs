@@ -267,7 +267,8 @@ struct Reader {
 /// A latency watcher whose settled connects end their counts in flight, feed p2c-ewma and
 /// hint failures.
 pub fn watcher(table: Arc<RoutingTable>, hints: Hints) -> Option<Watcher> {
-    match Watcher::spawn(move |settled| on_settled(&table, &hints, settled)) {
+    let mut hinted = HashMap::new();
+    match Watcher::spawn(move |settled| on_settled(&table, &hints, &mut hinted, settled)) {
         Ok(w) => Some(w),
         Err(error) => {
             warn!(%error, "cannot start the connect watcher; non-blocking connects go unmeasured and unchecked");
@@ -413,6 +414,7 @@ impl Reader {
                     since: Instant::now(),
                     slot: e.slot,
                     counted: e.counted,
+                    sampled: info.policy == LbPolicy::P2cEwma,
                 };
                 match &self.watcher {
                     Some(w) => w.watch(watch),
@@ -514,17 +516,24 @@ pub fn observe(
 
 /// What the latency watcher settled: counts in flight end, latencies feed p2c-ewma, failures
 /// become hints.
-fn on_settled(table: &RoutingTable, hints: &Hints, settled: Vec<Settled>) {
+fn on_settled(
+    table: &RoutingTable,
+    hints: &Hints,
+    hinted: &mut HashMap<SocketAddr, Instant>,
+    settled: Vec<Settled>,
+) {
     let live = table.live();
+    let now = Instant::now();
     for s in settled {
         let w = &s.watch;
-
         if w.counted
             && let Some(live) = live
         {
             uncount(&live, w.slot);
         }
-        if let Some(latency) = s.latency {
+        if let Some(latency) = s.latency
+            && w.sampled
+        {
             observe(table, &w.service, w.backend, w.slot, latency);
         }
         // A connect seen established clears the mark; one seen failing (it was seen
@@ -532,7 +541,17 @@ fn on_settled(table: &RoutingTable, hints: &Hints, settled: Vec<Settled>) {
         if w.slot != NO_SLOT && (!s.failed || s.latency.is_some()) {
             table.set_failing(w.slot, s.failed);
         }
-        if s.failed {
+        // The prober looks at a backend at most once a PROBE_EVERY: hints in between would
+        // only be dropped there, after costing a metric and a queue slot each.
+        if s.failed
+            && hinted
+                .get(&w.remote)
+                .is_none_or(|&t| now.saturating_duration_since(t) >= PROBE_EVERY)
+        {
+            hinted.insert(w.remote, now);
+            if hinted.len() > 4096 {
+                hinted.retain(|_, t| now.saturating_duration_since(*t) < PROBE_EVERY);
+            }
             hints.send(Hint {
                 service: w.service.clone(),
                 backend: w.backend,
