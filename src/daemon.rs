@@ -654,13 +654,18 @@ mod tests {
         );
         let config = Config::parse(Path::new("/t/discotech.toml"), &toml, &[]).unwrap();
         let l = Listeners::bind(&config).unwrap();
-        let got = socket2::SockRef::from(&l.dns_udp[0]).recv_buffer_size().unwrap();
+        let got = socket2::SockRef::from(&l.dns_udp[0])
+            .recv_buffer_size()
+            .unwrap();
         let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
             .unwrap()
             .trim()
             .parse()
             .unwrap();
         // The kernel doubles what it grants (for its bookkeeping) and caps it at rmem_max.
-        assert!(got >= DNS_UDP_RECV_BUFFER.min(max), "{got} (rmem_max {max})");
+        assert!(
+            got >= DNS_UDP_RECV_BUFFER.min(max),
+            "{got} (rmem_max {max})"
+        );
     }
 }

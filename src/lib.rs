@@ -12,6 +12,8 @@ pub mod daemon;
 pub mod diagnostic;
 pub mod dns;
 pub mod duration;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod guard;
 pub mod health;
 pub mod hook_server;

@@ -262,7 +262,9 @@ impl<O: Os> Call<'_, O> {
     fn pending(&self, live: Option<&Live<'_>>, p: &Picked) {
         let local_port = self.os.local_port(self.fd);
         if let Some(port) = local_port {
-            self.state.fds.put(self.fd, u64::from(port), self.dest, p.addr);
+            self.state
+                .fds
+                .put(self.fd, u64::from(port), self.dest, p.addr);
         }
         match (live, local_port) {
             (Some(_), Some(local_port)) => self.tell(live, p, Report::Pending { local_port }),
@@ -341,7 +343,9 @@ impl<O: Os> Call<'_, O> {
                 _ => {
                     let in_progress = matches!(r, Err(e) if pending(e));
                     if in_progress && let Some(port) = os.local_port(fd) {
-                        self.state.fds.put(fd, u64::from(port), self.dest, target.addr);
+                        self.state
+                            .fds
+                            .put(fd, u64::from(port), self.dest, target.addr);
                     }
                     if let Some(started) = started {
                         ctx.done(target.addr, in_progress, r.is_ok(), started, fd);

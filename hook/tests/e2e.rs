@@ -559,11 +559,19 @@ fn a_table_file_others_could_have_written_is_not_believed() {
     // Writable by others: anyone could have put any routes there.
     std::fs::set_permissions(&table, std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = run(Some(&d.socket()), &["block", "127.77.0.9", "80"]);
-    assert_eq!(stdout(&out), "ERR ECONNREFUSED\n", "a world-writable table was used");
+    assert_eq!(
+        stdout(&out),
+        "ERR ECONNREFUSED\n",
+        "a world-writable table was used"
+    );
 
     // Owned by another user (nobody), even with a safe mode.
     std::fs::set_permissions(&table, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::os::unix::fs::chown(&table, Some(65534), Some(65534)).unwrap();
     let out = run(Some(&d.socket()), &["block", "127.77.0.9", "80"]);
-    assert_eq!(stdout(&out), "ERR ECONNREFUSED\n", "another user's table was used");
+    assert_eq!(
+        stdout(&out),
+        "ERR ECONNREFUSED\n",
+        "another user's table was used"
+    );
 }

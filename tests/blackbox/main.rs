@@ -4,6 +4,7 @@
 
 mod admin;
 mod balance;
+mod chaos;
 mod dns;
 mod dns_srv;
 mod harness;

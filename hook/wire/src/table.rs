@@ -539,8 +539,12 @@ impl<M: Mem + ?Sized> Set<'_, M> {
         self.area.w(self.at.checked_add(off)?)
     }
 
+    /// The number of candidates, at most as many as the area has room for: a corrupt count must
+    /// not send a pick round billions of absent entries inside someone's connect().
     pub fn count(&self) -> u32 {
-        self.w(0).unwrap_or(0)
+        let entries = self.at.saturating_add(SET_HEADER);
+        let room = u32::try_from(self.area.len.saturating_sub(entries) / 2).unwrap_or(u32::MAX);
+        self.w(0).unwrap_or(0).min(room)
     }
 
     pub fn total_weight(&self) -> u64 {

@@ -1,0 +1,6 @@
+//! Fuzz target `dns_request`: the body is [`discotech::fuzz::dns_request`], shared with the stable replay test.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| discotech::fuzz::dns_request(data));
