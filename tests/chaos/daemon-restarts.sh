@@ -82,7 +82,7 @@ magic_changed=0
 up_max=0
 log "killing the daemon $RESTARTS times (down ${DOWN}s, up ${UP}s)"
 for r in $(seq 1 "$RESTARTS"); do
-    kill -KILL "$DPID"
+    sig_child KILL "$DPID"
     wait "$DPID" 2>/dev/null || true
     echo "KILL $(now_ms) restart $r" >>"$WORK/timeline"
     sleep "$DOWN"

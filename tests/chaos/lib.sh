@@ -56,14 +56,23 @@ chaos_enter() {
 # Remembers a pid for the cleanup trap.
 track() { PIDS="$PIDS $*"; }
 
+# sig_child SIGNAL PID: signals PID only while it is still a child of this script. Pids come back
+# quickly (pid_max may be 32768) and bash reaps its children by itself, so a pid kept after its
+# process went may belong to someone else's process by now: never signal that one.
+sig_child() {
+    local ppid
+    ppid=$(awk '/^PPid:/ { print $2 }' "/proc/$2/status" 2>/dev/null) || return 0
+    if [ "$ppid" = $$ ]; then kill "-$1" "$2" 2>/dev/null || true; fi
+}
+
 chaos_cleanup() {
     local rc=$? p me
     trap - EXIT INT TERM
     # bash reports each killed job ("Killed ..."): not news here.
     exec 3>&2 2>/dev/null
-    for p in $PIDS; do kill -CONT "$p" 2>/dev/null || true; kill -TERM "$p" 2>/dev/null || true; done
+    for p in $PIDS; do sig_child CONT "$p"; sig_child TERM "$p"; done
     sleep 0.2
-    for p in $PIDS; do kill -KILL "$p" 2>/dev/null || true; done
+    for p in $PIDS; do sig_child KILL "$p"; done
     # Anything else still in this script's private network namespace was started by it (the
     # namespace is only ours): end those too, by pid, so the namespace goes away with us.
     me=$(readlink /proc/$$/ns/net)

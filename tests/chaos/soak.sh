@@ -115,6 +115,7 @@ while kill -0 "$PERF" 2>/dev/null; do
     sleep "$SAMPLE"
 done
 wait "$PERF" || true
+curl -s --max-time 5 http://127.0.0.1:9253/metrics >"$WORK/metrics" 2>/dev/null || true
 drops=$(daemon_drops)
 rcvbuf=$(($(rcvbuf_errors) - rcvbuf0))
 rss_end=$(rss_kb "$DPID")

@@ -79,8 +79,8 @@ missing=$(check)
 log "$NAMES names cached; upstream down ($MODE) for ${DOWN}s"
 
 case $MODE in
-kill) kill -KILL "$UPSTREAM_PID"; wait "$UPSTREAM_PID" 2>/dev/null || true ;;
-stop) kill -STOP "$UPSTREAM_PID" ;;
+kill) sig_child KILL "$UPSTREAM_PID"; wait "$UPSTREAM_PID" 2>/dev/null || true ;;
+stop) sig_child STOP "$UPSTREAM_PID" ;;
 esac
 t_down=$(now_ms)
 dnsperf -s 127.0.0.53 -d "$WORK/queries" -l "$DOWN" -Q "$QPS" -c 4 -t 5 >"$WORK/dnsperf.out" 2>&1 &
@@ -106,7 +106,7 @@ wait "$PERF" || true
 # The upstream returns: a name is answered fresh again (its own TTL, not the stale TTL 30).
 case $MODE in
 kill) dnsmasq_upstream 127.0.0.2 "$UPSTREAM_TTL" "${records[@]}" ;;
-stop) kill -CONT "$UPSTREAM_PID" ;;
+stop) sig_child CONT "$UPSTREAM_PID" ;;
 esac
 t_back=$(now_ms)
 recovered_ms=-1

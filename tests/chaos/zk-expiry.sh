@@ -117,7 +117,7 @@ while [ "$done_changes" -lt "$CHANGES" ]; do
         for at in $EXPIRE_AT; do
             if [ "$done_changes" = "$at" ]; then
                 log "change $at: freezing the daemon for ${FREEZE}s (session timeout ${SESSION}s)"
-                (kill -STOP "$DPID" && sleep "$FREEZE" && kill -CONT "$DPID") &
+                (sig_child STOP "$DPID"; sleep "$FREEZE"; sig_child CONT "$DPID") &
                 track $!
                 FREEZERS="$FREEZERS $!"
                 freezes=$((freezes + 1))
@@ -127,7 +127,7 @@ while [ "$done_changes" -lt "$CHANGES" ]; do
             zk "${batch[@]}"
             batch=()
             log "change $done_changes: killing ZooKeeper for ${ZK_DOWN}s"
-            { kill -KILL "$ZK_PID" && wait "$ZK_PID"; } 2>/dev/null || true
+            { sig_child KILL "$ZK_PID"; wait "$ZK_PID"; } 2>/dev/null || true
             sleep "$ZK_DOWN"
             zk_restart
             zk_restarts=$((zk_restarts + 1))

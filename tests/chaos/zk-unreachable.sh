@@ -129,7 +129,7 @@ wait "$PERF" || true
 
 # Still partitioned: a restarted daemon serves the last known good state at once.
 sleep 1.2 # backends.json is written at most once a second
-kill -TERM "$DPID"
+sig_child TERM "$DPID"
 wait "$DPID" 2>/dev/null || true
 t_start=$(now_ms)
 start_daemon
