@@ -46,6 +46,11 @@ pub struct ForwardConfig {
     pub stale_max: Duration,
     /// TTL given to stale answers.
     pub stale_ttl: u32,
+    /// RFC 8767's failure recheck timer: once the upstreams stayed silent for a question and it
+    /// was answered stale, it is answered stale at once for this long, without waiting on them
+    /// again; then one lookup tries them while the others go on getting the stale answer.
+    /// Upstreams that refuse at once are tried on every lookup (that costs nothing).
+    pub stale_recheck: Duration,
     /// Cap on every TTL passed on (and cached).
     pub max_ttl: u32,
     /// Names only this server answers (the service domains): nothing at or under them is ever
@@ -64,6 +69,7 @@ impl Default for ForwardConfig {
             cache_size: 10_000,
             stale_max: Duration::from_secs(86_400),
             stale_ttl: 30,
+            stale_recheck: Duration::from_secs(30),
             max_ttl: 86_400,
             ours: Vec::new(),
         }
@@ -128,6 +134,17 @@ pub enum ForwardError {
     AllFailed(UpstreamError),
 }
 
+impl ForwardError {
+    /// Whether the lookup waited on silent upstreams (rather than being refused at once, which
+    /// costs a client nothing and so may be tried again on every lookup).
+    fn made_clients_wait(&self) -> bool {
+        matches!(
+            self,
+            Self::Timeout | Self::AllFailed(UpstreamError::Timeout)
+        )
+    }
+}
+
 /// One query on the wire to an upstream, for loop detection.
 #[derive(Debug)]
 struct Sent {
@@ -147,6 +164,8 @@ pub struct Forwarder {
     cache: Cache,
     permits: Semaphore,
     in_flight: DashMap<QuestionKey, Vec<Sent>>,
+    /// Questions answered stale because upstreams failed, and when to try upstreams again.
+    failing: DashMap<QuestionKey, Instant>,
     /// Lets `is_loop`, called for every client query, skip hashing when nothing is in flight.
     in_flight_count: AtomicUsize,
     next_token: AtomicU64,
@@ -165,6 +184,7 @@ impl Forwarder {
             cache,
             permits,
             in_flight: DashMap::new(),
+            failing: DashMap::new(),
             in_flight_count: AtomicUsize::new(0),
             next_token: AtomicU64::new(0),
         }
@@ -184,10 +204,18 @@ impl Forwarder {
     /// (overall deadline), `AllFailed` (each upstream failed; carries the last reason).
     pub async fn resolve(&self, query: &Query) -> Result<Forwarded, ForwardError> {
         let start = Instant::now();
-        if let Lookup::Fresh(mut a) = self.cache.lookup(query, start) {
-            restore_case(&mut a, &query.name);
-            cache_metric("hit");
-            return Ok(Forwarded::new(a, Origin::Cache));
+        match self.cache.lookup(query, start) {
+            Lookup::Fresh(mut a) => {
+                restore_case(&mut a, &query.name);
+                cache_metric("hit");
+                return Ok(Forwarded::new(a, Origin::Cache));
+            }
+            Lookup::Stale(mut a) if !self.recheck_due(query, start) => {
+                restore_case(&mut a, &query.name);
+                cache_metric("stale");
+                return Ok(Forwarded::new(a, Origin::Stale));
+            }
+            _ => {}
         }
         cache_metric("miss");
         let upstreams = self.upstreams_for(&query.name);
@@ -207,6 +235,9 @@ impl Forwarder {
                 Ok(msg) => {
                     let mut answer = scrub(msg, query, &self.cfg.ours, self.cfg.max_ttl);
                     self.cache.insert(query, &answer, Instant::now());
+                    if !self.failing.is_empty() {
+                        self.failing.remove(&question_key(query));
+                    }
                     restore_case(&mut answer, &query.name);
                     return Ok(Forwarded::new(answer, Origin::Upstream));
                 }
@@ -232,6 +263,9 @@ impl Forwarder {
                 Ok(Forwarded::new(a, Origin::Cache))
             }
             Lookup::Stale(mut a) => {
+                if error.made_clients_wait() {
+                    self.recheck_later(query, Instant::now());
+                }
                 restore_case(&mut a, &query.name);
                 cache_metric("stale");
                 Ok(Forwarded::new(a, Origin::Stale))
@@ -241,6 +275,35 @@ impl Forwarder {
                 Err(error)
             }
         }
+    }
+
+    /// Whether a question answered stale after a failure may go upstream again now. When it may,
+    /// the timer is pushed on at once, so that only this lookup waits on the upstreams and the
+    /// ones arriving meanwhile are answered stale.
+    fn recheck_due(&self, query: &Query, now: Instant) -> bool {
+        if self.failing.is_empty() {
+            return true;
+        }
+        let Some(mut recheck) = self.failing.get_mut(&question_key(query)) else {
+            return true;
+        };
+        if now < *recheck {
+            return false;
+        }
+        *recheck = after(now, self.cfg.stale_recheck);
+        true
+    }
+
+    fn recheck_later(&self, query: &Query, now: Instant) {
+        if self.cfg.stale_recheck.is_zero() {
+            return;
+        }
+        // Only cached questions get here, but the map is ours to bound all the same.
+        if self.failing.len() >= self.cfg.cache_size.max(1) {
+            self.failing.clear();
+        }
+        self.failing
+            .insert(question_key(query), after(now, self.cfg.stale_recheck));
     }
 
     /// True when `query` is one of our own upstream questions come back to us (through a
@@ -253,8 +316,7 @@ impl Forwarder {
         if self.in_flight_count.load(Ordering::Acquire) == 0 {
             return false;
         }
-        let key = (normal_name(&query.name), query.query_type);
-        let Some(sent) = self.in_flight.get(&key) else {
+        let Some(sent) = self.in_flight.get(&question_key(query)) else {
             return false;
         };
         let cased = query.name.to_ascii();
@@ -349,7 +411,7 @@ impl Forwarder {
     }
 
     fn register(&self, query: &Query, id: u16, cased: String) -> Registered<'_> {
-        let key = (normal_name(&query.name), query.query_type);
+        let key = question_key(query);
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         self.in_flight
             .entry(key.clone())
@@ -383,6 +445,10 @@ impl Drop for Registered<'_> {
             .remove_if(&self.key, |_, sent| sent.is_empty());
         self.fwd.in_flight_count.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+fn question_key(query: &Query) -> QuestionKey {
+    (normal_name(&query.name), query.query_type)
 }
 
 fn after(now: Instant, d: Duration) -> Instant {

@@ -169,7 +169,7 @@ impl Worker {
 
     fn insert(&mut self, key: Vec<u8>, cached: Cached) {
         if self.cache.len() >= MAX_CACHED {
-            self.cache.clear();
+            make_room(&mut self.cache, Instant::now());
         }
         self.cache.insert(key, cached);
     }
@@ -252,6 +252,18 @@ fn fresh<'c>(cache: &'c mut HashMap<Vec<u8>, Cached>, key: &[u8]) -> Option<&'c 
         return None;
     }
     cache.get(key)
+}
+
+/// Frees room in a full answer map without stalling the worker on a refill: forwarded answers
+/// past their time go first (a name asked once leaves one behind, and these are what fill the
+/// map), and only when that frees less than a quarter does everything go. Clearing whole each
+/// time would make the worker answer every local and warm name from scratch at once, long enough
+/// for its socket's queue to overflow at high rates; the quarter keeps the sweep amortised.
+fn make_room(cache: &mut HashMap<Vec<u8>, Cached>, now: Instant) {
+    cache.retain(|_, c| c.forwarded.as_ref().is_none_or(|(until, _)| now < *until));
+    if cache.len() > MAX_CACHED - MAX_CACHED / 4 {
+        cache.clear();
+    }
 }
 
 /// The query counter a response counts into (by type, rcode and where the answer came from).
@@ -448,6 +460,42 @@ mod tests {
         );
         assert_eq!(keep_for(&forwarded(ResponseCode::ServFail, &[60])), None);
         assert_eq!(keep_for(&forwarded(ResponseCode::Refused, &[])), None);
+    }
+
+    #[test]
+    fn a_full_map_sheds_lapsed_forwarded_answers_and_keeps_the_rest() {
+        let now = Instant::now();
+        let entry = |forwarded: Option<Instant>| Cached {
+            bytes: vec![0; 12],
+            counter: Counter::default(),
+            forwarded: forwarded.map(|until| (until, Counter::default())),
+        };
+        let key = |i: usize| format!("{i}").into_bytes();
+        let mut cache = HashMap::new();
+        let lapsed = MAX_CACHED / 2;
+        for i in 0..MAX_CACHED {
+            let until = match i {
+                i if i < lapsed => Some(now - Duration::from_millis(1)),
+                i if i % 2 == 0 => Some(now + FORWARDED_FRESH),
+                _ => None,
+            };
+            cache.insert(key(i), entry(until));
+        }
+        make_room(&mut cache, now);
+        assert_eq!(cache.len(), MAX_CACHED - lapsed, "only lapsed answers go");
+        assert!(
+            cache.contains_key(&key(MAX_CACHED - 1)),
+            "a local answer stays"
+        );
+        assert!(
+            cache.contains_key(&key(MAX_CACHED - 2)),
+            "a fresh forwarded one stays"
+        );
+
+        // Nothing lapsed: the sweep would free too little to pay for itself, so all goes.
+        let mut cache: HashMap<_, _> = (0..MAX_CACHED).map(|i| (key(i), entry(None))).collect();
+        make_room(&mut cache, now);
+        assert!(cache.is_empty());
     }
 
     #[test]

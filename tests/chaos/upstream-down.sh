@@ -110,7 +110,7 @@ stop) sig_child CONT "$UPSTREAM_PID" ;;
 esac
 t_back=$(now_ms)
 recovered_ms=-1
-while [ $(($(now_ms) - t_back)) -lt 30000 ]; do
+while [ $(($(now_ms) - t_back)) -lt 45000 ]; do
     ttl=$(dig @127.0.0.53 +time=3 +tries=1 +noall +answer name-1.up.test A 2>/dev/null | awk '{ print $2; exit }')
     if [ -n "$ttl" ] && [ "$ttl" -le "$UPSTREAM_TTL" ]; then
         recovered_ms=$(($(now_ms) - t_back))

@@ -78,6 +78,7 @@ fn cfg(ups: Vec<SocketAddr>) -> ForwardConfig {
         default_upstreams: ups,
         timeout: Duration::from_secs(1),
         attempt_timeout: Duration::from_millis(300),
+        stale_recheck: Duration::ZERO,
         ..ForwardConfig::default()
     }
 }
@@ -323,7 +324,62 @@ async fn serves_stale_when_upstream_goes_silent_and_refreshes_after() {
     assert_eq!(
         fresh.from,
         Origin::Upstream,
-        "expired entry goes upstream first"
+        "with no recheck timer, an expired entry goes upstream first"
+    );
+}
+
+#[tokio::test]
+async fn after_a_failure_stale_answers_come_at_once_until_the_recheck_timer_lapses() {
+    let silent_now = Arc::new(AtomicBool::new(false));
+    let flag = silent_now.clone();
+    let up = upstream(move |req| {
+        if flag.load(Ordering::SeqCst) {
+            vec![]
+        } else {
+            vec![reply(req, ResponseCode::NoError, 1, 4)]
+        }
+    })
+    .await;
+    let recheck = Duration::from_millis(1500);
+    let fwd = Forwarder::new(ForwardConfig {
+        stale_recheck: recheck,
+        ..cfg(vec![up])
+    });
+    fwd.resolve(&q("www.example.")).await.unwrap();
+    silent_now.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let started = Instant::now();
+    let first = fwd.resolve(&q("www.example.")).await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(first.from, Origin::Stale);
+    assert!(
+        waited >= Duration::from_millis(300),
+        "the first waits out the attempt: {waited:?}"
+    );
+
+    let started = Instant::now();
+    for _ in 0..5 {
+        let again = fwd.resolve(&q("WWW.example.")).await.unwrap();
+        assert_eq!((again.from, ips(&again)), (Origin::Stale, ip(4)));
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "within the recheck timer no lookup waits on the upstream: {:?}",
+        started.elapsed()
+    );
+
+    // The upstream is back, but nobody asks it before the timer lapses.
+    silent_now.store(false, Ordering::SeqCst);
+    assert_eq!(
+        fwd.resolve(&q("www.example.")).await.unwrap().from,
+        Origin::Stale
+    );
+    tokio::time::sleep(recheck).await;
+    assert_eq!(
+        fwd.resolve(&q("www.example.")).await.unwrap().from,
+        Origin::Upstream,
+        "the timer lapsed: one lookup goes upstream"
     );
 }
 
