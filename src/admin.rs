@@ -96,6 +96,10 @@ pub struct BackendRow {
     /// Why the backend is out of the pick set, when a health check says so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unhealthy: Option<String>,
+    /// Prefetch services: the daemon's pools of established connections to this backend's
+    /// address (one per port and socket family in use).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pooled: Vec<crate::prefetch::PoolStatus>,
 }
 
 /// What a connect to a service would get, and why.
@@ -267,6 +271,13 @@ async fn handle(req: Request, cx: &AdminContext) -> Reply {
                     .map(|(a, why)| row(&Backend::new(*a), false, Some(why.clone()))),
             );
             rows.extend(gone.iter().map(|a| row(&Backend::new(*a), true, None)));
+            if let Some(balance) = &cx.balance {
+                for pool in balance.prefetch().pools_of(s.name()) {
+                    if let Some(r) = rows.iter_mut().find(|r| r.addr.ip() == pool.backend.ip()) {
+                        r.pooled.push(pool);
+                    }
+                }
+            }
             Reply::data(rows)
         }
         Request::Resolve { name, port } => {
@@ -330,6 +341,7 @@ fn row(b: &Backend, drained: bool, unhealthy: Option<String>) -> BackendRow {
         ports: b.ports.iter().map(|(n, p)| (n.to_string(), *p)).collect(),
         drained,
         unhealthy,
+        pooled: Vec::new(),
     }
 }
 

@@ -124,8 +124,13 @@ fn render(req: &Request, data: serde_json::Value) -> String {
             )
         }),
         Request::Backends { .. } => serde_json::from_value::<Vec<BackendRow>>(data).map(|rows| {
+            let pools = rows.iter().any(|r| !r.pooled.is_empty());
+            let mut header = vec!["BACKEND", "WEIGHT", "PRIORITY", "PORTS", "STATE"];
+            if pools {
+                header.push("POOLED (READY/SIZE)");
+            }
             table(
-                &["BACKEND", "WEIGHT", "PRIORITY", "PORTS", "STATE"],
+                &header,
                 rows.iter()
                     .map(|r| {
                         let ports = if r.ports.is_empty() {
@@ -142,13 +147,17 @@ fn render(req: &Request, data: serde_json::Value) -> String {
                             (Some(why), _) => format!("unhealthy ({why})"),
                             (None, false) => "serving".to_string(),
                         };
-                        vec![
+                        let mut row = vec![
                             r.addr.to_string(),
                             r.weight.to_string(),
                             r.priority.to_string(),
                             ports,
                             state,
-                        ]
+                        ];
+                        if pools {
+                            row.push(pooled(r));
+                        }
+                        row
                     })
                     .collect(),
             )
@@ -159,6 +168,28 @@ fn render(req: &Request, data: serde_json::Value) -> String {
         _ => serde_json::from_value::<String>(data).map(|s| format!("{s}\n")),
     };
     result.unwrap_or_else(|e| format!("(unexpected reply: {e})\n"))
+}
+
+/// A backend's prefetch pools: `2/4` for its address in its own family, with the port when it
+/// is not the default one and `(v6 sockets)` for v4-mapped connections of AF_INET6 callers.
+fn pooled(r: &BackendRow) -> String {
+    if r.pooled.is_empty() {
+        return "-".into();
+    }
+    r.pooled
+        .iter()
+        .map(|p| {
+            let mut s = format!("{}/{}", p.idle, p.target);
+            if p.backend.port() != r.addr.port() {
+                s = format!(":{} {s}", p.backend.port());
+            }
+            if p.inet6 && p.backend.is_ipv4() {
+                s.push_str(" (v6 sockets)");
+            }
+            s
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn status(s: &Status) -> String {

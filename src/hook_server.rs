@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,8 +22,8 @@ use std::time::{Duration, Instant};
 use discotech_wire::pick::{Ask, Miss, uncount};
 use discotech_wire::table::{NO_SLOT, Policy};
 use discotech_wire::{
-    DecodeError, FLAG_HASH_KEY, FLAG_INET6, FLAG_PENDING, FLAG_REPORT_DONE, Kind, MSG_LEN, Reply,
-    Request, Status,
+    DecodeError, FLAG_HANDED_OVER, FLAG_HASH_KEY, FLAG_INET6, FLAG_PENDING, FLAG_REPORT_DONE, Kind,
+    MSG_LEN, Reply, Request, Status,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use rand::rngs::SmallRng;
@@ -36,7 +37,8 @@ use tracing::{debug, warn};
 
 use crate::balancer::{Balancer, DEFAULT_FAIL_HOLD};
 use crate::latency::{Watch, Watcher};
-use crate::metrics::{HookLabels, METRICS};
+use crate::metrics::{HookLabels, METRICS, PrefetchLabels};
+use crate::prefetch::Prefetcher;
 use crate::registry::Command;
 use crate::reports::{Hint, Hints, Prober};
 use crate::service::ServiceSpec;
@@ -151,6 +153,7 @@ const MAX_OUTSTANDING_PER_PEER: usize = 1024;
 
 struct Shared {
     table: Arc<RoutingTable>,
+    prefetch: Arc<Prefetcher>,
     hints: Hints,
     rng: Mutex<SmallRng>,
     /// Follows connects that socket-path hooks report as still under way.
@@ -160,7 +163,7 @@ struct Shared {
 /// The routing table, shared by the hook server, the registry (which publishes into it) and
 /// the admin server (which explains picks from it).
 #[derive(Clone, Debug)]
-pub struct BalanceHandle(Arc<RoutingTable>);
+pub struct BalanceHandle(Arc<RoutingTable>, Arc<Prefetcher>);
 
 impl BalanceHandle {
     /// A routing table at `cfg.fallback_file` with a balancer configured from `cfg` (fail
@@ -173,16 +176,23 @@ impl BalanceHandle {
             .clone()
             .unwrap_or_else(|| fallback_path_for(&cfg.socket));
         crate::table::supersede_left_over(&path);
-        Self(Arc::new(RoutingTable::new(
+        let table = Arc::new(RoutingTable::new(
             &path,
             cfg.magic_v4,
             cfg.magic_v6,
             Arc::new(Mutex::new(balancer)),
-        )))
+        ));
+        let prefetch = Arc::new(Prefetcher::new(table.clone()));
+        Self(table, prefetch)
     }
 
     pub fn table(&self) -> &Arc<RoutingTable> {
         &self.0
+    }
+
+    /// The pools of established connections (prefetch services).
+    pub fn prefetch(&self) -> &Arc<Prefetcher> {
+        &self.1
     }
 
     /// A backend's balancing state: connects in flight (shared by every hook) and the p2c-ewma
@@ -283,6 +293,7 @@ pub async fn serve(
         }
     };
     let table = handle.0.clone();
+    tracker.spawn(handle.1.clone().keep(shutdown.clone()));
     let hints = Prober::spawn(
         table.clone(),
         snapshot.clone(),
@@ -299,6 +310,7 @@ pub async fn serve(
     let watcher = crate::reports::watcher(table.clone(), hints.clone());
     let shared = Arc::new(Shared {
         table,
+        prefetch: handle.1.clone(),
         hints,
         rng: Mutex::new(SmallRng::from_os_rng()),
         watcher,
@@ -387,6 +399,8 @@ async fn serve_peer(
     let (uid, pid) = (cred.map(|c| c.uid()), cred.and_then(|c| c.pid()));
     debug!(?uid, ?pid, "hook peer connected");
     let mut outstanding: Vec<u32> = Vec::new();
+    // Whether the peer shares the daemon's network namespace, once a prefetch asks.
+    let mut same_netns: Option<bool> = None;
     let mut buf = [0u8; MSG_LEN];
     loop {
         let read = tokio::select! {
@@ -405,6 +419,20 @@ async fn serve_peer(
             && req.kind == Kind::MapLive
         {
             if send_live(&stream, shared, req.id).await.is_err() {
+                break;
+            }
+            continue;
+        }
+        if let Ok(req) = Request::decode(&buf)
+            && req.kind == Kind::Prefetch
+        {
+            let same = *same_netns.get_or_insert_with(|| pid.is_some_and(shares_netns));
+            let key = if req.flags & FLAG_HASH_KEY != 0 {
+                req.hash_key
+            } else {
+                uid.map_or(0, u64::from)
+            };
+            if send_pooled(&stream, shared, &req, key, same).await.is_err() {
                 break;
             }
             continue;
@@ -439,6 +467,68 @@ async fn send_live(stream: &UnixStream, shared: &Shared, id: u32) -> std::io::Re
     loop {
         stream.writable().await?;
         match discotech_shm::send_with_fd(stream.as_fd(), &reply, fd) {
+            Ok(n) if n == reply.len() => return Ok(()),
+            Ok(_) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Err(libc::EAGAIN) => continue,
+            Err(e) => return Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+/// Whether process `pid` is in the daemon's network namespace (a pooled connection belongs to
+/// the daemon's: handed to a process in another, it would reach what the daemon reaches).
+fn shares_netns(pid: i32) -> bool {
+    let id = |path: &str| std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    let theirs = id(&format!("/proc/{pid}/ns/net"));
+    theirs.is_some() && theirs == id("/proc/self/ns/net")
+}
+
+/// Answers a prefetch request: a pooled connection attached to an ok reply naming its backend,
+/// or status `NoBackend` (none pooled, or none for this caller) so the hook connects itself.
+async fn send_pooled(
+    stream: &UnixStream,
+    shared: &Shared,
+    req: &Request,
+    key: u64,
+    same_netns: bool,
+) -> std::io::Result<()> {
+    let dest = SocketAddr::new(req.magic_ip(), req.port);
+    let inet6 = req.flags & FLAG_INET6 != 0;
+    let pooled = if same_netns {
+        let rand = shared
+            .rng
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .random();
+        shared.prefetch.take(dest, inet6, key, rand)
+    } else {
+        if let Some(s) = shared
+            .table
+            .last_snapshot()
+            .and_then(|s| s.by_addr(dest.ip()).cloned())
+        {
+            METRICS
+                .prefetch_connects
+                .get_or_create(&PrefetchLabels {
+                    service: s.name().to_string(),
+                    result: "other_netns",
+                })
+                .inc();
+        }
+        None
+    };
+    let generation = shared.table.last_snapshot().map_or(0, |s| s.generation);
+    let Some((backend, conn)) = pooled else {
+        let reply = Reply::refuse(req.id, Status::NoBackend, generation).encode();
+        return write_now(stream, &reply).await;
+    };
+    let mut reply = Reply::ok(req.id, backend, FLAG_HANDED_OVER, generation);
+    (reply.rcvbuf, reply.sndbuf) = shared.prefetch.buffer_defaults();
+    let reply = reply.encode();
+    loop {
+        stream.writable().await?;
+        match discotech_shm::send_with_fd(stream.as_fd(), &reply, conn.as_fd()) {
+            // Our copy of the connection closes here; the caller's is now the only one.
             Ok(n) if n == reply.len() => return Ok(()),
             Ok(_) => return Err(std::io::ErrorKind::WriteZero.into()),
             Err(libc::EAGAIN) => continue,

@@ -22,6 +22,7 @@ pub mod latency;
 pub mod listen;
 pub mod magic;
 pub mod metrics;
+pub mod prefetch;
 pub mod register;
 pub mod registry;
 pub mod reports;

@@ -40,6 +40,19 @@ pub struct HookLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PrefetchLabels {
+    pub service: String,
+    /// Connects: `handed_over`, `empty`, `other_netns`. Drops: `closed` (by the backend),
+    /// `expired` (`max_idle`), `ineligible` (drained, unhealthy, ejected or removed).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
     pub service: String,
     pub backend: String,
@@ -53,6 +66,9 @@ pub struct Metrics {
     pub forward_failures: Counter,
     pub hook_requests: Family<HookLabels, Counter>,
     pub hook_duration: Histogram,
+    pub prefetch_connects: Family<PrefetchLabels, Counter>,
+    pub prefetch_pooled: Family<ServiceLabels, Gauge>,
+    pub prefetch_dropped: Family<PrefetchLabels, Counter>,
     pub backend_healthy: Family<BackendLabels, Gauge>,
     pub guard_held: Gauge,
     pub guard_holds: Counter,
@@ -78,6 +94,9 @@ impl Metrics {
             forward_failures: Counter::default(),
             hook_requests: Family::default(),
             hook_duration: Histogram::new(exponential_buckets(0.000_005, 4.0, 9)),
+            prefetch_connects: Family::default(),
+            prefetch_pooled: Family::default(),
+            prefetch_dropped: Family::default(),
             backend_healthy: Family::default(),
             guard_held: Gauge::default(),
             guard_holds: Counter::default(),
@@ -109,6 +128,21 @@ impl Metrics {
             "hook_requests",
             "Hook traffic to the daemon by service and result: picks asked over the socket (hooks without the shared table), failure reports and what the daemon's own probe made of them",
             m.hook_requests.clone(),
+        );
+        r.register(
+            "prefetch_connects",
+            "Hooked connects to prefetch services that asked the daemon, by result: handed_over (an established connection was passed), empty (none was pooled: the hook connected by itself), other_netns (the caller is in another network namespace)",
+            m.prefetch_connects.clone(),
+        );
+        r.register(
+            "prefetch_pooled_connections",
+            "Established connections the daemon holds ready to hand over, by service",
+            m.prefetch_pooled.clone(),
+        );
+        r.register(
+            "prefetch_dropped",
+            "Pooled connections closed unused, by reason: closed (the backend closed it), expired (max_idle), ineligible (its backend left the pick set)",
+            m.prefetch_dropped.clone(),
         );
         r.register(
             "hook_request_duration_seconds",

@@ -262,6 +262,37 @@ pub struct ServiceSpec {
     /// Weight ramp for new and recovered backends; `None` means no ramp.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start: Option<Box<SlowStart>>,
+    /// Connection prefetching: the daemon keeps established connections to the backends and
+    /// hands one to a hooked connect; `None` means off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<Prefetch>,
+}
+
+/// Connection prefetching for one service: up to `pool` established connections per backend
+/// (and socket family asked for), none kept longer than `max_idle`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Prefetch {
+    pub pool: u16,
+    pub max_idle: Duration,
+}
+
+impl Prefetch {
+    /// Largest pool per backend: each pooled connection is a descriptor of the daemon's and a
+    /// connection the backend holds open.
+    pub const MAX_POOL: u16 = 256;
+    /// Bounds on `max_idle`: below, connections churn for nothing; above, servers that close
+    /// silent clients (nginx after 60 s, MySQL after 10 s) would close them in clients' hands.
+    pub const MIN_IDLE: Duration = Duration::from_millis(100);
+    pub const MAX_IDLE: Duration = Duration::from_secs(60);
+}
+
+impl Default for Prefetch {
+    fn default() -> Self {
+        Self {
+            pool: 4,
+            max_idle: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Outlier detection (Envoy's, for connects): eject a backend after `consecutive_failures`
@@ -315,6 +346,7 @@ impl ServiceSpec {
             health: None,
             outlier: None,
             slow_start: None,
+            prefetch: None,
         }
     }
 

@@ -28,7 +28,7 @@ use discotech_wire::live::{self, Live};
 use discotech_wire::pick::{self, Ask, Miss, Picked};
 use discotech_wire::table::build::{self, AreaInfo};
 use discotech_wire::table::{
-    self as wire_table, NO_SLOT, Policy, STAT_FAILING, STAT_MEASURED, Standing, Table,
+    self as wire_table, NO_SLOT, Policy, STAT_FAILING, STAT_MEASURED, SVC_PREFETCH, Standing, Table,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, info, warn};
@@ -172,6 +172,10 @@ pub struct RoutingTable {
     /// Backends marked failing, and when the mark lapses.
     failing: Mutex<HashMap<u32, Instant>>,
 }
+
+/// Bound on the candidates [`RoutingTable::candidates`] lists (a pick set holds no more
+/// backends than its service, which sources bound well below this).
+const MAX_CANDIDATES: u32 = 65_536;
 
 /// How long a failing mark holds without a new failure. It is a hint to p2c and least-conn,
 /// not an ejection: it lapses by itself, so a backend nobody tries again is tried again.
@@ -519,6 +523,28 @@ impl RoutingTable {
         self.with_table(|t, _, _| t.stat(slot, word)).unwrap_or(0)
     }
 
+    /// The backends a connect to `dest` from a socket that can (`v6_ok`) or cannot reach IPv6
+    /// may be picked from now (the pick set's candidates, each with the port `dest`'s port maps
+    /// to); empty for an unknown service or before the first generation.
+    pub fn candidates(&self, dest: SocketAddr, v6_ok: bool) -> Vec<SocketAddr> {
+        self.with_table(|t, _, _| {
+            t.read(|area| {
+                let svc = area.service(dest.ip())?;
+                let set = svc.set(v6_ok)?;
+                let port_index = svc.port_index(dest.port());
+                Some(
+                    (0..set.count().min(MAX_CANDIDATES))
+                        .filter_map(|pos| set.candidate(pos))
+                        .filter_map(|(index, _)| svc.backend(index, port_index))
+                        .map(|b| b.addr)
+                        .collect(),
+                )
+            })
+        })
+        .flatten()
+        .unwrap_or_default()
+    }
+
     /// A pick from the shared state, exactly as a hook makes it (`advance`: take the turn and
     /// count the connect; otherwise a dry run).
     ///
@@ -601,6 +627,11 @@ fn encode(
     let record = build::service(&build::Service {
         name: name.as_str(),
         policy: policy(spec.lb),
+        flags: if spec.prefetch.is_some() {
+            SVC_PREFETCH
+        } else {
+            0
+        },
         rr_slot,
         client_ports,
         backends,

@@ -400,6 +400,7 @@ mod seeds {
         let record = build::service(&Service {
             name: "web",
             policy,
+            flags: 0,
             rr_slot: 3,
             client_ports: vec![9000],
             backends: vec![

@@ -16,6 +16,7 @@
 
 mod choose;
 mod config;
+mod handover;
 mod maps;
 mod os;
 mod route;

@@ -11,6 +11,7 @@ use discotech_wire::{MSG_LEN, Reply, Request};
 use libc::c_int;
 
 use crate::config::Config;
+use crate::handover;
 use crate::maps;
 use crate::route::{Os, Session};
 use crate::sys::{self, ConnectFn, Fd, RawAddr, SockInfo};
@@ -90,6 +91,24 @@ impl Os for RealOs {
     fn rand(&self) -> u64 {
         let n = DRAWS.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
         discotech_wire::mix(n ^ sys::now_ns())
+    }
+
+    fn can_take_over(&self, fd: c_int) -> bool {
+        handover::can_take_over(fd)
+    }
+
+    fn take_over(
+        &self,
+        fd: c_int,
+        pooled: c_int,
+        domain: c_int,
+        reply: &Reply,
+    ) -> Result<bool, c_int> {
+        handover::take_over(fd, sys::adopt(pooled), domain, (reply.rcvbuf, reply.sndbuf))
+    }
+
+    fn close(&self, fd: c_int) {
+        sys::close(fd);
     }
 }
 
@@ -251,6 +270,16 @@ impl DaemonSession {
 
     /// One whole reply, waiting until `deadline` (a deadline in the past: no waiting).
     fn read_reply(&mut self, deadline: i64) -> Option<Reply> {
+        self.read_reply_into(deadline, None)
+    }
+
+    /// [`Self::read_reply`], keeping in `fd` a descriptor passed with the reply (`None`: any
+    /// passed descriptor is closed).
+    fn read_reply_into(
+        &mut self,
+        deadline: i64,
+        mut fd: Option<&mut Option<sys::Fd>>,
+    ) -> Option<Reply> {
         let mut buf = [0u8; MSG_LEN];
         let mut got = 0usize;
         // Bounded by the deadline; each turn either reads bytes or waits in poll.
@@ -258,10 +287,15 @@ impl DaemonSession {
             if got == MSG_LEN {
                 break;
             }
-            match sys::recv(self.fd, buf.get_mut(got..)?) {
-                Ok(0) => return None,
-                Ok(n) => {
+            match discotech_shm::recv_with_fd(self.fd, buf.get_mut(got..)?) {
+                Ok((0, _)) => return None,
+                Ok((n, passed)) => {
                     got += n;
+                    if let (Some(slot), Some(passed)) = (fd.as_deref_mut(), passed) {
+                        *slot = Some(sys::adopt(passed));
+                    } else if let Some(passed) = passed {
+                        sys::close(passed);
+                    }
                     continue;
                 }
                 Err(e) if e == libc::EAGAIN || e == libc::EINTR => {}
@@ -319,6 +353,43 @@ impl Session for DaemonSession {
         if sys::send(self.fd, &req.encode()).ok() != Some(MSG_LEN) {
             self.broken = true;
         }
+    }
+
+    fn ask_pooled(&mut self, req: &Request) -> Option<(Reply, Option<c_int>)> {
+        let started = sys::now_ms();
+        if let Some(got) = self.exchange_pooled(req) {
+            return Some(got);
+        }
+        // As in `ask`: a shared connection the daemon closed while we were not looking gets one
+        // retry on a new connection; a slow daemon does not.
+        let quick = sys::now_ms().saturating_sub(started) < self.timeout_ms;
+        if self.cached.is_some()
+            && quick
+            && self.reconnect()
+            && let Some(got) = self.exchange_pooled(req)
+        {
+            return Some(got);
+        }
+        self.broken = true;
+        None
+    }
+}
+
+impl DaemonSession {
+    fn exchange_pooled(&mut self, req: &Request) -> Option<(Reply, Option<c_int>)> {
+        let deadline = sys::now_ms().saturating_add(self.timeout_ms);
+        if sys::send(self.fd, &req.encode()).ok()? != MSG_LEN {
+            return None;
+        }
+        for _ in 0..4 {
+            let mut fd = None;
+            let reply = self.read_reply_into(deadline, Some(&mut fd))?;
+            if reply.id == req.id {
+                return Some((reply, fd.map(sys::Fd::into_raw)));
+            }
+            // A late reply to an earlier question: its descriptor, if any, closes here.
+        }
+        None
     }
 }
 

@@ -16,20 +16,23 @@
 //! in memory and a fake daemon. The real implementation is in `os.rs`.
 
 use core::net::SocketAddr;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 
 use discotech_wire::live::{Entry, Live, Report};
 use discotech_wire::pick::{Ask, Miss, Picked, pick, uncount};
-use discotech_wire::table::{Policy, Table};
+use discotech_wire::table::{Policy, SVC_PREFETCH, Table};
 use discotech_wire::{
-    FLAG_HASH_KEY, FLAG_INET6, FLAG_PENDING, FLAG_REPORT_DONE, Kind, Reply, Request, Status,
-    to_mapped,
+    FLAG_HANDED_OVER, FLAG_HASH_KEY, FLAG_INET6, FLAG_PENDING, FLAG_REPORT_DONE, Kind, Reply,
+    Request, Status, to_mapped,
 };
 use libc::c_int;
 
 use crate::choose::choose;
 use crate::slots::{FdTable, Holds, Learned};
 use crate::sys::SockInfo;
+
+/// How long a process connects prefetch services by itself after the daemon did not answer.
+pub const PREFETCH_QUIET_MS: i64 = 1_000;
 
 /// Backends tried for one blocking connect before giving up.
 pub const MAX_ATTEMPTS: usize = 4;
@@ -67,6 +70,20 @@ pub trait Os {
     fn key(&self) -> u64;
     /// Random bits (random and p2c picks).
     fn rand(&self) -> u64;
+    /// Whether `fd` may be replaced by a pooled connection (see `handover.rs`).
+    fn can_take_over(&self, fd: c_int) -> bool;
+    /// Puts the connected socket `pooled` (a descriptor received from the daemon, consumed
+    /// either way) in place of `fd`, with `fd`'s options and flags. Ok(non-blocking) or the
+    /// errno of what failed, with `fd` untouched.
+    fn take_over(
+        &self,
+        fd: c_int,
+        pooled: c_int,
+        domain: c_int,
+        reply: &Reply,
+    ) -> Result<bool, c_int>;
+    /// Closes a descriptor the daemon sent that is not used.
+    fn close(&self, fd: c_int);
 }
 
 pub trait Session {
@@ -75,6 +92,8 @@ pub trait Session {
     fn ask(&mut self, req: &Request) -> Option<Reply>;
     /// A message without a reply.
     fn tell(&mut self, req: &Request);
+    /// A prefetch request: the reply and the descriptor that came with it, if one did.
+    fn ask_pooled(&mut self, req: &Request) -> Option<(Reply, Option<c_int>)>;
 }
 
 /// The process-wide state the decision reads and updates.
@@ -84,6 +103,9 @@ pub struct State {
     pub holds: Holds,
     next_id: AtomicU32,
     turn: AtomicU32,
+    /// Until when (ms) prefetch services are connected without asking the daemon, which did
+    /// not answer the last time.
+    prefetch_quiet_until: AtomicI64,
 }
 
 impl State {
@@ -94,6 +116,7 @@ impl State {
             holds: Holds::new(),
             next_id: AtomicU32::new(1),
             turn: AtomicU32::new(0),
+            prefetch_quiet_until: AtomicI64::new(i64::MIN),
         }
     }
 }
@@ -147,9 +170,23 @@ pub fn on_connect<O: Os>(os: &O, state: &State, fd: c_int, dest: SocketAddr) -> 
         v6_ok: info.domain == libc::AF_INET6,
     };
     match os.table() {
-        Some(table) => call.via_table(&table).unwrap_or_else(|| call.via_daemon()),
+        Some(table) => {
+            if prefetches(&table, dest)
+                && let Some(v) = call.via_pool(info.domain)
+            {
+                return v;
+            }
+            call.via_table(&table).unwrap_or_else(|| call.via_daemon())
+        }
         None => call.via_daemon(),
     }
+}
+
+/// Whether the service at `dest` has the daemon keep connections ready.
+fn prefetches(table: &Table<'static, [AtomicU32]>, dest: SocketAddr) -> bool {
+    table
+        .read(|area| Some(area.service(dest.ip())?.flags()))
+        .is_some_and(|f| f & SVC_PREFETCH != 0)
 }
 
 /// One connect being routed.
@@ -163,6 +200,61 @@ struct Call<'a, O: Os> {
 }
 
 impl<O: Os> Call<'_, O> {
+    /// Asks the daemon for one of its established connections and puts it in place of the
+    /// caller's socket. None: connect as without prefetching (the socket cannot take one over,
+    /// the daemon has none or does not answer, or the take-over failed with the socket as it was).
+    fn via_pool(&self, domain: c_int) -> Option<Verdict> {
+        let os = self.os;
+        let now = os.now_ms();
+        if now < self.state.prefetch_quiet_until.load(Ordering::Relaxed)
+            || !os.can_take_over(self.fd)
+        {
+            return None;
+        }
+        let quiet = || {
+            self.state
+                .prefetch_quiet_until
+                .store(now.saturating_add(PREFETCH_QUIET_MS), Ordering::Relaxed);
+        };
+        let Some(mut session) = os.session() else {
+            quiet();
+            return None;
+        };
+        let id = self.state.next_id.fetch_add(1, Ordering::Relaxed);
+        let flags = if self.v6_ok { FLAG_INET6 } else { 0 };
+        let mut req = Request::pick(id, self.dest.ip(), self.dest.port(), flags, os.pid());
+        req.kind = Kind::Prefetch;
+        if let Some(key) = os.hash_key() {
+            req.flags |= FLAG_HASH_KEY;
+            req.hash_key = key;
+        }
+        let Some((reply, pooled)) = session.ask_pooled(&req) else {
+            quiet();
+            return None;
+        };
+        drop(session);
+        let pooled = pooled?;
+        if reply.status != Status::Ok || reply.flags & FLAG_HANDED_OVER == 0 {
+            os.close(pooled);
+            return None;
+        }
+        match os.take_over(self.fd, pooled, domain, &reply) {
+            Ok(false) => Some(Verdict::Return(Ok(()))),
+            // Non-blocking: the connect is "in progress" with the socket already writable, which
+            // every event loop handles as a connect that completed at once. A repeated connect()
+            // goes to the same backend, and so gets EISCONN, as after any finished connect.
+            Ok(true) => {
+                if let Some(port) = os.local_port(self.fd) {
+                    self.state
+                        .fds
+                        .put(self.fd, u64::from(port), self.dest, reply.backend_addr());
+                }
+                Some(Verdict::Return(Err(libc::EINPROGRESS)))
+            }
+            Err(_) => None,
+        }
+    }
+
     /// Picks from the shared table and connects. None if the table could not be read
     /// consistently before any connect was made (the daemon is asked instead).
     fn via_table(&self, table: &Table<'static, [AtomicU32]>) -> Option<Verdict> {

@@ -131,7 +131,7 @@ pub struct SockInfo {
     pub domain: c_int,
 }
 
-fn getsockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
+pub fn getsockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
     let mut value: c_int = 0;
     let mut len = size_of::<c_int>() as socklen_t;
     // SAFETY: value and len are live locals of the sizes given.
@@ -145,6 +145,91 @@ fn getsockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
         )
     };
     (rc == 0).then_some(value)
+}
+
+/// Sets an int socket option; Err is the errno.
+pub fn setsockopt_int(fd: c_int, level: c_int, name: c_int, value: c_int) -> Result<(), c_int> {
+    // SAFETY: value is a live local of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast::<c_void>(),
+            size_of::<c_int>() as socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(errno()) }
+}
+
+/// Reads a socket option of at most `buf.len()` bytes into `buf`; returns its length.
+pub fn getsockopt_bytes(fd: c_int, level: c_int, name: c_int, buf: &mut [u8]) -> Option<usize> {
+    let mut len = socklen_t::try_from(buf.len()).ok()?;
+    // SAFETY: buf is a live, writable slice of len bytes; the kernel writes at most len.
+    let rc = unsafe { libc::getsockopt(fd, level, name, buf.as_mut_ptr().cast(), &raw mut len) };
+    (rc == 0).then_some(len as usize)
+}
+
+/// Sets a socket option from bytes; Err is the errno.
+pub fn setsockopt_bytes(fd: c_int, level: c_int, name: c_int, value: &[u8]) -> Result<(), c_int> {
+    let len = socklen_t::try_from(value.len()).map_err(|_| libc::EINVAL)?;
+    // SAFETY: value is a live slice of len bytes.
+    let rc = unsafe { libc::setsockopt(fd, level, name, value.as_ptr().cast(), len) };
+    if rc == 0 { Ok(()) } else { Err(errno()) }
+}
+
+/// `fcntl(fd, F_GETFL)` and `fcntl(fd, F_GETFD)`: the file status and descriptor flags.
+pub fn fd_flags(fd: c_int) -> Option<(c_int, c_int)> {
+    // SAFETY: F_GETFL and F_GETFD take no argument and touch no memory of ours.
+    let (fl, fdf) = unsafe {
+        (
+            libc::fcntl(fd, libc::F_GETFL),
+            libc::fcntl(fd, libc::F_GETFD),
+        )
+    };
+    (fl >= 0 && fdf >= 0).then_some((fl, fdf))
+}
+
+/// `fcntl(fd, F_SETFL, flags)`.
+pub fn set_status_flags(fd: c_int, flags: c_int) -> Result<(), c_int> {
+    // SAFETY: F_SETFL takes an int argument and touches no memory of ours.
+    let rc = unsafe { libc::fcntl(fd, libc::F_SETFL, flags) };
+    if rc == 0 { Ok(()) } else { Err(errno()) }
+}
+
+/// `dup3(from, to, flags)`: `to` becomes `from`'s socket, atomically closing what it was.
+pub fn dup3(from: c_int, to: c_int, flags: c_int) -> Result<(), c_int> {
+    // SAFETY: dup3 touches no memory of ours; both numbers are the caller's to give.
+    let rc = unsafe { libc::dup3(from, to, flags) };
+    if rc == to { Ok(()) } else { Err(errno()) }
+}
+
+/// Whether `fd` has a local address: a bound port or a specific address (the program called
+/// bind, or the socket is connected).
+pub fn is_bound(fd: c_int) -> Option<bool> {
+    let mut ss = MaybeUninit::<libc::sockaddr_storage>::zeroed();
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getsockname writes at most `len` bytes into the storage we own and updates `len`.
+    let rc =
+        unsafe { libc::getsockname(fd, ss.as_mut_ptr().cast::<libc::sockaddr>(), &raw mut len) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: zeroed storage is a valid sockaddr_storage; getsockname filled a prefix of it.
+    let ss = unsafe { ss.assume_init() };
+    match c_int::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let sin = unsafe { *(&raw const ss).cast::<libc::sockaddr_in>() };
+            Some(sin.sin_port != 0 || sin.sin_addr.s_addr != 0)
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let sin6 = unsafe { *(&raw const ss).cast::<libc::sockaddr_in6>() };
+            Some(sin6.sin6_port != 0 || sin6.sin6_addr.s6_addr != [0; 16])
+        }
+        _ => None,
+    }
 }
 
 /// Which file `fd` is: its device and inode, or None if it is not open.
@@ -383,13 +468,6 @@ pub fn send(fd: c_int, buf: &[u8]) -> Result<usize, c_int> {
             libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
         )
     };
-    if n < 0 { Err(errno()) } else { Ok(n as usize) }
-}
-
-/// One non-blocking receive. Ok(0) is end of stream.
-pub fn recv(fd: c_int, buf: &mut [u8]) -> Result<usize, c_int> {
-    // SAFETY: buf is a live, writable slice of buf.len() bytes.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
     if n < 0 { Err(errno()) } else { Ok(n as usize) }
 }
 

@@ -10,6 +10,7 @@
 //! health = { kind = "http", path = "/healthz", interval = "2s", fall = 3 }   # optional active check
 //! outlier = { consecutive_failures = 3, base_ejection = "30s", max_ejection = "300s", max_ejected = 0.5 }
 //! slow_start = "30s"                         # or { window = "30s", floor = 0.1 }
+//! prefetch = { pool = 4, max_idle = "5s" }   # or true for these defaults; off by default
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -20,7 +21,9 @@ use toml::{Spanned, Value};
 
 use crate::config::parse_addr;
 use crate::diagnostic::Diagnostic;
-use crate::service::{Backend, LbPolicy, Outlier, PortName, ServiceName, ServiceSpec, SlowStart};
+use crate::service::{
+    Backend, LbPolicy, Outlier, PortName, Prefetch, ServiceName, ServiceSpec, SlowStart,
+};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -39,6 +42,7 @@ struct RawService {
     health: Option<Spanned<crate::config::raw::RawCheck>>,
     outlier: Option<Spanned<RawOutlier>>,
     slow_start: Option<Spanned<Value>>,
+    prefetch: Option<Spanned<Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -146,6 +150,12 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
             match slow_start(v.get_ref()) {
                 Ok(s) => spec.slow_start = Some(Box::new(s)),
                 Err(e) => problem(v.span(), format!("{field}.slow_start"), e),
+            }
+        }
+        if let Some(v) = &svc.prefetch {
+            match prefetch(v.get_ref()) {
+                Ok(p) => spec.prefetch = p,
+                Err(e) => problem(v.span(), format!("{field}.prefetch"), e),
             }
         }
         for (i, b) in svc.backends.iter().enumerate() {
@@ -301,6 +311,42 @@ fn slow_start(v: &Value) -> Result<SlowStart, String> {
             "slow_start is a duration such as \"30s\" or { window = \"30s\", floor = 0.1 }".into(),
         ),
     }
+}
+
+/// `prefetch = true`, `false`, or `{ pool = 4, max_idle = "5s" }`.
+fn prefetch(v: &Value) -> Result<Option<Prefetch>, String> {
+    let t = match v {
+        Value::Boolean(on) => return Ok(on.then(Prefetch::default)),
+        Value::Table(t) => t,
+        _ => return Err("prefetch is true, false or { pool = 4, max_idle = \"5s\" }".into()),
+    };
+    let mut out = Prefetch::default();
+    for (key, value) in t {
+        match key.as_str() {
+            "pool" => {
+                out.pool = value
+                    .as_integer()
+                    .and_then(|n| u16::try_from(n).ok())
+                    .filter(|n| (1..=Prefetch::MAX_POOL).contains(n))
+                    .ok_or(format!(
+                        "pool must be a number of connections from 1 to {}",
+                        Prefetch::MAX_POOL
+                    ))?;
+            }
+            "max_idle" => {
+                let d = value
+                    .as_str()
+                    .ok_or_else(|| "max_idle must be a duration such as \"5s\"".to_string())
+                    .and_then(crate::duration::parse)?;
+                if !(Prefetch::MIN_IDLE..=Prefetch::MAX_IDLE).contains(&d) {
+                    return Err("max_idle must be from 100ms to 60s".into());
+                }
+                out.max_idle = d;
+            }
+            _ => return Err(format!("unknown key {key:?}, expected pool or max_idle")),
+        }
+    }
+    Ok(Some(out))
 }
 
 /// One backend: `"ip:port"` or `{ addr, weight, priority, ports }`. Errors name the offending key.
@@ -459,6 +505,46 @@ backends = ["[::1]:9000"]
             e[0].starts_with("zones/a.toml:2:6: services.web.lb: unknown lb \"fastest\""),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn prefetch_parses_with_defaults_and_bad_values_are_located() {
+        let s = ok(
+            "[services.web]\nbackends = []\nprefetch = { pool = 16, max_idle = \"2s\" }\n[services.api]\nbackends = []\nprefetch = true\n[services.db]\nbackends = []\nprefetch = false\n",
+        );
+        let by = |n: &str| s.iter().find(|s| s.name.as_str() == n).unwrap().prefetch;
+        assert_eq!(
+            by("web"),
+            Some(Prefetch {
+                pool: 16,
+                max_idle: std::time::Duration::from_secs(2)
+            })
+        );
+        assert_eq!(by("api"), Some(Prefetch::default()));
+        assert_eq!(by("db"), None);
+        for (bad, why) in [
+            (
+                "{ pool = 0 }",
+                "pool must be a number of connections from 1 to 256",
+            ),
+            ("{ pool = 1000 }", "pool must be"),
+            (
+                "{ max_idle = \"10m\" }",
+                "max_idle must be from 100ms to 60s",
+            ),
+            ("{ max_idle = 5 }", "max_idle must be a duration"),
+            ("{ size = 4 }", "unknown key \"size\""),
+            ("\"yes\"", "prefetch is true, false or"),
+        ] {
+            let e = errs(&format!(
+                "[services.web]\nbackends = []\nprefetch = {bad}\n"
+            ));
+            assert!(
+                e[0].starts_with("zones/a.toml:3:12: services.web.prefetch: ")
+                    && e[0].contains(why),
+                "{bad}: {e:#?}"
+            );
+        }
     }
 
     #[test]

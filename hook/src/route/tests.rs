@@ -42,6 +42,15 @@ struct Fake {
     connect_us: u64,
     clock_reads: RefCell<u32>,
     draws: Cell<u64>,
+    /// Prefetching: the descriptors the fake daemon has pooled (handed out from the back).
+    pooled: RefCell<Vec<c_int>>,
+    /// The caller's socket cannot take a pooled connection over (bound, an odd option).
+    cannot_take_over: bool,
+    /// The caller's socket is non-blocking.
+    nonblocking: bool,
+    /// Take-overs made: (caller's fd, pooled fd, domain); and descriptors closed unused.
+    taken: RefCell<Vec<(c_int, c_int, c_int)>>,
+    closed: RefCell<Vec<c_int>>,
 }
 
 struct FakeSession<'a>(&'a Fake);
@@ -79,6 +88,18 @@ impl Session for FakeSession<'_> {
 
     fn tell(&mut self, req: &Request) {
         self.0.requests.borrow_mut().push(*req);
+    }
+
+    fn ask_pooled(&mut self, req: &Request) -> Option<(Reply, Option<c_int>)> {
+        let f = self.0;
+        f.requests.borrow_mut().push(*req);
+        match f.pooled.borrow_mut().pop() {
+            Some(fd) => Some((
+                Reply::ok(req.id, a("127.0.0.3:8080"), FLAG_HANDED_OVER, 1),
+                Some(fd),
+            )),
+            None => Some((Reply::refuse(req.id, Status::NoBackend, 1), None)),
+        }
     }
 }
 
@@ -142,6 +163,25 @@ impl<'a> Os for &'a Fake {
         (*self.clock.borrow() / 1000) as i64
     }
 
+    fn can_take_over(&self, _fd: c_int) -> bool {
+        !self.cannot_take_over
+    }
+
+    fn take_over(
+        &self,
+        fd: c_int,
+        pooled: c_int,
+        domain: c_int,
+        _reply: &Reply,
+    ) -> Result<bool, c_int> {
+        self.taken.borrow_mut().push((fd, pooled, domain));
+        Ok(self.nonblocking)
+    }
+
+    fn close(&self, fd: c_int) {
+        self.closed.borrow_mut().push(fd);
+    }
+
     fn local_port(&self, _fd: c_int) -> Option<u16> {
         // Another socket under the same number (another `ino`) has another port.
         Some(40_000 + u16::try_from(*self.ino.borrow() - 777).unwrap())
@@ -180,10 +220,16 @@ struct Shm {
 /// A table with the service `web` at 127.77.0.9 over `backends` (slots 0, 1, ...) under
 /// `policy`, and a live region for it.
 fn shared(policy: Policy, backends: &[&str]) -> Shm {
+    shared_with(policy, 0, backends)
+}
+
+/// [`shared`], with service flags.
+fn shared_with(policy: Policy, flags: u32, backends: &[&str]) -> Shm {
     let weights: Vec<u32> = backends.iter().map(|_| 1).collect();
     let svc = Service {
         name: "web",
         policy,
+        flags,
         rr_slot: 0,
         client_ports: vec![],
         backends: backends
@@ -808,4 +854,118 @@ fn a_hash_key_rides_on_every_request_with_its_flag() {
                 && r.hash_key == discotech_wire::hash_key(b"tenant-a")),
         "{reqs:?}"
     );
+}
+
+#[test]
+fn a_prefetch_service_gets_the_daemons_connection_without_a_connect_of_its_own() {
+    let s = shared_with(
+        Policy::RoundRobin,
+        wire_table::SVC_PREFETCH,
+        &["127.0.0.2:8080", "127.0.0.3:8080"],
+    );
+    let p = mapped(s);
+    p.pooled.borrow_mut().extend([41, 40]);
+    let state = State::new();
+    assert_eq!(on_connect(&&p, &state, 3, a(WEB)), Verdict::Return(Ok(())));
+    assert!(targets(&p).is_empty(), "no connect of its own");
+    assert_eq!(*p.taken.borrow(), [(3, 40, libc::AF_INET)]);
+    let req = p.requests.borrow()[0];
+    assert_eq!((req.kind, req.port, req.flags), (Kind::Prefetch, 80, 0));
+
+    // Non-blocking: "in progress", and a repeated connect() reaches the same backend.
+    let p = Fake {
+        nonblocking: true,
+        info: tcp(libc::AF_INET6),
+        ..mapped(s)
+    };
+    p.pooled.borrow_mut().push(42);
+    assert_eq!(
+        on_connect(&&p, &state, 3, a(WEB)),
+        Verdict::Return(Err(libc::EINPROGRESS))
+    );
+    assert_eq!(*p.taken.borrow(), [(3, 42, libc::AF_INET6)]);
+    assert_eq!(
+        p.requests.borrow()[0].flags,
+        FLAG_INET6,
+        "the family is asked for"
+    );
+    p.results
+        .borrow_mut()
+        .insert(a("127.0.0.3:8080"), vec![Err(libc::EISCONN)]);
+    assert_eq!(
+        on_connect(&&p, &state, 3, a(WEB)),
+        Verdict::Return(Err(libc::EISCONN))
+    );
+    assert_eq!(targets(&p), [a("127.0.0.3:8080")]);
+    assert_eq!(p.requests.borrow().len(), 1, "no second question");
+}
+
+#[test]
+fn without_a_pooled_connection_a_prefetch_connect_is_an_ordinary_one() {
+    let s = shared_with(
+        Policy::RoundRobin,
+        wire_table::SVC_PREFETCH,
+        &["127.0.0.2:8080"],
+    );
+    // The pool is empty: the table's pick, connected by the hook.
+    let p = mapped(s);
+    assert_eq!(
+        on_connect(&&p, &State::new(), 3, a(WEB)),
+        Verdict::Return(Ok(()))
+    );
+    assert_eq!(targets(&p), [a("127.0.0.2:8080")]);
+    assert_eq!(p.requests.borrow().len(), 1);
+
+    // A socket that cannot take one over (bound, or an option that cannot be copied): the
+    // daemon is not even asked.
+    let p = Fake {
+        cannot_take_over: true,
+        ..mapped(s)
+    };
+    p.pooled.borrow_mut().push(40);
+    assert_eq!(
+        on_connect(&&p, &State::new(), 3, a(WEB)),
+        Verdict::Return(Ok(()))
+    );
+    assert_eq!(targets(&p), [a("127.0.0.2:8080")]);
+    assert!(p.requests.borrow().is_empty());
+    assert!(p.taken.borrow().is_empty());
+
+    // A service without the flag never asks.
+    let plain = mapped(shared(Policy::RoundRobin, &["127.0.0.2:8080"]));
+    plain.pooled.borrow_mut().push(40);
+    assert_eq!(
+        on_connect(&&plain, &State::new(), 3, a(WEB)),
+        Verdict::Return(Ok(()))
+    );
+    assert!(plain.requests.borrow().is_empty());
+}
+
+#[test]
+fn a_daemon_that_does_not_answer_is_not_asked_again_for_a_second() {
+    let s = shared_with(
+        Policy::RoundRobin,
+        wire_table::SVC_PREFETCH,
+        &["127.0.0.2:8080"],
+    );
+    let p = Fake {
+        daemon_up: false,
+        ..mapped(s)
+    };
+    let state = State::new();
+    for _ in 0..3 {
+        assert_eq!(on_connect(&&p, &state, 3, a(WEB)), Verdict::Return(Ok(())));
+    }
+    assert_eq!(targets(&p).len(), 3, "every connect made by the hook");
+    // The daemon is back: still quiet until the second is over, then asked again.
+    let p = Fake {
+        clock: RefCell::new(*p.clock.borrow()),
+        ..mapped(s)
+    };
+    p.pooled.borrow_mut().push(40);
+    assert_eq!(on_connect(&&p, &state, 3, a(WEB)), Verdict::Return(Ok(())));
+    assert!(p.requests.borrow().is_empty(), "quiet");
+    *p.clock.borrow_mut() += 1_000_000;
+    assert_eq!(on_connect(&&p, &state, 3, a(WEB)), Verdict::Return(Ok(())));
+    assert_eq!(*p.taken.borrow(), [(3, 40, libc::AF_INET)]);
 }

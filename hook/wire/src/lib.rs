@@ -16,7 +16,8 @@
 //!  0  2  "DT"
 //!  2  1  version (1)
 //!  3  1  kind: 1 pick, 2 failed (report a backend and pick another), 3 done (no reply),
-//!          4 map the live region (the reply carries its descriptor, see [`live`])
+//!          4 map the live region (the reply carries its descriptor, see [`live`]),
+//!          5 prefetch: an established connection for this connect, if the daemon pools one
 //!  4  4  id, echoed in the reply
 //!  8 16  magic address the caller connected to
 //! 24  2  client port
@@ -35,19 +36,25 @@
 //! the connect was still in progress when it returned, so the daemon measures it from the
 //! kernel's socket table. Bytes 52..64 were reserved (zero) in the first hooks, so adding them
 //! did not change the version: a zero key or latency reads as "none".
-//! Reply (daemon -> hook), to pick and failed:
+//! Reply (daemon -> hook), to pick, failed and prefetch:
 //! ```text
 //!  0  2  "DT"
 //!  2  1  version (1)
 //!  3  1  kind: 0x81 pick reply
 //!  4  4  id of the request
 //!  8  1  status: 0 ok, 1 unknown service, 2 no backend, 3 bad request, 4 unsupported version
-//!  9  1  flags: bit 0 send a done message when the connect returns (p2c services)
+//!  9  1  flags: bit 0 send a done message when the connect returns (p2c services),
+//!          bit 1 (prefetch) the connected socket to the backend is attached (SCM_RIGHTS)
 //! 10  2  backend port
 //! 12 16  backend address
 //! 28  8  snapshot generation the answer came from
-//! 36 28  reserved
+//! 36  4  (prefetch) SO_RCVBUF of a new TCP socket of the daemon's, as getsockopt reads it
+//! 40  4  (prefetch) SO_SNDBUF likewise: the hook copies the caller's buffer sizes only when
+//!          they differ from these (the caller set them)
+//! 44 20  reserved
 //! ```
+//! A prefetch reply without a socket (status `NoBackend`: none pooled, or none for this caller)
+//! sends the hook on to its ordinary connect.
 #![forbid(unsafe_code)]
 #![no_std]
 #![deny(
@@ -86,6 +93,9 @@ pub enum Kind {
     /// Asks for the live region: the reply carries its epoch in `generation` and the region's
     /// descriptor (SCM_RIGHTS), or status `NoBackend` without one.
     MapLive,
+    /// Asks for an established connection for a connect to a prefetch service: the reply
+    /// carries it ([`FLAG_HANDED_OVER`]) or has status `NoBackend`.
+    Prefetch,
 }
 
 impl Kind {
@@ -95,6 +105,7 @@ impl Kind {
             Self::Failed => 2,
             Self::Done => 3,
             Self::MapLive => 4,
+            Self::Prefetch => 5,
         }
     }
 
@@ -104,6 +115,7 @@ impl Kind {
             2 => Some(Self::Failed),
             3 => Some(Self::Done),
             4 => Some(Self::MapLive),
+            5 => Some(Self::Prefetch),
             _ => None,
         }
     }
@@ -121,6 +133,8 @@ pub const FLAG_HASH_KEY: u8 = 4;
 pub const FLAG_PENDING: u8 = 8;
 /// Reply flag: send a [`Kind::Done`] message once the connect to the backend returns.
 pub const FLAG_REPORT_DONE: u8 = 1;
+/// Reply flag (prefetch): the established connection is attached to this reply.
+pub const FLAG_HANDED_OVER: u8 = 2;
 
 /// Why bytes are not a valid message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -274,6 +288,9 @@ pub struct Reply {
     pub backend: Ipv6Addr,
     pub backend_port: u16,
     pub generation: u64,
+    /// Prefetch replies: a new TCP socket's `SO_RCVBUF` and `SO_SNDBUF` on the daemon's side.
+    pub rcvbuf: u32,
+    pub sndbuf: u32,
 }
 
 impl Reply {
@@ -286,6 +303,8 @@ impl Reply {
             backend: to_mapped(backend.ip()),
             backend_port: backend.port(),
             generation,
+            rcvbuf: 0,
+            sndbuf: 0,
         }
     }
 
@@ -298,6 +317,8 @@ impl Reply {
             backend: Ipv6Addr::UNSPECIFIED,
             backend_port: 0,
             generation,
+            rcvbuf: 0,
+            sndbuf: 0,
         }
     }
 
@@ -313,6 +334,8 @@ impl Reply {
         put(&mut b, 10, &self.backend_port.to_be_bytes());
         put(&mut b, 12, &self.backend.octets());
         put(&mut b, 28, &self.generation.to_be_bytes());
+        put(&mut b, 36, &self.rcvbuf.to_be_bytes());
+        put(&mut b, 40, &self.sndbuf.to_be_bytes());
         b
     }
 
@@ -331,6 +354,8 @@ impl Reply {
             backend_port: u16::from_be_bytes(take(b, 10)),
             backend: Ipv6Addr::from(take16(b, 12)),
             generation: u64::from_be_bytes(take(b, 28)),
+            rcvbuf: u32::from_be_bytes(take(b, 36)),
+            sndbuf: u32::from_be_bytes(take(b, 40)),
         })
     }
 }

@@ -44,6 +44,7 @@
 //!  3  client ports m                     9  name offset (byte length, then the bytes)
 //!  4  client port list offset (m words) 10  record length in words
 //!  5  backend list offset (n x 8 words) 11  reserved
+//! service flags: bit 0 prefetch (the daemon pools connections to the backends: ask it first)
 //! backend: address (4 words), default port, weight | priority << 16, stat slot,
 //!   standing: bit 0 serving (not ejected or held), bits 8-15 why it is or is not a candidate
 //! pick set: candidates c, their total weight, schedule length L, maglev length M, then
@@ -71,6 +72,9 @@ pub const STAT_WORDS: usize = 4;
 /// "No slot": a backend or service without live counters.
 pub const NO_SLOT: u32 = u32::MAX;
 const NO_V6: u32 = 255;
+/// Service flag: the daemon keeps established connections to this service's backends, so a
+/// hook asks it for one (`Kind::Prefetch`) before connecting itself.
+pub const SVC_PREFETCH: u32 = 1;
 /// Header flag: the daemon replaced this file; open the path again.
 pub const FLAG_SUPERSEDED: u32 = 1;
 /// Stat flag: the latency estimate comes from measurements.
@@ -467,6 +471,11 @@ impl<'a, M: Mem + ?Sized> Svc<'a, M> {
 
     pub fn policy(&self) -> Option<Policy> {
         Policy::from_word(self.w(S_POLICY)?)
+    }
+
+    /// The service flags ([`SVC_PREFETCH`]); none when unreadable.
+    pub fn flags(&self) -> u32 {
+        self.w(S_POLICY).map_or(0, |w| w >> 8)
     }
 
     pub fn rr_slot(&self) -> u32 {

@@ -165,3 +165,27 @@ fn done_golden_bytes_carry_latency_and_the_pending_local_port() {
     // Hooks that predate the field send zero: "not measured".
     assert_eq!(Request::decode(&PICK_GOLDEN).map(|r| r.latency_us), Ok(0));
 }
+
+#[test]
+fn prefetch_golden_bytes_request_kind_5_and_the_reply_carries_buffer_defaults() {
+    let mut req = Request::pick(3, "127.77.0.9".parse().unwrap(), 80, FLAG_INET6, 1);
+    req.kind = Kind::Prefetch;
+    let b = req.encode();
+    assert_eq!(&b[..8], &[b'D', b'T', 1, 5, 0, 0, 0, 3]);
+    assert_eq!(Request::decode(&b), Ok(req));
+
+    let mut reply = Reply::ok(3, "127.0.0.2:8080".parse().unwrap(), FLAG_HANDED_OVER, 1);
+    reply.rcvbuf = 131_072;
+    reply.sndbuf = 16_384;
+    let b = reply.encode();
+    assert_eq!(&b[8..10], &[0, 2], "status ok, flag handed over");
+    assert_eq!(&b[36..44], &[0, 2, 0, 0, 0, 0, 0x40, 0]);
+    assert_eq!(&b[44..], &[0; 20]);
+    assert_eq!(Reply::decode(&b), Ok(reply));
+    // A reply of a daemon that predates them reads as "no defaults known".
+    let old = Reply::refuse(3, Status::NoBackend, 1).encode();
+    assert_eq!(
+        Reply::decode(&old).map(|r| (r.rcvbuf, r.sndbuf)),
+        Ok((0, 0))
+    );
+}

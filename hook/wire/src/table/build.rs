@@ -43,6 +43,8 @@ pub struct PickSet {
 pub struct Service<'a> {
     pub name: &'a str,
     pub policy: Policy,
+    /// Service flags ([`super::SVC_PREFETCH`]), stored above the policy byte.
+    pub flags: u32,
     /// Its round-robin counter in the live region (`NO_SLOT`: none).
     pub rr_slot: u32,
     pub client_ports: Vec<u16>,
@@ -83,7 +85,7 @@ pub fn service(s: &Service<'_>) -> Vec<u32> {
     let (n, m) = (s.backends.len(), s.client_ports.len());
     let mut out = vec![0u32; SERVICE_HEADER];
     let mut fields = [0u32; SERVICE_HEADER];
-    fields[super::S_POLICY] = s.policy as u32;
+    fields[super::S_POLICY] = s.policy as u32 | (s.flags & 0xff_ffff) << 8;
     fields[super::S_RR_SLOT] = s.rr_slot;
     fields[super::S_BACKENDS] = n as u32;
     fields[super::S_PORTS] = m as u32;

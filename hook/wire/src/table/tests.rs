@@ -41,6 +41,7 @@ fn web(policy: Policy) -> Service<'static> {
     Service {
         name: "web",
         policy,
+        flags: 0,
         rr_slot: 3,
         client_ports: vec![9000],
         backends: vec![
@@ -112,6 +113,7 @@ fn golden_header_and_service_record() {
     let rec = build::service(&Service {
         name: "db",
         policy: Policy::RoundRobin,
+        flags: 0,
         rr_slot: 5,
         client_ports: vec![],
         backends: vec![backend("127.0.0.2:5432", 2, 9, &[])],
