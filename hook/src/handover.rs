@@ -12,7 +12,7 @@
 
 use libc::c_int;
 
-use crate::sys;
+use crate::{epoll, sys};
 
 /// Int options copied from the program's socket when they differ from the pooled one's.
 const COPIED: [(c_int, c_int); 12] = [
@@ -68,13 +68,14 @@ pub fn take_over(
     {
         return Err(libc::EAFNOSUPPORT);
     }
-    for (level, name) in COPIED {
-        copy_int(fd, p, level, name)?;
-    }
+    // The traffic class first: setting it also sets SO_PRIORITY, which is then copied over it.
+    copy_int(fd, p, libc::IPPROTO_IP, libc::IP_TOS)?;
     if domain == libc::AF_INET6 {
         copy_int(fd, p, libc::IPPROTO_IPV6, libc::IPV6_TCLASS)?;
     }
-    copy_int(fd, p, libc::IPPROTO_IP, libc::IP_TOS)?;
+    for (level, name) in COPIED {
+        copy_int(fd, p, level, name)?;
+    }
     for (name, default) in [(libc::SO_RCVBUF, defaults.0), (libc::SO_SNDBUF, defaults.1)] {
         let theirs = sys::getsockopt_int(fd, libc::SOL_SOCKET, name).ok_or(libc::EINVAL)?;
         if default != 0 && u32::try_from(theirs).ok() != Some(default) {
@@ -101,7 +102,15 @@ pub fn take_over(
     } else {
         0
     };
+    // Registrations with epoll belong to the file dup3 replaces: find them first, make them
+    // again after. A socket whose registrations cannot be known is not replaced.
+    let ino = sys::file_id(fd).ok_or(libc::EBADF)?.1;
+    let regs = epoll::registrations(fd, ino).map_err(|()| libc::EMFILE)?;
     sys::dup3(p, fd, cloexec)?;
+    for r in regs.iter() {
+        // Cannot fail for a live epoll instance and a new file; nothing to undo if it did.
+        let _ = sys::epoll_add(r.epfd, fd, r.events, r.data);
+    }
     Ok(nonblocking)
 }
 

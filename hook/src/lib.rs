@@ -16,6 +16,7 @@
 
 mod choose;
 mod config;
+mod epoll;
 mod handover;
 mod maps;
 mod os;

@@ -361,6 +361,62 @@ pub fn open_nofollow(path: &CStr) -> Option<Fd> {
     (fd >= 0).then_some(Fd(fd))
 }
 
+/// Opens a directory for reading its entries (`/proc/self/fd`).
+pub fn open_dir(path: &CStr) -> Option<Fd> {
+    // SAFETY: path is NUL-terminated.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC | libc::O_DIRECTORY,
+        )
+    };
+    (fd >= 0).then_some(Fd(fd))
+}
+
+/// Reads directory entries into `buf` (`getdents64`); Ok(0) at the end.
+pub fn getdents(dir: &Fd, buf: &mut [u8]) -> Result<usize, c_int> {
+    // SAFETY: buf is a live, writable slice of buf.len() bytes; the kernel writes at most that.
+    let n = unsafe { libc::syscall(libc::SYS_getdents64, dir.0, buf.as_mut_ptr(), buf.len()) };
+    if n < 0 { Err(errno()) } else { Ok(n as usize) }
+}
+
+/// The target of the link `name` in the directory `dir`, into `buf`; its length.
+pub fn readlinkat(dir: &Fd, name: &CStr, buf: &mut [u8]) -> Option<usize> {
+    // SAFETY: name is NUL-terminated; buf is a live, writable slice of buf.len() bytes.
+    let n = unsafe { libc::readlinkat(dir.0, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(n).ok()
+}
+
+/// Opens `name` in the directory `dir` read-only.
+pub fn openat(dir: &Fd, name: &CStr) -> Option<Fd> {
+    // SAFETY: name is NUL-terminated.
+    let fd = unsafe { libc::openat(dir.0, name.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    (fd >= 0).then_some(Fd(fd))
+}
+
+/// One read; Ok(0) at the end.
+pub fn read(fd: &Fd, buf: &mut [u8]) -> Result<usize, c_int> {
+    // SAFETY: buf is a live, writable slice of buf.len() bytes.
+    let n = unsafe { libc::read(fd.0, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 { Err(errno()) } else { Ok(n as usize) }
+}
+
+/// A new epoll instance (tests).
+#[cfg(test)]
+pub fn epoll_create() -> Option<Fd> {
+    // SAFETY: epoll_create1 takes no pointers.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    (fd >= 0).then_some(Fd(fd))
+}
+
+/// `epoll_ctl(epfd, EPOLL_CTL_ADD, fd, {events, data})`.
+pub fn epoll_add(epfd: c_int, fd: c_int, events: u32, data: u64) -> Result<(), c_int> {
+    let mut ev = libc::epoll_event { events, u64: data };
+    // SAFETY: ev is a live local epoll_event.
+    let rc = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd, &raw mut ev) };
+    if rc == 0 { Ok(()) } else { Err(errno()) }
+}
+
 /// (owner uid, mode, size) of an open file.
 pub fn file_stat(fd: &Fd) -> Option<FileStat> {
     use std::os::fd::AsFd;

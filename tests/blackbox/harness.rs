@@ -371,7 +371,7 @@ pub fn c_program(name: &str) -> PathBuf {
     let dir = BUILT.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("clients");
         std::fs::create_dir_all(&dir).expect("clients dir");
-        for prog in ["hookclient", "greeter"] {
+        for prog in ["hookclient", "greeter", "delayline", "prefetchclient"] {
             let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/clients/{prog}.c"));
             let status = Command::new("cc")
                 .args(["-O2", "-pthread", "-o"])

@@ -12,6 +12,7 @@ mod health;
 mod hook;
 mod observe;
 mod packaging;
+mod prefetch;
 mod trust;
 mod zk;
 mod zookeeper;
