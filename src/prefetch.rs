@@ -318,23 +318,38 @@ impl Prefetcher {
 
     /// Keeps the pools until `shutdown`; closes them all then.
     pub async fn keep(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut next_look = Instant::now();
         loop {
-            let opens = self.plan(Instant::now());
-            for key in opens {
+            let now = Instant::now();
+            // A full look (which pools, and every pooled connection checked) each tick; woken
+            // by a hand-over in between, only the pools that gave one are topped up.
+            let full = now >= next_look;
+            if full {
+                next_look = now + TICK;
+            }
+            for key in self.plan(now, full) {
                 tokio::spawn(self.clone().open(key));
             }
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = self.wake.notified() => {}
-                () = tokio::time::sleep(TICK) => {}
+                () = tokio::time::sleep_until(next_look.into()) => {}
             }
         }
         lock(&self.state).pools.clear();
     }
 
-    /// One look: pools for exactly the current candidates of the prefetch services, swept, and
-    /// the connects to open to bring each to its size.
-    fn plan(&self, now: Instant) -> Vec<Key> {
+    /// One look: with `full`, pools for exactly the current candidates of the prefetch
+    /// services, swept; then the connects to open to bring each pool to its size.
+    fn plan(&self, now: Instant, full: bool) -> Vec<Key> {
+        if !full {
+            let mut st = lock(&self.state);
+            let mut opens = Vec::new();
+            for (key, pool) in &mut st.pools {
+                top_up(*key, pool, now, &mut opens);
+            }
+            return opens;
+        }
         let wanted = match self.table.last_snapshot() {
             Some(snapshot) => self.wanted(&snapshot, now),
             None => HashMap::new(),
@@ -365,14 +380,7 @@ impl Prefetcher {
             });
             pool.cfg = cfg;
             pool.sweep(now);
-            if pool.retry_at.is_some_and(|t| now < t) {
-                continue;
-            }
-            let have = pool.idle.len() + pool.connecting;
-            for _ in have..pool.target(now) {
-                pool.connecting += 1;
-                opens.push(key);
-            }
+            top_up(key, pool, now, &mut opens);
         }
         let mut pooled: HashMap<&ServiceName, i64> = HashMap::new();
         for pool in st.pools.values() {
@@ -444,6 +452,18 @@ impl Prefetcher {
                 pool.retry_at = Some(Instant::now() + RETRY_AFTER);
             }
         }
+    }
+}
+
+/// Notes in `opens` the connects that bring `pool` to its size (none while it waits to retry).
+fn top_up(key: Key, pool: &mut Pool, now: Instant, opens: &mut Vec<Key>) {
+    if pool.retry_at.is_some_and(|t| now < t) {
+        return;
+    }
+    let have = pool.idle.len() + pool.connecting;
+    for _ in have..pool.target(now) {
+        pool.connecting += 1;
+        opens.push(key);
     }
 }
 

@@ -180,8 +180,10 @@ fn timed(out: &std::process::Output) -> Vec<(u64, String)> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| {
-            let (us, body) = l.split_once(' ').expect("µs and body");
-            (us.parse().expect("µs"), body.to_string())
+            let mut f = l.splitn(3, ' ');
+            let us = f.next().and_then(|u| u.parse().ok()).expect("connect µs");
+            let _last_byte = f.next().expect("µs to the last byte");
+            (us, f.next().unwrap_or_default().to_string())
         })
         .collect()
 }

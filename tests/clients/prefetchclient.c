@@ -1,7 +1,9 @@
 /* prefetchclient: clients for the connection prefetching tests.
  *
- *   prefetchclient time HOST PORT N   N blocking connects, 100 ms apart, each followed by an HTTP
- *                                     GET /id; prints "<connect µs> <body>" per connect
+ *   prefetchclient time HOST PORT N [GAP_MS]
+ *                                     N blocking connects, GAP_MS apart (default 100), each
+ *                                     followed by an HTTP GET /id read to the end; prints
+ *                                     "<connect µs> <µs to the last byte> <body>" per connect
  *   prefetchclient opts HOST PORT     sets socket options, O_NONBLOCK and FD_CLOEXEC, connects
  *                                     (non-blocking: EINPROGRESS, poll, SO_ERROR), then prints
  *                                     "name=value" for each as the connected socket has it, and
@@ -64,7 +66,7 @@ static void get_id(int fd, char *out, size_t cap) {
     snprintf(out, cap, "%s", body);
 }
 
-static int mode_time(const char *host, int port, int n) {
+static int mode_time(const char *host, int port, int n, int gap_ms) {
     struct sockaddr_in sin = addr(host, port);
     for (int i = 0; i < n; i++) {
         int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -77,10 +79,11 @@ static int mode_time(const char *host, int port, int n) {
         }
         char body[256];
         get_id(fd, body, sizeof body);
-        printf("%lld %s\n", took, body);
+        long long total = now_us() - t0;
+        printf("%lld %lld %s\n", took, total, body);
         fflush(stdout);
         close(fd);
-        usleep(100000);
+        usleep((useconds_t)gap_ms * 1000);
     }
     return 0;
 }
@@ -163,7 +166,8 @@ int main(int argc, char **argv) {
     alarm(60);
     const char *mode = argv[1], *host = argv[2];
     int port = atoi(argv[3]);
-    if (!strcmp(mode, "time")) return mode_time(host, port, argc > 4 ? atoi(argv[4]) : 10);
+    if (!strcmp(mode, "time"))
+        return mode_time(host, port, argc > 4 ? atoi(argv[4]) : 10, argc > 5 ? atoi(argv[5]) : 100);
     if (!strcmp(mode, "opts")) return mode_opts(host, port);
     fprintf(stderr, "unknown mode %s\n", mode);
     return 3;
