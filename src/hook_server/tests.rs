@@ -41,6 +41,7 @@ struct Server {
     _dir: tempfile::TempDir,
     path: PathBuf,
     table: Arc<RoutingTable>,
+    prefetch: Arc<Prefetcher>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -56,6 +57,7 @@ fn start(services: Vec<Service>, mut cfg: HookServerConfig) -> Server {
     let snap = shared(Snapshot::new(3, services));
     handle.table().publish(&snap.load_full());
     let table = handle.table().clone();
+    let prefetch = handle.prefetch().clone();
     cfg.balance = Some(handle);
     let listener = UnixListener::bind(&path).unwrap();
     let shutdown = CancellationToken::new();
@@ -64,6 +66,7 @@ fn start(services: Vec<Service>, mut cfg: HookServerConfig) -> Server {
         _dir: dir,
         path,
         table,
+        prefetch,
         shutdown,
         task,
     }
@@ -479,4 +482,93 @@ fn hook_library_is_found_beside_the_exe_or_its_parent_then_installed() {
         find_hook_library_from(Some(missing), None, &parent_lib),
         Some(parent_lib)
     );
+}
+
+#[tokio::test]
+async fn a_prefetch_request_gets_a_pooled_connection_and_pools_follow_the_table() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    let listeners: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let mut svc = web(LbPolicy::RoundRobin, &addrs);
+    svc.spec.client_ports.clear();
+    svc.spec.prefetch = Some(crate::service::Prefetch {
+        pool: 2,
+        max_idle: Duration::from_secs(30),
+    });
+    let plain = Service {
+        spec: ServiceSpec::new("api".parse().unwrap()),
+        magic_v4: Ipv4Addr::new(127, 77, 0, 10),
+        magic_v6: None,
+    };
+    let server = start(vec![svc.clone(), plain], HookServerConfig::default());
+    let name = svc.spec.name.clone();
+    let ready = |n: usize| {
+        let pools = server.prefetch.pools_of(&name);
+        pools.len() == n && pools.iter().all(|p| p.idle >= 1)
+    };
+    assert!(
+        eventually(|| ready(2)).await,
+        "{:?}",
+        server.prefetch.pools_of(&name)
+    );
+
+    let conn = UnixStream::connect(&server.path).await.unwrap();
+    let mut req = pick(7, WEB.into(), 80);
+    req.kind = Kind::Prefetch;
+    conn.writable().await.unwrap();
+    conn.try_write(&req.encode()).unwrap();
+    let mut buf = [0u8; MSG_LEN];
+    let (reply, fd) = loop {
+        conn.readable().await.unwrap();
+        match discotech_shm::recv_with_owned_fd(conn.as_fd(), &mut buf) {
+            Ok((n, fd)) => {
+                assert_eq!(n, MSG_LEN);
+                break (Reply::decode(&buf).unwrap(), fd);
+            }
+            Err(libc::EAGAIN) => continue,
+            Err(e) => panic!("recvmsg: {e}"),
+        }
+    };
+    assert_eq!((reply.id, reply.status), (7, Status::Ok));
+    assert_eq!(reply.flags & FLAG_HANDED_OVER, FLAG_HANDED_OVER);
+    assert!(reply.rcvbuf > 0 && reply.sndbuf > 0, "{reply:?}");
+    let mut handed = std::net::TcpStream::from(fd.expect("a connection is attached"));
+    let backend = handed.peer_addr().unwrap();
+    assert_eq!(backend, reply.backend_addr());
+    // It is an established connection to that backend: what we write arrives there.
+    let at = addrs.iter().position(|a| *a == backend).unwrap();
+    handed.set_nonblocking(false).unwrap();
+    handed.write_all(b"ping").unwrap();
+    let ours = handed.local_addr().unwrap();
+    let mut accepted = (0..4)
+        .map(|_| listeners[at].accept().unwrap())
+        .find(|(_, from)| *from == ours)
+        .expect("the backend accepted the handed connection")
+        .0;
+    let mut got = [0u8; 4];
+    accepted.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+
+    // A service without prefetch: no connection, and the hook connects itself.
+    let mut req = pick(8, Ipv4Addr::new(127, 77, 0, 10).into(), 80);
+    req.kind = Kind::Prefetch;
+    let mut plain_conn = UnixStream::connect(&server.path).await.unwrap();
+    assert_eq!(ask(&mut plain_conn, req).await.status, Status::NoBackend);
+
+    // The second backend leaves the service: its pool goes with the next look.
+    svc.spec.backends.truncate(1);
+    server.table.publish(&Arc::new(Snapshot::new(4, vec![svc])));
+    assert!(
+        eventually(|| {
+            let pools = server.prefetch.pools_of(&name);
+            pools.len() == 1 && pools[0].backend == addrs[0]
+        })
+        .await,
+        "{:?}",
+        server.prefetch.pools_of(&name)
+    );
+    server.shutdown.cancel();
 }
