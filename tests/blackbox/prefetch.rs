@@ -205,7 +205,7 @@ fn options(out: &std::process::Output) -> BTreeMap<String, String> {
 #[test]
 fn a_prefetched_connect_skips_the_round_trip_and_keeps_the_programs_socket_options() {
     let ns = Netns::new();
-    far_backends(&ns, "0");
+    let peer = far_backends(&ns, "0");
     let d = daemon(&ns, "{ pool = 4, max_idle = \"5s\" }");
     let m = magic(&d);
     let client = c_program("prefetchclient");
@@ -291,6 +291,39 @@ fn a_prefetched_connect_skips_the_round_trip_and_keeps_the_programs_socket_optio
     assert!(["a", "b"].contains(&handed["id"].as_str()), "{handed:?}");
     let took: u64 = handed["connect_us"].parse().expect("µs");
     assert!(took < RTT_US, "handed over without a handshake: {handed:?}");
+
+    // A program in another network namespace (here the backends' own) is not handed the
+    // daemon's connection, which would reach what the daemon reaches: it connects by itself.
+    let config = d.config.to_str().expect("utf-8");
+    let out = ns.run(
+        "nsenter",
+        &[
+            "-t",
+            &peer.to_string(),
+            "-n",
+            DISCOTECH,
+            "run",
+            "--config",
+            config,
+            "--",
+            client,
+            "time",
+            &m,
+            "8080",
+            "1",
+        ],
+    );
+    let there = timed(&out);
+    assert!(
+        there.len() == 1 && ["a", "b"].contains(&there[0].1.as_str()),
+        "{there:?}"
+    );
+    assert_eq!(
+        (count(&ns, "other_netns"), count(&ns, "handed_over")),
+        (1, 11),
+        "{:?}",
+        counts(&ns)
+    );
 }
 
 #[test]
