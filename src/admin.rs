@@ -72,6 +72,9 @@ pub struct Status {
     pub version: String,
     pub uptime: u64,
     pub config: Option<String>,
+    /// Connects of programs that bypass the hook (absent from older daemons).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch: Option<crate::catch::CatchStatus>,
     #[serde(flatten)]
     pub registry: RegistryStatus,
 }
@@ -168,6 +171,8 @@ pub struct AdminContext {
     pub config: Option<String>,
     /// The hook server's balancer, for "which backend next and why" (dry run).
     pub balance: Option<crate::hook_server::BalanceHandle>,
+    /// The catch path, for its state and count.
+    pub catch: crate::catch::Catch,
 }
 
 /// Serves the admin socket until `shutdown`.
@@ -220,6 +225,7 @@ async fn handle(req: Request, cx: &AdminContext) -> Reply {
                 version: env!("CARGO_PKG_VERSION").into(),
                 uptime: cx.started.elapsed().as_secs(),
                 config: cx.config.clone(),
+                catch: Some(cx.catch.status()),
                 registry,
             }),
             None => Reply::error("the registry is not answering"),

@@ -209,6 +209,13 @@ fn status(s: &Status) -> String {
         s.registry.services,
         s.registry.generation
     );
+    if let Some(c) = &s.catch {
+        out += &if c.on {
+            format!("catch: on, {} connects caught ({})\n\n", c.caught, c.detail)
+        } else {
+            format!("catch: off ({})\n\n", c.detail)
+        };
+    }
     out += &table(
         &[
             "SOURCE",

@@ -94,13 +94,126 @@ pub fn dump_to(
     ports: &[u16],
     mut each: impl FnMut(SockRow),
 ) -> std::io::Result<()> {
+    use netlink_packet_sock_diag::inet::nlas::Nla;
+    let mut socket = diag_socket()?;
+    dump_raw(&mut socket, states, rtt, ports, |r| {
+        let id = &r.header.socket_id;
+        let rtt_us = r.nlas.iter().find_map(|nla| match nla {
+            Nla::TcpInfo(info) => info
+                .get(TCPI_RTT_OFFSET..TCPI_RTT_OFFSET + 4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_ne_bytes),
+            _ => None,
+        });
+        each(SockRow {
+            remote: SocketAddr::new(canonical(id.destination_address), id.destination_port),
+            local_port: id.source_port,
+            state: r.header.state,
+            rtt_us,
+        });
+    })
+}
+
+/// v4-mapped v6 as v4, the way backends are written.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn diag_socket() -> std::io::Result<netlink_sys::Socket> {
+    use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NlAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+/// Resets this namespace's established TCP connections to `remote` (sock_diag `SOCK_DESTROY`,
+/// which needs `CAP_NET_ADMIN`): each side sees a reset, and a client holding one in a pool
+/// reconnects elsewhere. Returns how many were reset.
+///
+/// # Errors
+/// The dump or a destroy request failed (EPERM without the capability).
+pub fn reset_connections_to(remote: SocketAddr) -> std::io::Result<usize> {
+    use netlink_packet_core::{
+        NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    };
+    use netlink_packet_sock_diag::SockDiagMessage;
+    use netlink_packet_sock_diag::constants::{IPPROTO_TCP, SOCK_DESTROY};
+    use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest};
+
+    let mut socket = diag_socket()?;
+    let mut found = Vec::new();
+    dump_raw(
+        &mut socket,
+        StateFlags::ESTABLISHED,
+        false,
+        &[remote.port()],
+        |r| {
+            let id = &r.header.socket_id;
+            if canonical(id.destination_address) == remote.ip()
+                && id.destination_port == remote.port()
+            {
+                found.push((r.header.family, id.clone()));
+            }
+        },
+    )?;
+    let mut reset = 0;
+    for (family, socket_id) in found {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        let mut request = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: IPPROTO_TCP,
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::all(),
+                socket_id,
+            })
+            .into(),
+        );
+        request.finalize();
+        request.header.message_type = SOCK_DESTROY;
+        let mut out = vec![0u8; request.buffer_len()];
+        request.serialize(&mut out);
+        socket.send(&out, 0)?;
+        let mut buf = vec![0u8; 4096];
+        let size = socket.recv(&mut &mut buf[..], 0)?;
+        let msg =
+            NetlinkMessage::<SockDiagMessage>::deserialize(buf.get(..size).unwrap_or_default())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+        match msg.payload {
+            NetlinkPayload::Error(e) if e.code.is_some() => {
+                let errno = e.code.map_or(0, |c| -c.get());
+                // ENOENT: it closed meanwhile.
+                if errno != libc::ENOENT {
+                    return Err(std::io::Error::from_raw_os_error(errno));
+                }
+            }
+            _ => reset += 1,
+        }
+    }
+    Ok(reset)
+}
+
+/// One sock_diag dump per address family on `socket`, handing each TCP socket's response to
+/// `each`.
+fn dump_raw(
+    socket: &mut netlink_sys::Socket,
+    states: StateFlags,
+    rtt: bool,
+    ports: &[u16],
+    mut each: impl FnMut(&netlink_packet_sock_diag::inet::InetResponse),
+) -> std::io::Result<()> {
     use netlink_packet_core::{
         NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
     };
     use netlink_packet_sock_diag::SockDiagMessage;
     use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
-    use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, nlas::Nla};
-    use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_SOCK_DIAG};
+    use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId};
 
     let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
     let extensions = if rtt {
@@ -108,9 +221,6 @@ pub fn dump_to(
     } else {
         ExtensionFlags::empty()
     };
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&NlAddr::new(0, 0))?;
     for (family, id) in [
         (AF_INET, SocketId::new_v4()),
         (AF_INET6, SocketId::new_v6()),
@@ -147,28 +257,7 @@ pub fn dump_to(
                     .map_err(|e| bad(format!("sock_diag reply: {e}")))?;
                 let len = msg.header.length as usize;
                 match msg.payload {
-                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                        let id = &r.header.socket_id;
-                        let ip = match id.destination_address {
-                            IpAddr::V6(v6) => {
-                                v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
-                            }
-                            v4 => v4,
-                        };
-                        let rtt_us = r.nlas.iter().find_map(|nla| match nla {
-                            Nla::TcpInfo(info) => info
-                                .get(TCPI_RTT_OFFSET..TCPI_RTT_OFFSET + 4)
-                                .and_then(|b| b.try_into().ok())
-                                .map(u32::from_ne_bytes),
-                            _ => None,
-                        });
-                        each(SockRow {
-                            remote: SocketAddr::new(ip, id.destination_port),
-                            local_port: id.source_port,
-                            state: r.header.state,
-                            rtt_us,
-                        });
-                    }
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => each(&r),
                     NetlinkPayload::Done(_) => break 'dump,
                     NetlinkPayload::Error(e) => return Err(bad(format!("sock_diag: {e:?}"))),
                     _ => {}

@@ -291,6 +291,20 @@ pub async fn run(
         let table = handle.table().clone();
         registry.on_swap(Arc::new(move |snap| table.publish(snap)));
     }
+    let catch = match (&balance, config.catch.off) {
+        (_, true) => crate::catch::Catch::Off("off in the config ([catch] mode = \"off\")".into()),
+        (None, false) => crate::catch::Catch::Off("no hook socket, so no routing table".into()),
+        (Some(_), false) => {
+            match crate::catch::Catcher::start(config.dns.magic_v4, config.catch.cgroup.as_deref())
+            {
+                Ok(c) => crate::catch::Catch::On(Arc::new(c)),
+                Err(error) => {
+                    warn!(%error, "not catching connects that bypass the hook: programs the hook cannot enter (Go, static binaries) get no answer at magic addresses");
+                    crate::catch::Catch::Off(error.to_string())
+                }
+            }
+        }
+    };
     // Serve the last-known-good state before any source speaks: a registry that is down at
     // start-up must not mean an empty service domain.
     match std::fs::read(&backends_path) {
@@ -328,6 +342,15 @@ pub async fn run(
     }
 
     let tracker = TaskTracker::new();
+    if let (crate::catch::Catch::On(c), Some(handle)) = (&catch, &balance) {
+        tracker.spawn(c.clone().run(handle.table().clone(), shutdown.clone()));
+    }
+    if let Some(handle) = &balance {
+        tracker.spawn(crate::on_remove::run(
+            handle.table().clone(),
+            shutdown.clone(),
+        ));
+    }
     let (events, events_rx) = mpsc::channel::<SourceEvent>(64);
     // Room for bursts of health changes and ejections: the hook server drops an ejection it
     // cannot queue at once (the backend then stays in SRV answers) rather than wait.
@@ -380,6 +403,7 @@ pub async fn run(
             started,
             config: config.path.as_ref().map(|p| p.display().to_string()),
             balance: balance.clone(),
+            catch: catch.clone(),
         };
         tracker.spawn(admin::serve(admin, cx, shutdown.clone()));
     }

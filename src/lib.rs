@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod balancer;
+pub mod catch;
 pub mod config;
 pub mod conn_count;
 pub mod daemon;
@@ -22,6 +23,7 @@ pub mod latency;
 pub mod listen;
 pub mod magic;
 pub mod metrics;
+pub mod on_remove;
 pub mod prefetch;
 pub mod register;
 pub mod registry;

@@ -69,6 +69,7 @@ pub struct Metrics {
     pub prefetch_connects: Family<PrefetchLabels, Counter>,
     pub prefetch_pooled: Family<ServiceLabels, Gauge>,
     pub prefetch_dropped: Family<PrefetchLabels, Counter>,
+    pub caught_connects: Family<ServiceLabels, Counter>,
     pub backend_healthy: Family<BackendLabels, Gauge>,
     pub guard_held: Gauge,
     pub guard_holds: Counter,
@@ -97,6 +98,7 @@ impl Metrics {
             prefetch_connects: Family::default(),
             prefetch_pooled: Family::default(),
             prefetch_dropped: Family::default(),
+            caught_connects: Family::default(),
             backend_healthy: Family::default(),
             guard_held: Gauge::default(),
             guard_holds: Counter::default(),
@@ -143,6 +145,11 @@ impl Metrics {
             "prefetch_dropped",
             "Pooled connections closed unused, by reason: closed (the backend closed it), expired (max_idle), ineligible (its backend left the pick set)",
             m.prefetch_dropped.clone(),
+        );
+        r.register(
+            "caught_connects",
+            "Connects to a service's magic address from programs that bypassed the hook, sent to a backend by the kernel (the catch path)",
+            m.caught_connects.clone(),
         );
         r.register(
             "hook_request_duration_seconds",

@@ -266,6 +266,10 @@ pub struct ServiceSpec {
     /// hands one to a hooked connect; `None` means off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch: Option<Prefetch>,
+    /// `on_remove = "reset"`: this host's established connections to a backend that leaves the
+    /// service's candidates (removed, drained, unhealthy, ejected) are reset.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset_on_remove: bool,
 }
 
 /// Connection prefetching for one service: up to `pool` established connections per backend
@@ -347,6 +351,7 @@ impl ServiceSpec {
             outlier: None,
             slow_start: None,
             prefetch: None,
+            reset_on_remove: false,
         }
     }
 

@@ -171,6 +171,9 @@ pub struct RoutingTable {
     writer: Mutex<Writer>,
     /// Backends marked failing, and when the mark lapses.
     failing: Mutex<HashMap<u32, Instant>>,
+    /// Tables written so far (a generation, or the same one rebuilt): readers that mirror the
+    /// table elsewhere (the catch path) look again when it moves.
+    writes: std::sync::atomic::AtomicU64,
 }
 
 /// Bound on the candidates [`RoutingTable::candidates`] lists (a pick set holds no more
@@ -262,6 +265,7 @@ impl RoutingTable {
                 rebuild_at: None,
             }),
             failing: Mutex::new(HashMap::new()),
+            writes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -344,6 +348,13 @@ impl RoutingTable {
 
     /// Writes the generation for `snapshot`.
     pub fn publish(&self, snapshot: &Arc<Snapshot>) {
+        self.write(snapshot);
+        // After the write: a reader that sees the new count reads the new table.
+        self.writes
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    fn write(&self, snapshot: &Arc<Snapshot>) {
         let now = Instant::now();
         let mut w = lock(&self.writer);
         let w = &mut *w;
@@ -527,6 +538,14 @@ impl RoutingTable {
     /// may be picked from now (the pick set's candidates, each with the port `dest`'s port maps
     /// to); empty for an unknown service or before the first generation.
     pub fn candidates(&self, dest: SocketAddr, v6_ok: bool) -> Vec<SocketAddr> {
+        self.weighted_candidates(dest, v6_ok)
+            .into_iter()
+            .map(|(addr, _)| addr)
+            .collect()
+    }
+
+    /// [`Self::candidates`], each with its effective weight (after slow start, scaled).
+    pub fn weighted_candidates(&self, dest: SocketAddr, v6_ok: bool) -> Vec<(SocketAddr, u32)> {
         self.with_table(|t, _, _| {
             t.read(|area| {
                 let svc = area.service(dest.ip())?;
@@ -535,14 +554,18 @@ impl RoutingTable {
                 Some(
                     (0..set.count().min(MAX_CANDIDATES))
                         .filter_map(|pos| set.candidate(pos))
-                        .filter_map(|(index, _)| svc.backend(index, port_index))
-                        .map(|b| b.addr)
+                        .filter_map(|(index, w)| Some((svc.backend(index, port_index)?.addr, w)))
                         .collect(),
                 )
             })
         })
         .flatten()
         .unwrap_or_default()
+    }
+
+    /// How many times the table was written: it changes whenever what a connect may reach can.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A pick from the shared state, exactly as a hook makes it (`advance`: take the turn and

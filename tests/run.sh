@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(dnsutils dnsmasq-base dnsperf iproute2 util-linux procps python3 gcc libc6-dev curl zookeeper default-jre-headless openjdk-17-jdk-headless nodejs nginx-light chromium fonts-dejavu-core systemd init-system-helpers dpkg-dev binutils)
+packages=(dnsutils dnsmasq-base dnsperf iproute2 util-linux procps python3 gcc libc6-dev curl zookeeper default-jre-headless openjdk-17-jdk-headless nodejs nginx-light clang libbpf-dev golang-go busybox-static chromium fonts-dejavu-core systemd init-system-helpers dpkg-dev binutils)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -41,7 +41,17 @@ pub struct Config {
     pub guard: GuardConfig,
     pub health: HealthConfig,
     pub balance: BalanceConfig,
+    pub catch: CatchConfig,
     pub registrations: Vec<Registration>,
+}
+
+/// `[catch]`: connects that bypass the hook, caught in the kernel (see `catch.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CatchConfig {
+    /// Off: programs the hook cannot enter get nothing for magic addresses.
+    pub off: bool,
+    /// The cgroup the programs attach to; `None`: the cgroup2 root.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// `[balance]`: what the balancer knows about this host.
@@ -581,6 +591,19 @@ impl Validator<'_> {
                 0.3,
             ),
         };
+        let catch = CatchConfig {
+            off: raw.catch.mode.as_ref().is_some_and(|m| {
+                self.check(m, "catch.mode", |s: &String| match s.as_str() {
+                    "bpf" => Ok(false),
+                    "off" => Ok(true),
+                    other => Err(format!(
+                        "unknown mode {other:?}, expected \"bpf\" or \"off\""
+                    )),
+                })
+                .unwrap_or(false)
+            }),
+            cgroup: raw.catch.cgroup.as_ref().map(|c| base.join(c.get_ref())),
+        };
         Config {
             path: Some(self.path.to_path_buf()),
             dns: DnsConfig {
@@ -606,6 +629,7 @@ impl Validator<'_> {
             guard,
             health,
             balance,
+            catch,
             registrations,
         }
     }

@@ -27,6 +27,8 @@ pub struct RawConfig {
     pub health: RawHealth,
     #[serde(default)]
     pub balance: RawBalance,
+    #[serde(default)]
+    pub catch: RawCatch,
     #[serde(default, rename = "register")]
     pub registrations: Vec<S<RawRegister>>,
 }
@@ -35,6 +37,13 @@ pub struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawHealth {
     pub panic_threshold: Option<S<f64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCatch {
+    pub mode: Option<S<String>>,
+    pub cgroup: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

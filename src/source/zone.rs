@@ -11,6 +11,7 @@
 //! outlier = { consecutive_failures = 3, base_ejection = "30s", max_ejection = "300s", max_ejected = 0.5 }
 //! slow_start = "30s"                         # or { window = "30s", floor = 0.1 }
 //! prefetch = { pool = 4, max_idle = "5s" }   # or true for these defaults; off by default
+//! on_remove = "reset"                        # reset this host's connections to a backend that leaves
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -43,6 +44,7 @@ struct RawService {
     outlier: Option<Spanned<RawOutlier>>,
     slow_start: Option<Spanned<Value>>,
     prefetch: Option<Spanned<Value>>,
+    on_remove: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,6 +152,17 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
             match slow_start(v.get_ref()) {
                 Ok(s) => spec.slow_start = Some(Box::new(s)),
                 Err(e) => problem(v.span(), format!("{field}.slow_start"), e),
+            }
+        }
+        if let Some(v) = &svc.on_remove {
+            match v.get_ref().as_str() {
+                "reset" => spec.reset_on_remove = true,
+                "keep" => {}
+                other => problem(
+                    v.span(),
+                    format!("{field}.on_remove"),
+                    format!("unknown value {other:?}, expected \"keep\" or \"reset\""),
+                ),
             }
         }
         if let Some(v) = &svc.prefetch {

@@ -4,6 +4,7 @@
 
 mod admin;
 mod balance;
+mod catch;
 mod chaos;
 mod dns;
 mod dns_srv;

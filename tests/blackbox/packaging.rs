@@ -400,8 +400,14 @@ fn installed_unit_passes_systemd_analyze_verify() {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    assert_eq!(value("CapabilityBoundingSet"), "CAP_NET_BIND_SERVICE");
-    assert_eq!(value("AmbientCapabilities"), "CAP_NET_BIND_SERVICE");
+    assert_eq!(
+        value("CapabilityBoundingSet"),
+        "CAP_NET_BIND_SERVICE CAP_BPF CAP_NET_ADMIN"
+    );
+    assert_eq!(
+        value("AmbientCapabilities"),
+        "CAP_NET_BIND_SERVICE CAP_BPF CAP_NET_ADMIN"
+    );
     assert_eq!(value("ProtectSystem"), "strict");
     assert_eq!(value("PrivateTmp"), "yes");
     assert_eq!(value("NoNewPrivileges"), "yes");
@@ -682,7 +688,13 @@ fn installed_package_serves_as_the_system_resolver_and_routes_hooked_connects() 
         answered == "127.0.0.2" || answered == "127.0.0.3",
         "{answered}"
     );
-    // Without the hook the magic address reaches nothing: the answer above came through the hook.
+    // The answer above came through the hook: the kernel caught nothing. Without the hook, the
+    // installed daemon's catch path (BPF) sends the same connect to a backend.
+    let status = |r: &Scratch<'_>| {
+        String::from_utf8_lossy(&r.chroot(&["discotech", "status"]).stdout).into_owned()
+    };
+    let before = status(&root);
+    assert!(before.contains("catch: on, 0 connects caught"), "{before}");
     let bare = root.chroot(&[
         "curl",
         "-sf",
@@ -690,11 +702,19 @@ fn installed_package_serves_as_the_system_resolver_and_routes_hooked_connects() 
         "3",
         "http://web.disco:8080/who",
     ]);
+    let caught = String::from_utf8_lossy(&bare.stdout);
     assert!(
-        !bare.status.success(),
-        "an unhooked connect to the magic address answered: {}",
-        text(&bare)
+        bare.status.success() && (caught == "127.0.0.2" || caught == "127.0.0.3"),
+        "an unhooked connect to the magic address: {}; log:\n{}",
+        text(&bare),
+        root.log()
     );
+    let counted = eventually(Duration::from_secs(3), || {
+        status(&root)
+            .contains("catch: on, 1 connects caught")
+            .then_some(())
+    });
+    assert!(counted.is_some(), "{}", status(&root));
 
     // remove keeps the config and the state (addresses survive a reinstall); purge removes both.
     assert!(
@@ -871,7 +891,7 @@ fn installed_unit_runs_hardened_under_systemd() {
         sd.journal("discotech")
     );
 
-    // The process the unit made: uid 0, group discotech, one capability, no new privileges, seccomp on.
+    // The process the unit made: uid 0, group discotech, three capabilities, no new privileges, seccomp on.
     let main_pid = sd
         .ok(&["systemctl", "show", "-P", "MainPID", "discotech"])
         .trim()
@@ -892,9 +912,10 @@ fn installed_unit_runs_hardened_under_systemd() {
         .to_string();
     assert_eq!(field("Uid"), "0 0 0 0");
     assert_eq!(field("Gid"), format!("{gid} {gid} {gid} {gid}"));
-    const NET_BIND_SERVICE: &str = "0000000000000400";
+    // CAP_NET_BIND_SERVICE (10), CAP_NET_ADMIN (12) and CAP_BPF (39), nothing else.
+    const CAPS: &str = "0000008000001400";
     for caps in ["CapEff", "CapPrm", "CapBnd", "CapAmb"] {
-        assert_eq!(field(caps), NET_BIND_SERVICE, "{caps}:\n{status}");
+        assert_eq!(field(caps), CAPS, "{caps}:\n{status}");
     }
     assert_eq!(field("NoNewPrivs"), "1");
     assert_eq!(field("Seccomp"), "2", "no system call filter");

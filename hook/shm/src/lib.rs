@@ -160,6 +160,27 @@ pub fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// The network namespace cookie of the socket `fd` (`SO_NETNS_COOKIE`): the same for every
+/// socket of one namespace, as BPF's `bpf_get_netns_cookie` reports it.
+///
+/// # Errors
+/// The errno of getsockopt (ENOPROTOOPT before Linux 5.14).
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> Result<u64, c_int> {
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are live locals of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 { Ok(cookie) } else { Err(errno()) }
+}
+
 /// fstat of `fd`.
 ///
 /// # Errors
