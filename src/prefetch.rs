@@ -63,6 +63,8 @@ struct Pooled {
 
 struct Pool {
     service: ServiceName,
+    /// `prefetch_connects{service, result="handed_over"}`, looked up once.
+    handed_over: prometheus_client::metrics::counter::Counter,
     cfg: Prefetch,
     idle: VecDeque<Pooled>,
     connecting: usize,
@@ -158,15 +160,18 @@ struct State {
 }
 
 impl State {
-    /// A connection from the pool `key`, noted as handed over.
-    fn take(&mut self, key: Key, now: Instant) -> Option<(SocketAddr, TcpStream)> {
+    /// A connection from the pool `key`, noted as handed over, and whether the pool is down to
+    /// half its size (the keeper is then woken rather than left to its next tick).
+    fn take(&mut self, key: Key, now: Instant) -> Option<(SocketAddr, TcpStream, bool)> {
         let pool = self.pools.get_mut(&key)?;
         let stream = pool.take(now)?;
         if pool.handed.len() >= usize::from(pool.cfg.pool) {
             pool.handed.pop_front();
         }
         pool.handed.push_back(now);
-        Some((key.backend, stream))
+        pool.handed_over.inc();
+        let low = 2 * (pool.idle.len() + pool.connecting) <= pool.target(now);
+        Some((key.backend, stream, low))
     }
 }
 
@@ -227,23 +232,24 @@ impl Prefetcher {
         let now = Instant::now();
         let snapshot = self.table.last_snapshot()?;
         let service = snapshot.by_addr(dest.ip())?;
-        let name = service.name().clone();
         service.spec.prefetch?;
-        let result = self.take_from_pools(&name, dest, inet6, key, rand, now);
-        let label = if result.is_some() {
-            "handed_over"
-        } else {
-            "empty"
+        let name = service.name();
+        let Some((backend, stream, low)) = self.take_from_pools(name, dest, inet6, key, rand, now)
+        else {
+            METRICS
+                .prefetch_connects
+                .get_or_create(&PrefetchLabels {
+                    service: name.to_string(),
+                    result: "empty",
+                })
+                .inc();
+            self.wake.notify_one();
+            return None;
         };
-        METRICS
-            .prefetch_connects
-            .get_or_create(&PrefetchLabels {
-                service: name.to_string(),
-                result: label,
-            })
-            .inc();
-        self.wake.notify_one();
-        result
+        if low {
+            self.wake.notify_one();
+        }
+        Some((backend, stream))
     }
 
     fn take_from_pools(
@@ -254,7 +260,7 @@ impl Prefetcher {
         key: u64,
         rand: u64,
         now: Instant,
-    ) -> Option<(SocketAddr, TcpStream)> {
+    ) -> Option<(SocketAddr, TcpStream, bool)> {
         let ask = Ask {
             dest,
             v6_ok: inet6,
@@ -272,10 +278,15 @@ impl Prefetcher {
         }
         {
             let mut st = lock(&self.state);
-            st.shapes
-                .entry(name.clone())
-                .or_default()
-                .insert((dest.port(), inet6), now);
+            match st.shapes.get_mut(name) {
+                Some(shapes) => {
+                    shapes.insert((dest.port(), inet6), now);
+                }
+                None => {
+                    st.shapes
+                        .insert(name.clone(), HashMap::from([((dest.port(), inet6), now)]));
+                }
+            }
             if let Some(got) = st.take(
                 Key {
                     backend: picked.addr,
@@ -371,6 +382,13 @@ impl Prefetcher {
         let mut opens = Vec::new();
         for (key, (service, cfg)) in wanted {
             let pool = st.pools.entry(key).or_insert_with(|| Pool {
+                handed_over: METRICS
+                    .prefetch_connects
+                    .get_or_create(&PrefetchLabels {
+                        service: service.to_string(),
+                        result: "handed_over",
+                    })
+                    .clone(),
                 service: service.clone(),
                 cfg,
                 idle: VecDeque::new(),

@@ -351,3 +351,74 @@ fn a_held_connection_is_reset_when_its_backend_leaves_only_with_on_remove_reset(
         d.log_text()
     );
 }
+
+#[test]
+fn without_cap_bpf_and_cap_net_admin_the_daemon_serves_and_says_it_does_not_catch() {
+    let ns = Netns::new();
+    backend(&ns, "a", "127.0.0.2", "8080");
+    let mut d = Daemon::configure(&ns, "127.0.0.53:53", "upstreams = []");
+    d.zone(
+        "web.toml",
+        "[services.web]\nbackends = [\"127.0.0.2:8080\"]\n",
+    );
+    d.start_under(&[
+        "setpriv",
+        "--bounding-set=-bpf,-net_admin",
+        "--inh-caps=-bpf,-net_admin",
+        "--",
+    ]);
+    ns.resolv_conf("127.0.0.53");
+    let config = d.config.to_str().expect("utf-8").to_string();
+    let status = ns.ok(DISCOTECH, &["status", "--config", &config]);
+    assert!(
+        status.contains(
+            "catch: off (loading and attaching BPF programs needs CAP_BPF and CAP_NET_ADMIN"
+        ),
+        "{status}"
+    );
+    assert!(
+        d.log_text()
+            .contains("not catching connects that bypass the hook"),
+        "{}",
+        d.log_text()
+    );
+    // DNS and hooked connects are as ever; an unhooked program gets nothing at the magic address.
+    let hooked = d.hooked(&["curl", "-sf", "--max-time", "3", "http://web.disco:8080/id"]);
+    assert_eq!(String::from_utf8_lossy(&hooked.stdout).trim(), "a");
+    let bare = ns.run(
+        "busybox",
+        &[
+            "wget",
+            "-q",
+            "-T",
+            "3",
+            "-O",
+            "-",
+            "http://web.disco:8080/id",
+        ],
+    );
+    assert!(!bare.status.success());
+}
+
+#[test]
+fn the_programs_go_with_the_daemon_even_when_it_is_killed() {
+    let ns = Netns::new();
+    backend(&ns, "a", "127.0.0.2", "8080");
+    let mut d = daemon(&ns, "\"127.0.0.2:8080\"");
+    let magic = d.short("web.disco", "A")[0].clone();
+    let url = format!("http://{magic}:8080/id");
+    let caught = ns.run("busybox", &["wget", "-q", "-T", "3", "-O", "-", &url]);
+    assert_eq!(lines(&caught), ["a"]);
+    ns.ok("kill", &["-KILL", &d.pid.to_string()]);
+    d.stop();
+    // The BPF links closed with the process: the magic address is a plain loopback address again.
+    let gone = eventually(Duration::from_secs(3), || {
+        let out = ns.run("busybox", &["wget", "-q", "-T", "3", "-O", "-", &url]);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (!out.status.success() && err.contains("Connection refused")).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "a connect to {magic} after the daemon died was still caught"
+    );
+}
