@@ -6,6 +6,8 @@
 //! or usage (EX_USAGE); 69 the daemon cannot be reached (EX_UNAVAILABLE); 71 cannot bind or
 //! create state (EX_OSERR).
 
+#![forbid(unsafe_code)]
+
 mod cli;
 
 use std::path::PathBuf;
@@ -134,10 +136,17 @@ fn run(
 ) -> ExitCode {
     use std::os::unix::process::CommandExt;
     let Some(lib) = hook_server::find_hook_library() else {
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.display().to_string()))
+            .unwrap_or_else(|| "this executable's directory".into());
         eprintln!(
-            "discotech: cannot find {} (set {} to its path)",
-            hook_server::HOOK_LIBRARY_NAME,
-            hook_server::HOOK_LIBRARY_ENV
+            "discotech: cannot find the connect hook {lib} (looked in ${env}, in {beside} and at {installed}).\n\
+             Build it beside this binary with `cargo build --release --workspace` (or `cargo build -p discotech-hook` \
+             for a debug build), install the Debian package, or set {env} to its path.",
+            lib = hook_server::HOOK_LIBRARY_NAME,
+            env = hook_server::HOOK_LIBRARY_ENV,
+            installed = hook_server::INSTALLED_HOOK_LIBRARY,
         );
         return ExitCode::from(EX_USAGE);
     };

@@ -4,6 +4,8 @@
 //! priority; then weighted rotation by a process-wide counter. Streams over the records (the
 //! source scans them, a few passes) so nothing is allocated.
 
+#![deny(unsafe_code)]
+
 use core::net::{IpAddr, SocketAddr};
 
 use core::net::Ipv6Addr;

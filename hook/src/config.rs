@@ -2,6 +2,8 @@
 //! and routing table are, and which uid the daemon must run as. Parsing is pure and
 //! allocation-free; reading the environment and the table is left to `lib.rs`.
 
+#![deny(unsafe_code)]
+
 use core::ffi::CStr;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -9,6 +9,8 @@
 //! per [`RETRY_MS`] when it fails. Every other connect reads the current mappings with a few
 //! atomic loads.
 
+#![deny(unsafe_code)]
+
 use core::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::os::fd::AsFd;
 

@@ -2,6 +2,8 @@
 //! `maps.rs` keeps them, and the daemon over its unix socket with a bounded wait and an owner
 //! check. Built only from the safe wrappers in `sys.rs`.
 
+#![deny(unsafe_code)]
+
 use core::net::SocketAddr;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 

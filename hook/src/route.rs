@@ -15,6 +15,8 @@
 //! Safe code over the [`Os`] trait, so the tests drive it with a fake "real connect", a table
 //! in memory and a fake daemon. The real implementation is in `os.rs`.
 
+#![deny(unsafe_code)]
+
 use core::net::SocketAddr;
 use core::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 

@@ -8,6 +8,8 @@
 //! times and then treats the slot as empty. Nobody ever waits, so a connect from a signal
 //! handler that interrupted a writer cannot deadlock.
 
+#![deny(unsafe_code)]
+
 use core::net::{Ipv6Addr, SocketAddr};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 

@@ -38,10 +38,12 @@ fn setup(ns: &Netns) -> Daemon<'_> {
     backend(ns, "127.0.0.3", 8080, "b");
     greeter(ns, "a", "127.0.0.2", 7001);
     greeter(ns, "b", "127.0.0.3", 7001);
+    // The hook alone: with the catch path off, a connect that bypasses the hook is refused, so
+    // every answer here came through the hook (catch.rs tests the catch path).
     let mut d = Daemon::configure(
         ns,
         "127.0.0.53:53",
-        "upstreams = []\n[metrics]\nlisten = [\"127.0.0.1:9253\"]",
+        "upstreams = []\n[metrics]\nlisten = [\"127.0.0.1:9253\"]\n[catch]\nmode = \"off\"",
     );
     d.zone("web.toml", WEB);
     d.zone(

@@ -559,6 +559,17 @@ fn deb_ships_the_binary_the_hook_the_unit_and_conffiles() {
 fn installed_package_serves_as_the_system_resolver_and_routes_hooked_connects() {
     let ns = Netns::new();
     let root = Scratch::install(&ns);
+    // The cgroup2 hierarchy, where the daemon attaches its catch path (a host's /sys has it).
+    ns.ok(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "mkdir -p {r}/sys/fs/cgroup && mount -t cgroup2 none {r}/sys/fs/cgroup",
+                r = root.root
+            ),
+        ],
+    );
     dnsmasq(
         &ns,
         VPC_RESOLVER,
