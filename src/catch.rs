@@ -285,7 +285,7 @@ impl Catcher {
         self.caught.fetch_max(total, Ordering::Relaxed);
     }
 
-    /// Logs, once per program, who bypassed the hook.
+    /// Logs, once per program (command name), who bypassed the hook.
     fn name_bypassers(&self, mirror: &Mirror, named: &mut HashSet<String>) {
         let mut events = self
             .events
@@ -299,7 +299,9 @@ impl Catcher {
             if named.len() >= 4096 {
                 named.clear();
             }
-            if named.insert(exe.clone()) {
+            // By command name: the executable is only known while the process lives, and a
+            // program must not be named twice because one of its processes ended sooner.
+            if named.insert(ev.comm.clone()) {
                 let service = mirror
                     .routes
                     .get(&key(ev.ip, ev.port))

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::harness::{DISCOTECH, Daemon, Netns, eventually, greeter};
-use crate::zk::{backend, ensure_hook_library, hooked_who};
+use crate::harness::{backend, ensure_hook_library, hooked_who};
 
 /// greeter and hookclient (compiled once per run by the harness), as a path string.
 pub(crate) fn c_program(name: &str) -> String {

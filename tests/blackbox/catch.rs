@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::harness::{DISCOTECH, Daemon, Netns, eventually};
+use crate::harness::{DISCOTECH, Daemon, Netns, backend, eventually};
 
 const GO_CLIENT: &str = r#"package main
 
@@ -30,7 +30,7 @@ func main() {
 		}
 		b, _ := io.ReadAll(r.Body)
 		r.Body.Close()
-		fmt.Print(string(b))
+		fmt.Println(string(b))
 	}
 }
 "#;
@@ -59,32 +59,6 @@ fn go_client() -> PathBuf {
             out
         })
         .clone()
-}
-
-/// A plain HTTP server on ip:port (in the test's namespace) answering GET /id with `name`.
-fn backend(ns: &Netns, name: &str, ip: &str, port: &str) {
-    let dir = ns.path(&format!("www-{name}"));
-    std::fs::create_dir_all(&dir).expect("www dir");
-    std::fs::write(dir.join("id"), format!("{name}\n")).expect("id");
-    ns.spawn(
-        "python3",
-        &[
-            "-m",
-            "http.server",
-            "-b",
-            ip,
-            "-d",
-            dir.to_str().expect("utf-8"),
-            port,
-        ],
-        &ns.path(&format!("{name}.log")),
-    );
-    let url = format!("http://{ip}:{port}/id");
-    let up = eventually(Duration::from_secs(10), || {
-        let out = ns.run("curl", &["-sf", "--max-time", "2", &url]);
-        (String::from_utf8_lossy(&out.stdout).trim() == name).then_some(())
-    });
-    assert!(up.is_some(), "backend {name} did not start");
 }
 
 fn daemon<'a>(ns: &'a Netns, backends: &str) -> Daemon<'a> {
@@ -126,8 +100,8 @@ fn lines(out: &std::process::Output) -> Vec<String> {
 #[test]
 fn go_static_busybox_and_a_clean_environment_reach_services_without_the_hook() {
     let ns = Netns::new();
-    backend(&ns, "a", "127.0.0.2", "8080");
-    backend(&ns, "b", "127.0.0.3", "8080");
+    backend(&ns, "127.0.0.2", 8080, "a");
+    backend(&ns, "127.0.0.3", 8080, "b");
     let d = daemon(&ns, "\"127.0.0.2:8080\", \"127.0.0.3:8080\"");
     let config = d.config.to_str().expect("utf-8").to_string();
     let status = ns.ok(DISCOTECH, &["status", "--config", &config]);
@@ -136,7 +110,7 @@ fn go_static_busybox_and_a_clean_environment_reach_services_without_the_hook() {
     let go = go_client();
     let got = lines(&ns.run(
         go.to_str().expect("utf-8"),
-        &["http://web.disco:8080/id", "10"],
+        &["http://web.disco:8080/who", "10"],
     ));
     assert_eq!(
         got,
@@ -148,7 +122,7 @@ fn go_static_busybox_and_a_clean_environment_reach_services_without_the_hook() {
     for _ in 0..6 {
         wget.extend(lines(&ns.run(
             "busybox",
-            &["wget", "-q", "-O", "-", "http://web.disco:8080/id"],
+            &["wget", "-q", "-O", "-", "http://web.disco:8080/who"],
         )));
     }
     assert!(wget.iter().all(|b| b == "a" || b == "b"), "{wget:?}");
@@ -163,7 +137,7 @@ fn go_static_busybox_and_a_clean_environment_reach_services_without_the_hook() {
             "-i",
             "/usr/bin/python3",
             "-c",
-            "import urllib.request\nfor _ in range(2): print(urllib.request.urlopen('http://web.disco:8080/id').read().decode().strip())",
+            "import urllib.request\nfor _ in range(2): print(urllib.request.urlopen('http://web.disco:8080/who').read().decode().strip())",
         ],
     ));
     assert_eq!(py.len(), 2);
@@ -199,14 +173,14 @@ fn go_static_busybox_and_a_clean_environment_reach_services_without_the_hook() {
 fn wildcard_listeners_start_beside_the_daemon_and_never_receive_a_caught_connect() {
     let ns = Netns::new();
     // The backends listen on 9000; programs connect to web.disco on 8080 and 8081.
-    backend(&ns, "a", "127.0.0.2", "9000");
-    backend(&ns, "b", "127.0.0.3", "9000");
-    backend(&ns, "wildcard-before", "0.0.0.0", "8080");
+    backend(&ns, "127.0.0.2", 9000, "a");
+    backend(&ns, "127.0.0.3", 9000, "b");
+    backend(&ns, "0.0.0.0", 8080, "wildcard-before");
     let d = daemon(&ns, "\"127.0.0.2:9000\", \"127.0.0.3:9000\"");
-    backend(&ns, "wildcard-after", "0.0.0.0", "8081");
+    backend(&ns, "0.0.0.0", 8081, "wildcard-after");
     let go = go_client();
     for port in ["8080", "8081"] {
-        let url = format!("http://web.disco:{port}/id");
+        let url = format!("http://web.disco:{port}/who");
         let got = lines(&ns.run(go.to_str().expect("utf-8"), &[&url, "6"]));
         // One rotation for every port: each connect goes to the other backend.
         assert!(
@@ -220,7 +194,7 @@ fn wildcard_listeners_start_beside_the_daemon_and_never_receive_a_caught_connect
     }
     // The wildcard listeners still serve their own clients.
     for (port, name) in [("8080", "wildcard-before"), ("8081", "wildcard-after")] {
-        let out = ns.ok("curl", &["-sf", &format!("http://127.0.0.1:{port}/id")]);
+        let out = ns.ok("curl", &["-sf", &format!("http://127.0.0.1:{port}/who")]);
         assert_eq!(out.trim(), name);
     }
     drop(d);
@@ -355,7 +329,7 @@ fn a_held_connection_is_reset_when_its_backend_leaves_only_with_on_remove_reset(
 #[test]
 fn without_cap_bpf_and_cap_net_admin_the_daemon_serves_and_says_it_does_not_catch() {
     let ns = Netns::new();
-    backend(&ns, "a", "127.0.0.2", "8080");
+    backend(&ns, "127.0.0.2", 8080, "a");
     let mut d = Daemon::configure(&ns, "127.0.0.53:53", "upstreams = []");
     d.zone(
         "web.toml",
@@ -384,11 +358,17 @@ fn without_cap_bpf_and_cap_net_admin_the_daemon_serves_and_says_it_does_not_catc
         d.log_text()
     );
     // DNS and hooked connects are as ever; an unhooked program gets nothing at the magic address.
-    let hooked = d.hooked(&["curl", "-sf", "--max-time", "3", "http://web.disco:8080/id"]);
+    let hooked = d.hooked(&[
+        "curl",
+        "-sf",
+        "--max-time",
+        "3",
+        "http://web.disco:8080/who",
+    ]);
     assert_eq!(String::from_utf8_lossy(&hooked.stdout).trim(), "a");
     let bare = ns.run(
         "busybox",
-        &["wget", "-q", "-O", "-", "http://web.disco:8080/id"],
+        &["wget", "-q", "-O", "-", "http://web.disco:8080/who"],
     );
     assert!(
         !bare.status.success()
@@ -400,10 +380,10 @@ fn without_cap_bpf_and_cap_net_admin_the_daemon_serves_and_says_it_does_not_catc
 #[test]
 fn the_programs_go_with_the_daemon_even_when_it_is_killed() {
     let ns = Netns::new();
-    backend(&ns, "a", "127.0.0.2", "8080");
+    backend(&ns, "127.0.0.2", 8080, "a");
     let mut d = daemon(&ns, "\"127.0.0.2:8080\"");
     let magic = d.short("web.disco", "A")[0].clone();
-    let url = format!("http://{magic}:8080/id");
+    let url = format!("http://{magic}:8080/who");
     let caught = ns.run("busybox", &["wget", "-q", "-O", "-", &url]);
     assert_eq!(lines(&caught), ["a"]);
     ns.ok("kill", &["-KILL", &d.pid.to_string()]);

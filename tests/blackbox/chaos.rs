@@ -12,7 +12,8 @@ use std::process::Command;
 use std::sync::Mutex;
 
 use crate::harness::DISCOTECH;
-use crate::zk::{ensure_hook_library, zkctl};
+use crate::harness::ensure_hook_library;
+use crate::zk::zkctl;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 

@@ -401,3 +401,85 @@ pub fn example(name: &str) -> String {
     );
     path.to_str().expect("utf-8").to_owned()
 }
+
+/// The connect hook library next to the discotech binary, built once if missing (it is a
+/// separate package, which `cargo test --test blackbox` alone does not build).
+pub fn ensure_hook_library() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    // Built every run (cargo makes it a no-op when nothing changed): a library left over from
+    // an older build would test old hook code against the new daemon.
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "discotech-hook"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("cargo build -p discotech-hook");
+        assert!(status.success(), "cannot build the hook library");
+        let lib = Path::new(DISCOTECH)
+            .parent()
+            .expect("target dir")
+            .join("libdiscotech_hook.so");
+        assert!(lib.exists(), "{} was not built", lib.display());
+    });
+}
+
+/// A python HTTP server on `ip:port` whose `/who` answers `name` (and `/healthz` answers `ok`).
+pub fn backend(ns: &Netns, ip: &str, port: u16, name: &str) -> u32 {
+    let dir = ns.path(&format!("www-{name}"));
+    std::fs::create_dir_all(&dir).expect("www dir");
+    std::fs::write(dir.join("who"), name).expect("who file");
+    std::fs::write(dir.join("healthz"), "ok\n").expect("healthz file");
+    let port = port.to_string();
+    let pid = ns.spawn(
+        "python3",
+        &[
+            "-m",
+            "http.server",
+            &port,
+            "--bind",
+            ip,
+            "--directory",
+            dir.to_str().expect("utf-8"),
+        ],
+        &ns.path(&format!("www-{name}.log")),
+    );
+    let url = format!("http://{ip}:{port}/who");
+    let up = eventually(Duration::from_secs(10), || {
+        let out = ns.run("curl", &["-s", "--max-time", "1", &url]);
+        (String::from_utf8_lossy(&out.stdout) == name).then_some(())
+    });
+    assert!(up.is_some(), "backend {name} did not start");
+    pid
+}
+
+/// `curl http://NAME:PORT/who` `n` times in one process with the hook preloaded through
+/// `discotech run`, a new connection each time; the answering backends' names in order.
+/// (One process, because the pick order is only meaningful within one hook client.)
+pub fn hooked_who(d: &Daemon, host: &str, port: u16, n: usize) -> Vec<String> {
+    let url = format!("http://{host}:{port}/who");
+    let mut args = vec![
+        "curl",
+        "-s",
+        "--max-time",
+        "3",
+        "-H",
+        "Connection: close",
+        "-w",
+        "\\n",
+    ];
+    args.extend(std::iter::repeat_n(url.as_str(), n));
+    let out = d.hooked(&args);
+    let mut got: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    if !out.status.success() {
+        got.push(format!(
+            "error {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    got
+}

@@ -7,44 +7,14 @@
 
 use std::time::{Duration, Instant};
 
+use crate::harness::ensure_hook_library;
 use crate::harness::{DISCOTECH, Daemon, Netns, eventually, greeter};
-use crate::zk::ensure_hook_library;
 
 const CHECK: &str = "health = { kind = \"http\", path = \"/healthz\", interval = \"200ms\", timeout = \"200ms\", jitter = \"50ms\", rise = 2, fall = 2 }";
 
+/// A backend on `ip:8080` answering `/healthz` (named by its address).
 fn backend(ns: &Netns, ip: &str) -> u32 {
-    let dir = ns.path(&format!("www-{ip}"));
-    std::fs::create_dir_all(&dir).expect("dir");
-    std::fs::write(dir.join("healthz"), "ok\n").expect("healthz");
-    let pid = ns.spawn(
-        "python3",
-        &[
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            ip,
-            "--directory",
-            dir.to_str().expect("utf-8"),
-        ],
-        &ns.path(&format!("http-{ip}.log")),
-    );
-    let up = eventually(Duration::from_secs(10), || {
-        ns.run(
-            "curl",
-            &[
-                "-sf",
-                "--max-time",
-                "1",
-                &format!("http://{ip}:8080/healthz"),
-            ],
-        )
-        .status
-        .success()
-        .then_some(())
-    });
-    assert!(up.is_some(), "backend {ip} did not start");
-    pid
+    crate::harness::backend(ns, ip, 8080, ip)
 }
 
 fn srv(d: &Daemon<'_>, name: &str) -> Vec<String> {

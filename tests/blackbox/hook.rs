@@ -7,7 +7,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use crate::harness::{DISCOTECH, Daemon, Netns, c_program, eventually};
-use crate::zk::{backend, ensure_hook_library};
+use crate::harness::{backend, ensure_hook_library};
 
 fn greeter(ns: &Netns, name: &str, ip: &str, port: u16) {
     let bin = c_program("greeter");

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use crate::balance::{c_program, connects_as, count, daemon};
+use crate::harness::ensure_hook_library;
 use crate::harness::{DISCOTECH, Daemon, Netns, eventually, example, greeter};
-use crate::zk::ensure_hook_library;
 
 const ZONE: &str = "[services.web]\nlb = \"round-robin\"\nbackends = [\"127.0.0.2:7001\", \"127.0.0.3:7001\"]\n\
     [services.sticky]\nlb = \"maglev\"\nbackends = [\"127.0.0.2:7001\", \"127.0.0.3:7001\"]\n";

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::harness;
 use crate::harness::{Netns, eventually};
 use crate::zk::{self, ZkServer, srv_until};
 
@@ -477,22 +478,22 @@ fn zookeeper_digest_auth_reads_protected_nodes_and_survives_a_server_restart() {
 
 #[test]
 fn zookeeper_additions_and_removals_reach_hooked_connects() {
-    zk::ensure_hook_library();
+    harness::ensure_hook_library();
     let ns = Netns::new();
     let zk = ZkServer::start(&ns, ZK_PORT);
-    zk::backend(&ns, "127.0.0.2", 8080, "b2");
-    zk::backend(&ns, "127.0.0.3", 8080, "b3");
+    harness::backend(&ns, "127.0.0.2", 8080, "b2");
+    harness::backend(&ns, "127.0.0.3", 8080, "b3");
     zk.ctl(&ns, &["create /disco/web/127.0.0.2:8080"]);
     let mut d = zk::daemon(&ns, &zk::source(&zk, "/disco", "5s"));
     d.start();
     ns.resolv_conf("127.0.0.53");
     srv_until(&d, "web.disco", Duration::from_secs(5), |a| a.len() == 1);
-    assert_eq!(zk::hooked_who(&d, "web.disco", 8080, 2), ["b2", "b2"]);
+    assert_eq!(harness::hooked_who(&d, "web.disco", 8080, 2), ["b2", "b2"]);
 
     zk.ctl(&ns, &["create /disco/web/127.0.0.3:8080"]);
     let mut last = Vec::new();
     let both = eventually(Duration::from_secs(5), || {
-        last = zk::hooked_who(&d, "web.disco", 8080, 4);
+        last = harness::hooked_who(&d, "web.disco", 8080, 4);
         (last.iter().filter(|w| *w == "b2").count() == 2
             && last.iter().filter(|w| *w == "b3").count() == 2)
             .then_some(())
@@ -505,7 +506,7 @@ fn zookeeper_additions_and_removals_reach_hooked_connects() {
 
     zk.ctl(&ns, &["delete /disco/web/127.0.0.2:8080"]);
     let only = eventually(Duration::from_secs(5), || {
-        last = zk::hooked_who(&d, "web.disco", 8080, 4);
+        last = harness::hooked_who(&d, "web.disco", 8080, 4);
         (last == ["b3"; 4]).then_some(())
     });
     assert!(
