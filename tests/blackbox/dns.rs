@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{Daemon, Netns, dnsmasq, eventually};
+use crate::harness::{Daemon, Netns, dnsmasq, dnsmasq_args, eventually};
 
 const WEB: &str =
     "[services.web]\nbackends = [\"127.0.0.2:8080\", { addr = \"127.0.0.3:8081\", weight = 2 }]\n";
@@ -216,22 +216,9 @@ fn a_forwarding_loop_through_another_resolver_is_refused_not_amplified() {
     let ns = Netns::new();
     // dnsmasq forwards everything to us, and we forward everything to dnsmasq.
     let log = ns.path("loop-dnsmasq.log");
-    ns.spawn(
-        "dnsmasq",
-        &[
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--conf-file=/dev/null",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-            "--port=5300",
-            "--pid-file=",
-            "--user=root",
-            "--server=127.0.0.53",
-        ],
-        &log,
-    );
+    let args = dnsmasq_args(&["127.0.0.1"], 5300, &["--server=127.0.0.53".into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ns.spawn("dnsmasq", &refs, &log);
     // Nobody answers through dnsmasq before we run, so wait for its socket, not an answer.
     let listening = eventually(Duration::from_secs(10), || {
         let o = ns.run("ss", &["-Hlun", "sport = :5300"]);

@@ -2,22 +2,11 @@
 
 use std::time::Duration;
 
-use crate::harness::{Daemon, Netns, eventually};
+use crate::harness::{Daemon, Netns, dnsmasq_args, eventually};
 
 /// dnsmasq on 127.0.0.1:5302 serving `_http._tcp.web.prod.example` SRV with the given targets.
 fn srv_server(ns: &Netns, targets: &[(&str, &str, u16)]) -> u32 {
-    let mut args = vec![
-        "--keep-in-foreground".to_string(),
-        "--no-resolv".into(),
-        "--no-hosts".into(),
-        "--conf-file=/dev/null".into(),
-        "--bind-interfaces".into(),
-        "--listen-address=127.0.0.1".into(),
-        "--port=5302".into(),
-        "--pid-file=".into(),
-        "--user=root".into(),
-        "--local-ttl=1".into(),
-    ];
+    let mut args = dnsmasq_args(&["127.0.0.1"], 5302, &["--local-ttl=1".into()]);
     for (host, ip, port) in targets {
         args.push(format!("--host-record={host},{ip}"));
         args.push(format!(

@@ -307,20 +307,27 @@ impl<'a> Daemon<'a> {
     }
 }
 
-/// A dnsmasq upstream inside the namespace, answering only the given host records.
-pub fn dnsmasq(ns: &Netns, addr: &str, port: u16, records: &[(&str, &str)], ttl: u32) -> u32 {
+/// dnsmasq's arguments for a server in the foreground on `addrs` and `port` that reads no system
+/// file (resolv.conf, hosts, its config), plus `extra`.
+pub fn dnsmasq_args(addrs: &[&str], port: u16, extra: &[String]) -> Vec<String> {
     let mut args = vec![
         "--keep-in-foreground".to_string(),
         "--no-resolv".into(),
         "--no-hosts".into(),
         "--conf-file=/dev/null".into(),
         "--bind-interfaces".into(),
-        format!("--listen-address={addr}"),
         format!("--port={port}"),
         "--pid-file=".into(),
         "--user=root".into(),
-        format!("--local-ttl={ttl}"),
     ];
+    args.extend(addrs.iter().map(|a| format!("--listen-address={a}")));
+    args.extend_from_slice(extra);
+    args
+}
+
+/// A dnsmasq upstream inside the namespace, answering only the given host records.
+pub fn dnsmasq(ns: &Netns, addr: &str, port: u16, records: &[(&str, &str)], ttl: u32) -> u32 {
+    let mut args = dnsmasq_args(&[addr], port, &[format!("--local-ttl={ttl}")]);
     for (name, ip) in records {
         args.push(format!("--host-record={name},{ip}"));
     }

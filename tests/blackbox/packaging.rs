@@ -16,7 +16,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::harness::{Netns, dnsmasq, eventually};
+use crate::harness::{Netns, dnsmasq, dnsmasq_args, eventually};
 
 const VPC_RESOLVER: &str = "127.0.0.10";
 
@@ -805,24 +805,16 @@ fn installed_package_serves_beside_resolved_on_the_drop_in_address() {
         300,
     );
     let resolved_log = ns.path("resolved-standin.log");
-    ns.spawn(
-        "dnsmasq",
+    let args = dnsmasq_args(
+        &["127.0.0.53", "127.0.0.54"],
+        53,
         &[
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--conf-file=/dev/null",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.53",
-            "--listen-address=127.0.0.54",
-            "--port=53",
-            "--pid-file=",
-            "--user=root",
-            &format!("--server=/disco/{dns}"),
-            &format!("--server={VPC_RESOLVER}"),
+            format!("--server=/disco/{dns}"),
+            format!("--server={VPC_RESOLVER}"),
         ],
-        &resolved_log,
     );
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ns.spawn("dnsmasq", &refs, &resolved_log);
     root.write(
         "/etc/resolv.conf",
         "nameserver 127.0.0.53\noptions timeout:2 attempts:1\n",
