@@ -356,11 +356,27 @@ pub async fn run(
     // cannot queue at once (the backend then stays in SRV answers) rather than wait.
     let (commands, commands_rx) = mpsc::channel::<Command>(256);
     tracker.spawn(registry.run(events_rx, commands_rx, shutdown.clone()));
+    // Health checks report changes of state; the registry takes backends out (or back).
+    let (health_tx, mut health_rx) = mpsc::channel::<crate::health::Change>(256);
     tracker.spawn(crate::health::run(
         health_targets,
-        commands.clone(),
+        health_tx,
         shutdown.clone(),
     ));
+    let to_registry = commands.clone();
+    tracker.spawn(async move {
+        while let Some(c) = health_rx.recv().await {
+            let command = Command::Health {
+                service: c.service,
+                addr: c.addr,
+                healthy: c.healthy,
+                reason: c.reason,
+            };
+            if to_registry.send(command).await.is_err() {
+                return;
+            }
+        }
+    });
     let mut sources_token = shutdown.child_token();
     start_sources(&config, &events, &sources_token, &tracker);
 

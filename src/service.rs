@@ -254,7 +254,7 @@ pub struct ServiceSpec {
     pub backends: Vec<Backend>,
     /// Active health check of each backend, if the service asks for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health: Option<crate::config::HealthCheck>,
+    pub health: Option<HealthCheck>,
     /// Passive health from the hook's failure reports; `None` means [`Outlier::default`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     /// Boxed, as is `slow_start`: rarely set, and the spec travels in enums (source events).
@@ -297,6 +297,33 @@ impl Default for Prefetch {
             max_idle: Duration::from_secs(5),
         }
     }
+}
+
+/// An active health check's settings (a zone file's `health`, a registration's `check`); run by
+/// `health`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Each wait between checks is `interval` plus a random share of this, so that many hosts
+    /// checking one backend drift apart instead of probing in step.
+    #[serde(default)]
+    pub jitter: Duration,
+    /// Consecutive passes before healthy.
+    pub rise: u32,
+    /// Consecutive failures before unhealthy.
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum CheckKind {
+    Tcp,
+    /// HTTP GET of `path`; healthy when the status is within `expect`.
+    Http {
+        path: String,
+        expect: (u16, u16),
+    },
 }
 
 /// Outlier detection (Envoy's, for connects): eject a backend after `consecutive_failures`

@@ -1,31 +1,7 @@
 //! Active health checks (`health = { kind = ... }` in zone files, `check` in registrations).
 
 use super::*;
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct HealthCheck {
-    pub kind: CheckKind,
-    pub interval: Duration,
-    pub timeout: Duration,
-    /// Each wait between checks is `interval` plus a random share of this, so that many hosts
-    /// checking one backend drift apart instead of probing in step.
-    #[serde(default)]
-    pub jitter: Duration,
-    /// Consecutive passes before healthy.
-    pub rise: u32,
-    /// Consecutive failures before unhealthy.
-    pub fall: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum CheckKind {
-    Tcp,
-    /// HTTP GET of `path`; healthy when the status is within `expect`.
-    Http {
-        path: String,
-        expect: (u16, u16),
-    },
-}
+pub use crate::health::{CheckKind, HealthCheck};
 
 /// Validates a health check table (`[[register]] check` and a zone file's `health`).
 ///

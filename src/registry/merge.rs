@@ -1,6 +1,7 @@
 //! Merging what the sources say into each service's spec, through the guard, into the
 //! published snapshot (with its magic addresses).
 
+use super::overlay::effective;
 use super::*;
 
 impl Registry {
@@ -205,8 +206,7 @@ impl Registry {
                 Some(std::borrow::Cow::Owned(out))
             }
         };
-        let (spec, panic) =
-            crate::health::effective(&spec, out.as_deref(), self.health_cfg.panic_threshold);
+        let (spec, panic) = effective(&spec, out.as_deref(), self.health_cfg.panic_threshold);
         if panic && self.panicking.insert(name.clone()) {
             warn!(service = %name, "too few healthy backends: panic mode, balancing over all of them");
             self.event(

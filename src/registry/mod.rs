@@ -7,9 +7,9 @@
 //! its registry is down serves the persisted state at once.
 //!
 //! Health takes backends out of what is published (and so out of SRV answers, connect picks and
-//! the hook's fallback file) in two independent ways: active checks (`Command::Health`) and
+//! the hook's fallback file) in two independent ways: active checks (`Command::Health`, from `health::Change`) and
 //! passive-health ejections the hook server reports (`Command::Eject`), which end by themselves.
-//! Both go through `health::effective`, so panic mode and priority tiers apply alike.
+//! Both go through `overlay::effective`, so panic mode and priority tiers apply alike.
 //!
 //! This file holds the actor (`Command`, the registry's state, applying source events and admin
 //! commands); `merge.rs` the merge of sources through the guard into published services;
@@ -88,7 +88,7 @@ struct Ejection {
 }
 
 #[derive(Debug, Clone, Default)]
-struct Health {
+struct SourceState {
     restored: bool,
     last_update: Option<u64>,
     last_failure: Option<u64>,
@@ -98,7 +98,7 @@ struct Health {
 pub struct Registry {
     names: Vec<String>,
     sources: Vec<Option<OrdMap<ServiceName, ServiceSpec>>>,
-    health: Vec<Health>,
+    source_states: Vec<SourceState>,
     drained: BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
     unhealthy: BTreeMap<ServiceName, BTreeMap<SocketAddr, String>>,
     /// Passive-health ejections, apart from `unhealthy` so that neither kind of health readmits
@@ -144,7 +144,7 @@ impl Registry {
     ) -> Self {
         Self {
             sources: vec![None; source_names.len()],
-            health: vec![Health::default(); source_names.len()],
+            source_states: vec![SourceState::default(); source_names.len()],
             drained: BTreeMap::new(),
             unhealthy: BTreeMap::new(),
             ejected: BTreeMap::new(),
@@ -210,7 +210,7 @@ impl Registry {
             source: name.clone(),
         };
         let mut note = None;
-        if let Some(h) = self.health.get_mut(index) {
+        if let Some(h) = self.source_states.get_mut(index) {
             match &event {
                 SourceEvent::Failed { error, .. } => {
                     if h.error.as_ref() != Some(error) {
@@ -301,13 +301,13 @@ impl Registry {
             let old = self.names.iter().position(|n| n == name);
             sources.push(old.and_then(|i| self.sources.get_mut(i).and_then(Option::take)));
             health.push(
-                old.and_then(|i| self.health.get(i).cloned())
+                old.and_then(|i| self.source_states.get(i).cloned())
                     .unwrap_or_default(),
             );
         }
         self.names = names;
         self.sources = sources;
-        self.health = health;
+        self.source_states = health;
         self.guard.set_config(guard);
         self.event(
             now,

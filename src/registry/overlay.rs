@@ -1,5 +1,5 @@
 //! What health and operators take out of the published specs: active health, passive-health
-//! ejections (which end by themselves) and drains; panic mode and tiers via `health::effective`.
+//! ejections (which end by themselves) and drains; panic mode and tiers via `effective`, here.
 
 use super::*;
 
@@ -169,5 +169,152 @@ impl Registry {
             self.refresh([service.clone()], now, Instant::now());
         }
         Ok(())
+    }
+}
+
+/// What a service offers given its backends' health, for the snapshot (and so for SRV answers and
+/// connect picks alike):
+/// - unhealthy backends leave;
+/// - while the best priority tier keeps at least `panic_threshold` of its size healthy, it serves
+///   alone (lower tiers stay as published backups);
+/// - when it falls below, healthy backends of the next tiers join it at its priority until that
+///   share is reached again, so the few survivors are not crushed and traffic returns to the
+///   best tier as soon as it recovers;
+/// - when even every tier together cannot reach the share, the service is in panic mode and
+///   balances over all its backends, healthy or not: answers never go empty.
+///
+/// Returns the spec to publish and whether the service is in panic mode.
+pub fn effective(
+    spec: &crate::service::ServiceSpec,
+    unhealthy: Option<&BTreeMap<SocketAddr, String>>,
+    panic_threshold: f64,
+) -> (crate::service::ServiceSpec, bool) {
+    let Some(unhealthy) = unhealthy.filter(|u| !u.is_empty()) else {
+        return (spec.clone(), false);
+    };
+    let Some(best) = spec.backends.iter().map(|b| b.priority).min() else {
+        return (spec.clone(), false);
+    };
+    let best_size = spec.backends.iter().filter(|b| b.priority == best).count();
+    let needed = (panic_threshold * best_size as f64).ceil() as usize;
+    let mut tiers: Vec<u16> = spec.backends.iter().map(|b| b.priority).collect();
+    tiers.sort_unstable();
+    tiers.dedup();
+    let healthy = |b: &&crate::service::Backend| !unhealthy.contains_key(&b.addr);
+
+    let mut out = spec.clone();
+    out.backends.clear();
+    let mut active = 0;
+    let mut joined = Vec::new();
+    for tier in &tiers {
+        if active >= needed.max(1) {
+            break;
+        }
+        for b in spec
+            .backends
+            .iter()
+            .filter(|b| b.priority == *tier)
+            .filter(healthy)
+        {
+            let mut b = b.clone();
+            b.priority = best;
+            out.backends.push(b);
+            active += 1;
+        }
+        joined.push(*tier);
+    }
+    if active == 0 || active < needed {
+        return (spec.clone(), true);
+    }
+    // Tiers that did not have to join stay behind as backups, healthy members only.
+    out.backends.extend(
+        spec.backends
+            .iter()
+            .filter(|b| !joined.contains(&b.priority))
+            .filter(healthy)
+            .cloned(),
+    );
+    (out, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::Backend;
+
+    fn spec(tiers: &[(u16, u8)]) -> ServiceSpec {
+        let mut s = ServiceSpec::new("web".parse().unwrap());
+        let mut n = 1;
+        for (prio, count) in tiers {
+            for _ in 0..*count {
+                let mut b = Backend::new(SocketAddr::from(([127, 0, 1, n], 80)));
+                b.priority = *prio;
+                s.backends.push(b);
+                n += 1;
+            }
+        }
+        s
+    }
+
+    fn down(last_octets: &[u8]) -> BTreeMap<SocketAddr, String> {
+        last_octets
+            .iter()
+            .map(|n| {
+                (
+                    SocketAddr::from(([127, 0, 1, *n], 80)),
+                    "refused".to_string(),
+                )
+            })
+            .collect()
+    }
+
+    fn shape(s: &ServiceSpec) -> Vec<(u8, u16)> {
+        s.backends
+            .iter()
+            .map(|b| match b.addr.ip() {
+                std::net::IpAddr::V4(v4) => (v4.octets()[3], b.priority),
+                std::net::IpAddr::V6(_) => (0, b.priority),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unhealthy_backends_leave_while_enough_remain() {
+        let (s, panic) = effective(&spec(&[(0, 4)]), Some(&down(&[2])), 0.5);
+        assert_eq!(shape(&s), [(1, 0), (3, 0), (4, 0)]);
+        assert!(!panic);
+    }
+
+    #[test]
+    fn below_the_threshold_the_next_tier_joins_at_the_best_priority() {
+        // 1 of 4 primaries healthy: the two backups join so that the survivor is not crushed.
+        let (s, panic) = effective(&spec(&[(0, 4), (1, 2)]), Some(&down(&[1, 2, 3])), 0.5);
+        assert_eq!(shape(&s), [(4, 0), (5, 0), (6, 0)]);
+        assert!(!panic);
+        // All primaries down: failover to the backup tier.
+        let (s, _) = effective(&spec(&[(0, 2), (1, 2)]), Some(&down(&[1, 2])), 0.5);
+        assert_eq!(shape(&s), [(3, 0), (4, 0)]);
+    }
+
+    #[test]
+    fn healthy_primaries_keep_backups_behind() {
+        let (s, _) = effective(&spec(&[(0, 2), (1, 2)]), Some(&down(&[4])), 0.5);
+        assert_eq!(
+            shape(&s),
+            [(1, 0), (2, 0), (3, 1)],
+            "the unhealthy backup leaves, the healthy one waits"
+        );
+    }
+
+    #[test]
+    fn panic_mode_balances_over_everything() {
+        let all = spec(&[(0, 4)]);
+        let (s, panic) = effective(&all, Some(&down(&[1, 2, 3])), 0.5);
+        assert!(panic, "1 of 4 is below half and there is nowhere to spill");
+        assert_eq!(s, all);
+        let (s, panic) = effective(&all, Some(&down(&[1, 2, 3, 4])), 0.5);
+        assert!(panic && s.backends.len() == 4, "never empty");
+        let (_, panic) = effective(&all, Some(&down(&[1, 2, 3])), 0.0);
+        assert!(!panic, "threshold 0 disables panic mode");
     }
 }

@@ -59,7 +59,7 @@ impl Registry {
                 if let Some(slot) = self.sources.get_mut(i) {
                     *slot = Some(services.into_iter().map(|s| (s.name.clone(), s)).collect());
                 }
-                if let Some(h) = self.health.get_mut(i) {
+                if let Some(h) = self.source_states.get_mut(i) {
                     h.restored = true;
                 }
             }

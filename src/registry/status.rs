@@ -75,7 +75,7 @@ impl Registry {
                 .names
                 .iter()
                 .zip(&self.sources)
-                .zip(&self.health)
+                .zip(&self.source_states)
                 .map(|((name, set), h)| SourceStatus {
                     name: name.clone(),
                     state: match (set, h) {
