@@ -1,4 +1,4 @@
-//! Compiles the catch path's BPF program (`src/catch/catch.bpf.c`) with clang into
+//! Compiles the catch path's BPF program (`src/connect/catch/catch.bpf.c`) with clang into
 //! `$OUT_DIR/catch.bpf.o`, which the daemon embeds. Without clang (or with
 //! `DISCOTECH_NO_BPF=1`) the object is left empty and the daemon reports at start that this build
 //! cannot catch connects; everything else works the same.
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    let src = "src/catch/catch.bpf.c";
+    let src = "src/connect/catch/catch.bpf.c";
     println!("cargo:rerun-if-changed={src}");
     println!("cargo:rerun-if-env-changed=DISCOTECH_NO_BPF");
     println!("cargo:rerun-if-env-changed=CLANG");

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use discotech::admin::{self, BackendRow, Reply, Request, Resolution, ServiceRow, Status};
 use discotech::config::{Config, DEFAULT_ADMIN_SOCKET};
+use discotech::ops::admin::{self, BackendRow, Reply, Request, Resolution, ServiceRow, Status};
 use discotech::service::LbPolicy;
 
 const EX_REFUSED: u8 = 2;

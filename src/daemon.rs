@@ -14,19 +14,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::admin::{self, AdminContext, ReloadRequest};
 use crate::config::{Config, DnsConfig, SourceConfig};
+use crate::connect::hook_server::{self, HookServerConfig};
+use crate::discovery::guard::Guard;
+use crate::discovery::magic::MagicMap;
+use crate::discovery::registry::{Command, Registry, StatePaths, unix_now};
+use crate::discovery::snapshot::{self, Snapshot};
+use crate::discovery::source::SourceEvent;
+use crate::discovery::source::file::FileSource;
 use crate::dns::answer::Zones;
 use crate::dns::forward::{ForwardConfig, Forwarder};
 use crate::dns::server::{DnsHandler, DnsState};
 use crate::dns::udp;
-use crate::guard::Guard;
-use crate::hook_server::{self, HookServerConfig};
-use crate::magic::MagicMap;
-use crate::registry::{Command, Registry, StatePaths, unix_now};
-use crate::snapshot::{self, Snapshot};
-use crate::source::SourceEvent;
-use crate::source::file::FileSource;
+use crate::ops::admin::{self, AdminContext, ReloadRequest};
 use crate::state;
 
 /// How long in-flight work gets to finish after shutdown is requested.
@@ -292,15 +292,21 @@ pub async fn run(
         registry.on_swap(Arc::new(move |snap| table.publish(snap)));
     }
     let catch = match (&balance, config.catch.off) {
-        (_, true) => crate::catch::Catch::Off("off in the config ([catch] mode = \"off\")".into()),
-        (None, false) => crate::catch::Catch::Off("no hook socket, so no routing table".into()),
+        (_, true) => {
+            crate::connect::catch::Catch::Off("off in the config ([catch] mode = \"off\")".into())
+        }
+        (None, false) => {
+            crate::connect::catch::Catch::Off("no hook socket, so no routing table".into())
+        }
         (Some(_), false) => {
-            match crate::catch::Catcher::start(config.dns.magic_v4, config.catch.cgroup.as_deref())
-            {
-                Ok(c) => crate::catch::Catch::On(Arc::new(c)),
+            match crate::connect::catch::Catcher::start(
+                config.dns.magic_v4,
+                config.catch.cgroup.as_deref(),
+            ) {
+                Ok(c) => crate::connect::catch::Catch::On(Arc::new(c)),
                 Err(error) => {
                     warn!(%error, "not catching connects that bypass the hook: programs the hook cannot enter (Go, static binaries) get no answer at magic addresses");
-                    crate::catch::Catch::Off(error.to_string())
+                    crate::connect::catch::Catch::Off(error.to_string())
                 }
             }
         }
@@ -342,11 +348,11 @@ pub async fn run(
     }
 
     let tracker = TaskTracker::new();
-    if let (crate::catch::Catch::On(c), Some(handle)) = (&catch, &balance) {
+    if let (crate::connect::catch::Catch::On(c), Some(handle)) = (&catch, &balance) {
         tracker.spawn(c.clone().run(handle.table().clone(), shutdown.clone()));
     }
     if let Some(handle) = &balance {
-        tracker.spawn(crate::on_remove::run(
+        tracker.spawn(crate::connect::on_remove::run(
             handle.table().clone(),
             shutdown.clone(),
         ));
@@ -357,8 +363,8 @@ pub async fn run(
     let (commands, commands_rx) = mpsc::channel::<Command>(256);
     tracker.spawn(registry.run(events_rx, commands_rx, shutdown.clone()));
     // Health checks report changes of state; the registry takes backends out (or back).
-    let (health_tx, mut health_rx) = mpsc::channel::<crate::health::Change>(256);
-    tracker.spawn(crate::health::run(
+    let (health_tx, mut health_rx) = mpsc::channel::<crate::discovery::health::Change>(256);
+    tracker.spawn(crate::discovery::health::run(
         health_targets,
         health_tx,
         shutdown.clone(),
@@ -428,12 +434,12 @@ pub async fn run(
             .map_err(|e| DaemonError::Server(e.to_string()))?;
         let http = tokio::net::TcpListener::from_std(http)
             .map_err(|e| DaemonError::Server(e.to_string()))?;
-        let cx = crate::http::HttpContext {
+        let cx = crate::ops::http::HttpContext {
             snapshot: shared.clone(),
             registry: commands.clone(),
             started,
         };
-        tracker.spawn(crate::http::serve(http, cx, shutdown.clone()));
+        tracker.spawn(crate::ops::http::serve(http, cx, shutdown.clone()));
     }
     let udp_threads = udp::spawn(
         listeners.dns_udp,
@@ -506,7 +512,7 @@ fn start_sources(
                 tracker.spawn(FileSource::new(path).run(index, events.clone(), token.clone()));
             }
             SourceConfig::DnsSrv(srv) => {
-                tracker.spawn(crate::source::dns_srv::run(
+                tracker.spawn(crate::discovery::source::dns_srv::run(
                     srv.clone(),
                     index,
                     events.clone(),
@@ -514,7 +520,7 @@ fn start_sources(
                 ));
             }
             SourceConfig::Zookeeper(zk) => {
-                tracker.spawn(crate::source::zookeeper::run(
+                tracker.spawn(crate::discovery::source::zookeeper::run(
                     zk.clone(),
                     index,
                     events.clone(),
@@ -525,7 +531,7 @@ fn start_sources(
     }
     // Announce local services into ZooKeeper while their health checks pass (withdrawn at shutdown).
     for reg in &config.registrations {
-        tracker.spawn(crate::register::run(reg.clone(), token.clone()));
+        tracker.spawn(crate::discovery::register::run(reg.clone(), token.clone()));
     }
 }
 

@@ -22,15 +22,15 @@ use hickory_server::net::xfer::Protocol;
 use hickory_server::server::Request;
 
 use crate::config::{Config, ZkFormat};
+use crate::discovery::snapshot::{Service, Snapshot, shared};
+use crate::discovery::source::zone;
+use crate::discovery::source::zookeeper::formats;
 use crate::dns::answer::{Outcome, Zones, answer};
 use crate::dns::cache::{Answer, Cache, Lookup};
 use crate::dns::forward::{ForwardConfig, Forwarder, is_reply_to, restore_case, scrub};
 use crate::dns::server::{DnsHandler, DnsState, MAX_UDP_PAYLOAD, Response, encode_udp};
 use crate::dns::udp::{MAX_QUERY, cache_key, formerr};
 use crate::service::{Backend, PortName, ServiceName, ServiceSpec};
-use crate::snapshot::{Service, Snapshot, shared};
-use crate::source::zone;
-use crate::source::zookeeper::formats;
 
 /// A target's body: takes any bytes; panics on a bug.
 pub type Body = fn(&[u8]);

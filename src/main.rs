@@ -14,11 +14,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use discotech::admin::Request;
 use discotech::config::{Config, SourceConfig};
+use discotech::connect::hook_server;
 use discotech::daemon::{self, Control, Listeners};
-use discotech::hook_server;
-use discotech::source::file::FileSource;
+use discotech::discovery::source::file::FileSource;
+use discotech::ops::admin::Request;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -279,7 +279,7 @@ fn serve(path: Option<PathBuf>) -> ExitCode {
 /// Cancels `shutdown` on SIGTERM or SIGINT; asks for a reload on SIGHUP.
 async fn on_signal(
     shutdown: CancellationToken,
-    reload: tokio::sync::mpsc::Sender<discotech::admin::ReloadRequest>,
+    reload: tokio::sync::mpsc::Sender<discotech::ops::admin::ReloadRequest>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (

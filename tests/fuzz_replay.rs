@@ -552,7 +552,7 @@ mod seeds {
             .map(|e| e.unwrap().path())
             .collect();
         docs.push(root.join("README.md"));
-        docs.push(root.join("src/source/zone.rs"));
+        docs.push(root.join("src/discovery/source/zone.rs"));
         docs.sort();
         for doc in docs {
             let text = std::fs::read_to_string(&doc).unwrap();

@@ -1,4 +1,4 @@
-//! A stand-in daemon for benchmarks and manual tests: `discotech::hook_server::serve` (the code
+//! A stand-in daemon for benchmarks and manual tests: `discotech::connect::hook_server::serve` (the code
 //! `discotech serve` runs) on a multi-threaded runtime, with one service whose magic address
 //! and backends come from the command line, and its routing table beside the socket.
 //!
@@ -7,9 +7,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use discotech::hook_server::{self, HookServerConfig};
+use discotech::connect::hook_server::{self, HookServerConfig};
+use discotech::discovery::snapshot::{Service, Snapshot, shared};
 use discotech::service::{Backend, ServiceSpec};
-use discotech::snapshot::{Service, Snapshot, shared};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

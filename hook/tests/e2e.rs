@@ -1,5 +1,5 @@
 //! End to end on loopback: the real hook library preloaded into the C clients in
-//! `tests/clients/`, talking to `discotech::hook_server::serve` running in this process with a
+//! `tests/clients/`, talking to `discotech::connect::hook_server::serve` running in this process with a
 //! hand-built snapshot, and backends that say who they are on 127.0.0.2, .3, ...
 //! Needs a C compiler (`cc`); everything binds loopback only and every wait is bounded.
 
@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use discotech::hook_server::{self, HookServerConfig};
+use discotech::connect::hook_server::{self, HookServerConfig};
+use discotech::discovery::snapshot::{Service, Snapshot, shared};
 use discotech::service::{Backend, LbPolicy, ServiceSpec};
-use discotech::snapshot::{Service, Snapshot, shared};
 use tokio_util::sync::CancellationToken;
 
 const WEB: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 9);

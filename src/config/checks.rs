@@ -1,7 +1,7 @@
 //! Active health checks (`health = { kind = ... }` in zone files, `check` in registrations).
 
 use super::*;
-pub use crate::health::{CheckKind, HealthCheck};
+pub use crate::discovery::health::{CheckKind, HealthCheck};
 
 /// Validates a health check table (`[[register]] check` and a zone file's `health`).
 ///

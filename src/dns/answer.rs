@@ -17,8 +17,8 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::config::DnsConfig;
+use crate::discovery::snapshot::{Service, Snapshot};
 use crate::service::{Backend, PortName};
-use crate::snapshot::{Service, Snapshot};
 
 /// What the answers need from the config.
 #[derive(Debug, Clone)]

@@ -25,8 +25,8 @@ use tracing::{debug, warn};
 
 use super::answer::{self, Outcome, Zones};
 use super::forward::Forwarder;
-use crate::metrics::METRICS;
-use crate::snapshot::SharedSnapshot;
+use crate::discovery::snapshot::SharedSnapshot;
+use crate::ops::metrics::METRICS;
 
 /// Largest UDP answer we send, whatever the client offers; matches common resolver practice
 /// (DNS flag day 2020) and keeps answers clear of fragmentation.

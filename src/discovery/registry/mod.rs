@@ -29,13 +29,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{GuardConfig, HealthConfig};
-use crate::guard::{Guard, Held, HoldReason};
-use crate::health::SharedTargets;
-use crate::magic::MagicMap;
-use crate::metrics::{METRICS, SourceLabels};
+use crate::discovery::guard::{Guard, Held, HoldReason};
+use crate::discovery::health::SharedTargets;
+use crate::discovery::magic::MagicMap;
+use crate::discovery::snapshot::{Service, SharedSnapshot, Snapshot};
+use crate::discovery::source::SourceEvent;
+use crate::ops::metrics::{METRICS, SourceLabels};
 use crate::service::{ServiceName, ServiceSpec};
-use crate::snapshot::{Service, SharedSnapshot, Snapshot};
-use crate::source::SourceEvent;
 use crate::state;
 
 /// Called with every newly published snapshot (e.g. to refresh the hook's fallback file).
@@ -107,7 +107,7 @@ pub struct Registry {
     panicking: BTreeSet<ServiceName>,
     health_cfg: HealthConfig,
     targets: SharedTargets,
-    target_map: crate::health::Targets,
+    target_map: crate::discovery::health::Targets,
     /// Snapshots published since the last call of the `on_publish` hooks (they run with `persist`).
     unannounced: bool,
     /// The save running on a blocking thread, if any, and whether the last one failed.
@@ -151,7 +151,7 @@ impl Registry {
             panicking: BTreeSet::new(),
             health_cfg: HealthConfig::default(),
             targets: SharedTargets::default(),
-            target_map: crate::health::Targets::new(),
+            target_map: crate::discovery::health::Targets::new(),
             unannounced: false,
             saving: None,
             save_failed: Arc::default(),

@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 
 use super::*;
-use crate::balancer::{Balancer, DEFAULT_FAIL_HOLD};
+use crate::connect::balancer::{Balancer, DEFAULT_FAIL_HOLD};
 use crate::service::{Backend, PortName};
 
 fn table(dir: &Path) -> RoutingTable {

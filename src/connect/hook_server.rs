@@ -35,15 +35,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::balancer::{Balancer, DEFAULT_FAIL_HOLD};
-use crate::latency::{Watch, Watcher};
-use crate::metrics::{HookLabels, METRICS, PrefetchLabels};
-use crate::prefetch::Prefetcher;
-use crate::registry::Command;
-use crate::reports::{Hint, Hints, Prober};
+use crate::connect::balancer::{Balancer, DEFAULT_FAIL_HOLD};
+use crate::connect::latency::{Watch, Watcher};
+use crate::connect::prefetch::Prefetcher;
+use crate::connect::reports::{Hint, Hints, Prober};
+use crate::connect::table::RoutingTable;
+use crate::discovery::registry::Command;
+use crate::discovery::snapshot::{Service, SharedSnapshot};
+use crate::ops::metrics::{HookLabels, METRICS, PrefetchLabels};
 use crate::service::ServiceSpec;
-use crate::snapshot::{Service, SharedSnapshot};
-use crate::table::RoutingTable;
 
 /// The hook library's file name, as cargo builds it and as packages install it.
 pub const HOOK_LIBRARY_NAME: &str = "libdiscotech_hook.so";
@@ -175,7 +175,7 @@ impl BalanceHandle {
             .fallback_file
             .clone()
             .unwrap_or_else(|| fallback_path_for(&cfg.socket));
-        crate::table::supersede_left_over(&path);
+        crate::connect::table::supersede_left_over(&path);
         let table = Arc::new(RoutingTable::new(
             &path,
             cfg.magic_v4,
@@ -300,14 +300,14 @@ pub async fn serve(
         cfg.ejections.clone(),
         shutdown.clone(),
     );
-    let reader = match crate::reports::ReportReader::spawn(table.clone(), hints.clone()) {
+    let reader = match crate::connect::reports::ReportReader::spawn(table.clone(), hints.clone()) {
         Ok(r) => Some(r),
         Err(error) => {
             warn!(%error, "cannot start the hook report reader; passive health sees only socket reports");
             None
         }
     };
-    let watcher = crate::reports::watcher(table.clone(), hints.clone());
+    let watcher = crate::connect::reports::watcher(table.clone(), hints.clone());
     let shared = Arc::new(Shared {
         table,
         prefetch: handle.1.clone(),
@@ -649,7 +649,7 @@ fn answer(
             }
             _ if req.latency_us > 0 => {
                 let took = Duration::from_micros(u64::from(req.latency_us));
-                crate::reports::observe(table, service, *backend, *slot, took);
+                crate::connect::reports::observe(table, service, *backend, *slot, took);
             }
             _ => {}
         }

@@ -11,9 +11,11 @@ use tracing::{debug, info, warn};
 use zookeeper_async::{Acl, CreateMode, Permission, ZkError, ZkState};
 
 use crate::config::Registration;
-use crate::health::{HealthCheck, Streak, check};
-use crate::source::zookeeper::formats::{self, NodeName};
-use crate::source::zookeeper::session::{BACKOFF_MAX, BACKOFF_MIN, Session, SessionError, jitter};
+use crate::discovery::health::{HealthCheck, Streak, check};
+use crate::discovery::source::zookeeper::formats::{self, NodeName};
+use crate::discovery::source::zookeeper::session::{
+    BACKOFF_MAX, BACKOFF_MIN, Session, SessionError, jitter,
+};
 
 /// How long shutdown waits for the registration node's delete.
 const SHUTDOWN_DELETE: Duration = Duration::from_secs(2);

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use tracing::debug;
 
-use crate::conn_count::{self, SockRow, StateFlags, state};
+use crate::connect::conn_count::{self, SockRow, StateFlags, state};
 use crate::service::ServiceName;
 
 /// How often the socket table is read while connects are being watched.

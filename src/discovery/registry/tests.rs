@@ -1,8 +1,8 @@
 //! The registry on hand-built source events, with a temp dir for its files.
 
 use super::*;
+use crate::discovery::snapshot;
 use crate::service::Backend;
-use crate::snapshot;
 
 fn spec(name: &str, backends: &[&str]) -> ServiceSpec {
     let mut s = ServiceSpec::new(name.parse().unwrap());

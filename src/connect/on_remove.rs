@@ -13,14 +13,17 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::connect::table::RoutingTable;
+use crate::discovery::snapshot::Snapshot;
 use crate::service::ServiceName;
-use crate::snapshot::Snapshot;
-use crate::table::RoutingTable;
 
 pub const TICK: Duration = Duration::from_millis(100);
 
 /// Every candidate address of `service` (its default ports and every mapped port, both families).
-fn candidates(table: &RoutingTable, service: &crate::snapshot::Service) -> HashSet<SocketAddr> {
+fn candidates(
+    table: &RoutingTable,
+    service: &crate::discovery::snapshot::Service,
+) -> HashSet<SocketAddr> {
     let magic = IpAddr::V4(service.magic_v4);
     std::iter::once(0)
         .chain(service.spec.client_ports.keys().copied())
@@ -75,7 +78,7 @@ pub async fn run(table: Arc<RoutingTable>, shutdown: CancellationToken) {
             before = now;
             for (service, backend) in gone {
                 match tokio::task::spawn_blocking(move || {
-                    crate::conn_count::reset_connections_to(backend)
+                    crate::connect::conn_count::reset_connections_to(backend)
                 })
                 .await
                 {

@@ -34,10 +34,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::metrics::{METRICS, PrefetchLabels};
+use crate::connect::table::RoutingTable;
+use crate::discovery::snapshot::Snapshot;
+use crate::ops::metrics::{METRICS, PrefetchLabels};
 use crate::service::{Prefetch, ServiceName};
-use crate::snapshot::Snapshot;
-use crate::table::RoutingTable;
 
 /// How often the keeper looks at the pools without being woken.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -407,7 +407,7 @@ impl Prefetcher {
         for (service, n) in pooled {
             METRICS
                 .prefetch_pooled
-                .get_or_create(&crate::metrics::ServiceLabels {
+                .get_or_create(&crate::ops::metrics::ServiceLabels {
                     service: service.to_string(),
                 })
                 .set(n);

@@ -23,7 +23,7 @@ use self::formats::FormatError;
 use self::session::{BACKOFF_MAX, BACKOFF_MIN, Session, SessionError, jitter};
 use super::SourceEvent;
 use crate::config::{ZkFormat, ZookeeperSource};
-use crate::metrics::{METRICS, SourceLabels};
+use crate::ops::metrics::{METRICS, SourceLabels};
 use crate::service::{Backend, ServiceName, ServiceSpec};
 
 /// After a pass, further changes wait this long so a burst (a deploy restarting many instances)

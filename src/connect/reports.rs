@@ -30,13 +30,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::conn_count;
-use crate::latency::{Settled, Watch, Watcher};
-use crate::metrics::{HookLabels, METRICS};
-use crate::registry::Command;
+use crate::connect::conn_count;
+use crate::connect::latency::{Settled, Watch, Watcher};
+use crate::connect::table::RoutingTable;
+use crate::discovery::registry::Command;
+use crate::discovery::snapshot::SharedSnapshot;
+use crate::ops::metrics::{HookLabels, METRICS};
 use crate::service::{LbPolicy, ServiceName};
-use crate::snapshot::SharedSnapshot;
-use crate::table::RoutingTable;
 
 /// A backend a hook saw fail, to be confirmed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,7 +163,7 @@ impl Prober {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             balancer.confirm_failure(spec, hint.backend, now)
         };
-        use crate::balancer::FailureOutcome;
+        use crate::connect::balancer::FailureOutcome;
         match outcome {
             FailureOutcome::Ejected { for_, times } => {
                 info!(service = %spec.name, backend = %hint.backend, %error, ejection = ?for_, times, "backend ejected: a hook saw it fail and the daemon's own connect failed too");
@@ -458,7 +458,7 @@ impl Reader {
 
 /// Established connections per least-conn backend (over all its ports), from the kernel; the
 /// connects counted in flight before the count are then taken off, as the count shows them.
-fn publish_connections(table: &RoutingTable, slots: &[(u32, crate::table::SlotInfo)]) {
+fn publish_connections(table: &RoutingTable, slots: &[(u32, crate::connect::table::SlotInfo)]) {
     let live = table.live();
     let before: Vec<u32> = slots
         .iter()

@@ -10,9 +10,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::METRICS;
-use crate::registry::{Command, RegistryStatus};
-use crate::snapshot::SharedSnapshot;
+use crate::discovery::registry::{Command, RegistryStatus};
+use crate::discovery::snapshot::SharedSnapshot;
+use crate::ops::metrics::METRICS;
 
 const MAX_REQUEST: usize = 8192;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,7 +26,7 @@ pub struct HttpContext {
 
 /// Serves HTTP on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, cx: HttpContext, shutdown: CancellationToken) {
-    crate::listen::serve(listener, "http", shutdown, move |stream| {
+    crate::ops::listen::serve(listener, "http", shutdown, move |stream| {
         let cx = cx.clone();
         async move { handle(stream, &cx).await }
     })

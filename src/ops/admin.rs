@@ -15,9 +15,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::registry::{Command, RegistryStatus};
+use crate::discovery::registry::{Command, RegistryStatus};
+use crate::discovery::snapshot::SharedSnapshot;
 use crate::service::{Backend, LbPolicy, ServiceName};
-use crate::snapshot::SharedSnapshot;
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 4096;
@@ -74,7 +74,7 @@ pub struct Status {
     pub config: Option<String>,
     /// Connects of programs that bypass the hook (absent from older daemons).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub catch: Option<crate::catch::CatchStatus>,
+    pub catch: Option<crate::connect::catch::CatchStatus>,
     #[serde(flatten)]
     pub registry: RegistryStatus,
 }
@@ -102,7 +102,7 @@ pub struct BackendRow {
     /// Prefetch services: the daemon's pools of established connections to this backend's
     /// address (one per port and socket family in use).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub pooled: Vec<crate::prefetch::PoolStatus>,
+    pub pooled: Vec<crate::connect::prefetch::PoolStatus>,
 }
 
 /// What a connect to a service would get, and why.
@@ -170,14 +170,14 @@ pub struct AdminContext {
     pub started: Instant,
     pub config: Option<String>,
     /// The hook server's balancer, for "which backend next and why" (dry run).
-    pub balance: Option<crate::hook_server::BalanceHandle>,
+    pub balance: Option<crate::connect::hook_server::BalanceHandle>,
     /// The catch path, for its state and count.
-    pub catch: crate::catch::Catch,
+    pub catch: crate::connect::catch::Catch,
 }
 
 /// Serves the admin socket until `shutdown`.
 pub async fn serve(listener: UnixListener, cx: AdminContext, shutdown: CancellationToken) {
-    crate::listen::serve(listener, "admin", shutdown, move |stream| {
+    crate::ops::listen::serve(listener, "admin", shutdown, move |stream| {
         let cx = cx.clone();
         async move { session(stream, &cx).await }
     })
@@ -298,14 +298,15 @@ async fn handle(req: Request, cx: &AdminContext) -> Reply {
                 .unwrap_or_default();
             let panicking = status.map(|s| s.panicking).unwrap_or_default();
             // A dump of the socket table can take a while on a busy host: off the runtime.
-            let connections = match tokio::task::spawn_blocking(crate::conn_count::read).await {
-                Ok((counts, None)) => counts,
-                Ok((counts, Some(error))) => {
-                    debug!(%error, "cannot read the socket table; connection counts show 0");
-                    counts
-                }
-                Err(_) => HashMap::new(),
-            };
+            let connections =
+                match tokio::task::spawn_blocking(crate::connect::conn_count::read).await {
+                    Ok((counts, None)) => counts,
+                    Ok((counts, Some(error))) => {
+                        debug!(%error, "cannot read the socket table; connection counts show 0");
+                        counts
+                    }
+                    Err(_) => HashMap::new(),
+                };
             let seen = Seen {
                 drained: &drained,
                 sick: &sick,

@@ -33,9 +33,9 @@ use discotech_wire::table::{
 use ipnet::{Ipv4Net, Ipv6Net};
 use tracing::{debug, info, warn};
 
-use crate::balancer::{Balancer, PickSet, PickSets};
+use crate::connect::balancer::{Balancer, PickSet, PickSets};
+use crate::discovery::snapshot::{Service, Snapshot};
 use crate::service::{LbPolicy, ServiceName, ServiceSpec};
-use crate::snapshot::{Service, Snapshot};
 
 /// Backend slots in the live region and the stats (a backend past them picks without counters).
 pub const BACKEND_SLOTS: u32 = 1 << 18;

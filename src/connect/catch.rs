@@ -30,9 +30,9 @@ use ipnet::Ipv4Net;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::metrics::{METRICS, ServiceLabels};
+use crate::connect::table::RoutingTable;
+use crate::ops::metrics::{METRICS, ServiceLabels};
 use crate::service::ServiceName;
-use crate::table::RoutingTable;
 
 /// The compiled BPF object (empty when clang was missing at build time: see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/catch.bpf.o"));

@@ -7,8 +7,8 @@ use discotech_wire::live::Live;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::*;
+use crate::discovery::snapshot::{Snapshot, shared};
 use crate::service::{Backend, LbPolicy, PortName};
-use crate::snapshot::{Snapshot, shared};
 
 const WEB: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 9);
 
