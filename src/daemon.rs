@@ -18,7 +18,7 @@ use crate::config::{Config, DnsConfig, SourceConfig};
 use crate::connect::hook_server::{self, HookServerConfig};
 use crate::discovery::guard::Guard;
 use crate::discovery::magic::MagicMap;
-use crate::discovery::registry::{Command, Registry, StatePaths, unix_now};
+use crate::discovery::registry::{Command, Registry, RegistryHandle, StatePaths, unix_now};
 use crate::discovery::snapshot::{self, Snapshot};
 use crate::discovery::source::SourceEvent;
 use crate::discovery::source::file::FileSource;
@@ -420,7 +420,7 @@ pub async fn run(
             .map_err(|e| DaemonError::Server(e.to_string()))?;
         let cx = AdminContext {
             snapshot: shared.clone(),
-            registry: commands.clone(),
+            registry: RegistryHandle::new(commands.clone()),
             reload: reload_tx.clone(),
             started,
             config: config.path.as_ref().map(|p| p.display().to_string()),
@@ -436,7 +436,7 @@ pub async fn run(
             .map_err(|e| DaemonError::Server(e.to_string()))?;
         let cx = crate::ops::http::HttpContext {
             snapshot: shared.clone(),
-            registry: commands.clone(),
+            registry: RegistryHandle::new(commands.clone()),
             started,
         };
         tracker.spawn(crate::ops::http::serve(http, cx, shutdown.clone()));

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::discovery::registry::{Command, RegistryStatus};
+use crate::discovery::registry::{RegistryHandle, RegistryStatus};
 use crate::discovery::snapshot::SharedSnapshot;
 use crate::service::{Backend, LbPolicy, ServiceName};
 
@@ -165,7 +165,7 @@ pub type ReloadRequest = oneshot::Sender<Result<String, String>>;
 #[derive(Clone)]
 pub struct AdminContext {
     pub snapshot: SharedSnapshot,
-    pub registry: mpsc::Sender<Command>,
+    pub registry: RegistryHandle,
     pub reload: mpsc::Sender<ReloadRequest>,
     pub started: Instant,
     pub config: Option<String>,
@@ -353,36 +353,16 @@ fn row(b: &Backend, drained: bool, unhealthy: Option<String>) -> BackendRow {
 }
 
 async fn registry_status(cx: &AdminContext) -> Option<RegistryStatus> {
-    let (tx, rx) = oneshot::channel();
-    cx.registry.send(Command::Status(tx)).await.ok()?;
-    tokio::time::timeout(Duration::from_secs(2), rx)
-        .await
-        .ok()?
-        .ok()
+    cx.registry.status().await
 }
 
 async fn drain(cx: &AdminContext, service: &str, addr: SocketAddr, drain: bool) -> Reply {
     let Ok(service) = service_label(service).parse::<ServiceName>() else {
         return Reply::error(format!("{service:?} is not a service name"));
     };
-    let (reply, rx) = oneshot::channel();
-    if cx
-        .registry
-        .send(Command::Drain {
-            service,
-            addr,
-            drain,
-            reply,
-        })
-        .await
-        .is_err()
-    {
-        return Reply::error("the registry is not answering");
-    }
-    match rx.await {
-        Ok(Ok(())) => Reply::data(if drain { "drained" } else { "undrained" }),
-        Ok(Err(e)) => Reply::error(e),
-        Err(_) => Reply::error("the registry is not answering"),
+    match cx.registry.drain(service, addr, drain).await {
+        Ok(()) => Reply::data(if drain { "drained" } else { "undrained" }),
+        Err(e) => Reply::error(e),
     }
 }
 

@@ -7,10 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::discovery::registry::{Command, RegistryStatus};
+use crate::discovery::registry::{RegistryHandle, RegistryStatus};
 use crate::discovery::snapshot::SharedSnapshot;
 use crate::ops::metrics::METRICS;
 
@@ -20,7 +19,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct HttpContext {
     pub snapshot: SharedSnapshot,
-    pub registry: mpsc::Sender<Command>,
+    pub registry: RegistryHandle,
     pub started: std::time::Instant,
 }
 
@@ -88,7 +87,7 @@ async fn handle(mut stream: TcpStream, cx: &HttpContext) -> std::io::Result<()> 
             .await
         }
         "/" | "/status.json" => {
-            let Some(status) = registry_status(cx).await else {
+            let Some(status) = cx.registry.status().await else {
                 return respond(
                     &mut stream,
                     503,
@@ -172,15 +171,6 @@ fn local_hostname() -> &'static str {
             .map(|s| s.trim().to_owned())
             .unwrap_or_default()
     })
-}
-
-async fn registry_status(cx: &HttpContext) -> Option<RegistryStatus> {
-    let (tx, rx) = oneshot::channel();
-    cx.registry.send(Command::Status(tx)).await.ok()?;
-    tokio::time::timeout(Duration::from_secs(2), rx)
-        .await
-        .ok()?
-        .ok()
 }
 
 async fn respond(

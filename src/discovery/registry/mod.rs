@@ -126,6 +126,56 @@ pub struct Registry {
     on_swap: Vec<OnSwap>,
 }
 
+/// How the rest of the daemon talks to the registry task: its questions as calls.
+#[derive(Clone, Debug)]
+pub struct RegistryHandle(mpsc::Sender<Command>);
+
+/// How long a caller waits for the registry's answer.
+const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+
+impl RegistryHandle {
+    pub fn new(commands: mpsc::Sender<Command>) -> Self {
+        Self(commands)
+    }
+
+    /// The registry's status, or None when it does not answer within two seconds.
+    pub async fn status(&self) -> Option<RegistryStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(Command::Status(tx)).await.ok()?;
+        tokio::time::timeout(ANSWER_WITHIN, rx).await.ok()?.ok()
+    }
+
+    /// Drains (or undrains) `addr` of `service`.
+    ///
+    /// # Errors
+    /// The registry's refusal (an unknown service), or that it did not answer.
+    pub async fn drain(
+        &self,
+        service: ServiceName,
+        addr: SocketAddr,
+        drain: bool,
+    ) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        let asked = Command::Drain {
+            service,
+            addr,
+            drain,
+            reply,
+        };
+        let not_answering = || "the registry is not answering".to_string();
+        self.0.send(asked).await.map_err(|_| not_answering())?;
+        tokio::time::timeout(ANSWER_WITHIN, rx)
+            .await
+            .map_err(|_| not_answering())?
+            .map_err(|_| not_answering())?
+    }
+
+    /// Any other command.
+    pub async fn send(&self, command: Command) -> bool {
+        self.0.send(command).await.is_ok()
+    }
+}
+
 /// Where the registry keeps its files; `None` keeps everything in memory (tests).
 #[derive(Debug, Clone, Default)]
 pub struct StatePaths {
