@@ -1,19 +1,28 @@
 //! The HTTP listener: `/metrics` (Prometheus text format), `/` (the status page: services,
 //! backends, sources, held updates and recent events at a glance) and `/status.json`.
-//! A deliberately small HTTP/1.1 server: GET only, one request per connection, bounded reads.
+//! HTTP/1.1 from hyper (request parsing and validation, keep-alive, HEAD); GET and HEAD only, and
+//! only for `Host` values this host answers to (no DNS rebinding).
 
+use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::discovery::registry::{RegistryHandle, RegistryStatus};
 use crate::discovery::snapshot::SharedSnapshot;
 use crate::ops::metrics::METRICS;
 
+/// Largest request head read (hyper's smallest buffer).
 const MAX_REQUEST: usize = 8192;
+/// A client that has not sent a whole request head within this is disconnected.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
@@ -27,109 +36,89 @@ pub struct HttpContext {
 pub async fn serve(listener: TcpListener, cx: HttpContext, shutdown: CancellationToken) {
     crate::ops::listen::serve(listener, "http", shutdown, move |stream| {
         let cx = cx.clone();
-        async move { handle(stream, &cx).await }
+        async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let cx = cx.clone();
+                async move { Ok::<_, Infallible>(answer(&cx, &req).await) }
+            });
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(READ_TIMEOUT)
+                .max_buf_size(MAX_REQUEST)
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+                .map_err(std::io::Error::other)
+        }
     })
     .await;
 }
 
-async fn handle(mut stream: TcpStream, cx: &HttpContext) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    // Read until the end of the headers, within bounds.
-    let head = tokio::time::timeout(READ_TIMEOUT, async {
-        loop {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok::<_, std::io::Error>(None);
-            }
-            buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-            if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
-                return Ok(Some(()));
-            }
-            if buf.len() > MAX_REQUEST {
-                return Ok(None);
-            }
-        }
-    })
-    .await;
-    let Ok(Ok(Some(()))) = head else {
-        return respond(&mut stream, 400, "text/plain", "bad request\n").await;
-    };
-    let line = String::from_utf8_lossy(&buf);
-    let mut words = line.split_whitespace();
-    let (method, target) = (
-        words.next().unwrap_or_default(),
-        words.next().unwrap_or_default(),
-    );
-    if method != "GET" && method != "HEAD" {
-        return respond(&mut stream, 405, "text/plain", "only GET\n").await;
+async fn answer(cx: &HttpContext, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".into(),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
     }
-    if let Some(host) = header(&line, "host")
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if let Some(host) = host
         && !host_allowed(host, local_hostname())
     {
         return respond(
-            &mut stream,
-            421,
+            StatusCode::MISDIRECTED_REQUEST,
             "text/plain",
-            "this server answers to its addresses, localhost and its host name only\n",
-        )
-        .await;
+            "this server answers to its addresses, localhost and its host name only\n".into(),
+        );
     }
-    let path = target.split('?').next().unwrap_or_default();
+    let path = req.uri().path();
     match path {
-        "/metrics" => {
-            respond(
-                &mut stream,
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                &METRICS.encode(),
-            )
-            .await
-        }
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            METRICS.encode(),
+        ),
         "/" | "/status.json" => {
             let Some(status) = cx.registry.status().await else {
                 return respond(
-                    &mut stream,
-                    503,
+                    StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
-                    "the registry is not answering\n",
-                )
-                .await;
+                    "the registry is not answering\n".into(),
+                );
             };
             if path == "/" {
                 respond(
-                    &mut stream,
-                    200,
+                    StatusCode::OK,
                     "text/html; charset=utf-8",
-                    &page(cx, &status),
+                    page(cx, &status),
                 )
-                .await
             } else {
                 let body = serde_json::to_string_pretty(&status).unwrap_or_default();
-                respond(&mut stream, 200, "application/json", &body).await
+                respond(StatusCode::OK, "application/json", body)
             }
         }
-        _ => {
-            respond(
-                &mut stream,
-                404,
-                "text/plain",
-                "not found: try /, /metrics or /status.json\n",
-            )
-            .await
-        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /, /metrics or /status.json\n".into(),
+        ),
     }
 }
 
-/// The value of the first header `name` (case-insensitive) in a request head.
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines()
-        .skip(1)
-        .take_while(|l| !l.trim().is_empty())
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
+fn respond(code: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }
 
 /// A `Host` the status page and metrics may be read under: an address literal, `localhost`
@@ -171,29 +160,6 @@ fn local_hostname() -> &'static str {
             .map(|s| s.trim().to_owned())
             .unwrap_or_default()
     })
-}
-
-async fn respond(
-    stream: &mut TcpStream,
-    code: u16,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        421 => "Misdirected Request",
-        _ => "Service Unavailable",
-    };
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 fn esc(s: &str) -> String {
@@ -354,12 +320,5 @@ mod tests {
         ] {
             assert!(!host_allowed(bad, "node7.example.com"), "{bad}");
         }
-    }
-
-    #[test]
-    fn the_host_header_is_found_in_any_case() {
-        let head = "GET / HTTP/1.1\r\nUser-Agent: x\r\nhOsT: a.b:1\r\n\r\n";
-        assert_eq!(header(head, "host"), Some("a.b:1"));
-        assert_eq!(header("GET / HTTP/1.0\r\n\r\n", "host"), None);
     }
 }

@@ -174,6 +174,53 @@ fn the_http_listener_answers_json_and_rejects_the_rest() {
         ],
     );
     assert_eq!(code, "405");
+    // HEAD: the headers of a GET, no body.
+    let head = ns.ok(
+        "curl",
+        &["-sI", "--max-time", "5", "http://127.0.0.1:9253/metrics"],
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("content-length:"),
+        "{head}"
+    );
+    // Keep-alive: a second request on the same connection (no new connect).
+    let connects = ns.ok(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{num_connects}\n",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:9253/status.json",
+            "http://127.0.0.1:9253/metrics",
+        ],
+    );
+    assert_eq!(
+        connects.lines().collect::<Vec<_>>(),
+        ["1", "0"],
+        "{connects}"
+    );
+    // A name this host is not (a page rebinding its own name to 127.0.0.1): not answered.
+    let code = ns.ok(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Host: rebind.attacker.test",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:9253/status.json",
+        ],
+    );
+    assert_eq!(code, "421");
 }
 
 #[test]
