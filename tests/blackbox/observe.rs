@@ -189,13 +189,15 @@ fn the_http_listener_answers_json_and_rejects_the_rest() {
         "curl",
         &[
             "-s",
-            "-o",
-            "/dev/null",
             "-w",
             "%{num_connects}\n",
             "--max-time",
             "5",
+            "-o",
+            "/dev/null",
             "http://127.0.0.1:9253/status.json",
+            "-o",
+            "/dev/null",
             "http://127.0.0.1:9253/metrics",
         ],
     );
