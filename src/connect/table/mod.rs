@@ -68,7 +68,6 @@ struct SlotMap<K> {
     resting: VecDeque<(u32, Instant)>,
     next: u32,
     limit: u32,
-    seen: HashMap<K, bool>,
 }
 
 impl<K: std::hash::Hash + Eq + Clone> SlotMap<K> {
@@ -79,13 +78,11 @@ impl<K: std::hash::Hash + Eq + Clone> SlotMap<K> {
             resting: VecDeque::new(),
             next: 0,
             limit,
-            seen: HashMap::new(),
         }
     }
 
     /// The slot of `key`, assigned now if it has none (`NO_SLOT` when all are taken).
     fn get(&mut self, key: &K, now: Instant, fresh: &mut Vec<u32>) -> u32 {
-        self.seen.insert(key.clone(), true);
         if let Some(&s) = self.by_key.get(key) {
             return s;
         }
@@ -109,20 +106,11 @@ impl<K: std::hash::Hash + Eq + Clone> SlotMap<K> {
         slot
     }
 
-    /// Releases the slots of keys not seen since the last call; returns them.
-    fn sweep(&mut self, now: Instant) -> Vec<(K, u32)> {
-        let seen = std::mem::take(&mut self.seen);
-        let gone: Vec<(K, u32)> = self
-            .by_key
-            .iter()
-            .filter(|(k, _)| !seen.contains_key(*k))
-            .map(|(k, &s)| (k.clone(), s))
-            .collect();
-        for (k, s) in &gone {
-            self.by_key.remove(k);
-            self.resting.push_back((*s, now));
-        }
-        gone
+    /// Releases the slot of `key`, if it has one: it rests before it is given out again.
+    fn release(&mut self, key: &K, now: Instant) -> Option<u32> {
+        let slot = self.by_key.remove(key)?;
+        self.resting.push_back((slot, now));
+        Some(slot)
     }
 }
 
@@ -353,14 +341,21 @@ impl RoutingTable {
                 let reuse = w.cache.get(name).is_some_and(|c| {
                     Arc::ptr_eq(&c.service, service) && c.rebuild_at.is_none_or(|t| t > now)
                 });
-                if reuse {
-                    // Keep its slots.
-                    let spec = &service.spec;
-                    w.services.get(name, now, &mut fresh);
-                    for b in &spec.backends {
-                        w.backends.get(&(name.clone(), b.addr), now, &mut fresh);
+                if !reuse {
+                    // Backends it had and no longer has give their slots back; the rest keep theirs.
+                    if let Some(old) = w.cache.get(name) {
+                        let gone: Vec<SocketAddr> = old
+                            .service
+                            .spec
+                            .backends
+                            .iter()
+                            .map(|b| b.addr)
+                            .filter(|a| !service.spec.backends.iter().any(|b| b.addr == *a))
+                            .collect();
+                        for addr in gone {
+                            release_backend(w, name, addr, now);
+                        }
                     }
-                } else {
                     let sets = balancer.pick_sets(&service.spec, now);
                     let cached = encode(w, service, &sets, now, &mut fresh);
                     w.cache.insert(name.clone(), cached);
@@ -372,13 +367,28 @@ impl RoutingTable {
                 }
             }
         }
-        for (key, slot) in w.backends.sweep(now) {
-            w.slot_info.remove(&slot);
-            debug!(service = %key.0, backend = %key.1, slot, "backend slot freed");
+        // Services that left give back their slots and their backends' (only when some left: a
+        // generation that changed one service costs that service, not all of them).
+        if w.cache.len() > snapshot.len()
+            || w.cache
+                .keys()
+                .any(|n| snapshot.service(n.as_str()).is_none())
+        {
+            let left: Vec<Arc<Service>> = w
+                .cache
+                .iter()
+                .filter(|(n, _)| snapshot.service(n.as_str()).is_none())
+                .map(|(_, c)| c.service.clone())
+                .collect();
+            for service in left {
+                let name = service.name();
+                for b in &service.spec.backends {
+                    release_backend(w, name, b.addr, now);
+                }
+                w.services.release(name, now);
+                w.cache.remove(name);
+            }
         }
-        w.services.sweep(now);
-        w.cache
-            .retain(|name, _| snapshot.service(name.as_str()).is_some());
         // A fresh slot starts from zero counts and stats.
         if let Some(live) = self.live() {
             for &slot in &fresh {
@@ -561,6 +571,14 @@ impl RoutingTable {
     pub fn pick(&self, ask: &Ask<'_>, advance: bool) -> Result<Picked, Miss> {
         self.with_table(|t, _, _| pick::pick(t, self.live(), ask, advance))
             .unwrap_or(Err(Miss::Unreadable))
+    }
+}
+
+/// Gives back the slot of `addr` in `service`.
+fn release_backend(w: &mut Writer, service: &ServiceName, addr: SocketAddr, now: Instant) {
+    if let Some(slot) = w.backends.release(&(service.clone(), addr), now) {
+        w.slot_info.remove(&slot);
+        debug!(%service, backend = %addr, slot, "backend slot freed");
     }
 }
 
