@@ -222,14 +222,8 @@ impl<O: Os> Call<'_, O> {
             quiet();
             return None;
         };
-        let id = self.state.next_id.fetch_add(1, Ordering::Relaxed);
         let flags = if self.v6_ok { FLAG_INET6 } else { 0 };
-        let mut req = Request::pick(id, self.dest.ip(), self.dest.port(), flags, os.pid());
-        req.kind = Kind::Prefetch;
-        if let Some(key) = os.hash_key() {
-            req.flags |= FLAG_HASH_KEY;
-            req.hash_key = key;
-        }
+        let req = request(os, self.state, self.dest, flags, Kind::Prefetch);
         let Some((reply, pooled)) = session.ask_pooled(&req) else {
             quiet();
             return None;
@@ -476,6 +470,18 @@ enum Choice {
     Refuse,
 }
 
+/// A request of `kind` about a connect to `dest`, with the next id and the caller's affinity key.
+fn request<O: Os>(os: &O, state: &State, dest: SocketAddr, flags: u8, kind: Kind) -> Request {
+    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let mut req = Request::pick(id, dest.ip(), dest.port(), flags, os.pid());
+    req.kind = kind;
+    if let Some(key) = os.hash_key() {
+        req.flags |= FLAG_HASH_KEY;
+        req.hash_key = key;
+    }
+    req
+}
+
 /// A connect routed by the daemon's answers.
 struct Ctx<'a, O: Os> {
     os: &'a O,
@@ -491,20 +497,7 @@ struct Ctx<'a, O: Os> {
 
 impl<O: Os> Ctx<'_, O> {
     fn request(&self, kind: Kind) -> Request {
-        let id = self.state.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut req = Request::pick(
-            id,
-            self.dest.ip(),
-            self.dest.port(),
-            self.flags,
-            self.os.pid(),
-        );
-        req.kind = kind;
-        if let Some(key) = self.os.hash_key() {
-            req.flags |= FLAG_HASH_KEY;
-            req.hash_key = key;
-        }
-        req
+        request(self.os, self.state, self.dest, self.flags, kind)
     }
 
     /// Asks the daemon; a daemon that fails once is not asked again during this connect.

@@ -207,29 +207,8 @@ pub fn dup3(from: c_int, to: c_int, flags: c_int) -> Result<(), c_int> {
 /// Whether `fd` has a local address: a bound port or a specific address (the program called
 /// bind, or the socket is connected).
 pub fn is_bound(fd: c_int) -> Option<bool> {
-    let mut ss = MaybeUninit::<libc::sockaddr_storage>::zeroed();
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: getsockname writes at most `len` bytes into the storage we own and updates `len`.
-    let rc =
-        unsafe { libc::getsockname(fd, ss.as_mut_ptr().cast::<libc::sockaddr>(), &raw mut len) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: zeroed storage is a valid sockaddr_storage; getsockname filled a prefix of it.
-    let ss = unsafe { ss.assume_init() };
-    match c_int::from(ss.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in.
-            let sin = unsafe { *(&raw const ss).cast::<libc::sockaddr_in>() };
-            Some(sin.sin_port != 0 || sin.sin_addr.s_addr != 0)
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says the storage holds a sockaddr_in6.
-            let sin6 = unsafe { *(&raw const ss).cast::<libc::sockaddr_in6>() };
-            Some(sin6.sin6_port != 0 || sin6.sin6_addr.s6_addr != [0; 16])
-        }
-        _ => None,
-    }
+    let local = local_addr(fd)?;
+    Some(local.port() != 0 || !local.ip().is_unspecified())
 }
 
 /// Which file `fd` is: its device and inode, or None if it is not open.
@@ -293,6 +272,11 @@ pub fn now_us() -> u64 {
 
 /// The local port `fd` is bound to (after a connect, the one the kernel chose), if any.
 pub fn local_port(fd: c_int) -> Option<u16> {
+    local_addr(fd).map(|a| a.port()).filter(|&p| p != 0)
+}
+
+/// The local address of an AF_INET or AF_INET6 socket (`getsockname`).
+fn local_addr(fd: c_int) -> Option<SocketAddr> {
     let mut ss = MaybeUninit::<libc::sockaddr_storage>::zeroed();
     let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: getsockname writes at most `len` bytes into the storage we own and updates `len`.
@@ -303,21 +287,21 @@ pub fn local_port(fd: c_int) -> Option<u16> {
     }
     // SAFETY: zeroed storage is a valid sockaddr_storage; getsockname filled a prefix of it.
     let ss = unsafe { ss.assume_init() };
-    // sin_port and sin6_port sit at the same offset, in network byte order.
-    let port = match c_int::from(ss.ss_family) {
+    match c_int::from(ss.ss_family) {
         libc::AF_INET => {
             // SAFETY: the family says the storage holds a sockaddr_in.
             let sin = unsafe { *(&raw const ss).cast::<libc::sockaddr_in>() };
-            sin.sin_port
+            let ip = core::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            Some(SocketAddr::new(ip.into(), u16::from_be(sin.sin_port)))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says the storage holds a sockaddr_in6.
             let sin6 = unsafe { *(&raw const ss).cast::<libc::sockaddr_in6>() };
-            sin6.sin6_port
+            let ip = core::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::new(ip.into(), u16::from_be(sin6.sin6_port)))
         }
-        _ => return None,
-    };
-    Some(u16::from_be(port)).filter(|&p| p != 0)
+        _ => None,
+    }
 }
 
 /// An owned file descriptor, closed on drop.
