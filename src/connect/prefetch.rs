@@ -86,12 +86,9 @@ impl Pool {
     /// Takes the oldest connection still fit to hand over, dropping the ones that are not.
     fn take(&mut self, now: Instant) -> Option<TcpStream> {
         while let Some(p) = self.idle.pop_front() {
-            if now.duration_since(p.since) >= self.cfg.max_idle {
-                self.dropped("expired");
-            } else if !alive(&p.stream) {
-                self.dropped("closed");
-            } else {
-                return Some(p.stream);
+            match unfit(&p, self.cfg.max_idle, now) {
+                Some(reason) => self.dropped(reason),
+                None => return Some(p.stream),
             }
         }
         None
@@ -99,26 +96,17 @@ impl Pool {
 
     /// Drops connections past `max_idle` or closed by the backend.
     fn sweep(&mut self, now: Instant) {
-        let before = self.idle.len();
         let max_idle = self.cfg.max_idle;
-        let (mut expired, mut closed) = (0, 0);
-        self.idle.retain(|p| {
-            if now.duration_since(p.since) >= max_idle {
-                expired += 1;
+        let mut reasons = Vec::new();
+        self.idle.retain(|p| match unfit(p, max_idle, now) {
+            Some(reason) => {
+                reasons.push(reason);
                 false
-            } else if !alive(&p.stream) {
-                closed += 1;
-                false
-            } else {
-                true
             }
+            None => true,
         });
-        debug_assert_eq!(before - self.idle.len(), expired + closed);
-        for _ in 0..expired {
-            self.dropped("expired");
-        }
-        for _ in 0..closed {
-            self.dropped("closed");
+        for reason in reasons {
+            self.dropped(reason);
         }
     }
 
@@ -130,6 +118,17 @@ impl Pool {
                 result: reason,
             })
             .inc();
+    }
+}
+
+/// Why a pooled connection may not be handed over (`expired`, `closed`), if it may not.
+fn unfit(p: &Pooled, max_idle: Duration, now: Instant) -> Option<&'static str> {
+    if now.duration_since(p.since) >= max_idle {
+        Some("expired")
+    } else if !alive(&p.stream) {
+        Some("closed")
+    } else {
+        None
     }
 }
 

@@ -169,11 +169,6 @@ impl RegistryHandle {
             .map_err(|_| not_answering())?
             .map_err(|_| not_answering())?
     }
-
-    /// Any other command.
-    pub async fn send(&self, command: Command) -> bool {
-        self.0.send(command).await.is_ok()
-    }
 }
 
 /// Where the registry keeps its files; `None` keeps everything in memory (tests).
