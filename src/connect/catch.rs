@@ -180,16 +180,20 @@ impl Catcher {
     /// until `shutdown`.
     pub async fn run(self: Arc<Self>, table: Arc<RoutingTable>, shutdown: CancellationToken) {
         let mut mirror = Mirror::default();
-        let mut seen_writes = None;
+        let mut seen: Option<u64> = None;
         let mut named: HashSet<String> = HashSet::new();
         loop {
-            let writes = table.writes();
-            if seen_writes != Some(writes) {
-                seen_writes = Some(writes);
+            // Only the services the table's writes changed since the last look, unless this is
+            // the first look or more writes came than the table remembers.
+            let changed = table.changed_since(seen.unwrap_or(0));
+            let latest = changed.as_ref().map_or_else(|| table.writes(), |c| c.0);
+            if seen != Some(latest) {
+                let only = seen.and(changed).map(|c| c.1);
+                seen = Some(latest);
                 let this = self.clone();
                 let t = table.clone();
                 let m = std::mem::take(&mut mirror);
-                mirror = tokio::task::spawn_blocking(move || this.sync(&t, m))
+                mirror = tokio::task::spawn_blocking(move || this.sync(&t, m, only.as_ref()))
                     .await
                     .unwrap_or_default();
             }
@@ -202,30 +206,31 @@ impl Catcher {
         }
     }
 
-    /// Writes the routes the table gives now; keeps each entry's turn and count.
-    fn sync(&self, table: &RoutingTable, mut mirror: Mirror) -> Mirror {
+    /// Writes the routes the table gives now for the services in `only` (every service when
+    /// None); keeps each entry's turn and count.
+    fn sync(
+        &self,
+        table: &RoutingTable,
+        mut mirror: Mirror,
+        only: Option<&HashSet<ServiceName>>,
+    ) -> Mirror {
         let Some(snapshot) = table.last_snapshot() else {
             return mirror;
         };
+        let in_scope = |name: &ServiceName| only.is_none_or(|o| o.contains(name));
         let mut want: HashMap<Key, (ServiceName, Vec<(Ipv4Addr, u16)>)> = HashMap::new();
-        for service in snapshot.services() {
+        let scope: Vec<_> = match only {
+            None => snapshot.services().collect(),
+            Some(names) => names
+                .iter()
+                .filter_map(|n| snapshot.service(n.as_str()))
+                .collect(),
+        };
+        for service in scope {
             let magic = service.magic_v4;
             let ports = std::iter::once(0).chain(service.spec.client_ports.keys().copied());
             for port in ports {
-                let weighted: Vec<(Ipv4Addr, u16, u32)> = table
-                    .weighted_candidates(SocketAddr::new(IpAddr::V4(magic), port), false)
-                    .into_iter()
-                    .filter_map(|(addr, w)| match addr {
-                        SocketAddr::V4(v4) => Some((*v4.ip(), v4.port(), w)),
-                        SocketAddr::V6(_) => None,
-                    })
-                    .collect();
-                let weights: Vec<u32> = weighted.iter().map(|b| b.2).collect();
-                let schedule =
-                    discotech_wire::table::build::smooth_schedule(&weights, MAX_SCHEDULE)
-                        .into_iter()
-                        .filter_map(|pos| weighted.get(pos as usize).map(|b| (b.0, b.1)))
-                        .collect();
+                let schedule = schedule(table, SocketAddr::new(IpAddr::V4(magic), port));
                 want.insert(key(magic, port), (service.name().clone(), schedule));
             }
         }
@@ -247,13 +252,16 @@ impl Catcher {
                 warn!(service = %name, %error, "cannot update a catch route");
             }
         }
-        for k in mirror.routes.keys() {
-            if !want.contains_key(k) {
+        // Routes of the services looked at that they no longer have (or that left).
+        mirror.routes.retain(|k, (name, _)| {
+            let keep = !in_scope(name) || want.contains_key(k);
+            if !keep {
                 let _ = services.remove(k);
             }
-        }
+            keep
+        });
         debug!(routes = want.len(), "catch routes written");
-        mirror.routes = want;
+        mirror.routes.extend(want);
         mirror
     }
 
@@ -353,6 +361,23 @@ impl Catch {
             },
         }
     }
+}
+
+/// The weighted round-robin schedule over the candidates of a connect to `dest` (IPv4 backends).
+fn schedule(table: &RoutingTable, dest: SocketAddr) -> Vec<(Ipv4Addr, u16)> {
+    let weighted: Vec<(Ipv4Addr, u16, u32)> = table
+        .weighted_candidates(dest, false)
+        .into_iter()
+        .filter_map(|(addr, w)| match addr {
+            SocketAddr::V4(v4) => Some((*v4.ip(), v4.port(), w)),
+            SocketAddr::V6(_) => None,
+        })
+        .collect();
+    let weights: Vec<u32> = weighted.iter().map(|b| b.2).collect();
+    discotech_wire::table::build::smooth_schedule(&weights, MAX_SCHEDULE)
+        .into_iter()
+        .filter_map(|pos| weighted.get(pos as usize).map(|b| (b.0, b.1)))
+        .collect()
 }
 
 /// What the programs route by, as last written.

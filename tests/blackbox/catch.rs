@@ -167,6 +167,23 @@ fn go_static_busybox_and_a_clean_environment_reach_services_without_the_hook() {
         1,
         "once per program, not per process:\n{log}"
     );
+
+    // A drained backend leaves the kernel's routes as it leaves the hooks' picks.
+    ns.ok(
+        DISCOTECH,
+        &["drain", "--config", &config, "web", "127.0.0.3:8080"],
+    );
+    let only_a = eventually(Duration::from_secs(3), || {
+        let got = lines(&ns.run(
+            go.to_str().expect("utf-8"),
+            &["http://web.disco:8080/who", "4"],
+        ));
+        (got == ["a", "a", "a", "a"]).then_some(())
+    });
+    assert!(
+        only_a.is_some(),
+        "after the drain every caught connect reaches a"
+    );
 }
 
 #[test]

@@ -12,7 +12,7 @@
 //! Records of services that did not change are copied from the last generation, so a change
 //! costs one encoded service plus a copy of the rest.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -130,7 +130,12 @@ struct Writer {
     slot_info: HashMap<u32, SlotInfo>,
     last: Option<Arc<Snapshot>>,
     rebuild_at: Option<Instant>,
+    /// Services encoded anew (or gone) by the write under way.
+    encoded: Vec<ServiceName>,
 }
+
+/// Writes remembered by [`RoutingTable::changed_since`].
+const CHANGES_KEPT: usize = 64;
 
 /// The daemon's routing table: see the module docs.
 pub struct RoutingTable {
@@ -147,6 +152,8 @@ pub struct RoutingTable {
     /// Tables written so far (a generation, or the same one rebuilt): readers that mirror the
     /// table elsewhere (the catch path) look again when it moves.
     writes: std::sync::atomic::AtomicU64,
+    /// The services each of the last writes changed, by write number.
+    changes: Mutex<VecDeque<(u64, Vec<ServiceName>)>>,
 }
 
 /// Bound on the candidates [`RoutingTable::candidates`] lists (a pick set holds no more
@@ -236,9 +243,11 @@ impl RoutingTable {
                 slot_info: HashMap::new(),
                 last: None,
                 rebuild_at: None,
+                encoded: Vec::new(),
             }),
             failing: Mutex::new(HashMap::new()),
             writes: std::sync::atomic::AtomicU64::new(0),
+            changes: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -322,15 +331,45 @@ impl RoutingTable {
     /// Writes the generation for `snapshot`.
     pub fn publish(&self, snapshot: &Arc<Snapshot>) {
         self.write(snapshot);
-        // After the write: a reader that sees the new count reads the new table.
-        self.writes
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        let encoded = std::mem::take(&mut lock(&self.writer).encoded);
+        // After the write: a reader that sees the new count, or the change, reads the new table.
+        let n = self
+            .writes
+            .fetch_add(1, std::sync::atomic::Ordering::Release)
+            + 1;
+        let mut changes = lock(&self.changes);
+        if changes.len() >= CHANGES_KEPT {
+            changes.pop_front();
+        }
+        changes.push_back((n, encoded));
     }
 
+    /// The services whose records changed (or that left) in the writes after write `since`, and
+    /// the last write number; None when more writes than are remembered came since (look at
+    /// every service then).
+    pub fn changed_since(&self, since: u64) -> Option<(u64, HashSet<ServiceName>)> {
+        let changes = lock(&self.changes);
+        let latest = changes.back().map_or(since, |c| c.0);
+        if latest <= since {
+            return Some((since, HashSet::new()));
+        }
+        if changes.front().is_none_or(|c| c.0 > since + 1) {
+            return None;
+        }
+        let names = changes
+            .iter()
+            .filter(|c| c.0 > since)
+            .flat_map(|c| c.1.iter().cloned())
+            .collect();
+        Some((latest, names))
+    }
+
+    /// Writes the generation; the services encoded anew or gone are left in `encoded`.
     fn write(&self, snapshot: &Arc<Snapshot>) {
         let now = Instant::now();
         let mut w = lock(&self.writer);
         let w = &mut *w;
+        w.encoded.clear();
         let mut fresh = Vec::new();
         let mut rebuild_at: Option<Instant> = None;
         {
@@ -358,6 +397,7 @@ impl RoutingTable {
                     }
                     let sets = balancer.pick_sets(&service.spec, now);
                     let cached = encode(w, service, &sets, now, &mut fresh);
+                    w.encoded.push(name.clone());
                     w.cache.insert(name.clone(), cached);
                 }
                 if let Some(c) = w.cache.get(name)
@@ -387,6 +427,7 @@ impl RoutingTable {
                 }
                 w.services.release(name, now);
                 w.cache.remove(name);
+                w.encoded.push(name.clone());
             }
         }
         // A fresh slot starts from zero counts and stats.

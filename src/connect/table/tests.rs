@@ -2,6 +2,8 @@
 
 use std::net::Ipv4Addr;
 
+use std::collections::HashSet;
+
 use super::*;
 use crate::connect::balancer::{Balancer, DEFAULT_FAIL_HOLD};
 use crate::service::{Backend, PortName};
@@ -62,4 +64,50 @@ fn candidates_are_the_pick_set_with_the_port_the_client_port_maps_to() {
         )
         .is_empty()
     );
+}
+
+#[test]
+fn each_write_remembers_the_services_it_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = table(dir.path());
+    let service = |name: &str, last: u8| Service {
+        spec: {
+            let mut s = ServiceSpec::new(name.parse().unwrap());
+            s.backends
+                .push(Backend::new(SocketAddr::new([127, 0, 0, last].into(), 80)));
+            s
+        },
+        magic_v4: Ipv4Addr::new(127, 77, 0, last),
+        magic_v6: None,
+    };
+    let names = |c: Option<(u64, HashSet<ServiceName>)>| {
+        let (n, set) = c.expect("remembered");
+        let mut v: Vec<String> = set.iter().map(ToString::to_string).collect();
+        v.sort();
+        (n, v)
+    };
+    let one = Snapshot::new(1, vec![service("web", 2)]);
+    t.publish(&Arc::new(one.clone()));
+    assert_eq!(names(t.changed_since(0)), (1, vec!["web".to_string()]));
+    // Services as the registry publishes them: unchanged ones keep their Arc and are copied.
+    let web: ServiceName = "web".parse().unwrap();
+    let api: ServiceName = "api".parse().unwrap();
+    let two = one.with_changes(2, [(api, Some(service("api", 3)))]);
+    t.publish(&Arc::new(two.clone()));
+    assert_eq!(names(t.changed_since(1)), (2, vec!["api".to_string()]));
+    t.publish(&Arc::new(two.with_changes(3, [(web, None)])));
+    assert_eq!(
+        names(t.changed_since(2)),
+        (3, vec!["web".to_string()]),
+        "web left"
+    );
+    assert_eq!(names(t.changed_since(3)), (3, vec![]));
+    assert_eq!(names(t.changed_since(0)).1, ["api", "web"]);
+    // A reader further behind than the table remembers is told to look at everything.
+    let last = t.last_snapshot().unwrap();
+    for _ in 0..CHANGES_KEPT {
+        t.publish(&last);
+    }
+    assert!(t.changed_since(0).is_none());
+    assert!(t.changed_since(t.writes() - 1).is_some());
 }
