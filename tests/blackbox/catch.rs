@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::harness::{DISCOTECH, Daemon, Netns, backend, eventually};
+use crate::harness::{DISCOTECH, Daemon, Netns, backend, eventually, succeeded};
 
 const GO_CLIENT: &str = r#"package main
 
@@ -85,16 +85,7 @@ fn caught(ns: &Netns) -> u64 {
 }
 
 fn lines(out: &std::process::Output) -> Vec<String> {
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    succeeded(out).lines().map(str::to_owned).collect()
 }
 
 #[test]

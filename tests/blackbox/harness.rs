@@ -490,3 +490,14 @@ pub fn hooked_who(d: &Daemon, host: &str, port: u16, n: usize) -> Vec<String> {
     }
     got
 }
+
+/// The stdout of a command that must have succeeded (its output and errors in the failure message).
+pub fn succeeded(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::harness::{DISCOTECH, Daemon, Netns, c_program, eventually};
+use crate::harness::{DISCOTECH, Daemon, Netns, c_program, eventually, succeeded};
 
 /// One way; the round trip is twice this.
 const DELAY_US: &str = "2500";
@@ -171,13 +171,7 @@ fn magic(d: &Daemon<'_>) -> String {
 
 /// `prefetchclient time`: (connect µs, body) per connect.
 fn timed(out: &std::process::Output) -> Vec<(u64, String)> {
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    succeeded(out)
         .lines()
         .map(|l| {
             let mut f = l.splitn(3, ' ');
@@ -189,13 +183,7 @@ fn timed(out: &std::process::Output) -> Vec<(u64, String)> {
 }
 
 fn options(out: &std::process::Output) -> BTreeMap<String, String> {
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    succeeded(out)
         .lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
