@@ -5,16 +5,17 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A service name: one DNS label, lowercase letters, digits and inner hyphens, at most 63 bytes.
-/// Stored lowercase so lookups are case-insensitive.
-#[derive(
-    Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
-#[serde(try_from = "String", into = "String")]
-pub struct ServiceName(String);
+/// Stored lowercase so lookups are case-insensitive. Shared, not copied: a name is a key in
+/// many maps (sources, registry, snapshot, routing-table slots), and a clone is a reference count.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct ServiceName(Arc<str>);
 
 impl TryFrom<String> for ServiceName {
     type Error = NameError;
@@ -25,7 +26,13 @@ impl TryFrom<String> for ServiceName {
 
 impl From<ServiceName> for String {
     fn from(n: ServiceName) -> String {
-        n.0
+        n.0.to_string()
+    }
+}
+
+impl serde::Serialize for ServiceName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
     }
 }
 
@@ -77,7 +84,7 @@ impl FromStr for ServiceName {
     type Err = NameError;
     fn from_str(s: &str) -> Result<Self, NameError> {
         check_label(s)?;
-        Ok(Self(s.to_ascii_lowercase()))
+        Ok(Self(s.to_ascii_lowercase().into()))
     }
 }
 
@@ -243,6 +250,65 @@ impl Backend {
     }
 }
 
+/// A service's backends, one list shared by the copies of its spec that the source, the
+/// registry, the guard and the snapshot each keep: a clone is a reference count, and the first
+/// change through a shared list copies it (copy on write, as [`Arc::make_mut`]). Reads and
+/// writes look like a `Vec`'s.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Backends(Arc<Vec<Backend>>);
+
+impl Deref for Backends {
+    type Target = Vec<Backend>;
+    fn deref(&self) -> &Vec<Backend> {
+        &self.0
+    }
+}
+
+impl DerefMut for Backends {
+    /// The list to change: this spec's own, copied first if another spec shares it.
+    fn deref_mut(&mut self) -> &mut Vec<Backend> {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+impl From<Vec<Backend>> for Backends {
+    fn from(v: Vec<Backend>) -> Self {
+        Self(Arc::new(v))
+    }
+}
+
+impl FromIterator<Backend> for Backends {
+    fn from_iter<I: IntoIterator<Item = Backend>>(iter: I) -> Self {
+        Self(Arc::new(iter.into_iter().collect()))
+    }
+}
+
+impl<'a> IntoIterator for &'a Backends {
+    type Item = &'a Backend;
+    type IntoIter = std::slice::Iter<'a, Backend>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl fmt::Debug for Backends {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl serde::Serialize for Backends {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Backends {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Vec::deserialize(d).map(Self::from)
+    }
+}
+
 /// What a source knows about one service: its backends and how to use them.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServiceSpec {
@@ -251,7 +317,7 @@ pub struct ServiceSpec {
     /// Client port -> named port. A connect to the magic address on a mapped port goes to each
     /// backend's number for that name; any other port goes to the backend's default port.
     pub client_ports: BTreeMap<u16, PortName>,
-    pub backends: Vec<Backend>,
+    pub backends: Backends,
     /// Active health check of each backend, if the service asks for one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthCheck>,
@@ -373,7 +439,7 @@ impl ServiceSpec {
             name,
             lb: LbPolicy::default(),
             client_ports: BTreeMap::new(),
-            backends: Vec::new(),
+            backends: Backends::default(),
             health: None,
             outlier: None,
             slow_start: None,

@@ -12,6 +12,18 @@ use std::path::{Path, PathBuf};
 /// # Errors
 /// Any I/O error creating, writing, syncing or renaming; the target is untouched on error.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// Replaces `path` atomically with what `write` writes, through a buffer: a large state is
+/// encoded straight into the file, never whole in memory.
+///
+/// # Errors
+/// As [`write_atomic`], and whatever `write` returns; the target is untouched on error.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -20,13 +32,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let result = (|| {
         // A fresh random name, created or nothing: a link or file planted at a guessable name
         // beside the target is never followed or truncated.
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o644)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)?;
-        file.write_all(bytes)?;
+        let mut out = io::BufWriter::with_capacity(1 << 16, file);
+        write(&mut out)?;
+        let file = out.into_inner().map_err(io::IntoInnerError::into_error)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()

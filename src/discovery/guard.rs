@@ -46,11 +46,12 @@ pub struct Guard {
     windows: BTreeMap<ServiceName, Window>,
 }
 
-/// Every backend a service had published since `since`: the base that removals are measured against.
+/// Every backend a service had published since `since`: the base that removals are measured
+/// against. It shares the published list until that list gains a backend.
 #[derive(Debug)]
 struct Window {
     since: Instant,
-    backends: Vec<crate::service::Backend>,
+    backends: crate::service::Backends,
 }
 
 /// What the guard decided for one service.
@@ -150,10 +151,10 @@ impl Guard {
         let window = self.window(name, current, now);
         let (reason, kept) = match &next {
             None if current.backends.is_empty() => (None, Vec::new()),
-            None => (Some(HoldReason::Vanished), current.backends.clone()),
+            None => (Some(HoldReason::Vanished), current.backends.to_vec()),
             Some(_) if current.backends.is_empty() => (None, Vec::new()),
             Some(next) if next.backends.is_empty() => {
-                (Some(HoldReason::WouldEmpty), current.backends.clone())
+                (Some(HoldReason::WouldEmpty), current.backends.to_vec())
             }
             Some(next) => {
                 let removed: Vec<crate::service::Backend> = window
@@ -256,12 +257,12 @@ impl Guard {
         let held = self.held.contains_key(name);
         let w = self.windows.entry(name.clone()).or_insert_with(|| Window {
             since: now,
-            backends: Vec::new(),
+            backends: current.backends.clone(),
         });
         if !held && now.saturating_duration_since(w.since) >= hold_down {
             *w = Window {
                 since: now,
-                backends: Vec::new(),
+                backends: current.backends.clone(),
             };
         }
         for b in &current.backends {

@@ -94,6 +94,7 @@ async fn announce(
             reg.session_timeout,
             reg.auth.clone(),
             &what,
+            |_| {},
             &shutdown,
         )
         .await

@@ -24,6 +24,25 @@ pub(super) struct LastKnownGood {
     drained: BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
 }
 
+/// [`LastKnownGood`] as a save writes it: borrowed from the registry's maps and encoded
+/// straight into the file, so a save holds no second copy of the state.
+#[derive(Serialize)]
+struct LastKnownGoodRef<'a> {
+    version: u32,
+    sources: BTreeMap<&'a str, Specs<'a>>,
+    published: Specs<'a>,
+    drained: &'a BTreeMap<ServiceName, BTreeSet<SocketAddr>>,
+}
+
+/// The specs of a map, written as a list.
+struct Specs<'a>(&'a OrdMap<ServiceName, ServiceSpec>);
+
+impl Serialize for Specs<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.values())
+    }
+}
+
 impl Registry {
     /// What one save needs, copied cheaply (the maps are persistent) so that encoding and
     /// writing, which grow with the number of services, happen off the registry task.
@@ -140,19 +159,19 @@ impl SaveJob {
             drained,
         }) = self.state
         {
-            let lkg = LastKnownGood {
+            let lkg = LastKnownGoodRef {
                 version: 1,
                 sources: names
                     .iter()
                     .zip(&sources)
-                    .filter_map(|(n, s)| Some((n.clone(), s.as_ref()?.values().cloned().collect())))
+                    .filter_map(|(n, s)| Some((n.as_str(), Specs(s.as_ref()?))))
                     .collect(),
-                published: published.values().cloned().collect(),
-                drained,
+                published: Specs(&published),
+                drained: &drained,
             };
-            let written = serde_json::to_vec(&lkg)
-                .map_err(std::io::Error::other)
-                .and_then(|bytes| state::write_atomic(&path, &bytes));
+            let written = state::write_atomic_with(&path, |w| {
+                serde_json::to_writer(w, &lkg).map_err(std::io::Error::other)
+            });
             if let Err(e) = written {
                 error!(path = %path.display(), error = %e, "cannot persist the last-known-good state; will retry");
                 self.failed

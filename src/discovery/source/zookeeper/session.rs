@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use zookeeper_async::{ZkError, ZkState, ZooKeeper};
+use zookeeper_async::{WatchedEvent, ZkError, ZkState, ZooKeeper};
 
 /// Pause between TCP connect attempts inside the client while the ensemble is unreachable, so a
 /// refused connect does not spin. (The client library logs every attempt, and its session
@@ -72,11 +72,15 @@ impl Session {
     /// # Errors
     /// `Shutdown` only: every other failure (resolving, connecting, authenticating) is retried
     /// with backoff and logged once per distinct error.
+    ///
+    /// `on_watch` receives the events of every watch the session leaves with `watch = true`
+    /// (the client keeps nothing per such watch; the server holds it).
     pub async fn connect(
         hosts: &[String],
         session_timeout: Duration,
         auth: Option<String>,
         what: &str,
+        on_watch: impl Fn(WatchedEvent) + Clone + Send + 'static,
         shutdown: &CancellationToken,
     ) -> Result<Self, SessionError> {
         let mut backoff = BACKOFF_MIN;
@@ -94,7 +98,7 @@ impl Session {
                 ZooKeeper::connect_with_retry_time(
                     &connect_string,
                     session_timeout,
-                    |_event| {},
+                    on_watch.clone(),
                     RECONNECT_PAUSE,
                 )
                 .await
