@@ -1,9 +1,15 @@
 //! Sources tell the registry which services exist. Each source sends whole sets (`Reset`) or says
 //! it is failing (`Failed`); a failing source keeps its last good set, because a source failure is
 //! never a deconfiguration.
+//!
+//! Each kind's config sits beside it (`zookeeper/config.rs`, `dns_srv/config.rs`); `config.rs`
+//! tells the kinds of a `[[source]]` apart and `raw.rs` holds the table as written. Zone files,
+//! the file source's format, are parsed in `zone.rs`.
 
+pub mod config;
 pub mod dns_srv;
 pub mod file;
+pub mod raw;
 pub mod zone;
 pub mod zookeeper;
 
