@@ -23,7 +23,6 @@ use crate::discovery::snapshot::{self, Snapshot};
 use crate::discovery::source::SourceEvent;
 use crate::discovery::source::config::SourceConfig;
 use crate::discovery::source::file::FileSource;
-use crate::dns::answer::Zones;
 use crate::dns::forward::{ForwardConfig, Forwarder};
 use crate::dns::server::{DnsHandler, DnsState};
 use crate::dns::udp;
@@ -564,7 +563,7 @@ fn dns_state(d: &DnsConfig, old: Option<(&DnsConfig, Arc<Forwarder>)>) -> DnsSta
         })),
     };
     DnsState {
-        zones: Zones::from_config(d),
+        zones: d.zones(),
         forwarder,
         allow: d.allow.clone(),
     }

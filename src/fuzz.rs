@@ -602,7 +602,7 @@ pub fn config(data: &[u8]) {
         &nameservers,
     ) {
         Ok(c) => {
-            let _ = Zones::from_config(&c.dns);
+            let _ = c.dns.zones();
         }
         Err(d) => check_diagnostics(text, &d.0),
     }

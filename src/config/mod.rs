@@ -20,6 +20,7 @@ use crate::discovery::guard::GuardConfig;
 use crate::discovery::health::config::HealthConfig;
 use crate::discovery::register::config::Registration;
 use crate::discovery::source::config::SourceConfig;
+use crate::dns::answer::Zones;
 use crate::service::PortName;
 use raw::{RawConfig, S};
 
@@ -96,6 +97,20 @@ pub struct DnsConfig {
     pub timeout: Duration,
     pub cache_size: usize,
     pub stale_max: Duration,
+}
+
+impl DnsConfig {
+    /// What the authoritative answers need of this section.
+    pub fn zones(&self) -> Zones {
+        Zones::new(
+            self.domains.clone(),
+            self.magic_v4,
+            self.magic_v6,
+            self.ttl,
+            self.srv_ttl,
+            self.negative_ttl,
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
