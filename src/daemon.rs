@@ -14,15 +14,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, DnsConfig, SourceConfig};
+use crate::config::{Config, DnsConfig};
 use crate::connect::hook_server::{self, HookServerConfig};
 use crate::discovery::guard::Guard;
 use crate::discovery::magic::MagicMap;
 use crate::discovery::registry::{Command, Registry, RegistryHandle, StatePaths, unix_now};
 use crate::discovery::snapshot::{self, Snapshot};
 use crate::discovery::source::SourceEvent;
+use crate::discovery::source::config::SourceConfig;
 use crate::discovery::source::file::FileSource;
-use crate::dns::answer::Zones;
 use crate::dns::forward::{ForwardConfig, Forwarder};
 use crate::dns::server::{DnsHandler, DnsState};
 use crate::dns::udp;
@@ -563,7 +563,7 @@ fn dns_state(d: &DnsConfig, old: Option<(&DnsConfig, Arc<Forwarder>)>) -> DnsSta
         })),
     };
     DnsState {
-        zones: Zones::from_config(d),
+        zones: d.zones(),
         forwarder,
         allow: d.allow.clone(),
     }

@@ -1,10 +1,16 @@
 //! Problems found in an input file, each pinned to path:line:column and the field it concerns,
 //! so an operator can jump straight to the mistake. Config and zone loaders collect every
-//! problem they find rather than stopping at the first.
+//! problem they find rather than stopping at the first; [`Checker`] is that collection for the
+//! tables each part of the config checks itself (sources, registrations, health checks).
 
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use crate::duration;
 
 /// One problem in one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +87,89 @@ impl fmt::Display for Diagnostics {
             write!(f, "{d}")?;
         }
         Ok(())
+    }
+}
+
+/// Checks the values of one file, each located by its span, and collects every problem:
+/// a check that fails reports and the caller goes on, so the file's problems come out together.
+#[derive(Debug)]
+pub struct Checker<'a> {
+    path: &'a Path,
+    source: &'a str,
+    problems: Vec<Diagnostic>,
+}
+
+impl<'a> Checker<'a> {
+    /// `source` is the text of the file at `path`, which the spans point into.
+    pub fn new(path: &'a Path, source: &'a str) -> Self {
+        Self {
+            path,
+            source,
+            problems: Vec::new(),
+        }
+    }
+
+    /// The file being checked.
+    pub fn path(&self) -> &'a Path {
+        self.path
+    }
+
+    /// A problem with the value at `at`.
+    pub fn problem<T>(&mut self, at: &Spanned<T>, field: &str, message: impl Into<String>) {
+        self.problems.push(Diagnostic::at(
+            self.path,
+            self.source,
+            Some(at.span()),
+            field,
+            message,
+        ));
+    }
+
+    /// A problem with the file as a whole.
+    pub fn problem_in_file(&mut self, message: impl Into<String>) {
+        self.problems.push(Diagnostic::file(self.path, message));
+    }
+
+    /// `f` of the value, or `None` with its error reported at the value.
+    pub fn check<T, U, E: fmt::Display>(
+        &mut self,
+        v: &Spanned<T>,
+        field: &str,
+        f: impl FnOnce(&T) -> Result<U, E>,
+    ) -> Option<U> {
+        match f(v.get_ref()) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                self.problem(v, field, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// A duration as written (`"30s"`), `default` when absent or wrong (and then reported).
+    pub fn duration(
+        &mut self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+    ) -> Duration {
+        match v {
+            Some(s) => self
+                .check(s, field, |s| duration::parse(s))
+                .unwrap_or(default),
+            None => default,
+        }
+    }
+
+    /// `value` when nothing was reported, else every problem.
+    ///
+    /// # Errors
+    /// Every problem reported, in order; none when `value` is `None` without a report.
+    pub fn finish<T>(self, value: Option<T>) -> Result<T, Vec<Diagnostic>> {
+        match value {
+            Some(v) if self.problems.is_empty() => Ok(v),
+            _ => Err(self.problems),
+        }
     }
 }
 

@@ -21,9 +21,10 @@ use hickory_proto::rr::{Name, RecordType};
 use hickory_server::net::xfer::Protocol;
 use hickory_server::server::Request;
 
-use crate::config::{Config, ZkFormat};
+use crate::config::Config;
 use crate::discovery::snapshot::{Service, Snapshot, shared};
 use crate::discovery::source::zone;
+use crate::discovery::source::zookeeper::config::ZkFormat;
 use crate::discovery::source::zookeeper::formats;
 use crate::dns::answer::{Outcome, Zones, answer};
 use crate::dns::cache::{Answer, Cache, Lookup};
@@ -601,7 +602,7 @@ pub fn config(data: &[u8]) {
         &nameservers,
     ) {
         Ok(c) => {
-            let _ = Zones::from_config(&c.dns);
+            let _ = c.dns.zones();
         }
         Err(d) => check_diagnostics(text, &d.0),
     }

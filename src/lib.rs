@@ -7,6 +7,7 @@
 //! [`ops`] (admin, metrics, status page); [`config`] and [`daemon`] tie them together.
 #![forbid(unsafe_code)]
 
+pub mod addr;
 pub mod config;
 pub mod connect;
 pub mod daemon;

@@ -14,9 +14,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use discotech::config::{Config, SourceConfig};
+use discotech::config::Config;
 use discotech::connect::hook_server;
 use discotech::daemon::{self, Control, Listeners};
+use discotech::discovery::source::config::SourceConfig;
 use discotech::discovery::source::file::FileSource;
 use discotech::ops::admin::Request;
 use tokio_util::sync::CancellationToken;

@@ -1,30 +1,7 @@
-//! Addresses, networks and names as the config writes them, and the system's resolvers.
+//! The networks and magic ranges of `[dns]`, and the system's resolvers. Addresses and names
+//! that sources write too are parsed in `crate::addr`.
 
 use super::*;
-
-pub fn parse_addr(s: &str, default_port: u16) -> Result<SocketAddr, String> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
-    }
-    s.parse::<IpAddr>()
-        .map(|ip| SocketAddr::new(ip, default_port))
-        .map_err(|_| format!("{s:?} is not an address; write e.g. \"127.0.0.1:53\", \"[::1]:53\" or \"127.0.0.1\""))
-}
-
-/// A DNS zone name, lowercased and fully qualified.
-pub fn parse_zone(s: &str) -> Result<Name, String> {
-    let trimmed = s.trim_end_matches('.');
-    if trimmed.is_empty() {
-        return Err("the root zone cannot be a service domain or forward zone".into());
-    }
-    let mut name =
-        Name::from_ascii(trimmed).map_err(|e| format!("{s:?} is not a domain name: {e}"))?;
-    name.set_fqdn(true);
-    if name.iter().any(|l| l.is_empty() || l.len() > 63) {
-        return Err(format!("{s:?} is not a domain name"));
-    }
-    Ok(name.to_lowercase())
-}
 
 pub(super) fn parse_net(s: &str) -> Result<IpNet, String> {
     s.parse::<IpNet>()

@@ -1,10 +1,12 @@
 //! The validated configuration. `RawConfig` (serde, spans) becomes `Config` here, with every
-//! problem reported at once as path:line:column: field: message. Defaults live here and are
-//! documented in docs/configuration.md.
+//! problem reported at once as path:line:column: field: message. The top-level sections and
+//! their defaults live here; each `[[source]]`, `[[register]]` and health check is checked beside
+//! what it configures (`SourceConfig::from_raw`, `Registration::from_raw`,
+//! `discovery::health::config`), reporting into the same [`Checker`]. Defaults are documented in
+//! docs/configuration.md.
 
 pub mod raw;
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,10 +14,15 @@ use std::time::Duration;
 use hickory_proto::rr::Name;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use crate::diagnostic::{Diagnostic, Diagnostics};
-use crate::duration;
-use crate::service::{PortName, ServiceName};
-use raw::{RawCheck, RawConfig, RawRegister, RawSource, S};
+use crate::addr::{parse_addr, parse_zone};
+use crate::diagnostic::{Checker, Diagnostic, Diagnostics};
+use crate::discovery::guard::GuardConfig;
+use crate::discovery::health::config::HealthConfig;
+use crate::discovery::register::config::Registration;
+use crate::discovery::source::config::SourceConfig;
+use crate::dns::answer::Zones;
+use crate::service::PortName;
+use raw::{RawConfig, S};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.53:53";
 pub const DEFAULT_DOMAIN: &str = "disco";
@@ -73,22 +80,6 @@ impl Default for BalanceConfig {
     }
 }
 
-/// `[health]`: what active and passive health may do to a service.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HealthConfig {
-    /// Below this share of healthy backends, a service balances over all of them (panic mode)
-    /// instead of crushing the few left.
-    pub panic_threshold: f64,
-}
-
-impl Default for HealthConfig {
-    fn default() -> Self {
-        Self {
-            panic_threshold: 0.5,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct DnsConfig {
     pub listen: Vec<SocketAddr>,
@@ -106,6 +97,20 @@ pub struct DnsConfig {
     pub timeout: Duration,
     pub cache_size: usize,
     pub stale_max: Duration,
+}
+
+impl DnsConfig {
+    /// What the authoritative answers need of this section.
+    pub fn zones(&self) -> Zones {
+        Zones::new(
+            self.domains.clone(),
+            self.magic_v4,
+            self.magic_v6,
+            self.ttl,
+            self.srv_ttl,
+            self.negative_ttl,
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,24 +134,6 @@ pub struct HookConfig {
 pub struct AdminConfig {
     /// The admin socket: mode 0660, for root and the socket's group.
     pub socket: PathBuf,
-}
-
-/// `[guard]`: protection against false deconfiguration.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct GuardConfig {
-    /// An update removing more than this share of a service's backends at once is held.
-    pub max_drop: f64,
-    /// How long a held removal waits before it applies (if the source still says so).
-    pub hold_down: Duration,
-}
-
-impl Default for GuardConfig {
-    fn default() -> Self {
-        Self {
-            max_drop: 0.5,
-            hold_down: Duration::from_secs(60),
-        }
-    }
 }
 
 /// Why a config could not be loaded: every problem found.
@@ -191,52 +178,21 @@ impl Config {
         let raw: RawConfig = toml::from_str(source)
             .map_err(|e| Diagnostics(vec![Diagnostic::from_toml(path, source, &e)]))?;
         let mut v = Validator {
-            path,
-            source,
-            problems: Vec::new(),
+            file: Checker::new(path, source),
         };
         let base = path.parent().unwrap_or(Path::new("."));
         let config = v.config(raw, base, nameservers);
-        if v.problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(Diagnostics(v.problems))
-        }
+        v.file.finish(Some(config)).map_err(Diagnostics)
     }
 }
 
+/// Walks a parsed file into a `Config`: every check reports into `file` and goes on, so all of
+/// the file's problems come out together.
 struct Validator<'a> {
-    path: &'a Path,
-    source: &'a str,
-    problems: Vec<Diagnostic>,
+    file: Checker<'a>,
 }
 
 impl Validator<'_> {
-    fn problem<T>(&mut self, at: &S<T>, field: &str, message: impl Into<String>) {
-        self.problems.push(Diagnostic::at(
-            self.path,
-            self.source,
-            Some(at.span()),
-            field,
-            message,
-        ));
-    }
-
-    fn check<T, U, E: std::fmt::Display>(
-        &mut self,
-        v: &S<T>,
-        field: &str,
-        f: impl FnOnce(&T) -> Result<U, E>,
-    ) -> Option<U> {
-        match f(v.get_ref()) {
-            Ok(u) => Some(u),
-            Err(e) => {
-                self.problem(v, field, e.to_string());
-                None
-            }
-        }
-    }
-
     fn config(&mut self, raw: RawConfig, base: &Path, nameservers: &[IpAddr]) -> Config {
         let d = raw.dns;
         let listen = match &d.listen {
@@ -244,7 +200,7 @@ impl Validator<'_> {
                 let addrs: Vec<_> = list
                     .iter()
                     .filter_map(|a| {
-                        self.check(a, "dns.listen", |s| {
+                        self.file.check(a, "dns.listen", |s| {
                             parse_addr(s, 53).and_then(|addr| {
                                 if addr.ip().is_unspecified() {
                                     Err(format!("{addr} is a wildcard: a UDP reply would leave from whichever address the kernel picks, not the one the client asked, and clients drop it; list each address to answer on (e.g. \"127.0.0.53:53\", \"10.0.0.5:53\")"))
@@ -256,10 +212,8 @@ impl Validator<'_> {
                     })
                     .collect();
                 if list.is_empty() {
-                    self.problems.push(Diagnostic::file(
-                        self.path,
-                        "dns.listen: at least one address is needed",
-                    ));
+                    self.file
+                        .problem_in_file("dns.listen: at least one address is needed");
                 }
                 addrs
             }
@@ -273,19 +227,17 @@ impl Validator<'_> {
             Some(list) => {
                 let names: Vec<Name> = list
                     .iter()
-                    .filter_map(|n| self.check(n, "dns.domains", |s| parse_zone(s)))
+                    .filter_map(|n| self.file.check(n, "dns.domains", |s| parse_zone(s)))
                     .collect();
                 if list.is_empty() {
-                    self.problems.push(Diagnostic::file(
-                        self.path,
-                        "dns.domains: at least one domain is needed",
-                    ));
+                    self.file
+                        .problem_in_file("dns.domains: at least one domain is needed");
                 }
                 for (i, n) in names.iter().enumerate() {
                     if let Some(other) = names.iter().take(i).find(|o| o.zone_of(n) || n.zone_of(o))
                     {
                         let at = &list[i];
-                        self.problem(
+                        self.file.problem(
                             at,
                             "dns.domains",
                             format!("{n} overlaps {other}; service domains must be disjoint"),
@@ -298,6 +250,7 @@ impl Validator<'_> {
         };
         let magic_v4 = match &d.magic_v4 {
             Some(r) => self
+                .file
                 .check(r, "dns.magic_v4", |s| parse_magic_v4(s))
                 .unwrap_or_else(default_magic_v4),
             None => default_magic_v4(),
@@ -305,12 +258,12 @@ impl Validator<'_> {
         let magic_v6 = d
             .magic_v6
             .as_ref()
-            .and_then(|r| self.check(r, "dns.magic_v6", |s| parse_magic_v6(s)));
+            .and_then(|r| self.file.check(r, "dns.magic_v6", |s| parse_magic_v6(s)));
 
         let upstreams: Vec<SocketAddr> = match &d.upstreams {
             Some(list) => list
                 .iter()
-                .filter_map(|a| self.check(a, "dns.upstreams", |s| parse_addr(s, 53)))
+                .filter_map(|a| self.file.check(a, "dns.upstreams", |s| parse_addr(s, 53)))
                 .collect(),
             None => nameservers
                 .iter()
@@ -321,13 +274,15 @@ impl Validator<'_> {
         if let Some(list) = &d.upstreams {
             for (a, raw) in upstreams.iter().zip(list) {
                 if is_ours(a, &listen) {
-                    self.problem(raw, "dns.upstreams", format!("{a} is one of our own listen addresses: that would be a forwarding loop"));
+                    self.file.problem(raw, "dns.upstreams", format!("{a} is one of our own listen addresses: that would be a forwarding loop"));
                 }
             }
         }
         let mut forward = Vec::new();
         for f in &d.forward {
-            let Some(zone) = self.check(&f.get_ref().zone, "dns.forward.zone", |s| parse_zone(s))
+            let Some(zone) = self
+                .file
+                .check(&f.get_ref().zone, "dns.forward.zone", |s| parse_zone(s))
             else {
                 continue;
             };
@@ -335,7 +290,7 @@ impl Validator<'_> {
                 .iter()
                 .find(|dom| dom.zone_of(&zone) || zone.zone_of(dom))
             {
-                self.problem(
+                self.file.problem(
                     &f.get_ref().zone,
                     "dns.forward.zone",
                     format!("{zone} overlaps the service domain {ours}"),
@@ -345,15 +300,18 @@ impl Validator<'_> {
                 .get_ref()
                 .upstreams
                 .iter()
-                .filter_map(|a| self.check(a, "dns.forward.upstreams", |s| parse_addr(s, 53)))
+                .filter_map(|a| {
+                    self.file
+                        .check(a, "dns.forward.upstreams", |s| parse_addr(s, 53))
+                })
                 .collect();
             for (a, raw) in ups.iter().zip(&f.get_ref().upstreams) {
                 if is_ours(a, &listen) {
-                    self.problem(raw, "dns.forward.upstreams", format!("{a} is one of our own listen addresses: that would be a forwarding loop"));
+                    self.file.problem(raw, "dns.forward.upstreams", format!("{a} is one of our own listen addresses: that would be a forwarding loop"));
                 }
             }
             if f.get_ref().upstreams.is_empty() {
-                self.problem(
+                self.file.problem(
                     f,
                     "dns.forward.upstreams",
                     "a forward zone needs at least one upstream",
@@ -367,7 +325,7 @@ impl Validator<'_> {
         let allow = match &d.allow {
             Some(list) => list
                 .iter()
-                .filter_map(|n| self.check(n, "dns.allow", |s| parse_net(s)))
+                .filter_map(|n| self.file.check(n, "dns.allow", |s| parse_net(s)))
                 .collect(),
             None => vec![
                 IpNet::from(Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
@@ -377,28 +335,34 @@ impl Validator<'_> {
         let ttl = self.ttl(&d.ttl, "dns.ttl", 60);
         let srv_ttl = self.ttl(&d.srv_ttl, "dns.srv_ttl", 5);
         let negative_ttl = self.ttl(&d.negative_ttl, "dns.negative_ttl", 5);
-        let timeout = self.duration(&d.timeout, "dns.timeout", Duration::from_secs(2));
+        let timeout = self
+            .file
+            .duration(&d.timeout, "dns.timeout", Duration::from_secs(2));
         if (timeout.is_zero() || timeout > Duration::from_secs(30))
             && let Some(t) = &d.timeout
         {
-            self.problem(t, "dns.timeout", "must be between 1ms and 30s");
+            self.file
+                .problem(t, "dns.timeout", "must be between 1ms and 30s");
         }
         let cache_size = match &d.cache_size {
             Some(n) => self
+                .file
                 .check(n, "dns.cache_size", |n| {
                     usize::try_from(*n).map_err(|_| "must be 0 or more")
                 })
                 .unwrap_or(10_000),
             None => 10_000,
         };
-        let stale_max = self.duration(&d.stale_max, "dns.stale_max", Duration::from_secs(86_400));
+        let stale_max =
+            self.file
+                .duration(&d.stale_max, "dns.stale_max", Duration::from_secs(86_400));
 
         let state = StateConfig {
             dir: raw.state.dir.as_ref().map_or_else(
                 || PathBuf::from(DEFAULT_STATE_DIR),
                 |p| base.join(p.get_ref()),
             ),
-            quarantine: self.duration(
+            quarantine: self.file.duration(
                 &raw.state.quarantine,
                 "state.quarantine",
                 Duration::from_secs(86_400),
@@ -419,18 +383,21 @@ impl Validator<'_> {
         let metrics_listen = match &raw.metrics.listen {
             Some(list) => list
                 .iter()
-                .filter_map(|a| self.check(a, "metrics.listen", |s| parse_addr(s, 9253)))
+                .filter_map(|a| {
+                    self.file
+                        .check(a, "metrics.listen", |s| parse_addr(s, 9253))
+                })
                 .collect(),
             None => vec![SocketAddr::from(([127, 0, 0, 1], 9253))],
         };
         let mut sources = Vec::new();
         for s in &raw.sources {
-            if let Some(source) = self.source(s, base, &upstreams) {
+            if let Some(source) = SourceConfig::from_raw(&mut self.file, s, base, &upstreams) {
                 if sources
                     .iter()
                     .any(|o: &SourceConfig| o.name() == source.name())
                 {
-                    self.problem(
+                    self.file.problem(
                         s,
                         "source.name",
                         format!("two sources are named {:?}", source.name()),
@@ -441,7 +408,7 @@ impl Validator<'_> {
         }
         let guard = GuardConfig {
             max_drop: self.share(&raw.guard.max_drop, "guard.max_drop", 0.5),
-            hold_down: self.duration(
+            hold_down: self.file.duration(
                 &raw.guard.hold_down,
                 "guard.hold_down",
                 Duration::from_secs(60),
@@ -450,15 +417,15 @@ impl Validator<'_> {
         let registrations = raw
             .registrations
             .iter()
-            .filter_map(|r| self.registration(r))
+            .filter_map(|r| Registration::from_raw(&mut self.file, r))
             .collect();
         let health = HealthConfig {
             panic_threshold: self.share(&raw.health.panic_threshold, "health.panic_threshold", 0.5),
         };
         let balance = BalanceConfig {
             zone: raw.balance.zone.as_ref().and_then(|z| {
-                self.check(z, "balance.zone", |s: &String| {
-                    s.parse::<crate::service::PortName>()
+                self.file.check(z, "balance.zone", |s: &String| {
+                    s.parse::<PortName>()
                         .map(|_| s.to_ascii_lowercase())
                         .map_err(|e| format!("invalid zone {s:?}: {e}"))
                 })
@@ -471,19 +438,20 @@ impl Validator<'_> {
         };
         let catch = CatchConfig {
             off: raw.catch.mode.as_ref().is_some_and(|m| {
-                self.check(m, "catch.mode", |s: &String| match s.as_str() {
-                    "bpf" => Ok(false),
-                    "off" => Ok(true),
-                    other => Err(format!(
-                        "unknown mode {other:?}, expected \"bpf\" or \"off\""
-                    )),
-                })
-                .unwrap_or(false)
+                self.file
+                    .check(m, "catch.mode", |s: &String| match s.as_str() {
+                        "bpf" => Ok(false),
+                        "off" => Ok(true),
+                        other => Err(format!(
+                            "unknown mode {other:?}, expected \"bpf\" or \"off\""
+                        )),
+                    })
+                    .unwrap_or(false)
             }),
             cgroup: raw.catch.cgroup.as_ref().map(|c| base.join(c.get_ref())),
         };
         Config {
-            path: Some(self.path.to_path_buf()),
+            path: Some(self.file.path().to_path_buf()),
             dns: DnsConfig {
                 listen,
                 domains,
@@ -515,6 +483,7 @@ impl Validator<'_> {
     fn ttl(&mut self, v: &Option<S<i64>>, field: &str, default: u32) -> u32 {
         match v {
             Some(n) => self
+                .file
                 .check(n, field, |n| {
                     u32::try_from(*n)
                         .ok()
@@ -530,6 +499,7 @@ impl Validator<'_> {
     fn share(&mut self, v: &Option<S<f64>>, field: &str, default: f64) -> f64 {
         match v {
             Some(v) => self
+                .file
                 .check(v, field, |f| {
                     if (0.0..=1.0).contains(f) {
                         Ok(*f)
@@ -541,27 +511,14 @@ impl Validator<'_> {
             None => default,
         }
     }
-
-    fn duration(&mut self, v: &Option<S<String>>, field: &str, default: Duration) -> Duration {
-        match v {
-            Some(s) => self
-                .check(s, field, |s| duration::parse(s))
-                .unwrap_or(default),
-            None => default,
-        }
-    }
 }
 
 mod addrs;
-mod checks;
-mod sources;
 
+pub use addrs::parse_resolv_conf;
 use addrs::{
     default_magic_v4, is_ours, parse_magic_v4, parse_magic_v6, parse_net, system_nameservers,
 };
-pub use addrs::{parse_addr, parse_resolv_conf, parse_zone};
-pub use checks::{CheckKind, HealthCheck, health_check};
-pub use sources::{DnsSrvSource, Registration, SourceConfig, ZkFormat, ZookeeperSource};
 
 #[cfg(test)]
 mod tests;

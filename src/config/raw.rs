@@ -1,8 +1,12 @@
 //! The config file exactly as written: serde shapes with spans, unknown keys rejected.
 //! Validation into [`super::Config`] happens in `mod.rs`; nothing here has defaults or meaning.
+//! The tables of a `[[source]]` and a `[[register]]` are written beside what they configure.
 
 use serde::Deserialize;
 use toml::Spanned;
+
+use crate::discovery::register::config::RawRegister;
+use crate::discovery::source::raw::RawSource;
 
 pub type S<T> = Spanned<T>;
 
@@ -60,33 +64,6 @@ pub struct RawGuard {
     pub hold_down: Option<S<String>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawRegister {
-    pub service: S<String>,
-    pub addr: S<String>,
-    pub hosts: Vec<S<String>>,
-    pub path: S<String>,
-    pub format: Option<S<String>>,
-    pub session_timeout: Option<S<String>>,
-    pub auth: Option<S<String>>,
-    pub ports: Option<std::collections::BTreeMap<String, S<i64>>>,
-    pub check: Option<S<RawCheck>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawCheck {
-    pub kind: S<String>,
-    pub path: Option<S<String>>,
-    pub expect: Option<S<String>>,
-    pub interval: Option<S<String>>,
-    pub timeout: Option<S<String>>,
-    pub jitter: Option<S<String>>,
-    pub rise: Option<S<i64>>,
-    pub fall: Option<S<i64>>,
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDns {
@@ -136,25 +113,4 @@ pub struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub struct RawHook {
     pub socket: Option<S<String>>,
-}
-
-/// One `[[source]]`. Every kind's keys live here; `mod.rs` checks that each kind gets only its own.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawSource {
-    pub kind: S<String>,
-    pub name: Option<S<String>>,
-    /// file
-    pub path: Option<S<String>>,
-    /// zookeeper
-    pub hosts: Option<Vec<S<String>>>,
-    pub root: Option<S<String>>,
-    pub session_timeout: Option<S<String>>,
-    pub auth: Option<S<String>>,
-    pub format: Option<S<String>>,
-    /// dns-srv
-    pub resolvers: Option<Vec<S<String>>>,
-    pub services: Option<std::collections::BTreeMap<String, S<String>>>,
-    pub min_ttl: Option<S<String>>,
-    pub max_ttl: Option<S<String>>,
 }

@@ -1,4 +1,6 @@
 use super::*;
+use crate::discovery::source::zookeeper::config::ZkFormat;
+use crate::service::CheckKind;
 
 fn parse(src: &str) -> Result<Config, ConfigError> {
     Config::parse(

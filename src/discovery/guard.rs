@@ -15,8 +15,25 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::config::GuardConfig;
 use crate::service::{ServiceName, ServiceSpec};
+
+/// `[guard]`: protection against false deconfiguration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GuardConfig {
+    /// An update removing more than this share of a service's backends at once is held.
+    pub max_drop: f64,
+    /// How long a held removal waits before it applies (if the source still says so).
+    pub hold_down: Duration,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        Self {
+            max_drop: 0.5,
+            hold_down: Duration::from_secs(60),
+        }
+    }
+}
 
 /// Why an update is being held.
 #[derive(Debug, Clone, PartialEq, Eq)]

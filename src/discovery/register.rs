@@ -2,6 +2,9 @@
 //! entry announces a local service into ZooKeeper as an ephemeral node while its local health
 //! check passes, and withdraws the node when the check fails or the daemon stops. Reading
 //! registrations back is the ZooKeeper source's job; the node layouts live in its `formats`.
+//! The `[[register]]` table is checked in `register/config.rs`.
+
+pub mod config;
 
 use std::time::Duration;
 
@@ -10,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use zookeeper_async::{Acl, CreateMode, Permission, ZkError, ZkState};
 
-use crate::config::Registration;
+use self::config::Registration;
 use crate::discovery::health::{HealthCheck, Streak, check};
 use crate::discovery::source::zookeeper::formats::{self, NodeName};
 use crate::discovery::source::zookeeper::session::{

@@ -16,7 +16,6 @@ use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::config::DnsConfig;
 use crate::discovery::snapshot::{Service, Snapshot};
 use crate::service::{Backend, PortName};
 
@@ -52,17 +51,6 @@ impl Zones {
             srv_ttl,
             negative_ttl,
         }
-    }
-
-    pub fn from_config(c: &DnsConfig) -> Self {
-        Self::new(
-            c.domains.clone(),
-            c.magic_v4,
-            c.magic_v6,
-            c.ttl,
-            c.srv_ttl,
-            c.negative_ttl,
-        )
     }
 }
 

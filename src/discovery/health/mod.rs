@@ -4,7 +4,8 @@
 //! changes of state (after `rise` passes or `fall` failures in a row), as [`Change`]s; the daemon
 //! hands them to the registry, which leaves unhealthy backends out of the snapshot (see
 //! `registry/overlay.rs` for panic mode and tiers).
-//! The probe and the rise/fall counting are in `check.rs`, shared with registrations.
+//! The probe and the rise/fall counting are in `check.rs`, shared with registrations; `[health]`
+//! and the check tables are read in `config.rs`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use tracing::debug;
 use crate::service::ServiceName;
 
 mod check;
+pub mod config;
 
 pub use crate::service::{CheckKind, HealthCheck};
 pub use check::{CheckError, Streak, check};

@@ -28,9 +28,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{GuardConfig, HealthConfig};
-use crate::discovery::guard::{Guard, Held, HoldReason};
+use crate::discovery::guard::{Guard, GuardConfig, Held, HoldReason};
 use crate::discovery::health::SharedTargets;
+use crate::discovery::health::config::HealthConfig;
 use crate::discovery::magic::MagicMap;
 use crate::discovery::snapshot::{Service, SharedSnapshot, Snapshot};
 use crate::discovery::source::SourceEvent;

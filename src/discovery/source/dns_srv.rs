@@ -4,6 +4,8 @@
 //! else with A/AAAA lookups), and reports the service alone. A failed lookup reports nothing
 //! new: the service keeps its last good backends.
 
+pub mod config;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +17,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use self::config::DnsSrvSource;
 use super::SourceEvent;
-use crate::config::DnsSrvSource;
 use crate::dns::forward::{ForwardConfig, Forwarded, Forwarder};
 use crate::service::{Backend, ServiceName, ServiceSpec};
 

@@ -20,8 +20,9 @@ use std::path::Path;
 use serde::Deserialize;
 use toml::{Spanned, Value};
 
-use crate::config::parse_addr;
+use crate::addr::parse_addr;
 use crate::diagnostic::Diagnostic;
+use crate::discovery::health::config::{RawCheck, health_check};
 use crate::service::{
     Backend, LbPolicy, Outlier, PortName, Prefetch, ServiceName, ServiceSpec, SlowStart,
 };
@@ -40,7 +41,7 @@ struct RawService {
     #[serde(default)]
     ports: BTreeMap<Spanned<String>, Spanned<String>>,
     backends: Vec<Spanned<Value>>,
-    health: Option<Spanned<crate::config::raw::RawCheck>>,
+    health: Option<Spanned<RawCheck>>,
     outlier: Option<Spanned<RawOutlier>>,
     slow_start: Option<Spanned<Value>>,
     prefetch: Option<Spanned<Value>>,
@@ -134,7 +135,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Vec<ServiceSpec>, Vec<Diagnost
             }
         }
         if let Some(h) = &svc.health {
-            match crate::config::health_check(path, source, h) {
+            match health_check(path, source, h) {
                 Ok(check) => spec.health = Some(check),
                 Err(errs) => {
                     for mut e in errs {

@@ -7,6 +7,7 @@
 //! `Reset`); once reachable again it re-reads everything in a fresh session with new watches,
 //! because neither the server nor the client library carries watches over a reconnect.
 
+pub mod config;
 pub mod formats;
 pub mod session;
 
@@ -19,10 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use zookeeper_async::{WatchedEvent, WatchedEventType, ZkError, ZkState};
 
+use self::config::{ZkFormat, ZookeeperSource};
 use self::formats::FormatError;
 use self::session::{BACKOFF_MAX, BACKOFF_MIN, Session, SessionError, jitter};
 use super::SourceEvent;
-use crate::config::{ZkFormat, ZookeeperSource};
 use crate::ops::metrics::{METRICS, SourceLabels};
 use crate::service::{Backend, ServiceName, ServiceSpec};
 

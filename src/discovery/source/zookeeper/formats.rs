@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::config::ZkFormat;
+use super::config::ZkFormat;
 use crate::service::{Backend, PortName, ServiceName};
 
 /// Curator's `port` and `sslPort` become these named ports, so `_https._tcp.web.disco` works.
