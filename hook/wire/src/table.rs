@@ -609,27 +609,85 @@ pub fn publish(mem: &[AtomicU32], area: &[u32]) -> Result<(), usize> {
     if area.len() > table.area_words {
         return Err(area.len());
     }
-    let active = mem.load(H_ACTIVE).unwrap_or(0) & 1;
-    let target = active ^ 1;
+    let target = (mem.load(H_ACTIVE).unwrap_or(0) & 1) ^ 1;
     let base = HEADER_WORDS + target as usize * table.area_words;
-    let Some(seq) = mem.get(base) else {
+    let Some(dst) = mem.get(base..base + table.area_words) else {
         return Err(area.len());
     };
-    // Odd while writing: a reader still on this area (two generations old) retries.
-    let s = u32::from_le(seq.load(Ordering::Relaxed));
-    let next = if s & 1 == 1 { s } else { s.wrapping_add(1) };
-    seq.store(next.to_le(), Ordering::Relaxed);
-    fence(Ordering::Release);
-    for (dst, &src) in mem.iter().skip(base + 1).zip(area.iter().skip(1)) {
-        dst.store(src, Ordering::Relaxed);
+    let seq = begin_write(dst);
+    for (d, &src) in dst.iter().zip(area).skip(1) {
+        d.store(src, Ordering::Relaxed);
     }
-    // Even again (never 0, which reads as "never written").
-    let done = next.wrapping_add(1).max(2);
-    seq.store(done.to_le(), Ordering::Release);
+    end_write(mem, dst, seq, target);
+    Ok(())
+}
+
+/// Writes one generation into the inactive area straight from its records and makes it
+/// active: [`publish`] of [`build::area`], without the area built in memory first. A
+/// [`build::Record::Mapped`] may lie in this table's active area (a service that did not
+/// change). Each record's position in the area is pushed to `placed`. Only the daemon calls
+/// this, and only from one thread.
+///
+/// # Errors
+/// `Err(needed)` if the generation does not fit (nothing is written then).
+pub fn publish_records(
+    mem: &[AtomicU32],
+    info: &build::AreaInfo,
+    services: &[(&[IpAddr], build::Record<'_>)],
+    placed: &mut alloc::vec::Vec<u32>,
+) -> Result<(), usize> {
+    let needed = build::area_len(services);
+    let table = Table::new(mem).map_err(|_| needed)?;
+    if needed > table.area_words {
+        return Err(needed);
+    }
+    let target = (mem.load(H_ACTIVE).unwrap_or(0) & 1) ^ 1;
+    let base = HEADER_WORDS + target as usize * table.area_words;
+    let Some(area) = mem.get(base..base + table.area_words) else {
+        return Err(needed);
+    };
+    let seq = begin_write(area);
+    build::write_area(&mut &*area, info, services, placed);
+    end_write(mem, area, seq, target);
+    Ok(())
+}
+
+/// Record `at..at + len` of the active area, for a next generation to copy.
+pub fn active_record(mem: &[AtomicU32], at: u32, len: u32) -> Option<&[AtomicU32]> {
+    let table = Table::new(mem).ok()?;
+    let active = mem.load(H_ACTIVE)? & 1;
+    let base = HEADER_WORDS + active as usize * table.area_words;
+    let (at, len) = (at as usize, len as usize);
+    if at.checked_add(len)? > table.area_words {
+        return None;
+    }
+    mem.get(base + at..base + at + len)
+}
+
+/// Marks an area being written (its sequence odd): a reader still on it (two generations
+/// old) retries. Returns the odd sequence.
+fn begin_write(area: &[AtomicU32]) -> u32 {
+    let s = area
+        .first()
+        .map_or(0, |w| u32::from_le(w.load(Ordering::Relaxed)));
+    let next = if s & 1 == 1 { s } else { s.wrapping_add(1) };
+    if let Some(w) = area.first() {
+        w.store(next.to_le(), Ordering::Relaxed);
+    }
+    fence(Ordering::Release);
+    next
+}
+
+/// Marks an area written (its sequence even again, never 0, which reads as "never written")
+/// and makes it the active one.
+fn end_write(mem: &[AtomicU32], area: &[AtomicU32], seq: u32, target: u32) {
+    let done = seq.wrapping_add(1).max(2);
+    if let Some(w) = area.first() {
+        w.store(done.to_le(), Ordering::Release);
+    }
     if let Some(a) = mem.get(H_ACTIVE) {
         a.store(target.to_le(), Ordering::Release);
     }
-    Ok(())
 }
 
 /// Marks a table file as replaced: readers open the path again.

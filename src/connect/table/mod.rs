@@ -26,7 +26,7 @@ use arc_swap::ArcSwap;
 use discotech_shm::Mapping;
 use discotech_wire::live::{self, Live};
 use discotech_wire::pick::{self, Ask, Miss, Picked};
-use discotech_wire::table::build::{self, AreaInfo};
+use discotech_wire::table::build::{self, AreaInfo, Record};
 use discotech_wire::table::{
     self as wire_table, NO_SLOT, Policy, STAT_FAILING, STAT_MEASURED, SVC_PREFETCH, Standing, Table,
 };
@@ -116,10 +116,17 @@ impl<K: std::hash::Hash + Eq + Clone> SlotMap<K> {
 
 struct Cached {
     service: Arc<Service>,
-    record: Vec<u32>,
+    record: Placed,
     magics: Vec<IpAddr>,
     /// Its weights or candidates change with time (slow start, an ejection that ends).
     rebuild_at: Option<Instant>,
+}
+
+/// Where a service's record is: encoded and not yet written, or at `at` (for `len` words) in
+/// the active area of the table file, whence the next generation copies it.
+enum Placed {
+    New(Vec<u32>),
+    At { at: u32, len: u32 },
 }
 
 struct Writer {
@@ -438,18 +445,12 @@ impl RoutingTable {
                 }
             }
         }
-        let refs: Vec<(&[IpAddr], &[u32])> = snapshot
-            .services()
-            .filter_map(|s| w.cache.get(s.name()))
-            .map(|c| (c.magics.as_slice(), c.record.as_slice()))
-            .collect();
         let info = AreaInfo {
             generation: snapshot.generation,
             magic_v4: (self.magic_v4.network(), self.magic_v4.prefix_len()),
             magic_v6: self.magic_v6.map(|n| (n.network(), n.prefix_len())),
             live_epoch: self.live.as_ref().map_or(0, |l| l.epoch),
         };
-        let area = build::area(&info, &refs);
         w.last = Some(snapshot.clone());
         w.rebuild_at = rebuild_at;
         if let Some(file) = &w.file {
@@ -458,37 +459,92 @@ impl RoutingTable {
                     wire_table::set_stat(file.map.words(), file.area_words, slot, word, 0);
                 }
             }
-            if wire_table::publish(file.map.words(), &area).is_ok() {
-                return;
+        }
+        self.write_area(w, snapshot, &info);
+    }
+
+    /// Writes the area of `snapshot`'s generation: records encoded anew from the cache, the
+    /// others copied from the active area. Into the file when it fits, otherwise into a new
+    /// file twice as large as needed, which then replaces it.
+    fn write_area(&self, w: &mut Writer, snapshot: &Snapshot, info: &AreaInfo) {
+        let old = w.file.as_ref().map(|f| f.map.words());
+        let mut records = Vec::with_capacity(w.cache.len());
+        for service in snapshot.services() {
+            let Some(c) = w.cache.get(service.name()) else {
+                continue;
+            };
+            let record = match &c.record {
+                Placed::New(words) => Record::New(words),
+                Placed::At { at, len } => {
+                    match old.and_then(|m| wire_table::active_record(m, *at, *len)) {
+                        Some(words) => Record::Mapped(words),
+                        None => {
+                            // Cannot happen (a placed record is in the active area): rather than
+                            // publish a partial generation, encode every service anew at once.
+                            warn!(service = %service.name(), "a routing-table record went missing; rewriting the whole table");
+                            w.cache.clear();
+                            w.rebuild_at = Some(Instant::now());
+                            return;
+                        }
+                    }
+                }
+            };
+            records.push((service.name().clone(), c.magics.as_slice(), record));
+        }
+        let refs: Vec<(&[IpAddr], Record<'_>)> = records.iter().map(|(_, m, r)| (*m, *r)).collect();
+        let mut placed = Vec::with_capacity(refs.len());
+        let mut new_file = None;
+        let written = w.file.as_ref().is_some_and(|f| {
+            wire_table::publish_records(f.map.words(), info, &refs, &mut placed).is_ok()
+        });
+        if !written {
+            // No file yet, or this generation outgrew it.
+            let needed = build::area_len(&refs);
+            match TableFile::create(&self.path, (needed * 2).max(MIN_AREA_WORDS)) {
+                Ok(file) => {
+                    placed.clear();
+                    if wire_table::publish_records(file.map.words(), info, &refs, &mut placed)
+                        .is_err()
+                    {
+                        warn!(needed, "a table generation does not fit a new file");
+                        return;
+                    }
+                    new_file = Some(file);
+                }
+                Err(e) => {
+                    warn!(path = %self.path.display(), error = %e, "cannot create the routing table file; hooks ask the daemon");
+                    return;
+                }
             }
         }
-        // No file yet, or this generation outgrew it: a new file, twice as large as needed.
-        match TableFile::create(&self.path, (area.len() * 2).max(MIN_AREA_WORDS)) {
-            Ok(mut file) => {
-                if let Err(needed) = wire_table::publish(file.map.words(), &area) {
-                    warn!(needed, "a table generation does not fit a new file");
-                    return;
-                }
-                // Stats carry over: the slots are the same.
-                if let Some(old) = &w.file {
-                    copy_stats(old, &file);
-                }
-                if let Err(e) = file.install(&self.path) {
-                    warn!(path = %self.path.display(), error = %e, "cannot install the routing table");
-                    return;
-                }
-                if let Some(old) = w.file.replace(file) {
-                    wire_table::supersede(old.map.words());
-                }
-                if let Some(f) = &w.file {
-                    info!(path = %self.path.display(), words = f.area_words, "routing table file (re)created");
-                    self.current
-                        .store(Arc::new(Some((f.map.clone(), f.area_words))));
-                }
+        let lens: Vec<(ServiceName, u32)> = records
+            .into_iter()
+            .map(|(name, _, r)| (name, r.len() as u32))
+            .collect();
+        drop(refs);
+        for ((name, len), at) in lens.into_iter().zip(placed) {
+            if let Some(c) = w.cache.get_mut(&name) {
+                c.record = Placed::At { at, len };
             }
-            Err(e) => {
-                warn!(path = %self.path.display(), error = %e, "cannot create the routing table file; hooks ask the daemon")
-            }
+        }
+        let Some(mut file) = new_file else { return };
+        // Stats carry over: the slots are the same.
+        if let Some(old) = &w.file {
+            copy_stats(old, &file);
+        }
+        if let Err(e) = file.install(&self.path) {
+            warn!(path = %self.path.display(), error = %e, "cannot install the routing table");
+            // The records placed in it are lost with it: encode every service anew next time.
+            w.cache.clear();
+            return;
+        }
+        if let Some(old) = w.file.replace(file) {
+            wire_table::supersede(old.map.words());
+        }
+        if let Some(f) = &w.file {
+            info!(path = %self.path.display(), words = f.area_words, "routing table file (re)created");
+            self.current
+                .store(Arc::new(Some((f.map.clone(), f.area_words))));
         }
     }
 
@@ -715,7 +771,7 @@ fn encode(
     };
     Cached {
         service: service.clone(),
-        record,
+        record: Placed::New(record),
         magics,
         rebuild_at,
     }

@@ -9,6 +9,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use super::{
     AREA_HEADER, BACKEND_WORDS, INDEX_WORDS, NO_V6, Policy, SERVICE_HEADER, Standing, index_hash,
@@ -143,15 +144,76 @@ pub struct AreaInfo {
     pub live_epoch: u64,
 }
 
-/// A whole generation: the area header, the index by magic address, and the records.
-/// `services` pairs each record (from [`service`]) with its magic addresses.
-pub fn area(info: &AreaInfo, services: &[(&[IpAddr], &[u32])]) -> Vec<u32> {
+/// One service record of a generation: newly encoded words (from [`service`], host order), or
+/// a record already in a mapped table, copied as it is.
+#[derive(Clone, Copy, Debug)]
+pub enum Record<'r> {
+    New(&'r [u32]),
+    Mapped(&'r [AtomicU32]),
+}
+
+impl Record<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::New(w) => w.len(),
+            Self::Mapped(w) => w.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Words an area is written into, in the file's little-endian order: a vector, or the
+/// inactive area of a mapped table.
+pub(super) trait Sink {
+    fn get(&self, i: usize) -> u32;
+    fn set(&mut self, i: usize, le: u32);
+}
+
+impl Sink for [u32] {
+    fn get(&self, i: usize) -> u32 {
+        self[i]
+    }
+    fn set(&mut self, i: usize, le: u32) {
+        self[i] = le;
+    }
+}
+
+impl Sink for &[AtomicU32] {
+    fn get(&self, i: usize) -> u32 {
+        self[i].load(Ordering::Relaxed)
+    }
+    fn set(&mut self, i: usize, le: u32) {
+        self[i].store(le, Ordering::Relaxed);
+    }
+}
+
+/// Index slots for `addrs` magic addresses: at most half full.
+fn index_slots(addrs: usize) -> usize {
+    (addrs * 2).max(8).next_power_of_two()
+}
+
+/// The words a generation of these services takes.
+pub fn area_len(services: &[(&[IpAddr], Record<'_>)]) -> usize {
     let addrs: usize = services.iter().map(|(a, _)| a.len()).sum();
-    let slots = (addrs * 2).max(8).next_power_of_two();
-    let index_at = AREA_HEADER;
     let records: usize = services.iter().map(|(_, r)| r.len()).sum();
-    let mut out = vec![0u32; AREA_HEADER + slots * INDEX_WORDS];
-    out.reserve(records);
+    AREA_HEADER + index_slots(addrs) * INDEX_WORDS + records
+}
+
+/// Writes a whole generation into `out` (at least [`area_len`] words): the area header, the
+/// index by magic address, and the records, each record's position pushed to `placed`. The
+/// first word (the area's sequence) is left alone. Returns the words used.
+pub(super) fn write_area<S: Sink + ?Sized>(
+    out: &mut S,
+    info: &AreaInfo,
+    services: &[(&[IpAddr], Record<'_>)],
+    placed: &mut Vec<u32>,
+) -> usize {
+    let addrs: usize = services.iter().map(|(a, _)| a.len()).sum();
+    let slots = index_slots(addrs);
+    let index_at = AREA_HEADER;
     let (v6_net, v6_len) = match info.magic_v6 {
         Some((net, len)) => (net, u32::from(len)),
         None => (Ipv6Addr::UNSPECIFIED, NO_V6),
@@ -174,28 +236,56 @@ pub fn area(info: &AreaInfo, services: &[(&[IpAddr], &[u32])]) -> Vec<u32> {
         info.live_epoch as u32,
         (info.live_epoch >> 32) as u32,
     ]);
-    out[..AREA_HEADER].copy_from_slice(&head);
+    for (i, &w) in head.iter().enumerate().skip(1) {
+        out.set(i, w.to_le());
+    }
+    for i in index_at..index_at + slots * INDEX_WORDS {
+        out.set(i, 0);
+    }
+    let mut at = index_at + slots * INDEX_WORDS;
+    let mut key_words = Vec::with_capacity(4);
     for (magics, record) in services {
-        let at = out.len() as u32;
-        out.extend_from_slice(record);
+        placed.push(at as u32);
+        match record {
+            Record::New(words) => {
+                for (i, &w) in words.iter().enumerate() {
+                    out.set(at + i, w.to_le());
+                }
+            }
+            Record::Mapped(words) => {
+                for (i, w) in words.iter().enumerate() {
+                    out.set(at + i, w.load(Ordering::Relaxed));
+                }
+            }
+        }
         for &ip in *magics {
             let key = to_mapped(ip);
             let mut i = index_hash(key) as usize & (slots - 1);
-            while out[index_at + i * INDEX_WORDS + 4] != 0 {
+            while out.get(index_at + i * INDEX_WORDS + 4) != 0 {
                 i = (i + 1) & (slots - 1);
             }
             let e = index_at + i * INDEX_WORDS;
-            let mut w = Vec::with_capacity(4);
-            push_addr(&mut w, IpAddr::V6(key));
-            out[e..e + 4].copy_from_slice(&w);
-            out[e + 4] = at;
+            key_words.clear();
+            push_addr(&mut key_words, IpAddr::V6(key));
+            for (j, &w) in key_words.iter().enumerate() {
+                out.set(e + j, w.to_le());
+            }
+            out.set(e + 4, (at as u32).to_le());
         }
+        at += record.len();
     }
-    out[super::A_USED] = out.len() as u32;
-    // Host words to the file's little-endian order (a no-op on little-endian hosts).
-    for w in &mut out {
-        *w = w.to_le();
-    }
+    out.set(super::A_USED, (at as u32).to_le());
+    at
+}
+
+/// A whole generation in memory: the area header, the index by magic address, and the
+/// records. `services` pairs each record (from [`service`]) with its magic addresses. (The
+/// daemon writes generations in place, with [`super::publish_records`].)
+pub fn area(info: &AreaInfo, services: &[(&[IpAddr], &[u32])]) -> Vec<u32> {
+    let records: Vec<(&[IpAddr], Record<'_>)> =
+        services.iter().map(|&(m, r)| (m, Record::New(r))).collect();
+    let mut out = vec![0u32; area_len(&records)];
+    write_area(out.as_mut_slice(), info, &records, &mut Vec::new());
     out
 }
 

@@ -542,3 +542,86 @@ fn the_ring_carries_reports_in_order_and_a_lapped_reader_skips_ahead() {
     l.head_word().unwrap().fetch_add(1, Ordering::SeqCst);
     assert_eq!(l.take(22), Take::NotYet);
 }
+
+#[test]
+fn a_generation_written_in_place_equals_the_built_area_and_copies_unchanged_records() {
+    let info = |generation| AreaInfo {
+        generation,
+        magic_v4: ("127.77.0.0".parse().unwrap(), 16),
+        magic_v6: Some(("fd00::".parse().unwrap(), 64)),
+        live_epoch: 5,
+    };
+    let web_rec = build::service(&web(Policy::RoundRobin));
+    let mut api = web(Policy::LeastConn);
+    api.name = "api";
+    let api_rec = build::service(&api);
+    let web_ips: Vec<IpAddr> = vec!["127.77.0.9".parse().unwrap(), "fd00::9".parse().unwrap()];
+    let api_ips: Vec<IpAddr> = vec!["127.77.0.10".parse().unwrap()];
+    let area_words = 1024;
+    let mem: Vec<AtomicU32> = (0..table_words(area_words, 64))
+        .map(|_| AtomicU32::new(0))
+        .collect();
+    for (w, h) in mem.iter().zip(header(area_words as u32, 64, 1)) {
+        w.store(h, Ordering::Relaxed);
+    }
+    let area_of = |mem: &[AtomicU32]| -> Vec<u32> {
+        let active = mem[H_ACTIVE].load(Ordering::Relaxed) as usize & 1;
+        let base = HEADER_WORDS + active * area_words;
+        let used = mem[base + A_USED].load(Ordering::Relaxed) as usize;
+        // The sequence word differs by design: compare from the second word.
+        mem[base + 1..base + used]
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect()
+    };
+
+    // Generation 8 from new records: the same words as the area built in memory.
+    let mut placed = Vec::new();
+    let records = [
+        (&web_ips[..], build::Record::New(&web_rec)),
+        (&api_ips[..], build::Record::New(&api_rec)),
+    ];
+    publish_records(&mem, &info(8), &records, &mut placed).unwrap();
+    let built = build::area(
+        &info(8),
+        &[(&web_ips[..], &web_rec[..]), (&api_ips[..], &api_rec[..])],
+    );
+    assert_eq!(area_of(&mem), built[1..]);
+    assert_eq!(placed.len(), 2);
+    assert_eq!(
+        placed[1] - placed[0],
+        web_rec.len() as u32,
+        "records follow each other"
+    );
+
+    // Generation 9 copies web's record from the active area and re-encodes api: again the
+    // built area's words, now in the other area.
+    let active_before = mem[H_ACTIVE].load(Ordering::Relaxed);
+    let web_at = active_record(&mem, placed[0], web_rec.len() as u32).unwrap();
+    let mut api2 = web(Policy::P2c);
+    api2.name = "api";
+    let api2_rec = build::service(&api2);
+    let mut placed2 = Vec::new();
+    let records = [
+        (&web_ips[..], build::Record::Mapped(web_at)),
+        (&api_ips[..], build::Record::New(&api2_rec)),
+    ];
+    publish_records(&mem, &info(9), &records, &mut placed2).unwrap();
+    assert_ne!(mem[H_ACTIVE].load(Ordering::Relaxed), active_before);
+    let built = build::area(
+        &info(9),
+        &[(&web_ips[..], &web_rec[..]), (&api_ips[..], &api2_rec[..])],
+    );
+    assert_eq!(area_of(&mem), built[1..]);
+    let t = Table::new(&mem[..]).unwrap();
+    assert_eq!(t.read(|area| Some(area.generation())), Some(9));
+    assert!(pick(&t, None, &ask("127.77.0.10:9000"), false).is_ok());
+
+    // Too big: nothing is written, the active generation stays.
+    let big = vec![0u32; area_words];
+    let records = [(&web_ips[..], build::Record::New(&big))];
+    assert!(publish_records(&mem, &info(10), &records, &mut Vec::new()).is_err());
+    assert_eq!(t.read(|area| Some(area.generation())), Some(9));
+    // A record past the area is not handed out.
+    assert!(active_record(&mem, area_words as u32, 1).is_none());
+}
