@@ -61,19 +61,18 @@ pub struct SlotInfo {
     pub policy: LbPolicy,
 }
 
-#[derive(Debug, Default)]
-struct SlotMap<K> {
-    by_key: HashMap<K, u32>,
+/// Slots given out and taken back; a slot taken back rests for [`SLOT_REST`] before it is
+/// given out again.
+struct SlotPool {
     free: Vec<u32>,
     resting: VecDeque<(u32, Instant)>,
     next: u32,
     limit: u32,
 }
 
-impl<K: std::hash::Hash + Eq + Clone> SlotMap<K> {
+impl SlotPool {
     fn new(limit: u32) -> Self {
         Self {
-            by_key: HashMap::new(),
             free: Vec::new(),
             resting: VecDeque::new(),
             next: 0,
@@ -81,11 +80,8 @@ impl<K: std::hash::Hash + Eq + Clone> SlotMap<K> {
         }
     }
 
-    /// The slot of `key`, assigned now if it has none (`NO_SLOT` when all are taken).
-    fn get(&mut self, key: &K, now: Instant, fresh: &mut Vec<u32>) -> u32 {
-        if let Some(&s) = self.by_key.get(key) {
-            return s;
-        }
+    /// A slot for a newcomer, listed in `fresh` (`NO_SLOT` when all are taken).
+    fn take(&mut self, now: Instant, fresh: &mut Vec<u32>) -> u32 {
         while let Some(&(s, at)) = self.resting.front() {
             if now.saturating_duration_since(at) < SLOT_REST {
                 break;
@@ -102,20 +98,52 @@ impl<K: std::hash::Hash + Eq + Clone> SlotMap<K> {
             None => return NO_SLOT,
         };
         fresh.push(slot);
-        self.by_key.insert(key.clone(), slot);
         slot
     }
 
-    /// Releases the slot of `key`, if it has one: it rests before it is given out again.
-    fn release(&mut self, key: &K, now: Instant) -> Option<u32> {
-        let slot = self.by_key.remove(key)?;
+    fn give_back(&mut self, slot: u32, now: Instant) {
         self.resting.push_back((slot, now));
-        Some(slot)
+    }
+}
+
+/// Slots by key (services: their round-robin counters).
+struct SlotMap<K> {
+    by_key: HashMap<K, u32>,
+    pool: SlotPool,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> SlotMap<K> {
+    fn new(limit: u32) -> Self {
+        Self {
+            by_key: HashMap::new(),
+            pool: SlotPool::new(limit),
+        }
+    }
+
+    /// The slot of `key`, assigned now if it has none (`NO_SLOT` when all are taken).
+    fn get(&mut self, key: &K, now: Instant, fresh: &mut Vec<u32>) -> u32 {
+        if let Some(&s) = self.by_key.get(key) {
+            return s;
+        }
+        let slot = self.pool.take(now, fresh);
+        if slot != NO_SLOT {
+            self.by_key.insert(key.clone(), slot);
+        }
+        slot
+    }
+
+    /// Releases the slot of `key`, if it has one.
+    fn release(&mut self, key: &K, now: Instant) {
+        if let Some(slot) = self.by_key.remove(key) {
+            self.pool.give_back(slot, now);
+        }
     }
 }
 
 struct Cached {
     service: Arc<Service>,
+    /// The slot of each of `service`'s backends, in its order (`NO_SLOT`: none left).
+    slots: Vec<u32>,
     record: Placed,
     magics: Vec<IpAddr>,
     /// Its weights or candidates change with time (slow start, an ejection that ends).
@@ -132,9 +160,11 @@ enum Placed {
 struct Writer {
     file: Option<TableFile>,
     cache: HashMap<ServiceName, Cached>,
-    backends: SlotMap<(ServiceName, SocketAddr)>,
+    backends: SlotPool,
+    /// The service each backend slot given out belongs to (the slot's place in its `Cached`
+    /// says which backend).
+    owners: Vec<Option<ServiceName>>,
     services: SlotMap<ServiceName>,
-    slot_info: HashMap<u32, SlotInfo>,
     last: Option<Arc<Snapshot>>,
     rebuild_at: Option<Instant>,
     /// Services encoded anew (or gone) by the write under way.
@@ -245,9 +275,9 @@ impl RoutingTable {
             writer: Mutex::new(Writer {
                 file: None,
                 cache: HashMap::new(),
-                backends: SlotMap::new(BACKEND_SLOTS),
+                backends: SlotPool::new(BACKEND_SLOTS),
+                owners: Vec::new(),
                 services: SlotMap::new(SERVICE_SLOTS),
-                slot_info: HashMap::new(),
                 last: None,
                 rebuild_at: None,
                 encoded: Vec::new(),
@@ -388,22 +418,20 @@ impl RoutingTable {
                     Arc::ptr_eq(&c.service, service) && c.rebuild_at.is_none_or(|t| t > now)
                 });
                 if !reuse {
-                    // Backends it had and no longer has give their slots back; the rest keep theirs.
-                    if let Some(old) = w.cache.get(name) {
-                        let gone: Vec<SocketAddr> = old
-                            .service
-                            .spec
-                            .backends
-                            .iter()
-                            .map(|b| b.addr)
-                            .filter(|a| !service.spec.backends.iter().any(|b| b.addr == *a))
-                            .collect();
-                        for addr in gone {
-                            release_backend(w, name, addr, now);
-                        }
-                    }
+                    // Backends it keeps keep their slots; those it no longer has give theirs back.
+                    let mut had: HashMap<SocketAddr, u32> = w
+                        .cache
+                        .get(name)
+                        .map(|old| {
+                            let addrs = old.service.spec.backends.iter().map(|b| b.addr);
+                            addrs.zip(old.slots.iter().copied()).collect()
+                        })
+                        .unwrap_or_default();
                     let sets = balancer.pick_sets(&service.spec, now);
-                    let cached = encode(w, service, &sets, now, &mut fresh);
+                    let cached = encode(w, service, &sets, now, &mut fresh, &mut had);
+                    for (addr, slot) in had {
+                        release_backend(w, name, addr, slot, now);
+                    }
                     w.encoded.push(name.clone());
                     w.cache.insert(name.clone(), cached);
                 }
@@ -429,11 +457,12 @@ impl RoutingTable {
                 .collect();
             for service in left {
                 let name = service.name();
-                for b in &service.spec.backends {
-                    release_backend(w, name, b.addr, now);
+                if let Some(c) = w.cache.remove(name) {
+                    for (b, &slot) in c.service.spec.backends.iter().zip(&c.slots) {
+                        release_backend(w, name, b.addr, slot, now);
+                    }
                 }
                 w.services.release(name, now);
-                w.cache.remove(name);
                 w.encoded.push(name.clone());
             }
         }
@@ -555,26 +584,39 @@ impl RoutingTable {
 
     /// What slot `slot` stands for.
     pub fn slot(&self, slot: u32) -> Option<SlotInfo> {
-        lock(&self.writer).slot_info.get(&slot).cloned()
+        let w = lock(&self.writer);
+        let owner = w.owners.get(slot as usize)?.as_ref()?;
+        let c = w.cache.get(owner)?;
+        slot_info(c, c.slots.iter().position(|&s| s == slot)?)
     }
 
     /// Every backend slot of services with `lb`.
     pub fn slots_of(&self, lb: LbPolicy) -> Vec<(u32, SlotInfo)> {
-        lock(&self.writer)
-            .slot_info
-            .iter()
-            .filter(|(_, i)| i.policy == lb)
-            .map(|(&s, i)| (s, i.clone()))
+        let w = lock(&self.writer);
+        w.cache
+            .values()
+            .filter(|c| c.service.spec.lb == lb)
+            .flat_map(|c| {
+                c.slots
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &s)| s != NO_SLOT)
+                    .filter_map(move |(i, &s)| Some((s, slot_info(c, i)?)))
+            })
             .collect()
     }
 
     /// The slot of a backend of a service.
     pub fn slot_of(&self, service: &ServiceName, backend: SocketAddr) -> Option<u32> {
-        lock(&self.writer)
+        let w = lock(&self.writer);
+        let c = w.cache.get(service)?;
+        let i = c
+            .service
+            .spec
             .backends
-            .by_key
-            .get(&(service.clone(), backend))
-            .copied()
+            .iter()
+            .position(|b| b.addr == backend)?;
+        c.slots.get(i).copied().filter(|&s| s != NO_SLOT)
     }
 
     fn with_table<R>(
@@ -671,12 +713,37 @@ impl RoutingTable {
     }
 }
 
-/// Gives back the slot of `addr` in `service`.
-fn release_backend(w: &mut Writer, service: &ServiceName, addr: SocketAddr, now: Instant) {
-    if let Some(slot) = w.backends.release(&(service.clone(), addr), now) {
-        w.slot_info.remove(&slot);
-        debug!(%service, backend = %addr, slot, "backend slot freed");
+/// Gives back `slot`, which `addr` of `service` held.
+fn release_backend(
+    w: &mut Writer,
+    service: &ServiceName,
+    addr: SocketAddr,
+    slot: u32,
+    now: Instant,
+) {
+    if slot == NO_SLOT {
+        return;
     }
+    w.backends.give_back(slot, now);
+    if let Some(owner) = w.owners.get_mut(slot as usize) {
+        *owner = None;
+    }
+    debug!(%service, backend = %addr, slot, "backend slot freed");
+}
+
+/// What slot `slots[i]` of a cached service stands for.
+fn slot_info(c: &Cached, i: usize) -> Option<SlotInfo> {
+    let b = c.service.spec.backends.get(i)?;
+    let mut ports = vec![b.addr.port()];
+    ports.extend(b.ports.values().copied());
+    ports.sort_unstable();
+    ports.dedup();
+    Some(SlotInfo {
+        service: c.service.name().clone(),
+        backend: b.addr,
+        ports,
+        policy: c.service.spec.lb,
+    })
 }
 
 /// Encodes one service and records its slots.
@@ -686,15 +753,22 @@ fn encode(
     sets: &PickSets,
     now: Instant,
     fresh: &mut Vec<u32>,
+    had: &mut HashMap<SocketAddr, u32>,
 ) -> Cached {
     let spec: &ServiceSpec = &service.spec;
     let name = service.name();
     let client_ports: Vec<u16> = spec.client_ports.keys().copied().collect();
     let rr_slot = w.services.get(name, now, fresh);
-    let in_set = |i: usize| {
-        let has = |set: &PickSet| set.candidates.iter().any(|&(c, _)| c == i);
-        has(&sets.v4) || sets.v6.as_ref().is_some_and(has)
-    };
+    let mut candidate = vec![false; spec.backends.len()];
+    for set in std::iter::once(&sets.v4).chain(&sets.v6) {
+        for &(i, _) in &set.candidates {
+            if let Some(c) = candidate.get_mut(i) {
+                *c = true;
+            }
+        }
+    }
+    let in_set = |i: usize| candidate.get(i).copied().unwrap_or(false);
+    let mut slots = Vec::with_capacity(spec.backends.len());
     let best_tier = spec
         .backends
         .iter()
@@ -707,27 +781,26 @@ fn encode(
         .iter()
         .enumerate()
         .map(|(i, b)| {
-            let slot = w.backends.get(&(name.clone(), b.addr), now, fresh);
+            let slot = match had.remove(&b.addr) {
+                Some(s) if s != NO_SLOT => s,
+                _ => {
+                    let s = w.backends.take(now, fresh);
+                    if s != NO_SLOT {
+                        let at = s as usize;
+                        if w.owners.len() <= at {
+                            w.owners.resize(at + 1, None);
+                        }
+                        w.owners[at] = Some(name.clone());
+                    }
+                    s
+                }
+            };
+            slots.push(slot);
             let ports: Vec<u16> = spec
                 .client_ports
                 .values()
                 .map(|pn| b.port_for(Some(pn)))
                 .collect();
-            if slot != NO_SLOT {
-                let mut all = vec![b.addr.port()];
-                all.extend(b.ports.values().copied());
-                all.sort_unstable();
-                all.dedup();
-                w.slot_info.insert(
-                    slot,
-                    SlotInfo {
-                        service: name.clone(),
-                        backend: b.addr,
-                        ports: all,
-                        policy: spec.lb,
-                    },
-                );
-            }
             let standing = if in_set(i) {
                 Standing::Candidate
             } else if sets.out.get(i).copied().unwrap_or(false) {
@@ -771,6 +844,7 @@ fn encode(
     };
     Cached {
         service: service.clone(),
+        slots,
         record: Placed::New(record),
         magics,
         rebuild_at,

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod formats;
 pub mod session;
+mod tree;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
@@ -23,9 +24,10 @@ use zookeeper_async::{WatchedEvent, WatchedEventType, ZkError, ZkState};
 use self::config::{ZkFormat, ZookeeperSource};
 use self::formats::FormatError;
 use self::session::{BACKOFF_MAX, BACKOFF_MIN, Session, SessionError, jitter};
+use self::tree::{Data, Instance, Instances, Tree};
 use super::SourceEvent;
 use crate::ops::metrics::{METRICS, SourceLabels};
-use crate::service::{Backend, ServiceName, ServiceSpec};
+use crate::service::{ServiceName, ServiceSpec};
 
 /// After a pass, further changes wait this long so a burst (a deploy restarting many instances)
 /// becomes one update; a lone change is applied at once.
@@ -93,23 +95,6 @@ impl Changes {
     fn is_empty(&self) -> bool {
         !self.root && self.services.is_empty() && self.instances.is_empty()
     }
-}
-
-/// One instance node as last read. The zxid of its last modification stands in for the data,
-/// so an unchanged node is not parsed (or logged) again; `host-port` nodes, read by name, use 0.
-#[derive(Debug, Clone)]
-struct Instance {
-    mzxid: i64,
-    backend: Option<Backend>,
-}
-
-/// An instance node's data and the zxid of its last modification.
-type Data = (Vec<u8>, i64);
-
-/// The source's view of the tree: service node name -> instance node name -> instance.
-#[derive(Debug, Default)]
-struct Tree {
-    services: BTreeMap<String, BTreeMap<String, Instance>>,
 }
 
 /// The running source: configuration, the view of the tree, and where to report.
@@ -413,24 +398,29 @@ impl Watcher {
         let started = Instant::now();
         let names = self.root(s).await?;
         let listed = self.list_services(s, names).await?;
-        let mut tree = Tree::default();
+        let mut read: BTreeMap<String, Vec<(String, Instance)>> = BTreeMap::new();
         let mut nodes = Vec::new();
         for (name, children) in listed {
             let Some(children) = children else { continue };
             for c in &children {
                 nodes.push((name.clone(), c.clone()));
             }
-            tree.services.insert(name, BTreeMap::new());
+            read.insert(name, Vec::with_capacity(children.len()));
         }
         let count = nodes.len();
         for ((svc, child), data) in self.read_instances(s, nodes).await? {
             let Some(data) = data else { continue };
             let instance = self.parse(&svc, &child, data);
-            if let Some(m) = tree.services.get_mut(&svc) {
-                m.insert(child, instance);
+            if let Some(m) = read.get_mut(&svc) {
+                m.push((child, instance));
             }
         }
-        self.tree = tree;
+        self.tree = Tree {
+            services: read
+                .into_iter()
+                .map(|(svc, instances)| (svc, Instances::from(instances)))
+                .collect(),
+        };
         self.reindex();
         debug!(source = %self.cfg.name, services = self.tree.services.len(), instances = count, ms = started.elapsed().as_millis() as u64, "read the whole tree");
         Ok(())
@@ -468,7 +458,7 @@ impl Watcher {
                 };
                 structure |= !self.tree.services.contains_key(&name);
                 let instances = self.tree.services.entry(name.clone()).or_default();
-                instances.retain(|c, _| children.binary_search(c).is_ok());
+                instances.retain(|c| children.binary_search_by(|x| x.as_str().cmp(c)).is_ok());
                 for c in children {
                     if !instances.contains_key(&c) {
                         changes.instances.insert((name.clone(), c));
@@ -549,15 +539,25 @@ impl Watcher {
     /// One service as the registry wants it: instances ordered by node name, deduplicated by address.
     fn spec(&self, name: &ServiceName) -> Option<ServiceSpec> {
         let nodes = self.aliases.get(name)?;
-        let mut spec = ServiceSpec::new(name.clone());
+        let services: Vec<&Instances> = nodes
+            .iter()
+            .filter_map(|n| self.tree.services.get(n))
+            .collect();
+        // Sized once: the list is kept (by the registry too) until the service changes.
+        let mut backends = Vec::with_capacity(services.iter().map(|i| i.len()).sum());
         let mut seen = HashSet::new();
-        for instances in nodes.iter().filter_map(|n| self.tree.services.get(n)) {
-            for b in instances.values().filter_map(|i| i.backend.as_ref()) {
-                if seen.insert(b.addr) {
-                    spec.backends.push(b.clone());
-                }
+        for b in services
+            .iter()
+            .flat_map(|i| i.values())
+            .filter_map(|i| i.backend.as_ref())
+        {
+            if seen.insert(b.addr) {
+                backends.push(b.clone());
             }
         }
+        backends.shrink_to_fit();
+        let mut spec = ServiceSpec::new(name.clone());
+        spec.backends = backends.into();
         Some(spec)
     }
 

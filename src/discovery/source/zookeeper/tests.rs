@@ -47,7 +47,7 @@ fn node_names_differing_in_case_are_one_service_and_bad_names_are_skipped() {
     put(&mut w, "web", "127.0.0.2:80");
     put(&mut w, "web", "127.0.0.3:80");
     put(&mut w, "bad_name", "127.0.0.4:80");
-    w.tree.services.insert("empty".into(), BTreeMap::new());
+    w.tree.services.insert("empty".into(), Instances::default());
     w.reindex();
     assert_eq!(
         w.aliases
