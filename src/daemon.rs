@@ -23,11 +23,11 @@ use crate::discovery::snapshot::{self, Snapshot};
 use crate::discovery::source::SourceEvent;
 use crate::discovery::source::config::SourceConfig;
 use crate::discovery::source::file::FileSource;
-use crate::dns::forward::{ForwardConfig, Forwarder};
 use crate::dns::server::{DnsHandler, DnsState};
 use crate::dns::udp;
 use crate::ops::admin::{self, AdminContext, ReloadRequest};
 use crate::state;
+use crate::upstream::forward::{ForwardConfig, Forwarder};
 
 /// How long in-flight work gets to finish after shutdown is requested.
 const GRACE: Duration = Duration::from_secs(5);

@@ -27,11 +27,11 @@ use crate::discovery::source::zone;
 use crate::discovery::source::zookeeper::config::ZkFormat;
 use crate::discovery::source::zookeeper::formats;
 use crate::dns::answer::{Outcome, Zones, answer};
-use crate::dns::cache::{Answer, Cache, Lookup};
-use crate::dns::forward::{ForwardConfig, Forwarder, is_reply_to, restore_case, scrub};
 use crate::dns::server::{DnsHandler, DnsState, MAX_UDP_PAYLOAD, Response, encode_udp};
 use crate::dns::udp::{MAX_QUERY, cache_key, formerr};
 use crate::service::{Backend, PortName, ServiceName, ServiceSpec};
+use crate::upstream::cache::{Answer, Cache, Lookup};
+use crate::upstream::forward::{ForwardConfig, Forwarder, is_reply_to, restore_case, scrub};
 
 /// A target's body: takes any bytes; panics on a bug.
 pub type Body = fn(&[u8]);

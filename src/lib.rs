@@ -4,7 +4,9 @@
 //! [`discovery::snapshot::Snapshot`] swapped atomically -> read by the DNS server and the routing
 //! table hooks pick from. The folders follow that flow: [`discovery`] (sources, registry, health),
 //! [`dns`], [`connect`] (routing table, balancer, hook socket, prefetching, the catch path), and
-//! [`ops`] (admin, metrics, status page); [`config`] and [`daemon`] tie them together.
+//! [`ops`] (admin, status page); [`config`] and [`daemon`] tie them together. Below every stage:
+//! [`upstream`] (queries to upstream DNS servers and their cache, for the forwarder and the
+//! DNS SRV source), [`metrics`], and the domain types of [`service`].
 #![forbid(unsafe_code)]
 
 pub mod addr;
@@ -17,6 +19,8 @@ pub mod dns;
 pub mod duration;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod metrics;
 pub mod ops;
 pub mod service;
 pub mod state;
+pub mod upstream;

@@ -39,5 +39,7 @@ fi
 # The release binaries and the .deb (with the pinned cargo-deb, installed if missing), built here so
 # the packaging tests find them fresh instead of compiling beside timing-sensitive tests.
 packaging/build-deb.sh >/dev/null
+# The layout: no import cycle between src modules, counted between files or between folders.
+python3 tests/tools/modcycles.py src
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::connect::table::RoutingTable;
-use crate::ops::metrics::{METRICS, ServiceLabels};
+use crate::metrics::{METRICS, ServiceLabels};
 use crate::service::ServiceName;
 
 /// The compiled BPF object (empty when clang was missing at build time: see build.rs).

@@ -42,7 +42,7 @@ use crate::connect::reports::{Hint, Hints, Prober};
 use crate::connect::table::RoutingTable;
 use crate::discovery::registry::Command;
 use crate::discovery::snapshot::{Service, SharedSnapshot};
-use crate::ops::metrics::{HookLabels, METRICS, PrefetchLabels};
+use crate::metrics::{HookLabels, METRICS, PrefetchLabels};
 use crate::service::ServiceSpec;
 
 /// The hook library's file name, as cargo builds it and as packages install it.

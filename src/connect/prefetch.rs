@@ -36,7 +36,7 @@ use tracing::debug;
 
 use crate::connect::table::RoutingTable;
 use crate::discovery::snapshot::Snapshot;
-use crate::ops::metrics::{METRICS, PrefetchLabels};
+use crate::metrics::{METRICS, PrefetchLabels};
 use crate::service::{Prefetch, ServiceName};
 
 /// How often the keeper looks at the pools without being woken.
@@ -406,7 +406,7 @@ impl Prefetcher {
         for (service, n) in pooled {
             METRICS
                 .prefetch_pooled
-                .get_or_create(&crate::ops::metrics::ServiceLabels {
+                .get_or_create(&crate::metrics::ServiceLabels {
                     service: service.to_string(),
                 })
                 .set(n);

@@ -35,7 +35,7 @@ use crate::connect::latency::{Settled, Watch, Watcher};
 use crate::connect::table::RoutingTable;
 use crate::discovery::registry::Command;
 use crate::discovery::snapshot::SharedSnapshot;
-use crate::ops::metrics::{HookLabels, METRICS};
+use crate::metrics::{HookLabels, METRICS};
 use crate::service::{LbPolicy, ServiceName};
 
 /// A backend a hook saw fail, to be confirmed.

@@ -1,8 +1,6 @@
-//! DNS for the service domains: authoritative answers, the forwarder and its cache, and the
-//! server that ties them to sockets.
+//! DNS for the service domains: authoritative answers, and the server that ties them and the
+//! forwarder ([`crate::upstream`]) to sockets.
 
 pub mod answer;
-pub mod cache;
-pub mod forward;
 pub mod server;
 pub mod udp;

@@ -24,9 +24,9 @@ use ipnet::IpNet;
 use tracing::{debug, warn};
 
 use super::answer::{self, Outcome, Zones};
-use super::forward::Forwarder;
 use crate::discovery::snapshot::SharedSnapshot;
-use crate::ops::metrics::METRICS;
+use crate::metrics::METRICS;
+use crate::upstream::forward::Forwarder;
 
 /// Largest UDP answer we send, whatever the client offers; matches common resolver practice
 /// (DNS flag day 2020) and keeps answers clear of fragmentation.

@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 use prometheus_client::metrics::counter::Counter;
 
 use super::server::{DnsHandler, MAX_UDP_PAYLOAD, Response, encode_udp, record};
-use crate::ops::metrics::{CacheLabels, METRICS};
+use crate::metrics::{CacheLabels, METRICS};
 
 /// One in this many answers from the cache has its latency measured: the clock costs more than
 /// the answer.

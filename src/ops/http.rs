@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::discovery::registry::{RegistryHandle, RegistryStatus};
 use crate::discovery::snapshot::SharedSnapshot;
-use crate::ops::metrics::METRICS;
+use crate::metrics::METRICS;
 
 /// Largest request head read (hyper's smallest buffer).
 const MAX_REQUEST: usize = 8192;

@@ -34,7 +34,7 @@ use crate::discovery::health::config::HealthConfig;
 use crate::discovery::magic::MagicMap;
 use crate::discovery::snapshot::{Service, SharedSnapshot, Snapshot};
 use crate::discovery::source::SourceEvent;
-use crate::ops::metrics::{METRICS, SourceLabels};
+use crate::metrics::{METRICS, SourceLabels};
 use crate::service::{ServiceName, ServiceSpec};
 use crate::state;
 

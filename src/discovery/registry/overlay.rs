@@ -96,7 +96,7 @@ impl Registry {
                 .ejected
                 .get(service)
                 .is_some_and(|m| m.contains_key(&addr));
-        let labels = crate::ops::metrics::BackendLabels {
+        let labels = crate::metrics::BackendLabels {
             service: service.to_string(),
             backend: addr.to_string(),
         };

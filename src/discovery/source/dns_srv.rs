@@ -19,8 +19,8 @@ use tracing::{debug, warn};
 
 use self::config::DnsSrvSource;
 use super::SourceEvent;
-use crate::dns::forward::{ForwardConfig, Forwarded, Forwarder};
 use crate::service::{Backend, ServiceName, ServiceSpec};
+use crate::upstream::forward::{ForwardConfig, Forwarded, Forwarder};
 
 /// Runs every service's poll loop until `shutdown`.
 pub async fn run(
@@ -189,7 +189,7 @@ fn addresses(records: &[Record], name: &Name) -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dns::forward::Origin;
+    use crate::upstream::forward::Origin;
     use hickory_proto::rr::rdata::{A, SRV};
 
     fn name(s: &str) -> Name {

@@ -26,7 +26,7 @@ use self::formats::FormatError;
 use self::session::{BACKOFF_MAX, BACKOFF_MIN, Session, SessionError, jitter};
 use self::tree::{Data, Instance, Instances, Tree};
 use super::SourceEvent;
-use crate::ops::metrics::{METRICS, SourceLabels};
+use crate::metrics::{METRICS, SourceLabels};
 use crate::service::{ServiceName, ServiceSpec};
 
 /// After a pass, further changes wait this long so a burst (a deploy restarting many instances)

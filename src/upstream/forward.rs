@@ -6,7 +6,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::ops::metrics::{CacheLabels, METRICS};
+use crate::metrics::{CacheLabels, METRICS};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
