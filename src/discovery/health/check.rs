@@ -2,17 +2,31 @@
 //! a registration's `check`), the probe itself (a TCP connect, or an HTTP GET whose status must be
 //! in range), and the rise/fall counting that turns results into a state (`Streak`). Shared by
 //! active health checks of backends and by registrations.
+//!
+//! The HTTP probe is hyper's HTTP/1.1 client on one connection per check (`Connection: close`, no
+//! pool): the request is built from validated `http` types, so no path can put a request line of
+//! its own on the wire, and the answer's status decides as soon as its head is in; the body is
+//! never read, and the connection is dropped with it.
 
+use std::future::poll_fn;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::pin;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper::client::conn::http1;
+use hyper::header::{ACCEPT, CONNECTION, HOST, USER_AGENT};
+use hyper::{Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::service::CheckKind;
 
-/// The longest status line an HTTP check reads before giving up on the answer.
-const MAX_STATUS_LINE: usize = 1024;
+/// The most an HTTP check buffers of an answer: its head must fit (hyper's smallest limit is 8 KiB).
+const MAX_HEAD: usize = 16 * 1024;
+/// What a check calls itself (backends may leave it out of their access logs).
+const USER_AGENT_VALUE: &str = "discotech-check";
 
 /// Why one health check failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,12 +38,41 @@ pub enum CheckError {
     },
     #[error("no answer within {}ms", .0.as_millis())]
     Timeout(Duration),
-    #[error("HTTP request: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("not an HTTP answer: {0:?}")]
-    NotHttp(String),
+    #[error("HTTP path {path:?} cannot be sent: {reason}")]
+    BadPath { path: String, reason: String },
+    #[error("not an HTTP answer: {}", Chain(.0))]
+    NotHttp(hyper::Error),
+    #[error("HTTP request: {}", Chain(.0))]
+    Http(hyper::Error),
     #[error("HTTP status {status} is outside {lo}-{hi}")]
     Status { status: u16, lo: u16, hi: u16 },
+}
+
+impl From<hyper::Error> for CheckError {
+    fn from(e: hyper::Error) -> Self {
+        // A head hyper cannot parse is another protocol; one too large is HTTP gone wrong.
+        if e.is_parse() && !e.is_parse_too_large() {
+            Self::NotHttp(e)
+        } else {
+            Self::Http(e)
+        }
+    }
+}
+
+/// An error with its causes, `outer: inner: ...` (hyper says "connection error" and keeps the
+/// I/O error that says which as its source).
+struct Chain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(e) = cause {
+            write!(f, ": {e}")?;
+            cause = e.source();
+        }
+        Ok(())
+    }
 }
 
 /// Rise/fall hysteresis: a service becomes healthy after `rise` passes in a row and unhealthy
@@ -98,7 +141,8 @@ fn check_target(addr: SocketAddr) -> SocketAddr {
 /// Runs one check against `addr`, bounded by `timeout`.
 ///
 /// # Errors
-/// Why the check failed: connect, timeout, not HTTP, or a status outside the expected range.
+/// Why the check failed: connect, timeout, a path that is no request target, not HTTP, or a
+/// status outside the expected range.
 pub async fn check(
     kind: &CheckKind,
     addr: SocketAddr,
@@ -106,13 +150,12 @@ pub async fn check(
 ) -> Result<(), CheckError> {
     let target = check_target(addr);
     let work = async {
-        let mut stream =
-            TcpStream::connect(target)
-                .await
-                .map_err(|source| CheckError::Connect {
-                    addr: target,
-                    source,
-                })?;
+        let stream = TcpStream::connect(target)
+            .await
+            .map_err(|source| CheckError::Connect {
+                addr: target,
+                source,
+            })?;
         let CheckKind::Http {
             path,
             expect: (lo, hi),
@@ -120,20 +163,7 @@ pub async fn check(
         else {
             return Ok(());
         };
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: discotech-check\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut buf = Vec::with_capacity(256);
-        let mut chunk = [0u8; 256];
-        while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < MAX_STATUS_LINE {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let status = parse_status(&buf)?;
+        let status = status(stream, request(path, target)?).await?.as_u16();
         if (*lo..=*hi).contains(&status) {
             Ok(())
         } else {
@@ -149,97 +179,68 @@ pub async fn check(
         .map_err(|_| CheckError::Timeout(timeout))?
 }
 
-/// The status code of `HTTP/1.x NNN reason`.
-fn parse_status(buf: &[u8]) -> Result<u16, CheckError> {
-    let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
-    let text = String::from_utf8_lossy(line);
-    let mut words = text.split_whitespace();
-    match (
-        words.next(),
-        words.next().and_then(|c| c.parse::<u16>().ok()),
-    ) {
-        (Some(v), Some(code)) if v.starts_with("HTTP/") && (100..=599).contains(&code) => Ok(code),
-        _ => Err(CheckError::NotHttp(
-            text.trim_end().chars().take(80).collect(),
-        )),
+/// `GET path` to `host`, one request on its connection. The path must be a request target as
+/// written (an absolute path, an optional query): what `Uri` refuses or would send otherwise (a
+/// space, CR or LF, a fragment, a scheme) is an error, never put on the wire; so is a byte beyond
+/// ASCII, which `Uri` lets through.
+fn request(path: &str, host: SocketAddr) -> Result<Request<Empty<Bytes>>, CheckError> {
+    let bad = |reason: String| CheckError::BadPath {
+        path: path.to_string(),
+        reason,
+    };
+    if !path.is_ascii() {
+        return Err(bad("not ASCII (percent-encode it)".into()));
     }
+    let uri: Uri = path
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| bad(e.to_string()))?;
+    let as_sent = uri.path_and_query().map(|p| p.as_str());
+    if uri.scheme().is_some() || !path.starts_with('/') || as_sent != Some(path) {
+        return Err(bad(
+            "not an absolute path with an optional query and no fragment".into(),
+        ));
+    }
+    Request::get(uri)
+        .header(HOST, host.to_string())
+        .header(USER_AGENT, USER_AGENT_VALUE)
+        .header(ACCEPT, "*/*")
+        .header(CONNECTION, "close")
+        .body(Empty::new())
+        .map_err(|e| bad(e.to_string()))
+}
+
+/// Sends `request` on `stream` and returns the answer's status once its head is in. The
+/// connection is driven here rather than in a task of its own, so it ends with the check: the
+/// body, however long, is not waited for, and no more of it is read than came with the head.
+async fn status(
+    stream: TcpStream,
+    request: Request<Empty<Bytes>>,
+) -> Result<StatusCode, CheckError> {
+    let (mut sender, mut conn) = http1::Builder::new()
+        // `Host:`, not `host:`: some old servers match header names by case.
+        .title_case_headers(true)
+        // Only the status counts: a header hyper would refuse is no reason to fail a check.
+        .ignore_invalid_headers_in_responses(true)
+        .allow_spaces_after_header_name_in_responses(true)
+        .allow_obsolete_multiline_headers_in_responses(true)
+        .max_buf_size(MAX_HEAD)
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+        .await?;
+    // Without hyper's write shutdown once a whole answer is in: the socket is closed with the
+    // check anyway, and the shutdown cost a system call per check.
+    let driven = poll_fn(|cx| conn.poll_without_shutdown(cx));
+    let mut response = pin!(sender.send_request(request));
+    let response = tokio::select! {
+        r = &mut response => r?,
+        // The connection ends first on an error, or when it is done with a whole (short) answer:
+        // the request then holds the answer or the reason (hyper answers every request it took).
+        ended = driven => {
+            ended?;
+            response.await?
+        }
+    };
+    Ok(response.status())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rise_and_fall_need_consecutive_results() {
-        let mut h = Streak::new(2, 3);
-        assert!(!h.healthy(), "starts unhealthy");
-        assert_eq!(h.observe(true), None);
-        assert_eq!(h.observe(false), None, "a failure resets the rise streak");
-        assert_eq!(h.observe(true), None);
-        assert_eq!(h.observe(true), Some(true));
-        assert_eq!(h.observe(true), None);
-        assert_eq!(h.observe(false), None);
-        assert_eq!(h.observe(false), None);
-        assert_eq!(h.observe(true), None, "a pass resets the fall streak");
-        assert_eq!(h.observe(false), None);
-        assert_eq!(h.observe(false), None);
-        assert_eq!(h.observe(false), Some(false));
-        assert!(!h.healthy());
-    }
-
-    #[test]
-    fn rise_and_fall_of_one_switch_at_once() {
-        let mut h = Streak::new(1, 1);
-        assert_eq!(h.observe(true), Some(true));
-        assert_eq!(h.observe(false), Some(false));
-        let mut zero = Streak::new(0, 0);
-        assert_eq!(zero.observe(true), Some(true), "0 is treated as 1");
-    }
-
-    #[test]
-    fn status_lines() {
-        assert_eq!(parse_status(b"HTTP/1.1 204 No Content\r\n").unwrap(), 204);
-        assert_eq!(
-            parse_status(b"HTTP/1.0 503 Service Unavailable\r\nServer: x\r\n").unwrap(),
-            503
-        );
-        assert!(matches!(
-            parse_status(b"SSH-2.0-OpenSSH\r\n"),
-            Err(CheckError::NotHttp(_))
-        ));
-        assert!(matches!(parse_status(b""), Err(CheckError::NotHttp(_))));
-    }
-
-    #[tokio::test]
-    async fn tcp_and_http_checks_against_a_local_listener() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            for status in ["200 OK", "500 Internal Server Error"] {
-                let (mut c, _) = listener.accept().await.unwrap();
-                let mut req = [0u8; 512];
-                let _ = c.read(&mut req).await.unwrap();
-                c.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
-                    .await
-                    .unwrap();
-            }
-        });
-        let http = CheckKind::Http {
-            path: "/health".into(),
-            expect: (200, 399),
-        };
-        check(&http, addr, Duration::from_secs(2)).await.unwrap();
-        let err = check(&http, addr, Duration::from_secs(2))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, CheckError::Status { status: 500, .. }),
-            "{err}"
-        );
-        server.await.unwrap();
-        let closed = check(&CheckKind::Tcp, addr, Duration::from_secs(2))
-            .await
-            .unwrap_err();
-        assert!(matches!(closed, CheckError::Connect { .. }), "{closed}");
-    }
-}
+mod tests;
