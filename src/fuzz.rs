@@ -74,7 +74,7 @@ fn services() -> Vec<Service> {
     web.backends.push(Backend::new(addr("127.0.0.2:8080")));
     let mut v6 = Backend::new(addr("[fd00::3]:8081"));
     v6.weight = 2;
-    v6.ports.insert(grpc.clone(), 9091);
+    v6.set_port(grpc.clone(), 9091);
     web.backends.push(v6);
     web.client_ports.insert(9090, grpc);
     let mut big = ServiceSpec::new(name("big"));
@@ -689,7 +689,7 @@ pub fn zk_node(data: &[u8]) {
     };
     assert_ne!(b.addr.port(), 0, "port 0 is never a backend");
     let svc: ServiceName = "web".parse().expect("fixture service name");
-    let (node_name, bytes) = formats::encode(format, &svc, b.addr, &b.ports, "fuzz-id", 0);
+    let (node_name, bytes) = formats::encode(format, &svc, b.addr, &b.ports(), "fuzz-id", 0);
     let child = if node_name.sequential {
         format!("{}0000000001", node_name.name)
     } else {
@@ -706,10 +706,10 @@ pub fn zk_node(data: &[u8]) {
         (b.addr.ip(), b.addr.port()),
         "{format:?} round trip"
     );
-    let unsupported = formats::unsupported_ports(format, &b.ports);
-    for (port, number) in b.ports.iter().filter(|(p, _)| !unsupported.contains(p)) {
+    let unsupported = formats::unsupported_ports(format, &b.ports());
+    for (port, number) in b.ports().iter().filter(|(p, _)| !unsupported.contains(p)) {
         assert_eq!(
-            back.ports.get(port),
+            back.ports().get(port),
             Some(number),
             "{format:?} keeps {port}"
         );

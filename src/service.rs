@@ -219,18 +219,74 @@ impl FromStr for LbPolicy {
     }
 }
 
-/// One backend of a service. `addr` carries the default port; `ports` gives the numbers of
-/// named ports where this backend differs from (or adds to) the default.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+/// One backend of a service. `addr` carries the default port; [`Self::ports`] gives the
+/// numbers of named ports where this backend differs from (or adds to) the default.
+///
+/// Named ports and the zone, which most backends lack, are boxed apart: a backend without them
+/// takes 48 bytes instead of 88, and a daemon may hold hundreds of thousands of backends twice
+/// (its sources' view, the published lists).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(from = "BackendFields")]
 pub struct Backend {
     pub addr: SocketAddr,
     pub weight: u16,
     pub priority: u16,
-    pub ports: BTreeMap<PortName, u16>,
+    /// Never `Some` of an empty `Extra`, so that equal backends compare equal.
+    extra: Option<Box<Extra>>,
+}
+
+// What the boxing is for.
+const _: () = assert!(std::mem::size_of::<Backend>() <= 48);
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+struct Extra {
+    ports: BTreeMap<PortName, u16>,
+    zone: Option<String>,
+}
+
+/// A backend as the state files and the admin socket write it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BackendFields<P = BTreeMap<PortName, u16>, Z = String> {
+    addr: SocketAddr,
+    weight: u16,
+    priority: u16,
+    ports: P,
     /// The zone the backend runs in; the host's zone is preferred (`[balance] zone`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub zone: Option<String>,
+    zone: Option<Z>,
 }
+
+impl From<BackendFields> for Backend {
+    fn from(f: BackendFields) -> Self {
+        let mut b = Self {
+            addr: f.addr,
+            weight: f.weight,
+            priority: f.priority,
+            extra: Some(Box::new(Extra {
+                ports: f.ports,
+                zone: f.zone,
+            })),
+        };
+        b.settle();
+        b
+    }
+}
+
+impl serde::Serialize for Backend {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        BackendFields {
+            addr: self.addr,
+            weight: self.weight,
+            priority: self.priority,
+            ports: self.ports(),
+            zone: self.zone(),
+        }
+        .serialize(s)
+    }
+}
+
+/// The named ports of a backend that has none.
+static NO_PORTS: BTreeMap<PortName, u16> = BTreeMap::new();
 
 impl Backend {
     pub fn new(addr: SocketAddr) -> Self {
@@ -238,14 +294,44 @@ impl Backend {
             addr,
             weight: 1,
             priority: 0,
-            ports: BTreeMap::new(),
-            zone: None,
+            extra: None,
+        }
+    }
+
+    /// Named port -> number, where this backend differs from (or adds to) its default port.
+    pub fn ports(&self) -> &BTreeMap<PortName, u16> {
+        self.extra.as_ref().map_or(&NO_PORTS, |e| &e.ports)
+    }
+
+    /// The zone the backend runs in; the host's zone is preferred (`[balance] zone`).
+    pub fn zone(&self) -> Option<&str> {
+        self.extra.as_ref().and_then(|e| e.zone.as_deref())
+    }
+
+    /// Serves `name` on `port`.
+    pub fn set_port(&mut self, name: PortName, port: u16) {
+        self.extra.get_or_insert_default().ports.insert(name, port);
+    }
+
+    pub fn set_zone(&mut self, zone: Option<String>) {
+        self.extra.get_or_insert_default().zone = zone;
+        self.settle();
+    }
+
+    /// Drops an empty `extra`.
+    fn settle(&mut self) {
+        if self
+            .extra
+            .as_ref()
+            .is_some_and(|e| e.ports.is_empty() && e.zone.is_none())
+        {
+            self.extra = None;
         }
     }
 
     /// The port this backend serves `name` on, falling back to its default port.
     pub fn port_for(&self, name: Option<&PortName>) -> u16 {
-        name.and_then(|n| self.ports.get(n).copied())
+        name.and_then(|n| self.ports().get(n).copied())
             .unwrap_or(self.addr.port())
     }
 }
@@ -453,7 +539,7 @@ impl ServiceSpec {
         let mut names: Vec<&PortName> = self
             .client_ports
             .values()
-            .chain(self.backends.iter().flat_map(|b| b.ports.keys()))
+            .chain(self.backends.iter().flat_map(|b| b.ports().keys()))
             .collect();
         names.sort();
         names.dedup();
@@ -488,7 +574,7 @@ mod tests {
         let mut b = Backend::new("127.0.0.2:8080".parse().unwrap());
         let grpc: PortName = "grpc".parse().unwrap();
         let admin: PortName = "admin".parse().unwrap();
-        b.ports.insert(grpc.clone(), 9090);
+        b.set_port(grpc.clone(), 9090);
         assert_eq!(b.port_for(Some(&grpc)), 9090);
         assert_eq!(b.port_for(Some(&admin)), 8080);
         assert_eq!(b.port_for(None), 8080);
@@ -505,5 +591,34 @@ mod tests {
                 .unwrap_err()
                 .contains("least-conn")
         );
+    }
+
+    #[test]
+    fn backends_keep_their_written_form_and_compare_by_value() {
+        let mut plain = Backend::new("127.0.0.2:80".parse().unwrap());
+        let json = serde_json::to_string(&plain).unwrap();
+        assert_eq!(
+            json,
+            r#"{"addr":"127.0.0.2:80","weight":1,"priority":0,"ports":{}}"#
+        );
+        assert_eq!(serde_json::from_str::<Backend>(&json).unwrap(), plain);
+
+        let mut rich = plain.clone();
+        rich.set_port("grpc".parse().unwrap(), 9090);
+        rich.set_zone(Some("eu-1".into()));
+        let json = serde_json::to_string(&rich).unwrap();
+        assert_eq!(
+            json,
+            r#"{"addr":"127.0.0.2:80","weight":1,"priority":0,"ports":{"grpc":9090},"zone":"eu-1"}"#
+        );
+        assert_eq!(serde_json::from_str::<Backend>(&json).unwrap(), rich);
+        assert_ne!(rich, plain);
+
+        // A zone set and taken away leaves the backend equal to one that never had it.
+        plain.set_zone(Some("eu-1".into()));
+        plain.set_zone(None);
+        assert_eq!(plain, Backend::new("127.0.0.2:80".parse().unwrap()));
+        assert_eq!(plain.zone(), None);
+        assert!(plain.ports().is_empty());
     }
 }

@@ -425,7 +425,7 @@ fn named_ports_and_p2c_work_through_the_hook() {
     let mut svc = service(LbPolicy::P2c, &[http.addr]);
     let name: discotech::service::PortName = "grpc".parse().unwrap();
     svc.spec.client_ports.insert(9000, name.clone());
-    svc.spec.backends[0].ports.insert(name, grpc.addr.port());
+    svc.spec.backends[0].set_port(name, grpc.addr.port());
     let d = Daemon::start(vec![
         svc,
         Service {

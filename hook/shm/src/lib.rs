@@ -154,6 +154,17 @@ pub fn nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
+/// Gives the allocator's free memory back to the system (glibc's `malloc_trim`), holes inside
+/// the heap included: after a transient the size of the whole state (reading every service at
+/// start-up), the freed pages would otherwise stay resident. Costs a walk of the free lists.
+/// Only the daemon calls this.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only walks and trims the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The calling process's effective uid.
 pub fn euid() -> u32 {
     // SAFETY: geteuid cannot fail and touches no memory.

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use crate::service::{LbPolicy, Outlier, ServiceName, ServiceSpec};
+use crate::service::{Backend, Backends, LbPolicy, Outlier, ServiceName, ServiceSpec};
 
 /// How long a backend reported as refusing is skipped by picks for its service.
 pub const DEFAULT_FAIL_HOLD: Duration = Duration::from_secs(2);
@@ -195,8 +195,9 @@ impl BackendState {
 
 #[derive(Debug, Default, Clone)]
 struct ServiceState {
-    /// The backend list this state was built for: (default address, weight, priority).
-    shape: Vec<(SocketAddr, u16, u16)>,
+    /// The backend list this state was built for (shared with the spec it came from); only
+    /// addresses, weights and priorities count as a change.
+    shape: Backends,
     rr_next: usize,
     backends: Vec<BackendState>,
     /// False until the first sync: backends of the first list do not ramp.
@@ -211,12 +212,8 @@ impl ServiceState {
     /// Rebuilds the per-backend state when the backend list changed, keeping the state of
     /// backends that are still there. Backends new to the list start their slow-start ramp now.
     fn sync(&mut self, spec: &ServiceSpec, now: Instant) {
-        let same = self.shape.len() == spec.backends.len()
-            && self
-                .shape
-                .iter()
-                .zip(&spec.backends)
-                .all(|(s, b)| *s == (b.addr, b.weight, b.priority));
+        let key = |b: &Backend| (b.addr, b.weight, b.priority);
+        let same = self.shape.iter().map(key).eq(spec.backends.iter().map(key));
         if same && self.initialised {
             return;
         }
@@ -224,32 +221,30 @@ impl ServiceState {
             .shape
             .iter()
             .zip(&self.backends)
-            .map(|(s, b)| (s.0, *b))
+            .map(|(s, b)| (s.addr, *b))
             .collect();
         let fresh = BackendState {
             ramp_from: self.initialised.then_some(now),
             ..BackendState::default()
         };
-        self.shape = spec
-            .backends
-            .iter()
-            .map(|b| (b.addr, b.weight, b.priority))
-            .collect();
+        self.shape = spec.backends.clone();
         let departed = &mut self.departed;
         departed.retain(|_, (_, left)| now.saturating_duration_since(*left) < DEPARTED_KEEP);
         self.backends = self
             .shape
             .iter()
-            .map(|s| match old.remove(&s.0) {
+            .map(|s| match old.remove(&s.addr) {
                 Some(b) => b,
                 // Back from a health or ejection exit: its history returns, its ramp starts now.
-                None => departed.remove(&s.0).map_or(fresh, |(b, _)| BackendState {
-                    ramp_from: Some(now),
-                    outstanding: 0,
-                    pending: 0,
-                    current: 0,
-                    ..b
-                }),
+                None => departed
+                    .remove(&s.addr)
+                    .map_or(fresh, |(b, _)| BackendState {
+                        ramp_from: Some(now),
+                        outstanding: 0,
+                        pending: 0,
+                        current: 0,
+                        ..b
+                    }),
             })
             .collect();
         // What is left of the old list has departed.
@@ -260,7 +255,7 @@ impl ServiceState {
     }
 
     fn index_of(&self, backend: SocketAddr) -> Option<usize> {
-        self.shape.iter().position(|s| s.0 == backend)
+        self.shape.iter().position(|s| s.addr == backend)
     }
 }
 

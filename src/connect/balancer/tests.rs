@@ -245,7 +245,7 @@ fn named_ports_map_client_ports_to_backend_ports() {
     );
     let grpc: PortName = "grpc".parse().unwrap();
     s.client_ports.insert(9000, grpc.clone());
-    s.backends[0].ports.insert(grpc.clone(), 9090);
+    s.backends[0].set_port(grpc.clone(), 9090);
     let mut b = Balancer::default();
     let mut rng = StdRng::seed_from_u64(1);
     let now = Instant::now();
@@ -782,7 +782,7 @@ fn the_local_zone_is_preferred_while_it_holds_enough_capacity_then_spills_over()
         ],
     );
     for (b, z) in s.backends.iter_mut().zip(["a", "a", "b", "b"]) {
-        b.zone = Some(z.into());
+        b.set_zone(Some(z.into()));
     }
     s.outlier = Some(Box::new(outlier(1, 30, 50)));
     let mut b = Balancer::new(Duration::ZERO).with_zone(Some("a".into()), 0.3);

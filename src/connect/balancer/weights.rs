@@ -20,11 +20,7 @@ pub(super) fn prefer_zone(
     let local: Vec<usize> = candidates
         .iter()
         .copied()
-        .filter(|&i| {
-            spec.backends
-                .get(i)
-                .is_some_and(|b| b.zone.as_deref() == Some(zone))
-        })
+        .filter(|&i| spec.backends.get(i).is_some_and(|b| b.zone() == Some(zone)))
         .collect();
     let local_w: u64 = local.iter().map(|&i| weight(i)).sum();
     let total_w: u64 = candidates.iter().map(|&i| weight(i)).sum();

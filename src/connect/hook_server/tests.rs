@@ -21,7 +21,7 @@ fn web(lb: LbPolicy, backends: &[SocketAddr]) -> Service {
     let grpc: PortName = "grpc".parse().unwrap();
     spec.client_ports.insert(9000, grpc.clone());
     if let Some(b) = spec.backends.get_mut(1) {
-        b.ports.insert(grpc, 9090);
+        b.set_port(grpc, 9090);
     }
     Service {
         spec,

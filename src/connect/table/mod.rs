@@ -735,7 +735,7 @@ fn release_backend(
 fn slot_info(c: &Cached, i: usize) -> Option<SlotInfo> {
     let b = c.service.spec.backends.get(i)?;
     let mut ports = vec![b.addr.port()];
-    ports.extend(b.ports.values().copied());
+    ports.extend(b.ports().values().copied());
     ports.sort_unstable();
     ports.dedup();
     Some(SlotInfo {

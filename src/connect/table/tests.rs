@@ -34,7 +34,7 @@ fn candidates_are_the_pick_set_with_the_port_the_client_port_maps_to() {
     spec.backends
         .push(Backend::new("127.0.0.2:8080".parse().unwrap()));
     let mut b = Backend::new("127.0.0.3:8080".parse().unwrap());
-    b.ports.insert(grpc, 9090);
+    b.set_port(grpc, 9090);
     spec.backends.push(b);
     let mut backup = Backend::new("127.0.0.4:8080".parse().unwrap());
     backup.priority = 1;

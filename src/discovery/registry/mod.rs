@@ -130,6 +130,9 @@ pub struct Registry {
 #[derive(Clone, Debug)]
 pub struct RegistryHandle(mpsc::Sender<Command>);
 
+/// A reset that changed at least this many services is followed by giving free memory back.
+const RELEASE_AFTER: usize = 1000;
+
 /// How long a caller waits for the registry's answer.
 const ANSWER_WITHIN: Duration = Duration::from_secs(2);
 
@@ -307,7 +310,14 @@ impl Registry {
                     return;
                 }
                 self.dirty = true;
+                let many = changed.len();
                 self.refresh(changed, now, Instant::now());
+                // A whole set read and published (start-up, a new ZooKeeper session) leaves
+                // transients the size of the state freed: give them back rather than keep them
+                // resident until the next such read.
+                if many >= RELEASE_AFTER {
+                    discotech_shm::release_free_memory();
+                }
             }
             SourceEvent::Update { source, service } => {
                 let Some(slot) = self.sources.get_mut(source) else {

@@ -395,7 +395,7 @@ fn backend(v: &Value) -> Result<Backend, (&'static str, String)> {
                             .ok_or(("zone", "must be a string such as \"a\"".to_string()))?;
                         z.parse::<PortName>()
                             .map_err(|e| ("zone", format!("invalid zone {z:?}: {e}")))?;
-                        b.zone = Some(z.to_ascii_lowercase());
+                        b.set_zone(Some(z.to_ascii_lowercase()));
                     }
                     "priority" => {
                         b.priority = int(value, 0, 65_535)
@@ -413,7 +413,7 @@ fn backend(v: &Value) -> Result<Backend, (&'static str, String)> {
                                 "ports",
                                 format!("{name} must be a port number (1-65535)"),
                             ))?;
-                            b.ports.insert(name, port);
+                            b.set_port(name, port);
                         }
                     }
                     _ => {
@@ -619,7 +619,7 @@ backends = ["[::1]:9000"]
             "{e:#?}"
         );
         let s = ok("[services.web]\nbackends = [{ addr = \"127.0.0.2:80\", zone = \"EU-1\" }]\n");
-        assert_eq!(s[0].backends[0].zone.as_deref(), Some("eu-1"));
+        assert_eq!(s[0].backends[0].zone(), Some("eu-1"));
         let e = errs("[services.web]\nbackends = [{ addr = \"127.0.0.2:80\", zone = \"a b\" }]\n");
         assert!(
             e[0].starts_with("zones/a.toml:2:13: services.web.backends[0].zone: invalid zone"),

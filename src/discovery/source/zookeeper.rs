@@ -369,23 +369,30 @@ impl Watcher {
         results.into_iter().collect()
     }
 
-    /// Reads many instances at once. Gone instances come back as `None`. With `host-port` the data
-    /// is never needed, so nothing is read (and no data watch is left).
+    /// Reads many instances at once, each parsed as it arrives (so that no node's raw data
+    /// outlives its own read). Gone instances come back as `None`. With `host-port` the data is
+    /// never needed, so nothing is read (and no data watch is left).
     async fn read_instances(
         &self,
         s: &Session,
         nodes: Vec<(String, String)>,
-    ) -> Result<Vec<((String, String), Option<Data>)>, SessionError> {
+    ) -> Result<Vec<((String, String), Option<Instance>)>, SessionError> {
         if self.cfg.format == ZkFormat::HostPort {
             return Ok(nodes
                 .into_iter()
-                .map(|n| (n, Some((Vec::new(), 0))))
+                .map(|(svc, child)| {
+                    let instance = self.parse(&svc, &child, (Vec::new(), 0));
+                    ((svc, child), Some(instance))
+                })
                 .collect());
         }
         let results: Vec<_> = stream::iter(nodes)
             .map(|(svc, child)| async move {
                 let r = self.data(s, &svc, &child).await;
-                r.map(|d| ((svc, child), d))
+                r.map(|d| {
+                    let instance = d.map(|d| self.parse(&svc, &child, d));
+                    ((svc, child), instance)
+                })
             })
             .buffer_unordered(PARALLEL)
             .collect()
@@ -408,9 +415,8 @@ impl Watcher {
             read.insert(name, Vec::with_capacity(children.len()));
         }
         let count = nodes.len();
-        for ((svc, child), data) in self.read_instances(s, nodes).await? {
-            let Some(data) = data else { continue };
-            let instance = self.parse(&svc, &child, data);
+        for ((svc, child), instance) in self.read_instances(s, nodes).await? {
+            let Some(instance) = instance else { continue };
             if let Some(m) = read.get_mut(&svc) {
                 m.push((child, instance));
             }
@@ -469,11 +475,10 @@ impl Watcher {
                 .into_iter()
                 .filter(|(svc, _)| self.tree.services.contains_key(svc))
                 .collect();
-            for ((svc, child), data) in self.read_instances(s, nodes).await? {
+            for ((svc, child), instance) in self.read_instances(s, nodes).await? {
                 self.touched.insert(svc.clone());
-                match data {
-                    Some(data) => {
-                        let instance = self.parse(&svc, &child, data);
+                match instance {
+                    Some(instance) => {
                         if let Some(m) = self.tree.services.get_mut(&svc) {
                             m.insert(child, instance);
                         }

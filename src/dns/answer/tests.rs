@@ -21,7 +21,7 @@ fn snap() -> Snapshot {
         .push(Backend::new("127.0.0.2:8080".parse().unwrap()));
     let mut b = Backend::new("[fd00::3]:8081".parse().unwrap());
     b.weight = 2;
-    b.ports.insert("grpc".parse().unwrap(), 9091);
+    b.set_port("grpc".parse().unwrap(), 9091);
     web.backends.push(b);
     web.client_ports.insert(9090, "grpc".parse().unwrap());
     let api = ServiceSpec::new("api".parse().unwrap());

@@ -161,8 +161,7 @@ fn serverset(obj: &Map<String, Value>) -> Result<Option<Backend>, FormatError> {
             continue;
         };
         if h == host {
-            b.ports
-                .insert(pname, port("additionalEndpoints.port", ep.port)?);
+            b.set_port(pname, port("additionalEndpoints.port", ep.port)?);
         }
     }
     Ok(Some(b))
@@ -195,10 +194,10 @@ fn curator(obj: &Map<String, Value>) -> Result<Option<Backend>, FormatError> {
     };
     let mut b = Backend::new(SocketAddr::new(host, default));
     if let (Some(p), Ok(n)) = (plain, CURATOR_PORT.parse()) {
-        b.ports.insert(n, p);
+        b.set_port(n, p);
     }
     if let (Some(p), Ok(n)) = (ssl, CURATOR_SSL_PORT.parse()) {
-        b.ports.insert(n, p);
+        b.set_port(n, p);
     }
     Ok(Some(b))
 }
@@ -345,7 +344,7 @@ mod tests {
             let b = parse(format, "member_0000000001", data).unwrap().unwrap();
             assert_eq!(b.addr, addr("10.0.0.1:31000"));
             assert_eq!(
-                b.ports.into_iter().collect::<Vec<_>>(),
+                b.ports().clone().into_iter().collect::<Vec<_>>(),
                 [(pn("http"), 31001)]
             );
         }
@@ -364,8 +363,8 @@ mod tests {
             "registrationTimeUTC":1700000000000,"serviceType":"DYNAMIC","uriSpec":null}"#;
         let b = parse(ZkFormat::Auto, "8c2f", data).unwrap().unwrap();
         assert_eq!(b.addr, addr("10.0.0.2:8080"));
-        assert_eq!(b.ports.get(&pn("https")), Some(&8443));
-        assert_eq!(b.ports.get(&pn("http")), Some(&8080));
+        assert_eq!(b.ports().get(&pn("https")), Some(&8443));
+        assert_eq!(b.ports().get(&pn("http")), Some(&8080));
         let ssl_only = br#"{"address":"10.0.0.2","port":null,"sslPort":8443}"#;
         assert_eq!(
             parse(ZkFormat::Curator, "x", ssl_only)
@@ -516,7 +515,7 @@ mod tests {
                 let unsupported = unsupported_ports(format, &ports);
                 for (n, p) in &ports {
                     if !unsupported.contains(n) {
-                        assert_eq!(b.ports.get(n), Some(p), "{format:?} keeps {n}");
+                        assert_eq!(b.ports().get(n), Some(p), "{format:?} keeps {n}");
                     }
                 }
             }
