@@ -689,7 +689,7 @@ pub fn zk_node(data: &[u8]) {
     };
     assert_ne!(b.addr.port(), 0, "port 0 is never a backend");
     let svc: ServiceName = "web".parse().expect("fixture service name");
-    let (node_name, bytes) = formats::encode(format, &svc, b.addr, &b.ports(), "fuzz-id", 0);
+    let (node_name, bytes) = formats::encode(format, &svc, b.addr, b.ports(), "fuzz-id", 0);
     let child = if node_name.sequential {
         format!("{}0000000001", node_name.name)
     } else {
@@ -706,7 +706,7 @@ pub fn zk_node(data: &[u8]) {
         (b.addr.ip(), b.addr.port()),
         "{format:?} round trip"
     );
-    let unsupported = formats::unsupported_ports(format, &b.ports());
+    let unsupported = formats::unsupported_ports(format, b.ports());
     for (port, number) in b.ports().iter().filter(|(p, _)| !unsupported.contains(p)) {
         assert_eq!(
             back.ports().get(port),

@@ -125,6 +125,56 @@ impl Default for Balancer {
     }
 }
 
+/// An optional instant in 8 bytes (an `Option<Instant>` takes 16): nanoseconds from a
+/// process-wide origin, `i64::MIN` for none. Per-backend state holds four, for every backend of
+/// every service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct When(i64);
+
+impl When {
+    const NONE: Self = Self(i64::MIN);
+
+    fn origin() -> Instant {
+        static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *ORIGIN.get_or_init(Instant::now)
+    }
+
+    fn at(t: Instant) -> Self {
+        let origin = Self::origin();
+        let ns = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+        Self(if t >= origin {
+            ns(t - origin)
+        } else {
+            -ns(origin - t)
+        })
+    }
+
+    fn get(self) -> Option<Instant> {
+        if self == Self::NONE {
+            return None;
+        }
+        let origin = Self::origin();
+        let d = Duration::from_nanos(self.0.unsigned_abs());
+        if self.0 >= 0 {
+            origin.checked_add(d)
+        } else {
+            origin.checked_sub(d)
+        }
+    }
+}
+
+impl Default for When {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
+impl From<Option<Instant>> for When {
+    fn from(t: Option<Instant>) -> Self {
+        t.map_or(Self::NONE, Self::at)
+    }
+}
+
 /// Per-backend state, kept across snapshot swaps while the backend stays in the list.
 #[derive(Debug, Clone, Copy, Default)]
 struct BackendState {
@@ -135,32 +185,35 @@ struct BackendState {
     /// Least-conn picks since the connection counts were last read: they are connects the
     /// socket table may not show yet, so a burst between two reads does not all go to one backend.
     pending: u32,
-    held_until: Option<Instant>,
+    held_until: When,
     consecutive_failures: u32,
     picks_since_failure: u32,
     times_ejected: u32,
-    ejected_until: Option<Instant>,
+    ejected_until: When,
     /// When this backend (re)entered the pick set: first seen in the list, or its ejection ended.
     /// `None` for backends present when the service's state was created (no ramp at start-up).
-    ramp_from: Option<Instant>,
+    ramp_from: When,
     /// p2c-ewma: the peak-EWMA connect latency in µs and when it was last updated (`None`: never
     /// measured).
     ewma_us: f64,
-    ewma_at: Option<Instant>,
+    ewma_at: When,
 }
+
+// Held for every backend of every service.
+const _: () = assert!(std::mem::size_of::<BackendState>() <= 72);
 
 impl BackendState {
     fn out_at(&self, now: Instant) -> bool {
-        self.held_until.is_some_and(|t| t > now) || self.ejected(now)
+        self.held_until.get().is_some_and(|t| t > now) || self.ejected(now)
     }
 
     fn ejected(&self, now: Instant) -> bool {
-        self.ejected_until.is_some_and(|t| t > now)
+        self.ejected_until.get().is_some_and(|t| t > now)
     }
 
     /// The latency estimate at `now`: the last one, decayed toward zero since it was updated.
     fn ewma_at(&self, now: Instant, decay: Duration) -> f64 {
-        match self.ewma_at {
+        match self.ewma_at.get() {
             Some(at) if self.ewma_us > 0.0 => {
                 self.ewma_us * decay_weight(now.saturating_duration_since(at), decay)
             }
@@ -170,7 +223,7 @@ impl BackendState {
 
     /// Folds one latency sample (µs) into the peak EWMA.
     fn observe(&mut self, sample_us: f64, now: Instant, decay: Duration) {
-        self.ewma_us = match self.ewma_at {
+        self.ewma_us = match self.ewma_at.get() {
             // A time-weighted average: the old estimate keeps the share decay left it since it
             // was updated (which is also how far it has decayed), the sample gets the rest.
             Some(at) if sample_us <= self.ewma_at(now, decay) => {
@@ -180,13 +233,13 @@ impl BackendState {
             // The first sample, or a peak: taken as it is.
             _ => sample_us,
         };
-        self.ewma_at = Some(now);
+        self.ewma_at = When::at(now);
     }
 
     /// When slow start counts from: the later of first appearance and the end of the last ejection.
     fn ramp_start(&self, now: Instant) -> Option<Instant> {
-        let ejection_end = self.ejected_until.filter(|&t| t <= now);
-        match (self.ramp_from, ejection_end) {
+        let ejection_end = self.ejected_until.get().filter(|&t| t <= now);
+        match (self.ramp_from.get(), ejection_end) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         }
@@ -224,7 +277,7 @@ impl ServiceState {
             .map(|(s, b)| (s.addr, *b))
             .collect();
         let fresh = BackendState {
-            ramp_from: self.initialised.then_some(now),
+            ramp_from: When::from(self.initialised.then_some(now)),
             ..BackendState::default()
         };
         self.shape = spec.backends.clone();
@@ -239,7 +292,7 @@ impl ServiceState {
                 None => departed
                     .remove(&s.addr)
                     .map_or(fresh, |(b, _)| BackendState {
-                        ramp_from: Some(now),
+                        ramp_from: When::at(now),
                         outstanding: 0,
                         pending: 0,
                         current: 0,
@@ -371,7 +424,7 @@ impl Balancer {
                     if !ewma {
                         return outstanding;
                     }
-                    if b.ewma_at.is_none() && b.outstanding > 0 {
+                    if b.ewma_at.get().is_none() && b.outstanding > 0 {
                         // Never measured and already trying: explore it one connect at a time.
                         return f64::INFINITY;
                     }
@@ -441,7 +494,7 @@ impl Balancer {
         let ejection_ends = state
             .backends
             .iter()
-            .filter_map(|b| b.ejected_until)
+            .filter_map(|b| b.ejected_until.get())
             .filter(|&t| t > now)
             .min();
         let out = (0..spec.backends.len())

@@ -37,7 +37,7 @@ impl Balancer {
         }
         b.picks_since_failure = 0;
         b.consecutive_failures = b.consecutive_failures.saturating_add(1);
-        b.held_until = Some(later(now, self.fail_hold));
+        b.held_until = When::at(later(now, self.fail_hold));
         if b.ejected(now)
             || outlier.consecutive_failures == 0
             || b.consecutive_failures < outlier.consecutive_failures
@@ -53,6 +53,7 @@ impl Balancer {
         }
         // A backend that stayed in for the longest ejection starts its growth over.
         if b.ejected_until
+            .get()
             .is_some_and(|end| now.saturating_duration_since(end) >= outlier.max_ejection)
         {
             b.times_ejected = 0;
@@ -62,7 +63,7 @@ impl Balancer {
             .base_ejection
             .saturating_mul(b.times_ejected)
             .min(outlier.max_ejection);
-        b.ejected_until = Some(later(now, for_));
+        b.ejected_until = When::at(later(now, for_));
         b.consecutive_failures = 0;
         FailureOutcome::Ejected {
             for_,
@@ -143,7 +144,7 @@ impl Balancer {
         now: Instant,
     ) -> Option<Instant> {
         self.backend(service, backend)
-            .and_then(|b| b.ejected_until)
+            .and_then(|b| b.ejected_until.get())
             .filter(|&t| t > now)
     }
 }

@@ -1098,3 +1098,15 @@ fn a_weight_change_rebuilds_the_maglev_table() {
     let skewed = heavy(&mut b, &s, &mut rng);
     assert!((850..=950).contains(&skewed), "{skewed}");
 }
+
+#[test]
+fn a_when_holds_instants_before_and_after_its_origin_exactly() {
+    let now = Instant::now();
+    let earlier = now.checked_sub(Duration::from_secs(5)).unwrap_or(now);
+    for t in [now, now + Duration::from_secs(86_400 * 400), earlier] {
+        assert_eq!(When::at(t).get(), Some(t));
+    }
+    assert_eq!(When::default().get(), None);
+    assert_eq!(When::from(None).get(), None);
+    assert_eq!(When::from(Some(now)).get(), Some(now));
+}
