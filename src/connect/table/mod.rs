@@ -411,7 +411,6 @@ impl RoutingTable {
         let mut rebuild_at: Option<Instant> = None;
         {
             let mut balancer = lock(&self.balance);
-            balancer.retain(|name| snapshot.service(name.as_str()).is_some());
             for service in snapshot.services() {
                 let name = service.name();
                 let reuse = w.cache.get(name).is_some_and(|c| {
@@ -443,12 +442,10 @@ impl RoutingTable {
             }
         }
         // Services that left give back their slots and their backends' (only when some left: a
-        // generation that changed one service costs that service, not all of them).
-        if w.cache.len() > snapshot.len()
-            || w.cache
-                .keys()
-                .any(|n| snapshot.service(n.as_str()).is_none())
-        {
+        // generation that changed one service costs that service, not all of them). Every
+        // service of the snapshot is in the cache by now, so any more are services that left.
+        if w.cache.len() > snapshot.len() {
+            lock(&self.balance).retain(|name| snapshot.service(name.as_str()).is_some());
             let left: Vec<Arc<Service>> = w
                 .cache
                 .iter()
