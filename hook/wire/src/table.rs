@@ -610,8 +610,7 @@ pub fn publish(mem: &[AtomicU32], area: &[u32]) -> Result<(), usize> {
         return Err(area.len());
     }
     let target = (mem.load(H_ACTIVE).unwrap_or(0) & 1) ^ 1;
-    let base = HEADER_WORDS + target as usize * table.area_words;
-    let Some(dst) = mem.get(base..base + table.area_words) else {
+    let Some(dst) = area_of(mem, &table, target) else {
         return Err(area.len());
     };
     let seq = begin_write(dst);
@@ -642,8 +641,7 @@ pub fn publish_records(
         return Err(needed);
     }
     let target = (mem.load(H_ACTIVE).unwrap_or(0) & 1) ^ 1;
-    let base = HEADER_WORDS + target as usize * table.area_words;
-    let Some(area) = mem.get(base..base + table.area_words) else {
+    let Some(area) = area_of(mem, &table, target) else {
         return Err(needed);
     };
     let seq = begin_write(area);
@@ -652,16 +650,20 @@ pub fn publish_records(
     Ok(())
 }
 
-/// Record `at..at + len` of the active area, for a next generation to copy.
-pub fn active_record(mem: &[AtomicU32], at: u32, len: u32) -> Option<&[AtomicU32]> {
+/// The active area's words, whence a next generation copies the records that did not change.
+pub fn active_area(mem: &[AtomicU32]) -> Option<&[AtomicU32]> {
     let table = Table::new(mem).ok()?;
-    let active = mem.load(H_ACTIVE)? & 1;
-    let base = HEADER_WORDS + active as usize * table.area_words;
-    let (at, len) = (at as usize, len as usize);
-    if at.checked_add(len)? > table.area_words {
-        return None;
-    }
-    mem.get(base + at..base + at + len)
+    area_of(mem, &table, mem.load(H_ACTIVE)? & 1)
+}
+
+/// Area `index` (0 or 1) of a table's words.
+fn area_of<'m>(
+    mem: &'m [AtomicU32],
+    table: &Table<'_, [AtomicU32]>,
+    index: u32,
+) -> Option<&'m [AtomicU32]> {
+    let base = HEADER_WORDS + index as usize * table.area_words;
+    mem.get(base..base + table.area_words)
 }
 
 /// Marks an area being written (its sequence odd): a reader still on it (two generations

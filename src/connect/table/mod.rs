@@ -67,7 +67,8 @@ struct Cached {
     slots: Vec<u32>,
     record: Placed,
     magics: Vec<IpAddr>,
-    /// Its weights or candidates change with time (slow start, an ejection that ends).
+    /// When it must be encoded again: its weights or candidates change with time (slow start,
+    /// an ejection that ends), or its record went missing.
     rebuild_at: Option<Instant>,
 }
 
@@ -414,8 +415,13 @@ impl RoutingTable {
     /// others copied from the active area. Into the file when it fits, otherwise into a new
     /// file twice as large as needed, which then replaces it.
     fn write_area(&self, w: &mut Writer, snapshot: &Snapshot, info: &AreaInfo) {
-        let old = w.file.as_ref().map(|f| f.map.words());
+        let active = w
+            .file
+            .as_ref()
+            .and_then(|f| wire_table::active_area(f.map.words()));
+        // Each record, and apart (to be told where its record went) its service and length.
         let mut records = Vec::with_capacity(w.cache.len());
+        let mut lens = Vec::with_capacity(w.cache.len());
         for service in snapshot.services() {
             let Some(c) = w.cache.get(service.name()) else {
                 continue;
@@ -423,75 +429,69 @@ impl RoutingTable {
             let record = match &c.record {
                 Placed::New(words) => Record::New(words),
                 Placed::At { at, len } => {
-                    match old.and_then(|m| wire_table::active_record(m, *at, *len)) {
+                    let (at, len) = (*at as usize, *len as usize);
+                    match active.and_then(|a| a.get(at..at + len)) {
                         Some(words) => Record::Mapped(words),
                         None => {
                             // Cannot happen (a placed record is in the active area): rather than
                             // publish a partial generation, encode every service anew at once.
+                            // Their slots stay theirs.
                             warn!(service = %service.name(), "a routing-table record went missing; rewriting the whole table");
-                            w.cache.clear();
-                            w.rebuild_at = Some(Instant::now());
+                            let now = Instant::now();
+                            for c in w.cache.values_mut() {
+                                c.rebuild_at = Some(now);
+                            }
+                            w.rebuild_at = Some(now);
                             return;
                         }
                     }
                 }
             };
-            records.push((service.name().clone(), c.magics.as_slice(), record));
+            lens.push((service.name().clone(), record.len() as u32));
+            records.push((c.magics.as_slice(), record));
         }
-        let refs: Vec<(&[IpAddr], Record<'_>)> = records.iter().map(|(_, m, r)| (*m, *r)).collect();
-        let mut placed = Vec::with_capacity(refs.len());
-        let mut new_file = None;
+        let mut placed = Vec::with_capacity(records.len());
         let written = w.file.as_ref().is_some_and(|f| {
-            wire_table::publish_records(f.map.words(), info, &refs, &mut placed).is_ok()
+            wire_table::publish_records(f.map.words(), info, &records, &mut placed).is_ok()
         });
         if !written {
-            // No file yet, or this generation outgrew it.
-            let needed = build::area_len(&refs);
-            match TableFile::create(&self.path, (needed * 2).max(MIN_AREA_WORDS)) {
-                Ok(file) => {
-                    placed.clear();
-                    if wire_table::publish_records(file.map.words(), info, &refs, &mut placed)
-                        .is_err()
-                    {
-                        warn!(needed, "a table generation does not fit a new file");
-                        return;
-                    }
-                    new_file = Some(file);
-                }
+            // No file yet, or this generation outgrew it: a new file, twice as large as needed.
+            // Until it is installed, the cache keeps pointing into the old one, untouched.
+            let needed = build::area_len(&records);
+            let mut file = match TableFile::create(&self.path, (needed * 2).max(MIN_AREA_WORDS)) {
+                Ok(file) => file,
                 Err(e) => {
                     warn!(path = %self.path.display(), error = %e, "cannot create the routing table file; hooks ask the daemon");
                     return;
                 }
+            };
+            placed.clear();
+            if wire_table::publish_records(file.map.words(), info, &records, &mut placed).is_err() {
+                warn!(needed, "a table generation does not fit a new file");
+                return;
+            }
+            // Stats carry over: the slots are the same.
+            if let Some(old) = &w.file {
+                copy_stats(old, &file);
+            }
+            if let Err(e) = file.install(&self.path) {
+                warn!(path = %self.path.display(), error = %e, "cannot install the routing table");
+                return;
+            }
+            drop(records);
+            if let Some(old) = w.file.replace(file) {
+                wire_table::supersede(old.map.words());
+            }
+            if let Some(f) = &w.file {
+                info!(path = %self.path.display(), words = f.area_words, "routing table file (re)created");
+                self.current
+                    .store(Arc::new(Some((f.map.clone(), f.area_words))));
             }
         }
-        let lens: Vec<(ServiceName, u32)> = records
-            .into_iter()
-            .map(|(name, _, r)| (name, r.len() as u32))
-            .collect();
-        drop(refs);
         for ((name, len), at) in lens.into_iter().zip(placed) {
             if let Some(c) = w.cache.get_mut(&name) {
                 c.record = Placed::At { at, len };
             }
-        }
-        let Some(mut file) = new_file else { return };
-        // Stats carry over: the slots are the same.
-        if let Some(old) = &w.file {
-            copy_stats(old, &file);
-        }
-        if let Err(e) = file.install(&self.path) {
-            warn!(path = %self.path.display(), error = %e, "cannot install the routing table");
-            // The records placed in it are lost with it: encode every service anew next time.
-            w.cache.clear();
-            return;
-        }
-        if let Some(old) = w.file.replace(file) {
-            wire_table::supersede(old.map.words());
-        }
-        if let Some(f) = &w.file {
-            info!(path = %self.path.display(), words = f.area_words, "routing table file (re)created");
-            self.current
-                .store(Arc::new(Some((f.map.clone(), f.area_words))));
         }
     }
 
