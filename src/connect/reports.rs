@@ -368,7 +368,7 @@ impl Reader {
     /// How long the thread may sleep when the ring is empty.
     fn next_wake(&self, now: Instant) -> Duration {
         let mut at = self.next_decay;
-        if !self.table.slots_of(LbPolicy::LeastConn).is_empty() {
+        if self.table.has_slots_of(LbPolicy::LeastConn) {
             at = at.min(self.next_counts);
         }
         if let Some(t) = self.table.rebuild_at() {

@@ -508,6 +508,14 @@ impl RoutingTable {
         slot_info(c, c.slots.iter().position(|&s| s == slot)?)
     }
 
+    /// Whether any backend of a service with `lb` has a slot ([`Self::slots_of`] is not empty).
+    pub fn has_slots_of(&self, lb: LbPolicy) -> bool {
+        lock(&self.writer)
+            .cache
+            .values()
+            .any(|c| c.service.spec.lb == lb && c.slots.iter().any(|&s| s != NO_SLOT))
+    }
+
     /// Every backend slot of services with `lb`.
     pub fn slots_of(&self, lb: LbPolicy) -> Vec<(u32, SlotInfo)> {
         let w = lock(&self.writer);
