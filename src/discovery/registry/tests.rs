@@ -33,24 +33,22 @@ fn registry(sources: usize, dir: Option<&std::path::Path>) -> Registry {
     )
 }
 
+/// Source `source` says `services` is its whole set, at `now`.
+fn reset(r: &mut Registry, source: usize, services: Vec<ServiceSpec>, now: u64) {
+    r.apply(SourceEvent::Reset { source, services }, now);
+}
+
 #[test]
 fn sources_merge_by_service_and_backend() {
     let mut r = registry(2, None);
-    r.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: vec![spec("web", &["127.0.0.2:80"])],
-        },
-        0,
-    );
-    r.apply(
-        SourceEvent::Reset {
-            source: 1,
-            services: vec![
-                spec("web", &["127.0.0.2:80", "127.0.0.3:80"]),
-                spec("api", &[]),
-            ],
-        },
+    reset(&mut r, 0, vec![spec("web", &["127.0.0.2:80"])], 0);
+    reset(
+        &mut r,
+        1,
+        vec![
+            spec("web", &["127.0.0.2:80", "127.0.0.3:80"]),
+            spec("api", &[]),
+        ],
         0,
     );
     let snap = r.snapshot().load_full();
@@ -62,14 +60,13 @@ fn sources_merge_by_service_and_backend() {
 #[test]
 fn updates_replace_one_service_of_a_source() {
     let mut r = registry(1, None);
-    r.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: vec![
-                spec("web", &["127.0.0.2:80"]),
-                spec("api", &["127.0.0.5:80"]),
-            ],
-        },
+    reset(
+        &mut r,
+        0,
+        vec![
+            spec("web", &["127.0.0.2:80"]),
+            spec("api", &["127.0.0.5:80"]),
+        ],
         0,
     );
     r.apply(
@@ -94,11 +91,10 @@ fn updates_replace_one_service_of_a_source() {
 #[test]
 fn drained_backends_leave_the_snapshot_and_status_tells_about_sources_and_holds() {
     let mut r = registry(2, None);
-    r.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: vec![spec("web", &["127.0.0.2:80", "127.0.0.3:80"])],
-        },
+    reset(
+        &mut r,
+        0,
+        vec![spec("web", &["127.0.0.2:80", "127.0.0.3:80"])],
         5,
     );
     r.apply(
@@ -126,13 +122,7 @@ fn drained_backends_leave_the_snapshot_and_status_tells_about_sources_and_holds(
             .unwrap_err()
             .contains("not a backend")
     );
-    r.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: vec![spec("web", &[])],
-        },
-        8,
-    );
+    reset(&mut r, 0, vec![spec("web", &[])], 8);
     let st = r.status();
     assert_eq!(st.sources[0].state, "ok");
     assert_eq!(st.sources[0].last_update, Some(8));
@@ -163,20 +153,8 @@ fn drained_backends_leave_the_snapshot_and_status_tells_about_sources_and_holds(
 #[test]
 fn reconfiguring_keeps_sets_by_source_name() {
     let mut r = registry(2, None);
-    r.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: vec![spec("web", &["127.0.0.2:80"])],
-        },
-        0,
-    );
-    r.apply(
-        SourceEvent::Reset {
-            source: 1,
-            services: vec![spec("api", &["127.0.0.3:80"])],
-        },
-        0,
-    );
+    reset(&mut r, 0, vec![spec("web", &["127.0.0.2:80"])], 0);
+    reset(&mut r, 1, vec![spec("api", &["127.0.0.3:80"])], 0);
     // s1 moves to the front, s0 is removed, s9 is new.
     r.reconfigure(
         vec!["s1".into(), "s9".into()],
@@ -192,11 +170,10 @@ fn reconfiguring_keeps_sets_by_source_name() {
         snap.service("web").is_none(),
         "a removed source's services go after the (zero) hold-down"
     );
-    r.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: vec![spec("api", &["127.0.0.3:80", "127.0.0.4:80"])],
-        },
+    reset(
+        &mut r,
+        0,
+        vec![spec("api", &["127.0.0.3:80", "127.0.0.4:80"])],
         2,
     );
     assert_eq!(
@@ -215,13 +192,7 @@ fn reconfiguring_keeps_sets_by_source_name() {
 #[test]
 fn a_failing_source_keeps_its_services() {
     let mut r = registry(1, None);
-    r.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: vec![spec("web", &["127.0.0.2:80"])],
-        },
-        0,
-    );
+    reset(&mut r, 0, vec![spec("web", &["127.0.0.2:80"])], 0);
     r.apply(
         SourceEvent::Failed {
             source: 0,
@@ -240,20 +211,13 @@ fn a_failing_source_keeps_its_services() {
 #[test]
 fn the_guard_sits_between_sources_and_the_snapshot() {
     let mut r = registry(1, None);
-    r.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: vec![spec("web", &["127.0.0.2:80", "127.0.0.3:80"])],
-        },
+    reset(
+        &mut r,
+        0,
+        vec![spec("web", &["127.0.0.2:80", "127.0.0.3:80"])],
         0,
     );
-    r.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: vec![spec("web", &[])],
-        },
-        1,
-    );
+    reset(&mut r, 0, vec![spec("web", &[])], 1);
     assert_eq!(
         r.snapshot()
             .load()
@@ -272,27 +236,14 @@ fn the_guard_sits_between_sources_and_the_snapshot() {
 fn last_known_good_state_restores_sources_and_holds() {
     let dir = tempfile::tempdir().unwrap();
     let mut r = registry(2, Some(dir.path()));
-    r.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: vec![spec("web", &["127.0.0.2:80"])],
-        },
+    reset(&mut r, 0, vec![spec("web", &["127.0.0.2:80"])], 0);
+    reset(
+        &mut r,
+        1,
+        vec![spec("api", &["127.0.0.3:80", "127.0.0.4:80"])],
         0,
     );
-    r.apply(
-        SourceEvent::Reset {
-            source: 1,
-            services: vec![spec("api", &["127.0.0.3:80", "127.0.0.4:80"])],
-        },
-        0,
-    );
-    r.apply(
-        SourceEvent::Reset {
-            source: 1,
-            services: vec![spec("api", &[])],
-        },
-        0,
-    );
+    reset(&mut r, 1, vec![spec("api", &[])], 0);
     r.persist();
     let web = r.snapshot().load().service("web").unwrap().magic_v4;
 
@@ -306,13 +257,7 @@ fn last_known_good_state_restores_sources_and_holds() {
         "the held state is what was published"
     );
     // Source 0 comes back; source 1 is still down and keeps what it said before.
-    restarted.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: vec![spec("web", &["127.0.0.2:80"])],
-        },
-        11,
-    );
+    reset(&mut restarted, 0, vec![spec("web", &["127.0.0.2:80"])], 11);
     let snap = restarted.snapshot().load_full();
     assert!(snap.service("api").is_some());
     assert_eq!(snap.service("web").unwrap().magic_v4, web);
@@ -323,20 +268,8 @@ fn identical_updates_publish_nothing_and_addresses_persist() {
     let dir = tempfile::tempdir().unwrap();
     let mut r = registry(1, Some(dir.path()));
     let set = vec![spec("web", &["127.0.0.2:80"])];
-    r.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: set.clone(),
-        },
-        0,
-    );
-    r.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: set,
-        },
-        0,
-    );
+    reset(&mut r, 0, set.clone(), 0);
+    reset(&mut r, 0, set, 0);
     assert_eq!(r.snapshot().load().generation, 1);
     let web = r.snapshot().load().service("web").unwrap().magic_v4;
     let mut restored = MagicMap::new(
@@ -364,13 +297,7 @@ fn published(r: &Registry, name: &str) -> Vec<String> {
 
 fn web_with(backends: &[&str]) -> Registry {
     let mut r = registry(1, None);
-    r.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: vec![spec("web", backends)],
-        },
-        0,
-    );
+    reset(&mut r, 0, vec![spec("web", backends)], 0);
     r
 }
 
@@ -527,23 +454,21 @@ fn ejections_of_unknown_or_departed_backends_are_dropped() {
     assert_eq!(r.snapshot().load().generation, 1, "nothing republished");
 
     r.eject(&web, "127.0.0.4:80".parse().unwrap(), until, REASON, 1, t0);
-    r.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: vec![spec("web", &["127.0.0.2:80", "127.0.0.3:80"])],
-        },
+    reset(
+        &mut r,
+        0,
+        vec![spec("web", &["127.0.0.2:80", "127.0.0.3:80"])],
         2,
     );
     assert!(r.ejected.is_empty(), "the backend left its service");
     assert_eq!(r.wake_at, None);
-    r.apply(
-        SourceEvent::Reset {
-            source: 0,
-            services: vec![spec(
-                "web",
-                &["127.0.0.2:80", "127.0.0.3:80", "127.0.0.4:80"],
-            )],
-        },
+    reset(
+        &mut r,
+        0,
+        vec![spec(
+            "web",
+            &["127.0.0.2:80", "127.0.0.3:80", "127.0.0.4:80"],
+        )],
         3,
     );
     assert_eq!(
