@@ -199,15 +199,21 @@ async fn socket_picks_and_table_picks_share_one_rotation() {
     );
 }
 
-#[tokio::test]
-async fn a_failure_report_is_a_hint_the_daemon_confirms_before_ejecting() {
-    // One backend accepts (a real listener), the other has nothing listening.
+/// A listening backend (kept open while the listener lives) and an address nothing listens on.
+fn good_and_dead() -> (std::net::TcpListener, SocketAddr, SocketAddr) {
     let up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let good = up.local_addr().unwrap();
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
+    (up, good, dead)
+}
+
+#[tokio::test]
+async fn a_failure_report_is_a_hint_the_daemon_confirms_before_ejecting() {
+    // One backend accepts (a real listener), the other has nothing listening.
+    let (up, good, dead) = good_and_dead();
     let (tx, mut rx) = mpsc::channel(4);
     let cfg = HookServerConfig {
         ejections: Some(tx),
@@ -254,12 +260,7 @@ async fn a_failure_report_is_a_hint_the_daemon_confirms_before_ejecting() {
 
 #[tokio::test]
 async fn without_a_registry_a_confirmed_failure_leaves_the_table_at_once() {
-    let up = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let good = up.local_addr().unwrap();
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let (_up, good, dead) = good_and_dead();
     let server = start(
         vec![web(LbPolicy::RoundRobin, &[good, dead])],
         HookServerConfig::default(),
