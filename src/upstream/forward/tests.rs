@@ -295,8 +295,8 @@ async fn all_upstreams_dead_is_an_error_within_the_timeout() {
     ));
 }
 
-#[tokio::test]
-async fn serves_stale_when_upstream_goes_silent_and_refreshes_after() {
+/// An upstream that answers with a 1 s TTL until its flag is set, then not at all.
+async fn silenceable_upstream() -> (SocketAddr, Arc<AtomicBool>) {
     let silent_now = Arc::new(AtomicBool::new(false));
     let flag = silent_now.clone();
     let up = upstream(move |req| {
@@ -307,6 +307,12 @@ async fn serves_stale_when_upstream_goes_silent_and_refreshes_after() {
         }
     })
     .await;
+    (up, silent_now)
+}
+
+#[tokio::test]
+async fn serves_stale_when_upstream_goes_silent_and_refreshes_after() {
+    let (up, silent_now) = silenceable_upstream().await;
     let fwd = Forwarder::new(cfg(vec![up]));
     assert_eq!(
         fwd.resolve(&q("www.example.")).await.unwrap().from,
@@ -330,16 +336,7 @@ async fn serves_stale_when_upstream_goes_silent_and_refreshes_after() {
 
 #[tokio::test]
 async fn after_a_failure_stale_answers_come_at_once_until_the_recheck_timer_lapses() {
-    let silent_now = Arc::new(AtomicBool::new(false));
-    let flag = silent_now.clone();
-    let up = upstream(move |req| {
-        if flag.load(Ordering::SeqCst) {
-            vec![]
-        } else {
-            vec![reply(req, ResponseCode::NoError, 1, 4)]
-        }
-    })
-    .await;
+    let (up, silent_now) = silenceable_upstream().await;
     let recheck = Duration::from_millis(1500);
     let fwd = Forwarder::new(ForwardConfig {
         stale_recheck: recheck,
