@@ -125,18 +125,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let (events, mut dirty) = mpsc::unbounded_channel();
-    let mut w = Watcher {
-        cfg,
-        index,
-        tx,
-        events,
-        tree: Tree::default(),
-        aliases: BTreeMap::new(),
-        touched: BTreeSet::new(),
-        sent: None,
-        bad_names: HashSet::new(),
-        failing: None,
-    };
+    let mut w = Watcher::new(cfg, index, tx, events);
     let what = w.cfg.name.clone();
     let connected = METRICS
         .zookeeper_connected
@@ -290,6 +279,26 @@ pub async fn run(
 }
 
 impl Watcher {
+    fn new(
+        cfg: ZookeeperSource,
+        index: usize,
+        tx: mpsc::Sender<SourceEvent>,
+        events: mpsc::UnboundedSender<Dirty>,
+    ) -> Self {
+        Self {
+            cfg,
+            index,
+            tx,
+            events,
+            tree: Tree::default(),
+            aliases: BTreeMap::new(),
+            touched: BTreeSet::new(),
+            sent: None,
+            bad_names: HashSet::new(),
+            failing: None,
+        }
+    }
+
     fn path(&self, parts: &[&str]) -> String {
         let mut p = if self.cfg.root == "/" {
             String::new()

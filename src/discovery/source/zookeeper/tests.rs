@@ -11,19 +11,7 @@ fn watcher() -> (Watcher, mpsc::Receiver<SourceEvent>) {
         auth: None,
         format: ZkFormat::Auto,
     };
-    let w = Watcher {
-        cfg,
-        index: 7,
-        tx,
-        events,
-        tree: Tree::default(),
-        aliases: BTreeMap::new(),
-        touched: BTreeSet::new(),
-        sent: None,
-        bad_names: HashSet::new(),
-        failing: None,
-    };
-    (w, rx)
+    (Watcher::new(cfg, 7, tx, events), rx)
 }
 
 fn put(w: &mut Watcher, svc: &str, child: &str) {
