@@ -85,6 +85,16 @@ pub struct Metrics {
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 impl Metrics {
+    /// Counts one hook request by service (bounded: services in the table, or "-") and result.
+    pub fn count_hook_request(&self, service: &str, result: &'static str) {
+        self.hook_requests
+            .get_or_create(&HookLabels {
+                service: service.to_string(),
+                result,
+            })
+            .inc();
+    }
+
     fn new() -> Self {
         let mut m = Self {
             registry: Registry::with_prefix("discotech"),

@@ -42,7 +42,7 @@ use crate::connect::reports::{Hint, Hints, Prober};
 use crate::connect::table::RoutingTable;
 use crate::discovery::registry::Command;
 use crate::discovery::snapshot::{Service, SharedSnapshot};
-use crate::metrics::{HookLabels, METRICS, PrefetchLabels};
+use crate::metrics::{METRICS, PrefetchLabels};
 use crate::service::ServiceSpec;
 
 /// The hook library's file name, as cargo builds it and as packages install it.
@@ -584,17 +584,6 @@ fn handle(
     Some(Ok(reply))
 }
 
-/// Counts one hook request by service (bounded: services in the table, or "-") and result.
-fn count(service: &str, result: &'static str) {
-    METRICS
-        .hook_requests
-        .get_or_create(&HookLabels {
-            service: service.to_string(),
-            result,
-        })
-        .inc();
-}
-
 /// The id of a message that did not decode, so the refusal still matches its request.
 fn request_id(buf: &[u8; MSG_LEN]) -> u32 {
     u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]])
@@ -626,7 +615,7 @@ fn answer(
         match req.kind {
             Kind::Failed => {
                 debug!(%service, %addr, errno = req.errno, "hook reports a failed backend");
-                count(service.as_str(), "backend_failed");
+                METRICS.count_hook_request(service.as_str(), "backend_failed");
                 shared.hints.send(Hint {
                     service: service.clone(),
                     backend: *backend,
@@ -678,7 +667,7 @@ fn answer(
             let name = reported
                 .as_ref()
                 .and_then(|r| r.as_ref().map(|r| r.0.to_string()));
-            count(name.as_deref().unwrap_or("-"), "picked");
+            METRICS.count_hook_request(name.as_deref().unwrap_or("-"), "picked");
             let mut flags = 0;
             if p.counted {
                 if outstanding.len() >= MAX_OUTSTANDING_PER_PEER {
@@ -695,11 +684,11 @@ fn answer(
             Some(Reply::ok(req.id, p.addr, flags, p.generation))
         }
         Err(Miss::UnknownService) => {
-            count("-", "unknown_service");
+            METRICS.count_hook_request("-", "unknown_service");
             Some(Reply::refuse(req.id, Status::UnknownService, generation))
         }
         Err(Miss::NoBackend) => {
-            count("-", "no_backend");
+            METRICS.count_hook_request("-", "no_backend");
             Some(Reply::refuse(req.id, Status::NoBackend, generation))
         }
         // No table (it could not be written): the hook falls back as if the daemon were down.

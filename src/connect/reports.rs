@@ -35,7 +35,7 @@ use crate::connect::latency::{Settled, Watch, Watcher};
 use crate::connect::table::RoutingTable;
 use crate::discovery::registry::Command;
 use crate::discovery::snapshot::SharedSnapshot;
-use crate::metrics::{HookLabels, METRICS};
+use crate::metrics::METRICS;
 use crate::service::{LbPolicy, ServiceName};
 
 /// A backend a hook saw fail, to be confirmed.
@@ -55,23 +55,13 @@ pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Hints queued for the prober at most; more are dropped (the next failure hints again).
 const HINT_QUEUE: usize = 1024;
 
-fn count(service: &str, result: &'static str) {
-    METRICS
-        .hook_requests
-        .get_or_create(&HookLabels {
-            service: service.to_string(),
-            result,
-        })
-        .inc();
-}
-
 /// Sends hints to the prober without ever waiting.
 #[derive(Clone, Debug)]
 pub struct Hints(mpsc::Sender<Hint>);
 
 impl Hints {
     pub fn send(&self, hint: Hint) {
-        count(hint.service.as_str(), "failure_hint");
+        METRICS.count_hook_request(hint.service.as_str(), "failure_hint");
         if self.0.try_send(hint).is_err() {
             debug!("failure hint queue full; dropped");
         }
@@ -140,14 +130,14 @@ impl Prober {
         let error = match result {
             Ok(Ok(_)) => {
                 debug!(service = %hint.service, addr = %hint.addr, "failure hint not confirmed: the backend accepts");
-                count(hint.service.as_str(), "hint_refuted");
+                METRICS.count_hook_request(hint.service.as_str(), "hint_refuted");
                 self.mark_failing(&hint, false);
                 return;
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {PROBE_TIMEOUT:?}"),
         };
-        count(hint.service.as_str(), "hint_confirmed");
+        METRICS.count_hook_request(hint.service.as_str(), "hint_confirmed");
         self.mark_failing(&hint, true);
         let snap = self.snapshot.load();
         let Some(service) = snap.service(hint.service.as_str()) else {
@@ -167,7 +157,7 @@ impl Prober {
         match outcome {
             FailureOutcome::Ejected { for_, times } => {
                 info!(service = %spec.name, backend = %hint.backend, %error, ejection = ?for_, times, "backend ejected: a hook saw it fail and the daemon's own connect failed too");
-                count(spec.name.as_str(), "backend_ejected");
+                METRICS.count_hook_request(spec.name.as_str(), "backend_ejected");
                 self.table.invalidate(&spec.name);
                 let eject = Command::Eject {
                     service: spec.name.clone(),
