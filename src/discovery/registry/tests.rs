@@ -33,6 +33,17 @@ fn registry(sources: usize, dir: Option<&std::path::Path>) -> Registry {
     )
 }
 
+/// How many backends `name` has in the published snapshot.
+fn published_backends(r: &Registry, name: &str) -> usize {
+    r.snapshot()
+        .load()
+        .service(name)
+        .unwrap()
+        .spec
+        .backends
+        .len()
+}
+
 /// Source `source` says `services` is its whole set, at `now`.
 fn reset(r: &mut Registry, source: usize, services: Vec<ServiceSpec>, now: u64) {
     r.apply(SourceEvent::Reset { source, services }, now);
@@ -107,16 +118,7 @@ fn drained_backends_leave_the_snapshot_and_status_tells_about_sources_and_holds(
     let web: ServiceName = "web".parse().unwrap();
     r.drain(&web, "127.0.0.3:80".parse().unwrap(), true, 7)
         .unwrap();
-    assert_eq!(
-        r.snapshot()
-            .load()
-            .service("web")
-            .unwrap()
-            .spec
-            .backends
-            .len(),
-        1
-    );
+    assert_eq!(published_backends(&r, "web"), 1);
     assert!(
         r.drain(&web, "127.0.0.9:80".parse().unwrap(), true, 7)
             .unwrap_err()
@@ -138,16 +140,7 @@ fn drained_backends_leave_the_snapshot_and_status_tells_about_sources_and_holds(
     assert_eq!(st.drained[&web].len(), 1);
     r.drain(&web, "127.0.0.3:80".parse().unwrap(), false, 10)
         .unwrap();
-    assert_eq!(
-        r.snapshot()
-            .load()
-            .service("web")
-            .unwrap()
-            .spec
-            .backends
-            .len(),
-        2
-    );
+    assert_eq!(published_backends(&r, "web"), 2);
 }
 
 #[test]
@@ -176,17 +169,7 @@ fn reconfiguring_keeps_sets_by_source_name() {
         vec![spec("api", &["127.0.0.3:80", "127.0.0.4:80"])],
         2,
     );
-    assert_eq!(
-        r.snapshot()
-            .load()
-            .service("api")
-            .unwrap()
-            .spec
-            .backends
-            .len(),
-        2,
-        "index 0 is now s1"
-    );
+    assert_eq!(published_backends(&r, "api"), 2, "index 0 is now s1");
 }
 
 #[test]
@@ -218,17 +201,7 @@ fn the_guard_sits_between_sources_and_the_snapshot() {
         0,
     );
     reset(&mut r, 0, vec![spec("web", &[])], 1);
-    assert_eq!(
-        r.snapshot()
-            .load()
-            .service("web")
-            .unwrap()
-            .spec
-            .backends
-            .len(),
-        2,
-        "never emptied"
-    );
+    assert_eq!(published_backends(&r, "web"), 2, "never emptied");
     assert_eq!(r.held().count(), 1);
 }
 
