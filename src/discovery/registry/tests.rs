@@ -33,17 +33,6 @@ fn registry(sources: usize, dir: Option<&std::path::Path>) -> Registry {
     )
 }
 
-/// How many backends `name` has in the published snapshot.
-fn published_backends(r: &Registry, name: &str) -> usize {
-    r.snapshot()
-        .load()
-        .service(name)
-        .unwrap()
-        .spec
-        .backends
-        .len()
-}
-
 /// Source `source` says `services` is its whole set, at `now`.
 fn reset(r: &mut Registry, source: usize, services: Vec<ServiceSpec>, now: u64) {
     r.apply(SourceEvent::Reset { source, services }, now);
@@ -118,7 +107,7 @@ fn drained_backends_leave_the_snapshot_and_status_tells_about_sources_and_holds(
     let web: ServiceName = "web".parse().unwrap();
     r.drain(&web, "127.0.0.3:80".parse().unwrap(), true, 7)
         .unwrap();
-    assert_eq!(published_backends(&r, "web"), 1);
+    assert_eq!(published(&r, "web").len(), 1);
     assert!(
         r.drain(&web, "127.0.0.9:80".parse().unwrap(), true, 7)
             .unwrap_err()
@@ -140,7 +129,7 @@ fn drained_backends_leave_the_snapshot_and_status_tells_about_sources_and_holds(
     assert_eq!(st.drained[&web].len(), 1);
     r.drain(&web, "127.0.0.3:80".parse().unwrap(), false, 10)
         .unwrap();
-    assert_eq!(published_backends(&r, "web"), 2);
+    assert_eq!(published(&r, "web").len(), 2);
 }
 
 #[test]
@@ -169,7 +158,7 @@ fn reconfiguring_keeps_sets_by_source_name() {
         vec![spec("api", &["127.0.0.3:80", "127.0.0.4:80"])],
         2,
     );
-    assert_eq!(published_backends(&r, "api"), 2, "index 0 is now s1");
+    assert_eq!(published(&r, "api").len(), 2, "index 0 is now s1");
 }
 
 #[test]
@@ -201,7 +190,7 @@ fn the_guard_sits_between_sources_and_the_snapshot() {
         0,
     );
     reset(&mut r, 0, vec![spec("web", &[])], 1);
-    assert_eq!(published_backends(&r, "web"), 2, "never emptied");
+    assert_eq!(published(&r, "web").len(), 2, "never emptied");
     assert_eq!(r.held().count(), 1);
 }
 
